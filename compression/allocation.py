@@ -1,0 +1,322 @@
+"""Budget allocation: which row class each ID gets, so that the table fits a byte budget with the
+least frequency-weighted reconstruction error (the post-training form of MPE's per-group
+precision search, extended with per-group dimension).
+
+1. Sort IDs by frequency and cut them into groups: a few small geometric groups at the head
+   (where a single ID can carry a percent of all traffic), then equal-count groups.
+2. For every (group, candidate class) estimate ``sum_i f_i * ||x_i - decode(encode(x_i))||^2``
+   from a sample of the group's rows, and count the exact bytes the group would take.
+3. Solve the multiple-choice knapsack "one class per group, total bytes <= budget" with the
+   convex-hull greedy: every group starts at its cheapest class and upgrades are taken in order
+   of error saved per byte while they fit.  This is the Lagrangian solution, plus a greedy fill.
+4. The bytes that do not depend on the choice - index, rotation, unknown-ID fallback - are
+   taken off the budget first, so the built table's :attr:`nbytes` is within the budget.
+
+Dimension candidates below ``D`` are evaluated in a frequency-weighted PCA basis
+(:mod:`compression.rotation`); the plan with rotation is kept only if it beats the best
+full-dimension plan, because rotating back costs a small matmul per lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import codecs
+from .index import DenseIndex, IdIndex, KeyedIndex
+from .layout import MAX_CLASSES, RowClass, encode_locator
+from .rotation import weighted_pca_rotation
+from .table import CompressedTable
+from .unknown import UnknownKind, UnknownPolicy, build_unknown_policy
+
+DEFAULT_BITS: tuple[int, ...] = (32, 16, 8, 4, 2, 1)
+_ENCODE_CHUNK = 1 << 16
+_HEAD_GROUP_MIN = 256
+
+ProgressFn = Callable[[int, int], None]
+
+
+class BudgetTooSmall(ValueError):
+    """The budget does not cover the bytes every table of this shape must hold."""
+
+
+def candidate_classes(dim: int, dims: Sequence[int] | None = None, bits: Sequence[int] = DEFAULT_BITS) -> list[RowClass]:
+    """All ``(d, b)`` for the given dims (default ``D, D/2, D/4, D/8, 0``) and bit widths."""
+    if dims is None:
+        dims = sorted({dim, dim // 2, dim // 4, dim // 8, 0}, reverse=True)
+    out = {RowClass(d, b if d else 32) for d in dims for b in bits if 0 <= d <= dim}
+    return sorted(out, key=lambda rc: (-rc.dim, -rc.bits))
+
+
+def frequency_groups(order: torch.Tensor, num_groups: int) -> list[torch.Tensor]:
+    """Split IDs (row positions sorted by descending frequency) into groups, see module doc."""
+    n = order.numel()
+    step = max(1, -(-n // num_groups))
+    bounds = [0]
+    size = _HEAD_GROUP_MIN
+    while bounds[-1] + size < min(step, n):
+        bounds.append(bounds[-1] + size)
+        size *= 2
+    bounds.extend(range(max(step, bounds[-1] + 1), n, step))
+    bounds.append(n)
+    bounds = sorted(set(b for b in bounds if b <= n))
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+@dataclass
+class GroupCosts:
+    sizes: list[int]
+    errors: torch.Tensor  # [G, C] float64 estimated weighted squared error
+    bytes: torch.Tensor  # [G, C] int64 exact row bytes
+
+
+def estimate_costs(
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    groups: list[torch.Tensor],
+    classes: list[RowClass],
+    sample_per_group: int,
+    seed: int = 0,
+) -> GroupCosts:
+    gen = torch.Generator().manual_seed(seed)
+    picks, scales = [], []
+    for g in groups:
+        if g.numel() <= sample_per_group:
+            pick = g
+        else:
+            pick = g[torch.randperm(g.numel(), generator=gen)[:sample_per_group]]
+        picks.append(pick)
+        scales.append(g.numel() / pick.numel())
+    sample = torch.cat(picks)
+    x = rows[sample].to(torch.float32)
+    w = weights[sample].to(torch.float64)
+    owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([p.numel() for p in picks]))
+    errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
+    for c, rc in enumerate(classes):
+        err = codecs.reconstruction_error(x, rc, rows.shape[1]).to(torch.float64)
+        err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
+        errors[:, c].index_add_(0, owner, w * err)
+    errors *= torch.tensor(scales, dtype=torch.float64)[:, None]
+    sizes = [g.numel() for g in groups]
+    nbytes = torch.tensor([[n * rc.row_bytes for rc in classes] for n in sizes], dtype=torch.int64)
+    return GroupCosts(sizes, errors, nbytes)
+
+
+def solve_knapsack(errors: torch.Tensor, nbytes: torch.Tensor, budget: int) -> list[int]:
+    """Pick one class per group (row) with total bytes <= ``budget``, low total error."""
+    num_groups = errors.shape[0]
+    choice: list[int] = []
+    steps: list[tuple[float, int, int, int]] = []  # (error saved per byte, group, from, to)
+    for g in range(num_groups):
+        options = [(int(nbytes[g, c]), float(errors[g, c]), c) for c in range(errors.shape[1]) if errors[g, c] != float("inf")]
+        options.sort(key=lambda t: (t[0], t[1]))
+        hull: list[tuple[int, float, int]] = []
+        for b, e, c in options:
+            if hull and e >= hull[-1][1]:
+                continue  # costs more, not better
+            if hull and b == hull[-1][0]:
+                hull.pop()
+            while len(hull) >= 2:
+                (b1, e1, _), (b2, e2, _) = hull[-2], hull[-1]
+                # drop the middle point if it lies on or above the chord (not convex)
+                if (e1 - e2) * (b - b1) <= (e1 - e) * (b2 - b1):
+                    hull.pop()
+                else:
+                    break
+            hull.append((b, e, c))
+        if not hull:
+            raise ValueError("no candidate class can store these rows (non-finite values?)")
+        choice.append(hull[0][2])
+        for (b1, e1, c1), (b2, e2, c2) in zip(hull[:-1], hull[1:]):
+            steps.append(((e1 - e2) / max(b2 - b1, 1), g, c1, c2))
+    spent = sum(int(nbytes[g, choice[g]]) for g in range(num_groups))
+    if spent > budget:
+        raise BudgetTooSmall(f"the cheapest classes need {spent} bytes for rows, budget leaves {budget}")
+    steps.sort(key=lambda s: -s[0])
+    for _, g, c_from, c_to in steps:
+        if choice[g] != c_from:
+            continue  # an earlier step of this group was skipped: its later steps do not apply
+        extra = int(nbytes[g, c_to]) - int(nbytes[g, c_from])
+        if spent + extra <= budget:
+            choice[g] = c_to
+            spent += extra
+    return choice
+
+
+@dataclass
+class CompressionReport:
+    budget_bytes: int
+    fixed_bytes: int
+    rotation: bool
+    estimated_error: float
+    group_sizes: list[int] = field(default_factory=list)
+    group_classes: list[str] = field(default_factory=list)
+
+
+def _fixed_bytes(n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int) -> int:
+    index = n * (12 if keyed else 4)
+    rot = dim * dim * 4 if rotation else 0
+    unk = {"zero": 0, "default": dim * 4, "hashed": num_buckets * dim * 2}[unknown]
+    return index + rot + unk
+
+
+def build_table(
+    rows: torch.Tensor,
+    row_class_of: torch.Tensor,
+    classes: list[RowClass],
+    ids: torch.Tensor | None = None,
+    rotation: torch.Tensor | None = None,
+    unknown: UnknownPolicy | None = None,
+    progress: ProgressFn | None = None,
+) -> CompressedTable:
+    """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``.
+
+    Slabs are sized exactly (no spare capacity); ``ids=None`` builds a dense table for IDs 0..N-1.
+    """
+    n, dim = rows.shape
+    slabs, used = [], []
+    locator = torch.full((n,), -1, dtype=torch.int32)
+    done = 0
+    for c, rc in enumerate(classes):
+        members = torch.nonzero(row_class_of == c).flatten()
+        slab = torch.empty((members.numel(), rc.row_bytes), dtype=torch.uint8)
+        for start in range(0, members.numel(), _ENCODE_CHUNK):
+            part = members[start : start + _ENCODE_CHUNK]
+            x = rows[part].to(torch.float32)
+            if rotation is not None:
+                x = x @ rotation
+            if rc.row_bytes:
+                slab[start : start + part.numel()] = codecs.encode_rows(x, rc)
+            done += part.numel()
+            if progress is not None:
+                progress(done, n)
+        locator[members] = encode_locator(c, 0) + torch.arange(members.numel(), dtype=torch.int32)
+        slabs.append(slab)
+        used.append(members.numel())
+    index: IdIndex = DenseIndex(locator) if ids is None else KeyedIndex.build(ids, locator)
+    return CompressedTable(dim, classes, slabs, used, index, rotation=rotation, unknown=unknown)
+
+
+def compress(
+    rows: torch.Tensor,
+    frequencies: torch.Tensor | None = None,
+    budget_bytes: int | None = None,
+    ratio: float | None = None,
+    ids: torch.Tensor | None = None,
+    candidates: list[RowClass] | None = None,
+    num_groups: int = 64,
+    sample_per_group: int = 512,
+    unknown: UnknownKind = "zero",
+    num_buckets: int = 1024,
+    allow_rotation: bool = True,
+    progress: ProgressFn | None = None,
+) -> tuple[CompressedTable, CompressionReport]:
+    """Compress a dense fp32 table into the cheapest-error mixed table within the budget.
+
+    ``budget_bytes`` counts everything the table holds (index, rows, rotation, fallback);
+    ``ratio`` sets it to ``N * D * 4 / ratio`` instead.  ``frequencies`` default to uniform.
+    """
+    if rows.dim() != 2:
+        raise ValueError("rows must be a 2-D [N, D] table")
+    n, dim = rows.shape
+    rows = rows.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError("the table holds NaN or Inf values")
+    if (budget_bytes is None) == (ratio is None):
+        raise ValueError("give exactly one of budget_bytes and ratio")
+    if ratio is not None:
+        if ratio <= 0:
+            raise ValueError("ratio must be positive")
+        budget_bytes = int(n * dim * 4 / ratio)
+    assert budget_bytes is not None
+    freqs = torch.ones(n, dtype=torch.float64) if frequencies is None else frequencies.to(torch.float64).reshape(-1)
+    if freqs.numel() != n or bool((freqs < 0).any()) or not bool(torch.isfinite(freqs).all()):
+        raise ValueError("frequencies must be N finite non-negative numbers")
+    if ids is not None:
+        ids = ids.to(torch.int64).reshape(-1)
+        if ids.numel() != n:
+            raise ValueError("ids must have one entry per row")
+    keyed = ids is not None
+    cands = candidates if candidates is not None else candidate_classes(dim)
+    order = torch.argsort(freqs, descending=True, stable=True)
+    groups = frequency_groups(order, num_groups)
+    weights = freqs + 1e-9  # an ID never seen still costs a little error
+
+    plans: list[tuple[float, bool, list[RowClass], list[int]]] = []
+    full_dim = [rc for rc in cands if rc.dim == dim]
+    reduced = [rc for rc in cands if rc.dim < dim]
+    rotation = weighted_pca_rotation(rows, weights) if (allow_rotation and reduced) else None
+    variants: list[tuple[bool, list[RowClass]]] = []
+    if full_dim:
+        variants.append((False, full_dim + ([rc for rc in reduced if rc.dim == 0])))
+    if rotation is not None:
+        variants.append((True, cands))
+    elif reduced and not full_dim:
+        variants.append((False, cands))
+    for rotated, variant in variants:
+        fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets)
+        source = rows @ rotation if rotated and rotation is not None else rows
+        variant = list(variant)
+        while True:
+            costs = estimate_costs(source, weights, groups, variant, sample_per_group)
+            try:
+                choice = solve_knapsack(costs.errors, costs.bytes, budget_bytes - fixed)
+            except BudgetTooSmall:
+                break
+            used = sorted(set(choice))
+            if len(used) <= MAX_CLASSES:
+                err = float(sum(costs.errors[g, c] for g, c in enumerate(choice)))
+                plans.append((err, rotated, variant, choice))
+                break
+            # too many distinct classes: keep the ones holding the most rows and solve again
+            rows_in = {c: 0 for c in used}
+            for g, c in enumerate(choice):
+                rows_in[c] += costs.sizes[g]
+            keep = sorted(used, key=lambda c: -rows_in[c])[:MAX_CLASSES]
+            variant = [variant[c] for c in sorted(keep)]
+    if not plans:
+        smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets)
+        raise BudgetTooSmall(
+            f"budget of {budget_bytes} bytes cannot hold {n} rows: the index and fallback alone take {smallest} bytes"
+            " and the cheapest row classes need more than what is left"
+        )
+    err, rotated, variant, choice = min(plans, key=lambda p: p[0])
+    used_classes = sorted(set(choice))
+    remap = {c: k for k, c in enumerate(used_classes)}
+    table_classes = [variant[c] for c in used_classes]
+    row_class_of = torch.empty(n, dtype=torch.int64)
+    for g, grp in enumerate(groups):
+        row_class_of[grp] = remap[choice[g]]
+    policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights, num_buckets)
+    table = build_table(
+        rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=progress
+    )
+    report = CompressionReport(
+        budget_bytes=budget_bytes,
+        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets),
+        rotation=rotated,
+        estimated_error=err,
+        group_sizes=[g.numel() for g in groups],
+        group_classes=[variant[c].label() for c in choice],
+    )
+    if table.nbytes > budget_bytes:  # the accounting above is exact; this guards against drift
+        raise AssertionError(f"built table holds {table.nbytes} bytes, over the budget of {budget_bytes}")
+    return table, report
+
+
+def compress_uniform(
+    rows: torch.Tensor,
+    row_class: RowClass,
+    ids: torch.Tensor | None = None,
+    unknown: UnknownKind = "zero",
+    frequencies: torch.Tensor | None = None,
+) -> CompressedTable:
+    """Every row in one class: the uniform-quantization baseline (FBGEMM-style INT8/INT4/...)."""
+    n, dim = rows.shape
+    if row_class.dim != dim:
+        raise ValueError("a uniform table keeps every coordinate; use compress() for dimension reduction")
+    weights = torch.ones(n, dtype=torch.float64) if frequencies is None else frequencies.to(torch.float64)
+    policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights)
+    return build_table(rows, torch.zeros(n, dtype=torch.int64), [row_class], ids=ids, unknown=policy)

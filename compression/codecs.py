@@ -1,0 +1,140 @@
+"""Encode float rows into the bytes of a row class, and decode them back (pure torch).
+
+This is the reference implementation of the layout documented in :mod:`compression.layout`.
+It runs unchanged on CPU and CUDA; the compiled fast paths in :mod:`compression.kernels` are
+tested against it.  Everything is vectorized over rows: no Python loop touches a row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import ROW_HEAD_BYTES, RowClass, packed_code_bytes
+
+# Least-squares refits of (scale, bias) after the min/max start.  Each one can only lower a
+# row's squared error (we keep the better of old and new per row), and it matters most at 1-2
+# bits, where min/max puts both levels at the extremes instead of at the cluster means.
+_REFIT_ROUNDS = 3
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``codes`` (uint8 ``[n, dim]``, each ``< 2**bits``) into ``[n, stride]`` bytes, planar
+    order (code ``j`` -> byte ``j % stride``, bit offset ``(j // stride) * bits``)."""
+    n, dim = codes.shape
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    per = 8 // bits
+    stride = packed_code_bytes(dim, bits)
+    if stride * per != dim:
+        codes = torch.nn.functional.pad(codes, (0, stride * per - dim))
+    planes = codes.to(torch.int32).reshape(n, per, stride)
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32).reshape(1, per, 1)
+    return (planes << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[n, stride]`` uint8 -> ``[n, dim]`` uint8 codes."""
+    if bits == 8:
+        return packed[:, :dim]
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8).reshape(1, per, 1)
+    codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)[:, :dim]
+
+
+def _fp16_round(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _quantize_with(
+    x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes for ``x`` under fp16-representable ``scale``/``bias``, and the rows' squared error."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round((x - bias) / safe), 0, qmax)
+    codes = torch.where(scale > 0, codes, torch.zeros_like(codes))
+    err = ((bias + scale * codes - x) ** 2).sum(dim=1, keepdim=True)
+    return codes, err
+
+
+def quantize_rows(
+    x: torch.Tensor, bits: int, refit: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise asymmetric quantization: returns ``(codes uint8, scale f16, bias f16)``.
+
+    Starts from min/max (FBGEMM's rule: every value in range, max error scale/2) and, when
+    ``refit`` is set, refits scale and bias by least squares on the chosen codes, keeping the
+    refit only for rows whose squared error it lowers.
+    """
+    qmax = (1 << bits) - 1
+    x = x.to(torch.float32)
+    lo = x.min(dim=1, keepdim=True).values
+    hi = x.max(dim=1, keepdim=True).values
+    bias = _fp16_round(lo)
+    scale = _fp16_round((hi - bias) / qmax)
+    codes, err = _quantize_with(x, scale, bias, qmax)
+    if refit and x.shape[1] > 1:
+        for _ in range(_REFIT_ROUNDS):
+            q_mean = codes.mean(dim=1, keepdim=True)
+            x_mean = x.mean(dim=1, keepdim=True)
+            qc = codes - q_mean
+            var_q = (qc * qc).sum(dim=1, keepdim=True)
+            cov = (qc * (x - x_mean)).sum(dim=1, keepdim=True)
+            new_scale = torch.where(var_q > 0, cov / torch.where(var_q > 0, var_q, 1.0), scale)
+            new_scale = _fp16_round(torch.clamp(new_scale, min=0.0))
+            new_bias = _fp16_round(x_mean - new_scale * q_mean)
+            new_codes, new_err = _quantize_with(x, new_scale, new_bias, qmax)
+            better = torch.isfinite(new_err) & (new_err < err)
+            scale = torch.where(better, new_scale, scale)
+            bias = torch.where(better, new_bias, bias)
+            codes = torch.where(better, new_codes, codes)
+            err = torch.where(better, new_err, err)
+    return codes.to(torch.uint8), scale.to(torch.float16), bias.to(torch.float16)
+
+
+def encode_rows(x: torch.Tensor, row_class: RowClass, refit: bool = True) -> torch.Tensor:
+    """Encode float rows ``[n, >= dim]`` into ``[n, row_class.row_bytes]`` uint8 (layout above).
+
+    Only the first ``row_class.dim`` coordinates are kept.
+    """
+    n = x.shape[0]
+    dim, bits = row_class.dim, row_class.bits
+    if dim == 0:
+        return torch.empty((n, 0), dtype=torch.uint8, device=x.device)
+    kept = x[:, :dim].to(torch.float32).contiguous()
+    if bits == 32:
+        return kept.view(torch.uint8).reshape(n, 4 * dim)
+    if bits == 16:
+        return kept.to(torch.float16).contiguous().view(torch.uint8).reshape(n, 2 * dim)
+    codes, scale, bias = quantize_rows(kept, bits, refit=refit)
+    head = torch.cat([scale, bias], dim=1).contiguous().view(torch.uint8)
+    out = torch.empty((n, row_class.row_bytes), dtype=torch.uint8, device=x.device)
+    out[:, :ROW_HEAD_BYTES] = head
+    out[:, ROW_HEAD_BYTES:] = pack_codes(codes, bits)
+    return out
+
+
+def decode_rows(rows: torch.Tensor, row_class: RowClass) -> torch.Tensor:
+    """Decode ``[n, row_bytes]`` uint8 rows of ``row_class`` into float32 ``[n, dim]``."""
+    n = rows.shape[0]
+    dim, bits = row_class.dim, row_class.bits
+    if dim == 0:
+        return torch.empty((n, 0), dtype=torch.float32, device=rows.device)
+    rows = rows.contiguous()
+    if bits == 32:
+        return rows.view(torch.float32).reshape(n, dim)
+    if bits == 16:
+        return rows.view(torch.float16).reshape(n, dim).to(torch.float32)
+    head = rows[:, :ROW_HEAD_BYTES].contiguous().view(torch.float16).to(torch.float32)
+    scale, bias = head[:, 0:1], head[:, 1:2]
+    codes = unpack_codes(rows[:, ROW_HEAD_BYTES : ROW_HEAD_BYTES + packed_code_bytes(dim, bits)], bits, dim)
+    return torch.addcmul(bias, codes.to(torch.float32), scale)
+
+
+def reconstruction_error(x: torch.Tensor, row_class: RowClass, full_dim: int) -> torch.Tensor:
+    """Per-row squared L2 error of storing ``x`` (``[n, full_dim]``) in ``row_class``."""
+    decoded = decode_rows(encode_rows(x, row_class), row_class)
+    err = ((decoded - x[:, : row_class.dim].to(torch.float32)) ** 2).sum(dim=1)
+    if row_class.dim < full_dim:
+        err = err + (x[:, row_class.dim :].to(torch.float32) ** 2).sum(dim=1)
+    return err

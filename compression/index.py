@@ -1,0 +1,228 @@
+"""ID -> locator maps.  A locator (one int32, see :mod:`compression.layout`) names a row's
+class and slot; ``-1`` means the ID has no row.
+
+Two kinds:
+
+* :class:`DenseIndex` - IDs are ``0..N-1`` (a trainer's own vocabulary).  Stores only the
+  locator array, 4 bytes per ID, no keys.
+* :class:`KeyedIndex` - arbitrary int64 IDs (hashed features, user IDs).  A sorted key array
+  with a parallel locator array, searched with ``torch.searchsorted`` (same code on CPU and
+  GPU), plus a small sorted *delta* part that takes inserts.  The delta is merged into the main
+  part once it outgrows a fraction of it (LSM style), so an insert never re-sorts the whole
+  index.  12 bytes per ID (8 key + 4 locator).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .layout import NO_ROW
+
+# Merge the delta part once it holds more than max(_DELTA_MIN, main/_DELTA_FRACTION) keys.
+_DELTA_MIN = 4096
+_DELTA_FRACTION = 16
+
+
+class IdIndex(Protocol):
+    kind: str
+
+    def resolve(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def assign(self, ids: torch.Tensor, locators: torch.Tensor) -> None: ...
+    def live_items(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+    def to(self, device: torch.device) -> "IdIndex": ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def num_ids(self) -> int: ...
+
+
+class DenseIndex:
+    """Locators for IDs ``0..N-1``; an ID outside that range is unknown."""
+
+    kind = "dense"
+
+    def __init__(self, locator: torch.Tensor) -> None:
+        if locator.dtype != torch.int32 or locator.dim() != 1:
+            raise ValueError("dense locator must be a 1-D int32 tensor")
+        self.locator = locator
+
+    @property
+    def size(self) -> int:
+        return int(self.locator.shape[0])
+
+    def resolve(self, ids: torch.Tensor) -> torch.Tensor:
+        n = self.size
+        if n == 0:
+            return torch.full(ids.shape, NO_ROW, dtype=torch.int32, device=ids.device)
+        inside = (ids >= 0) & (ids < n)
+        loc = self.locator[ids.clamp(0, n - 1)]
+        return torch.where(inside, loc, torch.full_like(loc, NO_ROW))
+
+    def assign(self, ids: torch.Tensor, locators: torch.Tensor) -> None:
+        """Point ``ids`` at ``locators`` (``-1`` deletes).  Grows by doubling for new high IDs."""
+        if ids.numel() == 0:
+            return
+        if int(ids.min()) < 0:
+            raise ValueError("a dense table takes only IDs >= 0")
+        need = int(ids.max()) + 1
+        if need > self.size:
+            grown = torch.full((max(need, 2 * self.size),), NO_ROW, dtype=torch.int32, device=self.locator.device)
+            grown[: self.size] = self.locator
+            self.locator = grown
+        self.locator[ids] = locators.to(torch.int32)
+
+    def live_items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.nonzero(self.locator >= 0).flatten()
+        return ids.to(torch.int64), self.locator[ids]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"index.locator": self.locator}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "DenseIndex":
+        return cls(tensors["index.locator"])
+
+    def to(self, device: torch.device) -> "DenseIndex":
+        return DenseIndex(self.locator.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return self.locator.numel() * self.locator.element_size()
+
+    @property
+    def num_ids(self) -> int:
+        return int((self.locator >= 0).sum())
+
+
+def _probe(keys: torch.Tensor, locs: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of ``ids`` in sorted ``keys`` and whether each was found there."""
+    if keys.numel() == 0:
+        return torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
+    return pos, keys[pos] == ids
+
+
+class KeyedIndex:
+    """Sorted int64 keys + locators, with a delta part for inserts (see module docstring)."""
+
+    kind = "keyed"
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        locator: torch.Tensor,
+        delta_keys: torch.Tensor | None = None,
+        delta_locator: torch.Tensor | None = None,
+    ) -> None:
+        if keys.dtype != torch.int64 or locator.dtype != torch.int32 or keys.shape != locator.shape:
+            raise ValueError("keyed index needs int64 keys and int32 locators of one length")
+        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            raise ValueError("keys must be strictly increasing")
+        self.keys = keys
+        self.locator = locator
+        self.delta_keys = delta_keys if delta_keys is not None else keys.new_empty(0)
+        self.delta_locator = delta_locator if delta_locator is not None else locator.new_empty(0)
+
+    @classmethod
+    def build(cls, ids: torch.Tensor, locators: torch.Tensor) -> "KeyedIndex":
+        order = torch.argsort(ids)
+        keys = ids[order].to(torch.int64)
+        if keys.numel() > 1 and not bool((keys[1:] != keys[:-1]).all()):
+            raise ValueError("IDs must be unique")
+        return cls(keys.contiguous(), locators[order].to(torch.int32).contiguous())
+
+    def resolve(self, ids: torch.Tensor) -> torch.Tensor:
+        pos, hit = _probe(self.keys, self.locator, ids)
+        if self.keys.numel():
+            loc = torch.where(hit, self.locator[pos], torch.full(ids.shape, NO_ROW, dtype=torch.int32, device=ids.device))
+        else:
+            loc = torch.full(ids.shape, NO_ROW, dtype=torch.int32, device=ids.device)
+        if self.delta_keys.numel():
+            dpos, dhit = _probe(self.delta_keys, self.delta_locator, ids)
+            loc = torch.where(dhit, self.delta_locator[dpos], loc)
+        return loc
+
+    def assign(self, ids: torch.Tensor, locators: torch.Tensor) -> None:
+        """Point ``ids`` at ``locators``; ``-1`` deletes (a tombstone until the next merge)."""
+        if ids.numel() == 0:
+            return
+        ids = ids.to(torch.int64)
+        locators = locators.to(torch.int32)
+        pos, hit = _probe(self.keys, self.locator, ids)
+        if bool(hit.any()):
+            self.locator[pos[hit]] = locators[hit]
+        rest_ids, rest_locs = ids[~hit], locators[~hit]
+        if rest_ids.numel() == 0:
+            return
+        dpos, dhit = _probe(self.delta_keys, self.delta_locator, rest_ids)
+        if bool(dhit.any()):
+            self.delta_locator[dpos[dhit]] = rest_locs[dhit]
+        new_ids, new_locs = rest_ids[~dhit], rest_locs[~dhit]
+        live = new_locs >= 0
+        new_ids, new_locs = new_ids[live], new_locs[live]
+        if new_ids.numel():
+            keys = torch.cat([self.delta_keys, new_ids])
+            locs = torch.cat([self.delta_locator, new_locs])
+            order = torch.argsort(keys, stable=True)
+            self.delta_keys, self.delta_locator = keys[order], locs[order]
+        if self.delta_keys.numel() > max(_DELTA_MIN, self.keys.numel() // _DELTA_FRACTION):
+            self.merge()
+
+    def merge(self) -> None:
+        """Fold the delta part into the sorted main part and drop tombstones."""
+        keys = torch.cat([self.keys, self.delta_keys])
+        locs = torch.cat([self.locator, self.delta_locator])
+        live = locs >= 0
+        keys, locs = keys[live], locs[live]
+        order = torch.argsort(keys)
+        self.keys = keys[order].contiguous()
+        self.locator = locs[order].contiguous()
+        self.delta_keys = self.keys.new_empty(0)
+        self.delta_locator = self.locator.new_empty(0)
+
+    def live_items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.cat([self.keys, self.delta_keys])
+        locs = torch.cat([self.locator, self.delta_locator])
+        live = locs >= 0
+        return keys[live], locs[live]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "index.keys": self.keys,
+            "index.locator": self.locator,
+            "index.delta_keys": self.delta_keys,
+            "index.delta_locator": self.delta_locator,
+        }
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "KeyedIndex":
+        return cls(
+            tensors["index.keys"],
+            tensors["index.locator"],
+            tensors.get("index.delta_keys"),
+            tensors.get("index.delta_locator"),
+        )
+
+    def to(self, device: torch.device) -> "KeyedIndex":
+        return KeyedIndex(
+            self.keys.to(device), self.locator.to(device), self.delta_keys.to(device), self.delta_locator.to(device)
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+    @property
+    def num_ids(self) -> int:
+        return int((self.locator >= 0).sum()) + int((self.delta_locator >= 0).sum())
+
+
+def index_from_state(kind: str, tensors: dict[str, torch.Tensor]) -> IdIndex:
+    if kind == DenseIndex.kind:
+        return DenseIndex.from_state(tensors)
+    if kind == KeyedIndex.kind:
+        return KeyedIndex.from_state(tensors)
+    raise ValueError(f"unknown index kind {kind!r}")

@@ -1,0 +1,82 @@
+"""ctypes binding of the compiled CPU decoder in ``decode.c`` (built by ``setup.py``)."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from ..layout import MAX_CLASSES, RowClass
+
+# Below this many IDs one thread decodes: starting the OpenMP team costs more than the work.
+PARALLEL_MIN_ROWS = 1024
+
+
+class _RowClassC(ctypes.Structure):
+    _fields_ = [
+        ("base", ctypes.c_void_p),
+        ("row_bytes", ctypes.c_int64),
+        ("dim", ctypes.c_int32),
+        ("bits", ctypes.c_int32),
+    ]
+
+
+def _load() -> ctypes.CDLL | None:
+    here = Path(__file__).parent
+    for path in sorted(here.glob("_decode*.so")) + sorted(here.glob("_decode*.pyd")):
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        lib.embserve_lookup.restype = ctypes.c_int64
+        lib.embserve_lookup.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+        ]
+        lib.embserve_init()
+        return lib
+    return None
+
+
+_LIB = _load()
+AVAILABLE = _LIB is not None
+
+
+def class_array(slabs: list[torch.Tensor], classes: list[RowClass]) -> ctypes.Array[_RowClassC]:
+    """The C view of a table's classes: slab addresses and shapes, padded to MAX_CLASSES.
+
+    Valid until a slab is reallocated; tables rebuild it when they grow a slab."""
+    arr = (_RowClassC * MAX_CLASSES)()
+    for k, (slab, rc) in enumerate(zip(slabs, classes, strict=True)):
+        if slab.device.type != "cpu" or not slab.is_contiguous():
+            raise ValueError("the compiled decoder needs contiguous CPU slabs")
+        arr[k].base = slab.data_ptr() if slab.numel() else None
+        arr[k].row_bytes = rc.row_bytes
+        arr[k].dim = rc.dim
+        arr[k].bits = rc.bits
+    return arr
+
+
+def lookup(
+    out: torch.Tensor, ids: torch.Tensor, dense_locator: torch.Tensor | None, classes_c: ctypes.Array[_RowClassC]
+) -> tuple[torch.Tensor, int]:
+    """Decode into ``out`` (float32 ``[n, D]`` contiguous CPU).  ``ids`` are raw IDs resolved
+    through ``dense_locator``, or locators already when it is ``None``.  Returns the locators
+    and how many of them are ``-1`` (no row)."""
+    assert _LIB is not None
+    n, width = out.shape
+    if ids.dtype != torch.int64 or not ids.is_contiguous():
+        ids = ids.to(torch.int64).contiguous()
+    loc = torch.empty(n, dtype=torch.int32)
+    threads = torch.get_num_threads() if n >= PARALLEL_MIN_ROWS else 1
+    rc = _LIB.embserve_lookup(
+        ids.data_ptr(), n,
+        None if dense_locator is None else dense_locator.data_ptr(),
+        0 if dense_locator is None else dense_locator.numel(),
+        ctypes.addressof(classes_c), MAX_CLASSES,
+        out.data_ptr(), width, loc.data_ptr(), threads,
+    )
+    if rc < 0:
+        raise RuntimeError("compiled decoder rejected the table layout")
+    return loc, int(rc)

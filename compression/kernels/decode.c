@@ -1,0 +1,248 @@
+/* Compiled CPU gather-dequantize for compressed embedding tables.
+ *
+ * One pass over the requested IDs; each output row is written exactly once.  Row layout (see
+ * compression/layout.py):
+ *
+ *   bits == 32   f32 x[0..dim)                                   row_bytes = 4 * dim
+ *   bits == 16   f16 x[0..dim)                                   row_bytes = 2 * dim
+ *   bits <= 8    f16 scale | f16 bias | codes (planar order)     row_bytes = 4 + stride
+ *                stride = ceil(dim / (8 / bits)); code j sits in byte 4 + j % stride at
+ *                bit offset (j / stride) * bits; x[j] = bias + scale * code[j]
+ *
+ * A locator is an int32: class in bits 28..30, slot in bits 0..27, -1 = no row (zeros).
+ *
+ * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread), and each chunk
+ * runs as a two-stage pipeline over blocks of BLOCK IDs: block k+1 is resolved (dense locator
+ * load) and its rows prefetched while block k is decoded, so the random row loads are in flight
+ * before the decoder needs them.  Sub-byte codes are decoded plane by plane: each plane is a
+ * contiguous run of output floats, which the compiler vectorizes (an interleaved order such as
+ * FBGEMM's low-nibble-even would need strided stores).
+ *
+ * Built by setuptools as an optional extension and called through ctypes; it uses no Python
+ * API.  On x86-64 the hot function is compiled twice (x86-64-v3: AVX2+FMA+F16C, and baseline)
+ * and the loader picks the one the CPU supports.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_X86_SIMD 1
+#endif
+
+#define CLASS_SHIFT 28
+#define SLOT_MASK ((1 << CLASS_SHIFT) - 1)
+#ifndef BLOCK
+#define BLOCK 32
+#endif
+#define MAX_CLASSES 8
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+typedef struct {
+    const uint8_t *base; /* slab data, row-major [capacity, row_bytes] */
+    int64_t row_bytes;
+    int32_t dim;
+    int32_t bits;
+} row_class_t;
+
+static float f16_table[65536];
+static int f16_ready = 0;
+static int use_avx2 = 0; /* set once by embserve_init from CPUID */
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalize */
+            int e = -1;
+            do { e++; man <<= 1; } while ((man & 0x400) == 0);
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+void embserve_init(void) {
+    if (f16_ready) return;
+    for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
+#ifdef HAVE_X86_SIMD
+    __builtin_cpu_init();
+    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    f16_ready = 1;
+}
+
+static inline float load_half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_table[h];
+}
+
+#ifdef HAVE_X86_SIMD
+/* AVX2 + FMA decoders for the two most common classes; 8 codes -> 8 floats per step. */
+__attribute__((target("avx2,fma"))) static inline void dequant8_avx2(const uint8_t *codes, int d, float scale,
+                                                                      float bias, float *o) {
+    const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
+    int j = 0;
+    for (; j + 8 <= d; j += 8) {
+        __m128i c = _mm_loadl_epi64((const __m128i *)(codes + j));
+        __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+        _mm256_storeu_ps(o + j, _mm256_fmadd_ps(f, vs, vb));
+    }
+    for (; j < d; j++) o[j] = (float)codes[j] * scale + bias;
+}
+
+__attribute__((target("avx2,fma"))) static inline void dequant4_avx2(const uint8_t *codes, int d, float scale,
+                                                                      float bias, float *o) {
+    const int stride = (d + 1) / 2;
+    const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    int k = 0;
+    if (stride * 2 == d) {
+        for (; k + 8 <= stride; k += 8) {
+            __m128i c = _mm_loadl_epi64((const __m128i *)(codes + k));
+            __m128i lo4 = _mm_and_si128(c, low);
+            __m128i hi4 = _mm_and_si128(_mm_srli_epi16(c, 4), low);
+            _mm256_storeu_ps(o + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo4)), vs, vb));
+            _mm256_storeu_ps(o + stride + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi4)), vs, vb));
+        }
+    }
+    for (; k < stride; k++) {
+        o[k] = (float)(codes[k] & 15) * scale + bias;
+        if (stride + k < d) o[stride + k] = (float)(codes[k] >> 4) * scale + bias;
+    }
+}
+#endif
+
+static inline void decode_row(const uint8_t *restrict row, int bits, int d, int width, float *restrict o) {
+#ifdef HAVE_X86_SIMD
+    if (use_avx2 && (bits == 8 || bits == 4)) {
+        const float scale = load_half(row), bias = load_half(row + 2);
+        if (bits == 8)
+            dequant8_avx2(row + 4, d, scale, bias, o);
+        else
+            dequant4_avx2(row + 4, d, scale, bias, o);
+        if (d < width) memset(o + d, 0, (size_t)(width - d) * 4);
+        return;
+    }
+#endif
+    if (bits == 32) {
+        memcpy(o, row, (size_t)d * 4);
+    } else if (bits == 16) {
+        for (int j = 0; j < d; j++) o[j] = load_half(row + 2 * j);
+    } else {
+        const float scale = load_half(row), bias = load_half(row + 2);
+        const uint8_t *restrict codes = row + 4;
+        if (bits == 8) {
+            for (int j = 0; j < d; j++) o[j] = (float)codes[j] * scale + bias;
+        } else {
+            const int per = 8 / bits, stride = (d + per - 1) / per;
+            const uint8_t mask = (uint8_t)((1 << bits) - 1);
+            for (int p = 0; p < per; p++) {
+                const int first = p * stride;
+                const int count = d - first < stride ? d - first : stride;
+                const int shift = p * bits;
+                float *restrict op = o + first;
+                for (int k = 0; k < count; k++) op[k] = (float)((codes[k] >> shift) & mask) * scale + bias;
+            }
+        }
+    }
+    if (d < width) memset(o + d, 0, (size_t)(width - d) * 4);
+}
+
+static inline void resolve_block(int64_t lo, int64_t hi, int64_t n_ids, const int64_t *ids, const int32_t *dense_locator,
+                                 int64_t n_dense, const row_class_t *classes, int32_t *loc_out) {
+    if (dense_locator) { /* the locator loads of the block after this one */
+        const int64_t ahead_hi = hi + BLOCK < n_ids ? hi + BLOCK : n_ids;
+        for (int64_t i = hi; i < ahead_hi; i++) {
+            const int64_t key = ids[i];
+            if (key >= 0 && key < n_dense) __builtin_prefetch(dense_locator + key, 0, 3);
+        }
+    }
+    for (int64_t i = lo; i < hi; i++) {
+        int32_t loc;
+        if (dense_locator) {
+            int64_t key = ids[i];
+            loc = (key >= 0 && key < n_dense) ? dense_locator[key] : -1;
+        } else {
+            loc = (int32_t)ids[i];
+        }
+        loc_out[i] = loc;
+        if (loc >= 0) {
+            const row_class_t *c = &classes[loc >> CLASS_SHIFT];
+            if (c->row_bytes > 0) {
+                const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
+                __builtin_prefetch(row, 0, 3);
+                __builtin_prefetch(row + c->row_bytes - 1, 0, 3);
+            }
+        }
+    }
+}
+
+MULTIVERSION
+static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const int32_t *dense_locator, int64_t n_dense,
+                      const row_class_t *classes, float *out, int64_t width, int32_t *loc_out) {
+    int64_t unknown = 0;
+    if (lo >= hi) return 0;
+    resolve_block(lo, lo + BLOCK < hi ? lo + BLOCK : hi, hi, ids, dense_locator, n_dense, classes, loc_out);
+    for (int64_t start = lo; start < hi; start += BLOCK) {
+        const int64_t stop = start + BLOCK < hi ? start + BLOCK : hi;
+        if (stop < hi)
+            resolve_block(stop, stop + BLOCK < hi ? stop + BLOCK : hi, hi, ids, dense_locator, n_dense, classes, loc_out);
+        for (int64_t i = start; i < stop; i++) {
+            const int32_t loc = loc_out[i];
+            float *o = out + i * width;
+            if (loc < 0) {
+                memset(o, 0, (size_t)width * 4);
+                unknown++;
+                continue;
+            }
+            const row_class_t *c = &classes[loc >> CLASS_SHIFT];
+            const uint8_t *row = c->dim > 0 ? c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes : 0;
+            decode_row(row, c->bits, c->dim, (int)width, o);
+        }
+    }
+    return unknown;
+}
+
+/* ids:           int64 [n]; raw IDs when dense_locator != NULL, else locators (already resolved)
+ * dense_locator: int32 [n_dense] or NULL
+ * out:           float32 [n, width], row-major; every element is written
+ * loc_out:       int32 [n]; the locator of each ID (-1 = unknown), for the caller's found mask
+ * threads:       <= 1 runs serially on the calling thread
+ * classes:       exactly MAX_CLASSES entries (unused ones dim 0), so any locator's class field
+ *                indexes inside it; slots are validated against slab capacity when a table loads.
+ * Returns the number of IDs without a row, or -1 for a bad class count. */
+int64_t embserve_lookup(const int64_t *ids, int64_t n, const int32_t *dense_locator, int64_t n_dense,
+                    const row_class_t *classes, int32_t n_classes, float *out, int64_t width, int32_t *loc_out,
+                    int32_t threads) {
+    if (!f16_ready) embserve_init();
+    if (n_classes != MAX_CLASSES) return -1;
+    int64_t chunks = threads > 1 ? threads : 1;
+    if (chunks > 1 && n < chunks * 4 * BLOCK) chunks = 1;
+    const int64_t per = ((n + chunks - 1) / chunks + BLOCK - 1) / BLOCK * BLOCK;
+    int64_t unknown = 0;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads((int)chunks) if (chunks > 1) reduction(+ : unknown)
+#endif
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        const int64_t lo = ch * per;
+        const int64_t hi = lo + per < n ? lo + per : n;
+        unknown += run_range(lo, hi, ids, dense_locator, n_dense, classes, out, width, loc_out);
+    }
+    return unknown;
+}

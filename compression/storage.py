@@ -1,0 +1,141 @@
+"""Tables on disk: one safetensors file whose header metadata carries the JSON manifest.
+
+File layout (safetensors, see https://github.com/huggingface/safetensors):
+
+    u64 little-endian  header length H
+    H bytes            JSON header: {tensor name: {dtype, shape, data_offsets}, ...,
+                                     "__metadata__": {"embserve.manifest": "<manifest JSON>"}}
+    ...                raw tensor bytes, little-endian, row-major
+
+Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
+
+    index.locator                 int32 [N]          dense and keyed tables
+    index.keys                    int64 [N]          keyed: sorted IDs
+    index.delta_keys / _locator   int64 / int32      keyed: unmerged inserts
+    class.{k}.slab                uint8 [cap_k, row_bytes_k]   rows of class k (compression.layout)
+    class.{k}.free                int32 [f_k]        free slots of class k
+    rotation                      fp32 [D, D]        optional
+    unknown.default               fp32 [D]           optional
+    unknown.buckets               fp16 [K, D]        optional
+
+Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``),
+``classes`` (``[{"dim", "bits", "used"}]`` in class-index order), ``unknown`` (policy kind),
+``log_position`` (update-log position the file includes, or null), ``extra`` (free-form).
+
+Keeping the manifest inside the tensor file makes the write a single atomic rename: a crash
+leaves either the old file or the new one, never a table with a mismatched manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .index import index_from_state
+from .layout import RowClass
+from .table import CompressedTable
+from .unknown import UnknownPolicy
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "embserve.manifest"
+TABLE_SUFFIX = ".safetensors"
+
+
+class TableFormatError(ValueError):
+    """The file is not a table this version can read."""
+
+
+def manifest_of(table: CompressedTable, log_position: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "dim": table.dim,
+        "index": table.index.kind,
+        "classes": [{"dim": rc.dim, "bits": rc.bits, "used": u} for rc, u in zip(table.classes, table.used, strict=True)],
+        "unknown": table.unknown.kind,
+        "log_position": log_position,
+        "extra": extra or {},
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_table(
+    table: CompressedTable, path: str | os.PathLike[str], log_position: str | None = None, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``table`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with table.lock:
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in table.state_tensors().items()}
+        manifest = manifest_of(table, log_position, extra)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read only the header of a table file (cheap: no tensor bytes are loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise TableFormatError(f"{path}: not a safetensors file ({exc})") from exc
+    if MANIFEST_KEY not in meta:
+        raise TableFormatError(f"{path}: no embserve manifest in the file header")
+    try:
+        manifest = json.loads(meta[MANIFEST_KEY])
+    except json.JSONDecodeError as exc:
+        raise TableFormatError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise TableFormatError(f"{path}: manifest has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise TableFormatError(
+            f"{path}: table format version {version} is newer than this embserve reads ({FORMAT_VERSION}); upgrade embserve"
+        )
+    return manifest
+
+
+def load_table(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[CompressedTable, dict[str, Any]]:
+    manifest = read_manifest(path)
+    tensors = load_file(str(path), device=str(device))
+    try:
+        classes = [RowClass(int(c["dim"]), int(c["bits"])) for c in manifest["classes"]]
+        used = [int(c["used"]) for c in manifest["classes"]]
+        index = index_from_state(manifest["index"], tensors)
+        table = CompressedTable(
+            dim=int(manifest["dim"]),
+            classes=classes,
+            slabs=[tensors[f"class.{k}.slab"] for k in range(len(classes))],
+            used=used,
+            index=index,
+            free=[tensors[f"class.{k}.free"] for k in range(len(classes))],
+            rotation=tensors.get("rotation"),
+            unknown=UnknownPolicy.from_state(manifest["unknown"], tensors),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TableFormatError(f"{path}: inconsistent table file ({exc})") from exc
+    return table, manifest

@@ -1,0 +1,309 @@
+"""The compressed embedding table: row classes with slabs, an ID index, rotation, fallback.
+
+Memory picture of one table (every byte of it is counted in :attr:`CompressedTable.nbytes`):
+
+    index      DenseIndex: int32 locator [N]          KeyedIndex: int64 keys + int32 locator
+    class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
+               int32 free-slot stack [<= capacity_k]
+    rotation   fp32 [D, D]                             only when some class has dim < D
+    unknown    fp32 [D] default or fp16 [K, D] buckets, by policy
+
+Rows move between classes (precision / dimension changes) by being written into a free slot
+of the new class, the index repointed, and the old slot pushed on the old class's free stack.
+Slabs grow by doubling.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from . import codecs
+from .index import DenseIndex, IdIndex, KeyedIndex
+from .kernels import Decoder
+from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
+from .pooling import PoolingMode, pool_bags
+from .unknown import UnknownPolicy
+
+Backend = Literal["auto", "torch", "compiled"]
+
+
+@dataclass
+class LookupResult:
+    values: torch.Tensor  # float32 [n, D], or [bags, D] when pooled
+    locators: torch.Tensor  # int32 [n], -1 where the ID has no row
+    num_unknown: int
+
+    @property
+    def found(self) -> torch.Tensor:
+        """bool [n]: the ID has a row in the table (a pruned dim-0 row counts as found)."""
+        return self.locators >= 0
+
+
+@dataclass
+class ClassStats:
+    row_class: RowClass
+    rows: int
+    capacity: int
+    bytes: int
+
+
+@dataclass
+class TableStats:
+    dim: int
+    num_ids: int
+    index_kind: str
+    nbytes: int
+    index_bytes: int
+    row_bytes: int
+    other_bytes: int
+    classes: list[ClassStats] = field(default_factory=list)
+
+    @property
+    def bits_per_parameter(self) -> float:
+        params = self.num_ids * self.dim
+        return 8.0 * self.nbytes / params if params else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp32 bytes of the same rows divided by what this table really holds."""
+        return (4.0 * self.num_ids * self.dim) / self.nbytes if self.nbytes else 0.0
+
+
+def _stack_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class CompressedTable:
+    """``ids -> float32 [n, D]`` over rows stored in mixed (dim, bits) classes."""
+
+    def __init__(
+        self,
+        dim: int,
+        classes: list[RowClass],
+        slabs: list[torch.Tensor],
+        used: list[int],
+        index: IdIndex,
+        free: list[torch.Tensor] | None = None,
+        rotation: torch.Tensor | None = None,
+        unknown: UnknownPolicy | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        if not 0 < len(classes) <= MAX_CLASSES:
+            raise ValueError(f"a table has 1..{MAX_CLASSES} row classes, got {len(classes)}")
+        if len(set(classes)) != len(classes):
+            raise ValueError("row classes must be distinct")
+        for rc in classes:
+            if rc.dim > dim:
+                raise ValueError(f"class {rc.label()} is wider than the table ({dim})")
+        for rc, slab in zip(classes, slabs, strict=True):
+            if slab.dtype != torch.uint8 or slab.dim() != 2 or slab.shape[1] != rc.row_bytes:
+                raise ValueError(f"slab of {rc.label()} must be uint8 [capacity, {rc.row_bytes}]")
+        if rotation is not None and tuple(rotation.shape) != (dim, dim):
+            raise ValueError(f"rotation must be [{dim}, {dim}]")
+        self.dim = dim
+        self.classes = list(classes)
+        self.slabs = list(slabs)
+        self.used = list(used)
+        self.free = free if free is not None else [torch.empty(0, dtype=torch.int32, device=s.device) for s in slabs]
+        self.index = index
+        self.rotation = rotation
+        self.unknown = unknown if unknown is not None else UnknownPolicy("zero")
+        self.decoder = Decoder(self.slabs, self.classes, backend)
+        # Writers hold this while they change slabs or the index; lookups take it too, so a
+        # lookup sees a write batch all or nothing.  Decoding itself releases the GIL.
+        self.lock = threading.RLock()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def empty(
+        cls,
+        dim: int,
+        classes: list[RowClass],
+        keyed: bool = True,
+        device: torch.device | str = "cpu",
+        rotation: torch.Tensor | None = None,
+        unknown: UnknownPolicy | None = None,
+    ) -> "CompressedTable":
+        dev = torch.device(device)
+        index: IdIndex
+        if keyed:
+            index = KeyedIndex(torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.int32, device=dev))
+        else:
+            index = DenseIndex(torch.empty(0, dtype=torch.int32, device=dev))
+        slabs = [torch.empty((0, rc.row_bytes), dtype=torch.uint8, device=dev) for rc in classes]
+        return cls(dim, classes, slabs, [0] * len(classes), index, rotation=rotation, unknown=unknown)
+
+    @property
+    def device(self) -> torch.device:
+        return self.slabs[0].device
+
+    # ------------------------------------------------------------------ lookup
+
+    @property
+    def backend(self) -> str:
+        return self.decoder.backend
+
+    @backend.setter
+    def backend(self, value: Backend) -> None:
+        self.decoder.backend = value
+        self.decoder.refresh(self.slabs)
+
+    def lookup(self, ids: torch.Tensor) -> LookupResult:
+        """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row."""
+        # each torch op costs microseconds; at batch 1 they are the whole bill, so skip the no-ops
+        if ids.dtype != torch.int64 or ids.device != self.device:
+            ids = ids.to(device=self.device, dtype=torch.int64)
+        if ids.dim() != 1:
+            ids = ids.reshape(-1)
+        with self.lock:
+            values = torch.empty((ids.shape[0], self.dim), dtype=torch.float32, device=self.device)
+            loc, num_unknown = self.decoder.lookup(values, ids, self.index)
+        if self.rotation is not None:
+            values = values @ self.rotation.T
+        if num_unknown:
+            self.unknown.fill(values, ids, loc < 0)
+        return LookupResult(values, loc, num_unknown)
+
+    def lookup_bags(self, ids: torch.Tensor, offsets: torch.Tensor, mode: PoolingMode) -> LookupResult:
+        """Pool rows into bags given by ``offsets`` (start of each bag, like ``nn.EmbeddingBag``)."""
+        result = self.lookup(ids)
+        return LookupResult(pool_bags(result.values, offsets.to(result.values.device), mode), result.locators, result.num_unknown)
+
+    # ------------------------------------------------------------------ writes
+
+    def _take_slots(self, c: int, k: int) -> torch.Tensor:
+        """Pop ``k`` free slots of class ``c``, growing its slab by doubling when needed."""
+        free = self.free[c]
+        reuse = min(k, free.numel())
+        taken = free[free.numel() - reuse :]
+        self.free[c] = free[: free.numel() - reuse].clone()
+        fresh = k - reuse
+        start = self.used[c]
+        if start + fresh > MAX_SLOTS_PER_CLASS:
+            raise ValueError(f"class {self.classes[c].label()} is full ({MAX_SLOTS_PER_CLASS} rows)")
+        slab = self.slabs[c]
+        if start + fresh > slab.shape[0]:
+            capacity = min(MAX_SLOTS_PER_CLASS, max(start + fresh, 2 * slab.shape[0], 16))
+            grown = torch.empty((capacity, slab.shape[1]), dtype=torch.uint8, device=slab.device)
+            grown[:start] = slab[:start]
+            self.slabs[c] = grown
+            self.decoder.refresh(self.slabs)
+        self.used[c] = start + fresh
+        new = torch.arange(start, start + fresh, dtype=torch.int32, device=self.device)
+        return torch.cat([taken.to(torch.int32), new])
+
+    def _release(self, locators: torch.Tensor) -> None:
+        locators = locators[locators >= 0]
+        if locators.numel() == 0:
+            return
+        cls = locators >> LOCATOR_CLASS_SHIFT
+        for c in torch.unique(cls).tolist():
+            slots = (locators[cls == c] & LOCATOR_SLOT_MASK).to(torch.int32)
+            self.free[c] = torch.cat([self.free[c], slots])
+
+    def put(self, ids: torch.Tensor, rows: torch.Tensor, class_index: torch.Tensor | int) -> None:
+        """Upsert ``rows`` (float ``[n, D]``, in the table's stored coordinates) for ``ids``,
+        each into class ``class_index``.  A later duplicate ID in one call wins."""
+        ids = ids.to(device=self.device, dtype=torch.int64).reshape(-1)
+        rows = rows.to(device=self.device, dtype=torch.float32)
+        if rows.shape != (ids.numel(), self.dim):
+            raise ValueError(f"rows must be [{ids.numel()}, {self.dim}], got {list(rows.shape)}")
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("rows must be finite")
+        target = torch.as_tensor(class_index, dtype=torch.int64, device=self.device).expand(ids.numel())
+        if ids.numel() and (int(target.min()) < 0 or int(target.max()) >= len(self.classes)):
+            raise ValueError("class index out of range")
+        # keep the last occurrence of each ID
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        last = torch.full((uniq.numel(),), -1, dtype=torch.int64, device=self.device)
+        last.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=self.device), reduce="amax")
+        ids, rows, target = ids[last], rows[last], target[last]
+        with self.lock:
+            old = self.index.resolve(ids)
+            old_cls = torch.where(old >= 0, old >> LOCATOR_CLASS_SHIFT, torch.full_like(old, -1))
+            new_loc = torch.empty_like(old)
+            for c in torch.unique(target).tolist():
+                sel = torch.nonzero(target == c).flatten()
+                same = old_cls[sel] == c
+                slots = torch.empty(sel.numel(), dtype=torch.int32, device=self.device)
+                slots[same] = (old[sel][same] & LOCATOR_SLOT_MASK).to(torch.int32)
+                slots[~same] = self._take_slots(c, int((~same).sum()))
+                encoded = codecs.encode_rows(rows[sel], self.classes[c])
+                if encoded.shape[1]:
+                    self.slabs[c][slots.to(torch.int64)] = encoded
+                new_loc[sel] = (c << LOCATOR_CLASS_SHIFT) | slots
+            moved = (old >= 0) & (old_cls != target)
+            self._release(old[moved])
+            self.index.assign(ids, new_loc)
+
+    def delete(self, ids: torch.Tensor) -> int:
+        """Remove ``ids``; returns how many were present."""
+        ids = torch.unique(ids.to(device=self.device, dtype=torch.int64).reshape(-1))
+        with self.lock:
+            old = self.index.resolve(ids)
+            present = old >= 0
+            self._release(old[present])
+            self.index.assign(ids[present], torch.full((int(present.sum()),), -1, dtype=torch.int32, device=self.device))
+        return int(present.sum())
+
+    # ------------------------------------------------------------------ accounting
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the table holds, by its name in the file format."""
+        out = dict(self.index.state_tensors())
+        for k, (slab, free) in enumerate(zip(self.slabs, self.free, strict=True)):
+            out[f"class.{k}.slab"] = slab
+            out[f"class.{k}.free"] = free
+        if self.rotation is not None:
+            out["rotation"] = self.rotation
+        out.update(self.unknown.state_tensors())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_stack_bytes(t) for t in self.state_tensors().values())
+
+    def rows_per_class(self) -> list[int]:
+        _, locs = self.index.live_items()
+        cls = (locs >> LOCATOR_CLASS_SHIFT).to(torch.int64)
+        return torch.bincount(cls, minlength=len(self.classes)).tolist()
+
+    def stats(self) -> TableStats:
+        with self.lock:
+            rows = self.rows_per_class()
+            classes = [
+                ClassStats(rc, rows[k], int(self.slabs[k].shape[0]), _stack_bytes(self.slabs[k]) + _stack_bytes(self.free[k]))
+                for k, rc in enumerate(self.classes)
+            ]
+            index_bytes = self.index.nbytes
+            row_bytes = sum(c.bytes for c in classes)
+            total = self.nbytes
+            return TableStats(
+                dim=self.dim,
+                num_ids=sum(rows),
+                index_kind=self.index.kind,
+                nbytes=total,
+                index_bytes=index_bytes,
+                row_bytes=row_bytes,
+                other_bytes=total - index_bytes - row_bytes,
+                classes=classes,
+            )
+
+    def to(self, device: torch.device | str) -> "CompressedTable":
+        dev = torch.device(device)
+        return CompressedTable(
+            self.dim,
+            self.classes,
+            [s.to(dev) for s in self.slabs],
+            self.used,
+            self.index.to(dev),
+            [f.to(dev) for f in self.free],
+            None if self.rotation is None else self.rotation.to(dev),
+            self.unknown.to(dev),
+            self.decoder.backend,  # type: ignore[arg-type]
+        )

@@ -1,0 +1,16 @@
+"""Build the optional compiled decode kernel (plain C + OpenMP, no torch headers, loaded with
+ctypes).  Without a C compiler the install still succeeds and lookups use the torch path."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "compression.kernels._decode",
+            sources=["compression/kernels/decode.c"],
+            extra_compile_args=["-O3", "-fopenmp", "-std=gnu11", "-ffp-contract=fast", "-fno-strict-aliasing"],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        )
+    ]
+)
