@@ -1,0 +1,132 @@
+"""The FastAPI application: routers, error handlers, the body-size guard and request metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .errors import ApiError, error_response, install_error_handlers
+from .metrics import ServiceMetrics
+from .registry import TableRegistry
+from .routers import health, lookup, metrics
+from .routers import tables as tables_router
+from .settings import Settings
+from .state import AppState
+
+log = logging.getLogger("embserve")
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``limit`` bytes with 413: at once when Content-Length says so, and
+    while streaming when it does not (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.limit:
+                    status = 413 if declared > self.limit else 400
+                    message = f"body over the {self.limit}-byte limit" if status == 413 else "bad Content-Length"
+                    await error_response(status, "too_large" if status == 413 else "bad_request", message)(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, "too_large", f"body over the {self.limit}-byte limit")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class RequestMetricsMiddleware:
+    """Count and time every HTTP request by route template (never by raw path: IDs could be in it)."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            m = self.state.metrics
+            m.http_requests.labels(template, method, str(status)).inc()
+            m.http_latency.labels(template, method).observe(time.perf_counter() - started)
+            if status >= 400:
+                m.http_errors.labels(template, str(status)).inc()
+
+
+def create_app(settings: Settings | None = None, registry: TableRegistry | None = None) -> FastAPI:
+    """Build the app.  With ``registry`` given, its tables are served as they are; otherwise the
+    tables folder is loaded at start-up."""
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    tables = registry or TableRegistry(settings.device)
+    state = AppState(settings, tables, ServiceMetrics(tables))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if registry is None:
+            names = tables.load_dir(settings.tables_dir)
+            log.info("serving %d table(s) from %s: %s", len(names), settings.tables_dir, ", ".join(names) or "-")
+        else:
+            tables.ready = True
+        yield
+
+    app = FastAPI(
+        title="embserve",
+        version=__version__,
+        summary="Compressed embedding tables over HTTP",
+        lifespan=lifespan,
+    )
+    app.state.embserve = state
+    install_error_handlers(app)
+    for router in (lookup.router, tables_router.router, health.router, metrics.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, state=state)
+    return app
+
+
+def app_factory() -> Any:
+    """``uvicorn service.app:app_factory --factory``: settings from the environment."""
+    return create_app()

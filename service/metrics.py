@@ -1,0 +1,73 @@
+"""Prometheus metrics.  Names follow Prometheus practice: ``embserve_`` prefix, base units,
+``_total`` counters, and no IDs as labels (labels are table names, row classes, routes).
+
+Request metrics are updated on the request path; table gauges (bytes, ratio, rows per class) are
+computed when Prometheus scrapes, from the live tables, so they can never go stale."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .registry import TableRegistry
+
+# "_created" timestamp series double the scrape size and no dashboard uses them
+disable_created_metrics()
+
+# Latency buckets from 50 us (a batch-1 lookup) to 10 s.
+_LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class TableCollector(Collector):
+    def __init__(self, tables: TableRegistry) -> None:
+        self.tables = tables
+
+    def collect(self) -> Iterator[Metric]:
+        nbytes = GaugeMetricFamily("embserve_table_bytes", "Bytes a table holds: rows, index and metadata", labels=["table"])
+        ids = GaugeMetricFamily("embserve_table_ids", "IDs a table holds a row for", labels=["table"])
+        ratio = GaugeMetricFamily("embserve_table_compression_ratio", "fp32 bytes of the same rows / bytes held", labels=["table"])
+        bpp = GaugeMetricFamily("embserve_table_bits_per_parameter", "Bits held per logical parameter (ID x dim)", labels=["table"])
+        rows = GaugeMetricFamily("embserve_table_class_rows", "Rows stored in each row class", labels=["table", "row_class"])
+        class_bytes = GaugeMetricFamily("embserve_table_class_bytes", "Slab bytes of each row class", labels=["table", "row_class"])
+        index_bytes = GaugeMetricFamily("embserve_table_index_bytes", "Bytes of a table's ID index", labels=["table"])
+        for name in self.tables.names():
+            hosted = self.tables.get(name)
+            if hosted is None:
+                continue
+            stats = hosted.table.stats()
+            nbytes.add_metric([name], stats.nbytes)
+            ids.add_metric([name], stats.num_ids)
+            ratio.add_metric([name], stats.compression_ratio)
+            bpp.add_metric([name], stats.bits_per_parameter)
+            index_bytes.add_metric([name], stats.index_bytes)
+            for cs in stats.classes:
+                rows.add_metric([name, cs.row_class.label()], cs.rows)
+                class_bytes.add_metric([name, cs.row_class.label()], cs.bytes)
+        yield from (nbytes, ids, ratio, bpp, rows, class_bytes, index_bytes)
+
+
+class ServiceMetrics:
+    """All metrics of one app instance, in their own registry (tests build many apps)."""
+
+    def __init__(self, tables: TableRegistry) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "embserve_http_requests_total", "HTTP requests by route, method and status", ["route", "method", "status"], registry=self.registry
+        )
+        self.http_errors = Counter(
+            "embserve_http_request_errors_total", "HTTP requests answered with 4xx or 5xx", ["route", "status"], registry=self.registry
+        )
+        self.http_latency = Histogram(
+            "embserve_http_request_duration_seconds", "HTTP request latency by route", ["route", "method"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.lookup_latency = Histogram(
+            "embserve_lookup_duration_seconds", "Time to look up and decode one table's IDs", ["table"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.lookup_ids = Counter("embserve_lookup_ids_total", "IDs looked up", ["table"], registry=self.registry)
+        self.unknown_ids = Counter("embserve_lookup_unknown_ids_total", "IDs looked up that the table does not hold", ["table"], registry=self.registry)
+        self.registry.register(TableCollector(tables))

@@ -1,0 +1,169 @@
+"""``POST /v1/lookup``: IDs in, float32 embeddings out, for one or several tables per request.
+
+The body is read on the event loop; decoding the body, the lookups and encoding the answer run
+in the thread pool (the decoder releases the GIL), so slow requests never stall the loop.
+Every check happens before any lookup runs: a bad request is answered with a 4xx and nothing
+was looked up (the counters do not move either)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import orjson
+import torch
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from compression.pooling import validate_offsets
+
+from ..errors import ApiError, _clean
+from ..state import AppState, get_state
+from ..wire import (
+    BINARY_REQUEST_TYPE,
+    BINARY_RESPONSE_TYPE,
+    OCTET_STREAM,
+    LookupOutput,
+    LookupRequest,
+    LookupResponse,
+    ParsedLookup,
+    WireError,
+    encode_binary_response,
+    parse_binary_request,
+)
+
+router = APIRouter(prefix="/v1", tags=["lookup"])
+
+_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": LookupRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            BINARY_REQUEST_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def _media_type(header: str | None) -> str:
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def wants_binary(accept: str | None) -> bool:
+    kinds = {_media_type(part) for part in (accept or "").split(",")}
+    return BINARY_RESPONSE_TYPE in kinds or OCTET_STREAM in kinds
+
+
+def parse_body(body: bytes, content_type: str) -> list[ParsedLookup]:
+    if content_type == BINARY_REQUEST_TYPE:
+        try:
+            return parse_binary_request(body)
+        except WireError as exc:
+            raise ApiError(400, "malformed_body", str(exc)) from exc
+    if content_type not in ("application/json", ""):
+        raise ApiError(415, "unsupported_media_type", f"send application/json or {BINARY_REQUEST_TYPE}, not {content_type!r}")
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_body", f"body is not valid JSON: {exc}") from exc
+    try:
+        request = LookupRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", "request does not match the schema", _clean(list(exc.errors()))) from exc
+    return [
+        ParsedLookup(
+            item.table,
+            np.asarray(item.ids, dtype=np.int64).reshape(-1),
+            None if item.offsets is None else np.asarray(item.offsets, dtype=np.int64).reshape(-1),
+            item.pooling,
+        )
+        for item in request.lookups
+    ]
+
+
+def check_limits(state: AppState, lookups: list[ParsedLookup]) -> None:
+    settings = state.settings
+    if len(lookups) > settings.max_lookups_per_request:
+        raise ApiError(413, "too_large", f"{len(lookups)} lookups in one request; the limit is {settings.max_lookups_per_request}")
+    total = sum(int(item.ids.shape[0]) for item in lookups)
+    if total > settings.max_ids_per_request:
+        raise ApiError(413, "too_large", f"{total} IDs in one request; the limit is {settings.max_ids_per_request}")
+    for k, item in enumerate(lookups):
+        hosted = state.tables.get(item.table)
+        if hosted is None:
+            raise ApiError(404, "unknown_table", f"lookups[{k}]: no table named {item.table!r}")
+        if item.pooling == "none":
+            if item.offsets is not None and item.offsets.shape[0]:
+                raise ApiError(422, "invalid_request", f"lookups[{k}]: offsets need pooling 'sum' or 'mean'")
+        else:
+            if item.offsets is None or item.offsets.shape[0] == 0:
+                raise ApiError(422, "invalid_request", f"lookups[{k}]: pooling {item.pooling!r} needs bag offsets")
+            try:
+                validate_offsets(torch.from_numpy(item.offsets), int(item.ids.shape[0]))
+            except ValueError as exc:
+                raise ApiError(422, "invalid_request", f"lookups[{k}]: {exc}") from exc
+
+
+def run_lookups(state: AppState, lookups: list[ParsedLookup]) -> list[LookupOutput]:
+    metrics = state.metrics
+    outputs = []
+    for item in lookups:
+        hosted = state.tables.get(item.table)
+        assert hosted is not None  # checked in check_limits
+        ids = torch.from_numpy(item.ids)
+        started = time.perf_counter()
+        if item.pooling == "none":
+            result = hosted.table.lookup(ids)
+        else:
+            assert item.offsets is not None
+            result = hosted.table.lookup_bags(ids, torch.from_numpy(item.offsets), item.pooling)
+        metrics.lookup_latency.labels(item.table).observe(time.perf_counter() - started)
+        metrics.lookup_ids.labels(item.table).inc(int(ids.shape[0]))
+        if result.num_unknown:
+            metrics.unknown_ids.labels(item.table).inc(result.num_unknown)
+        outputs.append(LookupOutput(item.table, result.values.cpu().numpy(), result.found.cpu().numpy(), result.num_unknown))
+    return outputs
+
+
+def encode_json(outputs: list[LookupOutput]) -> bytes:
+    return orjson.dumps(
+        {
+            "results": [
+                {"table": o.table, "shape": list(o.values.shape), "embeddings": o.values, "found": o.found, "unknown": o.unknown}
+                for o in outputs
+            ]
+        },
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+
+
+def handle_lookup(state: AppState, body: bytes, content_type: str, binary: bool) -> Response:
+    lookups = parse_body(body, content_type)
+    check_limits(state, lookups)
+    outputs = run_lookups(state, lookups)
+    if binary:
+        return Response(encode_binary_response(outputs), media_type=BINARY_RESPONSE_TYPE)
+    return Response(encode_json(outputs), media_type="application/json")
+
+
+@router.post(
+    "/lookup",
+    summary="Look up embeddings for IDs in one or more tables",
+    response_model=LookupResponse,
+    openapi_extra=_BODY_SCHEMA,
+    responses={
+        200: {"content": {BINARY_RESPONSE_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
+        400: {"description": "malformed body"},
+        404: {"description": "unknown table"},
+        413: {"description": "request over a size limit"},
+        415: {"description": "unsupported content type"},
+        422: {"description": "request does not match the schema"},
+    },
+)
+async def lookup(request: Request, state: AppState = Depends(get_state)) -> Response:
+    body = await request.body()
+    content_type = _media_type(request.headers.get("content-type"))
+    binary = wants_binary(request.headers.get("accept"))
+    return await run_in_threadpool(handle_lookup, state, body, content_type, binary)

@@ -1,0 +1,185 @@
+"""On-wire formats of ``POST /v1/lookup``: the JSON request/response models and the binary
+request and response bodies.  Everything is little-endian.
+
+Binary request (``Content-Type: application/x-embserve-lookup``)::
+
+    magic      4 bytes   b"EMQ1"
+    u32        T         number of lookups
+    T times:
+      u16      L         table name length in bytes
+      u8       pooling   0 = none, 1 = sum, 2 = mean
+      u8       reserved  must be 0
+      u32      n         number of IDs
+      u32      B         number of bag offsets (0 when pooling is none)
+      L bytes            table name, UTF-8
+      n x i64            IDs
+      B x i64            bag offsets (start of each bag, as nn.EmbeddingBag)
+
+Binary response (``Accept: application/x-embserve-tensor``, or ``application/octet-stream``)::
+
+    magic      4 bytes   b"EMR1"
+    u32        T         number of results, in request order
+    T times:
+      u32      rows      n, or B when pooled
+      u32      dim       D
+      u32      n         number of IDs looked up
+      u32      unknown   how many of them the table does not hold
+      rows x dim f32     embeddings, row-major
+      n x u8             found flag per ID (1 = the table holds it)
+      0-3 bytes          zero padding to a multiple of 4
+
+JSON responses carry the same fields (see :class:`LookupResponse`).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+BINARY_REQUEST_TYPE = "application/x-embserve-lookup"
+BINARY_RESPONSE_TYPE = "application/x-embserve-tensor"
+OCTET_STREAM = "application/octet-stream"
+REQUEST_MAGIC = b"EMQ1"
+RESPONSE_MAGIC = b"EMR1"
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+Pooling = Literal["none", "sum", "mean"]
+_POOLING_CODES: dict[int, Pooling] = {0: "none", 1: "sum", 2: "mean"}
+_HEAD = struct.Struct("<4sI")
+_ENTRY = struct.Struct("<HBBII")
+_RESULT = struct.Struct("<IIII")
+
+
+class WireError(ValueError):
+    """A request body that cannot be decoded."""
+
+
+class LookupItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    table: str = Field(..., min_length=1, max_length=128, description="table name")
+    ids: list[Int64] = Field(..., description="int64 IDs to look up")
+    offsets: list[Int64] | None = Field(None, description="bag start offsets; needs pooling sum or mean")
+    pooling: Pooling = Field("none", description="pool each bag's rows: none, sum or mean")
+
+
+class LookupRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lookups: list[LookupItem] = Field(..., min_length=1, description="one entry per table lookup")
+
+
+class LookupResultModel(BaseModel):
+    table: str
+    shape: list[int]
+    embeddings: list[list[float]]
+    found: list[bool]
+    unknown: int
+
+
+class LookupResponse(BaseModel):
+    results: list[LookupResultModel]
+
+
+@dataclass
+class ParsedLookup:
+    """One lookup after decoding, whatever the wire format was."""
+
+    table: str
+    ids: np.ndarray  # int64 [n]
+    offsets: np.ndarray | None  # int64 [B]
+    pooling: Pooling
+
+
+def parse_binary_request(body: bytes) -> list[ParsedLookup]:
+    if len(body) < _HEAD.size:
+        raise WireError("binary body shorter than its header")
+    magic, count = _HEAD.unpack_from(body, 0)
+    if magic != REQUEST_MAGIC:
+        raise WireError("binary body does not start with b'EMQ1'")
+    if count == 0:
+        raise WireError("binary body holds no lookups")
+    pos = _HEAD.size
+    out: list[ParsedLookup] = []
+    for _ in range(count):
+        if pos + _ENTRY.size > len(body):
+            raise WireError("binary body ends inside a lookup header")
+        name_len, pooling_code, reserved, n_ids, n_offsets = _ENTRY.unpack_from(body, pos)
+        pos += _ENTRY.size
+        if reserved != 0 or pooling_code not in _POOLING_CODES:
+            raise WireError("bad pooling code or reserved byte in a lookup header")
+        end = pos + name_len + 8 * (n_ids + n_offsets)
+        if end > len(body):
+            raise WireError("binary body is shorter than its lookup headers declare")
+        try:
+            name = body[pos : pos + name_len].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireError("table name is not UTF-8") from exc
+        pos += name_len
+        ids = np.frombuffer(body, dtype="<i8", count=n_ids, offset=pos).astype(np.int64, copy=True)
+        pos += 8 * n_ids
+        offsets = None
+        if n_offsets:
+            offsets = np.frombuffer(body, dtype="<i8", count=n_offsets, offset=pos).astype(np.int64, copy=True)
+            pos += 8 * n_offsets
+        out.append(ParsedLookup(name, ids, offsets, _POOLING_CODES[pooling_code]))
+    if pos != len(body):
+        raise WireError(f"{len(body) - pos} trailing bytes after the last lookup")
+    return out
+
+
+def encode_binary_request(lookups: list[ParsedLookup]) -> bytes:
+    """Client side of :func:`parse_binary_request` (used by tests, benchmarks and the client)."""
+    codes = {v: k for k, v in _POOLING_CODES.items()}
+    parts = [_HEAD.pack(REQUEST_MAGIC, len(lookups))]
+    for item in lookups:
+        name = item.table.encode("utf-8")
+        offsets = item.offsets if item.offsets is not None else np.empty(0, dtype=np.int64)
+        parts.append(_ENTRY.pack(len(name), codes[item.pooling], 0, len(item.ids), len(offsets)))
+        parts.append(name)
+        parts.append(np.ascontiguousarray(item.ids, dtype="<i8").tobytes())
+        parts.append(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    return b"".join(parts)
+
+
+@dataclass
+class LookupOutput:
+    table: str
+    values: np.ndarray  # float32 [rows, D]
+    found: np.ndarray  # bool [n]
+    unknown: int
+
+
+def encode_binary_response(results: list[LookupOutput]) -> bytes:
+    parts = [_HEAD.pack(RESPONSE_MAGIC, len(results))]
+    for r in results:
+        rows, dim = r.values.shape
+        n = r.found.shape[0]
+        parts.append(_RESULT.pack(rows, dim, n, r.unknown))
+        parts.append(np.ascontiguousarray(r.values, dtype="<f4").tobytes())
+        parts.append(r.found.astype(np.uint8).tobytes())
+        parts.append(b"\0" * (-n % 4))
+    return b"".join(parts)
+
+
+def decode_binary_response(body: bytes) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Client side of :func:`encode_binary_response`: ``[(values, found, unknown), ...]``."""
+    magic, count = _HEAD.unpack_from(body, 0)
+    if magic != RESPONSE_MAGIC:
+        raise WireError("response does not start with b'EMR1'")
+    pos = _HEAD.size
+    out = []
+    for _ in range(count):
+        rows, dim, n, unknown = _RESULT.unpack_from(body, pos)
+        pos += _RESULT.size
+        values = np.frombuffer(body, dtype="<f4", count=rows * dim, offset=pos).reshape(rows, dim)
+        pos += 4 * rows * dim
+        found = np.frombuffer(body, dtype=np.uint8, count=n, offset=pos).astype(bool)
+        pos += n + (-n % 4)
+        out.append((values, found, unknown))
+    return out
