@@ -120,12 +120,12 @@ def decode_rows(rows: torch.Tensor, row_class: RowClass) -> torch.Tensor:
     dim, bits = row_class.dim, row_class.bits
     if dim == 0:
         return torch.empty((n, 0), dtype=torch.float32, device=rows.device)
-    rows = rows.contiguous()
+    # flatten before reinterpreting bytes: view() needs stride-1 memory even for one row
     if bits == 32:
-        return rows.view(torch.float32).reshape(n, dim)
+        return rows.reshape(-1).view(torch.float32).reshape(n, dim)
     if bits == 16:
-        return rows.view(torch.float16).reshape(n, dim).to(torch.float32)
-    head = rows[:, :ROW_HEAD_BYTES].contiguous().view(torch.float16).to(torch.float32)
+        return rows.reshape(-1).view(torch.float16).reshape(n, dim).to(torch.float32)
+    head = rows[:, :ROW_HEAD_BYTES].reshape(-1).view(torch.float16).reshape(n, 2).to(torch.float32)
     scale, bias = head[:, 0:1], head[:, 1:2]
     codes = unpack_codes(rows[:, ROW_HEAD_BYTES : ROW_HEAD_BYTES + packed_code_bytes(dim, bits)], bits, dim)
     return torch.addcmul(bias, codes.to(torch.float32), scale)

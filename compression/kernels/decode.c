@@ -212,8 +212,11 @@ static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const int32
                 continue;
             }
             const row_class_t *c = &classes[loc >> CLASS_SHIFT];
-            const uint8_t *row = c->dim > 0 ? c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes : 0;
-            decode_row(row, c->bits, c->dim, (int)width, o);
+            if (c->dim == 0) { /* pruned row: stored nothing, decodes to zeros */
+                memset(o, 0, (size_t)width * 4);
+                continue;
+            }
+            decode_row(c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes, c->bits, c->dim, (int)width, o);
         }
     }
     return unknown;

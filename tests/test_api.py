@@ -1,0 +1,208 @@
+"""The HTTP API through the ASGI app (in process): every endpoint, both wire formats, bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import orjson
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from compression import CompressedTable, RowClass, compress_uniform
+from service.app import create_app
+from service.registry import TableRegistry
+from service.settings import Settings
+from service.wire import (
+    BINARY_REQUEST_TYPE,
+    BINARY_RESPONSE_TYPE,
+    ParsedLookup,
+    decode_binary_response,
+    encode_binary_request,
+)
+
+ROWS = torch.randn(1000, 16, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture()
+def tables(mixed_table: CompressedTable) -> TableRegistry:
+    registry = TableRegistry("cpu")
+    registry.add("items", compress_uniform(ROWS, RowClass(16, 32)))
+    registry.add("users", mixed_table)
+    return registry
+
+
+@pytest.fixture()
+def client(tables: TableRegistry) -> Iterator[TestClient]:
+    settings = Settings(max_ids_per_request=5000, max_body_bytes=200_000, max_lookups_per_request=4)
+    with TestClient(create_app(settings, tables)) as c:
+        yield c
+
+
+def lookup(client: TestClient, *items: dict) -> dict:  # type: ignore[type-arg]
+    r = client.post("/v1/lookup", json={"lookups": list(items)})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_json_lookup_returns_rows_and_found_flags(client: TestClient) -> None:
+    body = lookup(client, {"table": "items", "ids": [3, 999, 1000, -1]})
+    (res,) = body["results"]
+    assert res["shape"] == [4, 16]
+    assert res["found"] == [True, True, False, False]
+    assert res["unknown"] == 2
+    assert np.allclose(res["embeddings"][0], ROWS[3].numpy())
+    assert res["embeddings"][2] == [0.0] * 16
+
+
+def test_several_tables_in_one_request(client: TestClient, mixed_table: CompressedTable) -> None:
+    body = lookup(client, {"table": "items", "ids": [1]}, {"table": "users", "ids": [5, 6]})
+    assert [r["table"] for r in body["results"]] == ["items", "users"]
+    expected = mixed_table.lookup(torch.tensor([5, 6])).values.numpy()
+    assert np.array_equal(np.asarray(body["results"][1]["embeddings"], dtype=np.float32), expected)
+
+
+def test_pooled_lookup(client: TestClient) -> None:
+    body = lookup(client, {"table": "items", "ids": [1, 2, 3], "offsets": [0, 2], "pooling": "mean"})
+    res = body["results"][0]
+    assert res["shape"] == [2, 16]
+    assert np.allclose(res["embeddings"][0], ((ROWS[1] + ROWS[2]) / 2).numpy(), atol=1e-6)
+    assert res["found"] == [True, True, True]
+
+
+def test_binary_request_and_response(client: TestClient) -> None:
+    ids = np.array([7, 8, 5000], dtype=np.int64)
+    body = encode_binary_request([ParsedLookup("items", ids, None, "none"), ParsedLookup("items", ids, np.array([0, 1]), "sum")])
+    r = client.post("/v1/lookup", content=body, headers={"content-type": BINARY_REQUEST_TYPE, "accept": BINARY_RESPONSE_TYPE})
+    assert r.status_code == 200 and r.headers["content-type"] == BINARY_RESPONSE_TYPE
+    (values, found, unknown), (pooled, _, _) = decode_binary_response(r.content)
+    assert values.shape == (3, 16) and values.dtype == np.float32
+    assert np.array_equal(values[:2], ROWS[7:9].numpy())
+    assert found.tolist() == [True, True, False] and unknown == 1
+    assert np.allclose(pooled[1], ROWS[8].numpy())
+
+
+def test_json_in_binary_out(client: TestClient) -> None:
+    r = client.post("/v1/lookup", json={"lookups": [{"table": "items", "ids": [2]}]}, headers={"accept": "application/octet-stream"})
+    ((values, found, unknown),) = decode_binary_response(r.content)
+    assert np.array_equal(values[0], ROWS[2].numpy()) and unknown == 0
+
+
+def test_tables_catalogue(client: TestClient, mixed_table: CompressedTable) -> None:
+    listing = client.get("/v1/tables").json()["tables"]
+    assert [t["name"] for t in listing] == ["items", "users"]
+    users = client.get("/v1/tables/users").json()
+    stats = mixed_table.stats()
+    assert users["bytes"] == mixed_table.nbytes
+    assert users["ids"] == 20_000 and users["dim"] == 32
+    assert sum(c["rows"] for c in users["classes"]) == 20_000
+    assert users["compression_ratio"] == pytest.approx(stats.compression_ratio)
+    assert users["bits_per_parameter"] == pytest.approx(8 * mixed_table.nbytes / (20_000 * 32))
+    assert client.get("/v1/tables/nope").status_code == 404
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["tables"] == ["items", "users"]
+
+
+def test_readyz_is_503_until_tables_load(tables: TableRegistry) -> None:
+    app = create_app(Settings(), tables)
+    tables.ready = False
+    with TestClient(app) as c:  # lifespan with a given registry marks it ready
+        tables.ready = False
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+
+
+def test_metrics_exposition(client: TestClient) -> None:
+    lookup(client, {"table": "items", "ids": [1, 2, 5000]})
+    client.get("/v1/tables/nope")
+    text = client.get("/metrics").text
+    assert 'embserve_lookup_ids_total{table="items"} 3.0' in text
+    assert 'embserve_lookup_unknown_ids_total{table="items"} 1.0' in text
+    assert 'embserve_http_requests_total{method="POST",route="/v1/lookup",status="200"} 1.0' in text
+    assert 'embserve_http_request_errors_total{route="/v1/tables/{name}",status="404"} 1.0' in text
+    assert 'embserve_table_bytes{table="items"}' in text
+    assert 'embserve_table_class_rows{row_class="d16b32",table="items"} 1000.0' in text
+    assert "embserve_lookup_duration_seconds_bucket" in text
+    assert "_created" not in text
+
+
+BAD_JSON_BODIES = [
+    (b"{not json", 400),
+    (b"[]", 422),
+    (b'{"lookups": []}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [1.5]}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [true]}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": ["1"]}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [9223372036854775808]}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [1], "extra": 1}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [1], "pooling": "max"}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [1, 2], "pooling": "sum"}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [1, 2], "offsets": [0, 1]}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [1, 2], "offsets": [1], "pooling": "sum"}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [1, 2], "offsets": [0, 3], "pooling": "sum"}]}', 422),
+    (b'{"lookups": [{"table": "items", "ids": [1, 2], "offsets": [0, 2, 1], "pooling": "sum"}]}', 422),
+    (b'{"lookups": [{"table": "nope", "ids": [1]}]}', 404),
+    (b'{"lookups": [{"table": "../../etc/passwd", "ids": [1]}]}', 404),
+    (orjson.dumps({"lookups": [{"table": "items", "ids": list(range(5001))}]}), 413),
+    (orjson.dumps({"lookups": [{"table": "items", "ids": [1]}] * 5}), 413),
+]
+
+
+@pytest.mark.parametrize(("body", "status"), BAD_JSON_BODIES)
+def test_bad_json_requests_get_4xx_json_errors_and_change_nothing(client: TestClient, body: bytes, status: int) -> None:
+    r = client.post("/v1/lookup", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["status"] == status and err["message"]
+    assert "embserve_lookup_ids_total{" not in client.get("/metrics").text  # nothing was looked up
+    assert lookup(client, {"table": "items", "ids": [1]})["results"][0]["found"] == [True]
+
+
+def _binary(entries: list[ParsedLookup]) -> bytes:
+    return encode_binary_request(entries)
+
+
+BAD_BINARY_BODIES = [
+    b"",
+    b"EMQ1",
+    b"XXXX\x01\x00\x00\x00",
+    b"EMQ1\x00\x00\x00\x00",
+    _binary([ParsedLookup("items", np.arange(3), None, "none")])[:-4],
+    _binary([ParsedLookup("items", np.arange(3), None, "none")]) + b"\0",
+    b"EMQ1\x01\x00\x00\x00" + b"\x05\x00\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00items",
+    b"EMQ1\x01\x00\x00\x00" + b"\x02\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\xff\xfe" + b"\0" * 8,
+]
+
+
+@pytest.mark.parametrize("body", BAD_BINARY_BODIES)
+def test_malformed_binary_bodies_get_400(client: TestClient, body: bytes) -> None:
+    r = client.post("/v1/lookup", content=body, headers={"content-type": BINARY_REQUEST_TYPE})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "malformed_body"
+
+
+def test_oversized_and_unsupported_bodies(client: TestClient) -> None:
+    r = client.post("/v1/lookup", content=b"x" * 200_001, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(30):
+            yield b"x" * 10_000
+
+    r = client.post("/v1/lookup", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/v1/lookup", content=b"ids=1", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    assert client.get("/v1/lookup").status_code == 405
+    assert client.get("/no/such/route").json()["error"]["status"] == 404
+
+
+def test_openapi_documents_both_body_types(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    content = spec["paths"]["/v1/lookup"]["post"]["requestBody"]["content"]
+    assert set(content) == {"application/json", BINARY_REQUEST_TYPE}

@@ -1,0 +1,112 @@
+"""Row codecs: packing is lossless, quantization error is bounded, layouts are as documented."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from compression.codecs import decode_rows, encode_rows, pack_codes, quantize_rows, unpack_codes
+from compression.layout import RowClass, packed_code_bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(1, 8), dim=st.integers(1, 70), data=st.data())
+def test_pack_unpack_round_trip(bits: int, n: int, dim: int, data: st.DataObject) -> None:
+    codes = data.draw(arrays(np.uint8, (n, dim), elements=st.integers(0, (1 << bits) - 1)))
+    packed = pack_codes(torch.from_numpy(codes), bits)
+    assert packed.shape == (n, packed_code_bytes(dim, bits))
+    assert torch.equal(unpack_codes(packed, bits, dim), torch.from_numpy(codes))
+
+
+def test_planar_code_order_is_as_documented() -> None:
+    # 4 bits, dim 4: stride 2; byte 0 = code0 | code2 << 4, byte 1 = code1 | code3 << 4
+    codes = torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)
+    assert pack_codes(codes, 4).tolist() == [[1 | 3 << 4, 2 | 4 << 4]]
+    # 2 bits, dim 8: stride 2; byte k holds codes k, k+2, k+4, k+6 at shifts 0, 2, 4, 6
+    codes = torch.tensor([[0, 1, 2, 3, 3, 2, 1, 0]], dtype=torch.uint8)
+    assert pack_codes(codes, 2).tolist() == [[0 | 2 << 2 | 3 << 4 | 1 << 6, 1 | 3 << 2 | 2 << 4 | 0 << 6]]
+
+
+def test_row_head_is_fp16_scale_then_bias() -> None:
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    row = encode_rows(x, RowClass(4, 2), refit=False)[0].numpy().tobytes()
+    scale, bias = struct.unpack("<ee", row[:4])
+    assert (scale, bias) == (1.0, 0.0)
+    # 2 bits, dim 4: a single code byte (stride 1) holding codes 0..3 at shifts 0, 2, 4, 6
+    assert row[4:] == bytes([0 | 1 << 2 | 2 << 4 | 3 << 6])
+
+
+finite = st.floats(-4.0, 4.0, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8]), data=st.data())
+def test_minmax_error_bound(bits: int, data: st.DataObject) -> None:
+    x = torch.from_numpy(data.draw(arrays(np.float32, (4, 24), elements=finite)))
+    rc = RowClass(24, bits)
+    decoded = decode_rows(encode_rows(x, rc, refit=False), rc)
+    lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    step = (hi - lo) / ((1 << bits) - 1)
+    # half a step, plus fp16 rounding of scale and bias
+    bound = step / 2 + (hi - lo) * 2**-9 + lo.abs() * 2**-10 + 1e-6
+    assert bool(((decoded - x).abs() <= bound).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8]), data=st.data())
+def test_refit_never_worse_than_minmax(bits: int, data: st.DataObject) -> None:
+    x = torch.from_numpy(data.draw(arrays(np.float32, (6, 16), elements=finite)))
+    rc = RowClass(16, bits)
+    plain = ((decode_rows(encode_rows(x, rc, refit=False), rc) - x) ** 2).sum(1)
+    refit = ((decode_rows(encode_rows(x, rc, refit=True), rc) - x) ** 2).sum(1)
+    assert bool((refit <= plain + 1e-6).all())
+
+
+def test_one_bit_rows_decode_to_two_levels_at_cluster_means() -> None:
+    x = torch.tensor([[-1.0, -1.2, 0.8, 1.0, 1.2, -0.8]])
+    rc = RowClass(6, 1)
+    decoded = decode_rows(encode_rows(x, rc), rc)
+    assert decoded.unique().numel() == 2
+    assert torch.allclose(decoded, torch.tensor([[-1.0, -1.0, 1.0, 1.0, 1.0, -1.0]]), atol=2e-3)
+
+
+def test_float_classes_are_exact_or_fp16_rounded() -> None:
+    x = torch.randn(5, 8)
+    assert torch.equal(decode_rows(encode_rows(x, RowClass(8, 32)), RowClass(8, 32)), x)
+    assert torch.equal(decode_rows(encode_rows(x, RowClass(8, 16)), RowClass(8, 16)), x.half().float())
+
+
+def test_dim_zero_and_truncated_classes() -> None:
+    x = torch.randn(3, 8)
+    assert encode_rows(x, RowClass(0, 32)).shape == (3, 0)
+    assert decode_rows(encode_rows(x, RowClass(0, 32)), RowClass(0, 32)).shape == (3, 0)
+    half = decode_rows(encode_rows(x, RowClass(4, 32)), RowClass(4, 32))
+    assert torch.equal(half, x[:, :4])
+
+
+def test_constant_rows_quantize_exactly() -> None:
+    x = torch.full((2, 8), 0.25)
+    for bits in (1, 2, 4, 8):
+        rc = RowClass(8, bits)
+        assert torch.equal(decode_rows(encode_rows(x, rc), rc), x)
+
+
+@pytest.mark.parametrize("label", ["d64b4", "d0b32", "d7b1"])
+def test_row_class_labels_round_trip(label: str) -> None:
+    assert RowClass.parse(label).label() == label
+
+
+def test_row_bytes() -> None:
+    assert RowClass(64, 4).row_bytes == 36  # FBGEMM pads this to 48 on GPU
+    assert RowClass(64, 8).row_bytes == 68
+    assert RowClass(64, 1).row_bytes == 12
+    assert RowClass(5, 2).row_bytes == 6
+    assert RowClass(0, 8).row_bytes == 0
+    with pytest.raises(ValueError):
+        RowClass(8, 3)

@@ -1,0 +1,84 @@
+"""Table files: bit-exact round trip, atomic writes, clear errors for files we cannot read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compression import FORMAT_VERSION, CompressedTable, RowClass, TableFormatError, compress, load_table, read_manifest, save_table
+from compression import storage
+
+
+def test_round_trip_is_bit_exact(tmp_path: Path, mixed_table: CompressedTable) -> None:
+    path = save_table(mixed_table, tmp_path / "t.safetensors", log_position="17-0")
+    loaded, manifest = load_table(path)
+    assert manifest["log_position"] == "17-0" and manifest["format_version"] == FORMAT_VERSION
+    before, after = mixed_table.state_tensors(), loaded.state_tensors()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype
+        assert torch.equal(before[name], after[name]), name
+    ids = torch.arange(-5, 25_000, 7)
+    assert torch.equal(mixed_table.lookup(ids).values, loaded.lookup(ids).values)
+    assert loaded.nbytes == mixed_table.nbytes
+
+
+def test_keyed_table_with_pending_inserts_round_trips(tmp_path: Path) -> None:
+    table = CompressedTable.empty(4, [RowClass(4, 32), RowClass(4, 4)], keyed=True)
+    table.put(torch.tensor([10, -3, 99]), torch.randn(3, 4), 1)
+    table.put(torch.tensor([7]), torch.randn(1, 4), 0)
+    table.delete(torch.tensor([-3]))
+    loaded, _ = load_table(save_table(table, tmp_path / "k.safetensors"))
+    ids = torch.tensor([10, -3, 99, 7, 8])
+    a, b = table.lookup(ids), loaded.lookup(ids)
+    assert torch.equal(a.values, b.values) and torch.equal(a.found, b.found)
+    assert torch.equal(loaded.free[1], table.free[1])
+
+
+def test_newer_format_version_fails_clearly(tmp_path: Path, mixed_table: CompressedTable) -> None:
+    path = save_table(mixed_table, tmp_path / "t.safetensors")
+    tensors, _ = {k: v.contiguous() for k, v in mixed_table.state_tensors().items()}, None
+    manifest = read_manifest(path)
+    manifest["format_version"] = FORMAT_VERSION + 1
+    save_file(tensors, str(path), metadata={storage.MANIFEST_KEY: json.dumps(manifest)})
+    with pytest.raises(TableFormatError, match="newer than this embserve reads"):
+        load_table(path)
+
+
+def test_non_table_files_fail_clearly(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(TableFormatError):
+        load_table(junk)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2, 2)}, str(plain))
+    with pytest.raises(TableFormatError, match="no embserve manifest"):
+        load_table(plain)
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path, mixed_table: CompressedTable, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_table(mixed_table, tmp_path / "t.safetensors", log_position="1-0")
+    original = path.read_bytes()
+
+    def broken_save(tensors, filename, metadata=None):  # type: ignore[no-untyped-def]
+        Path(filename).write_bytes(b"half a tab")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_table(mixed_table, path, log_position="2-0")
+    assert path.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+
+
+def test_compress_then_save_keeps_budget_on_disk(tmp_path: Path, zipf_rows) -> None:  # type: ignore[no-untyped-def]
+    rows, freqs = zipf_rows
+    table, report = compress(rows, freqs, ratio=16)
+    path = save_table(table, tmp_path / "z.safetensors")
+    # the file adds only its JSON header to the bytes the table reports
+    assert table.nbytes <= report.budget_bytes
+    assert path.stat().st_size - table.nbytes < 8192
