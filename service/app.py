@@ -122,6 +122,14 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
     install_error_handlers(app)
     for router in (lookup.router, tables_router.router, health.router, metrics.router):
         app.include_router(router)
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = lookup.add_openapi_components(base_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, state=state)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -206,3 +207,8 @@ def test_openapi_documents_both_body_types(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     content = spec["paths"]["/v1/lookup"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", BINARY_REQUEST_TYPE}
+    # every $ref in the document resolves
+    text = orjson.dumps(spec).decode()
+    for ref in set(re.findall(r'"#/components/schemas/([A-Za-z0-9_]+)"', text)):
+        assert ref in spec["components"]["schemas"], ref
+    assert "LookupItem" in spec["components"]["schemas"]

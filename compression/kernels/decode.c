@@ -81,7 +81,7 @@ void embserve_init(void) {
     for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
 #ifdef HAVE_X86_SIMD
     __builtin_cpu_init();
-    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
     f16_ready = 1;
 }
@@ -93,7 +93,7 @@ static inline float load_half(const uint8_t *p) {
 }
 
 #ifdef HAVE_X86_SIMD
-/* AVX2 + FMA decoders for the two most common classes; 8 codes -> 8 floats per step. */
+/* AVX2 + FMA (+ F16C) decoders, picked at run time from CPUID. */
 __attribute__((target("avx2,fma"))) static inline void dequant8_avx2(const uint8_t *codes, int d, float scale,
                                                                       float bias, float *o) {
     const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
@@ -106,36 +106,47 @@ __attribute__((target("avx2,fma"))) static inline void dequant8_avx2(const uint8
     for (; j < d; j++) o[j] = (float)codes[j] * scale + bias;
 }
 
-__attribute__((target("avx2,fma"))) static inline void dequant4_avx2(const uint8_t *codes, int d, float scale,
-                                                                      float bias, float *o) {
-    const int stride = (d + 1) / 2;
+/* Sub-byte codes (4, 2 or 1 bits), planar: plane p is the run of `stride` output floats
+   o[p*stride ..), read from the code bytes shifted right by p*bits.  8 bytes -> 8 floats per step. */
+__attribute__((target("avx2,fma"))) static inline void dequant_planes_avx2(const uint8_t *codes, int d, int bits,
+                                                                            float scale, float bias, float *o) {
+    const int per = 8 / bits, stride = (d + per - 1) / per;
     const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
-    const __m128i low = _mm_set1_epi8(0x0f);
-    int k = 0;
-    if (stride * 2 == d) {
-        for (; k + 8 <= stride; k += 8) {
+    const __m128i mask = _mm_set1_epi8((char)((1 << bits) - 1));
+    const int vec_end = (stride * per == d) ? stride / 8 * 8 : 0;
+    for (int p = 0; p < per; p++) {
+        const __m128i shift = _mm_cvtsi32_si128(p * bits);
+        float *op = o + p * stride;
+        for (int k = 0; k < vec_end; k += 8) {
             __m128i c = _mm_loadl_epi64((const __m128i *)(codes + k));
-            __m128i lo4 = _mm_and_si128(c, low);
-            __m128i hi4 = _mm_and_si128(_mm_srli_epi16(c, 4), low);
-            _mm256_storeu_ps(o + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo4)), vs, vb));
-            _mm256_storeu_ps(o + stride + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi4)), vs, vb));
+            c = _mm_and_si128(_mm_srl_epi16(c, shift), mask);
+            _mm256_storeu_ps(op + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), vs, vb));
         }
+        const int count = d - p * stride < stride ? d - p * stride : stride;
+        for (int k = vec_end; k < count; k++)
+            op[k] = (float)((codes[k] >> (p * bits)) & ((1 << bits) - 1)) * scale + bias;
     }
-    for (; k < stride; k++) {
-        o[k] = (float)(codes[k] & 15) * scale + bias;
-        if (stride + k < d) o[stride + k] = (float)(codes[k] >> 4) * scale + bias;
-    }
+}
+
+__attribute__((target("avx2,f16c"))) static inline void half_to_float_f16c(const uint8_t *src, int d, float *o) {
+    int j = 0;
+    for (; j + 8 <= d; j += 8) _mm256_storeu_ps(o + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * j))));
+    for (; j < d; j++) o[j] = load_half(src + 2 * j);
 }
 #endif
 
 static inline void decode_row(const uint8_t *restrict row, int bits, int d, int width, float *restrict o) {
 #ifdef HAVE_X86_SIMD
-    if (use_avx2 && (bits == 8 || bits == 4)) {
-        const float scale = load_half(row), bias = load_half(row + 2);
-        if (bits == 8)
-            dequant8_avx2(row + 4, d, scale, bias, o);
-        else
-            dequant4_avx2(row + 4, d, scale, bias, o);
+    if (use_avx2 && bits != 32) {
+        if (bits == 16) {
+            half_to_float_f16c(row, d, o);
+        } else {
+            const float scale = load_half(row), bias = load_half(row + 2);
+            if (bits == 8)
+                dequant8_avx2(row + 4, d, scale, bias, o);
+            else
+                dequant_planes_avx2(row + 4, d, bits, scale, bias, o);
+        }
         if (d < width) memset(o + d, 0, (size_t)(width - d) * 4);
         return;
     }

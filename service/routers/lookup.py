@@ -36,15 +36,26 @@ from ..wire import (
 
 router = APIRouter(prefix="/v1", tags=["lookup"])
 
+# The handler reads the raw body (two content types), so FastAPI cannot infer the schema; we
+# declare it here and add the models to the OpenAPI components in add_openapi_components().
 _BODY_SCHEMA = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": LookupRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "application/json": {"schema": {"$ref": "#/components/schemas/LookupRequest"}},
             BINARY_REQUEST_TYPE: {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
+
+
+def add_openapi_components(spec: dict) -> dict:  # type: ignore[type-arg]
+    """Put LookupRequest (and the models it refers to) into ``components/schemas``."""
+    schema = LookupRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    components.update(schema.pop("$defs", {}))
+    components["LookupRequest"] = schema
+    return spec
 
 
 def _media_type(header: str | None) -> str:
