@@ -62,7 +62,9 @@ ImportError.
 
 from __future__ import annotations
 
+import argparse
 import functools
+import os
 import statistics
 import sys
 import time
@@ -166,6 +168,13 @@ class FbgemmIntNTable:
             directly and skips ``forward``'s per-call Python bookkeeping and
             its bounds check (IDs must be in ``[0, N)``). If False, ``lookup``
             calls the public ``forward`` with ``BoundsCheckMode.FATAL``.
+
+    Timing note: the op zero-fills its fp32 output before writing the rows.
+    For outputs over 32768 floats, that fill uses torch's intra-op thread pool.
+    On a 2-core machine that is shared with another busy process, the fill can
+    stall for milliseconds, so time with ``torch.set_num_threads(1)`` (as
+    ``main`` does by default) unless multi-threading is the point of the
+    measurement.
     """
 
     def __init__(self, weights: torch.Tensor, bits: int = 8, *, fast_path: bool = True) -> None:
@@ -174,7 +183,7 @@ class FbgemmIntNTable:
         if weights.dim() != 2:
             raise ValueError(f"weights must be [N, D], got shape {tuple(weights.shape)}")
         num_rows, dim = (int(s) for s in weights.shape)
-        sparse_type = _sparse_type(bits)
+        _sparse_type(bits)  # validates bits
         if dim % (8 // bits) != 0:
             raise ValueError(f"D={dim} must be a multiple of {8 // bits} for {bits}-bit codes")
 
@@ -194,8 +203,8 @@ class FbgemmIntNTable:
         self._fill(weights)
 
         # Bytes per stored row, as FBGEMM lays it out (after row alignment).
-        codes, scale_bias = self.tbe.split_embedding_weights(split_scale_shifts=False)[0]
-        self.row_bytes: int = int(codes.shape[1])
+        padded_rows, _ = self.tbe.split_embedding_weights(split_scale_shifts=False)[0]
+        self.row_bytes: int = int(padded_rows.shape[1])
         self.unpadded_row_bytes: int = dim * bits // 8 + SCALE_BIAS_BYTES
 
         self._offsets_cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -203,7 +212,7 @@ class FbgemmIntNTable:
             torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function.default
         )
         self._op_prefix: tuple[Any, ...] = self._build_op_prefix()
-        self._op_suffix: tuple[Any, ...] = self._build_op_suffix(sparse_type)
+        self._op_suffix: tuple[Any, ...] = self._build_op_suffix()
 
     def _fill(self, weights: torch.Tensor) -> None:
         """Quantize ``weights`` chunk by chunk with FBGEMM's own op and copy
@@ -247,12 +256,11 @@ class FbgemmIntNTable:
             t.max_float32_D,
         )
 
-    def _build_op_suffix(self, sparse_type: "SparseType") -> tuple[Any, ...]:
+    def _build_op_suffix(self) -> tuple[Any, ...]:
         """Positional arguments that come after ``offsets``: pooling mode, no
         per-sample weights, fp32 output, the (empty) cache, row alignment, and
         the FP8 parameters (unused for integer types)."""
         t = self.tbe
-        del sparse_type  # type is already encoded in t.weights_tys
         return (
             int(t.pooling_mode),
             None,
@@ -450,16 +458,31 @@ def _per_call_overhead_us(table: FbgemmIntNTable, calls: int = 2000) -> float:
 
 
 def main(
-    rows: int = 1_000_000, dim: int = 64, batches: tuple[int, ...] = (512, 4096, 65536)
+    rows: int = 1_000_000,
+    dim: int = 64,
+    batches: tuple[int, ...] = (512, 4096, 65536),
+    threads: int = 1,
 ) -> None:
     """Run ``check()``, then time lookups on a random ``rows x dim`` table for
-    INT8 and INT4 (and INT2, which is cheap to add)."""
+    INT8 and INT4 (and INT2, which is cheap to add).
+
+    ``threads`` sets torch's intra-op thread count; 0 keeps torch's default.
+    The default is 1 because the FBGEMM kernel decodes a single table on one
+    thread anyway, and only the zero-fill of the output (for outputs over
+    32768 floats, i.e. batch > 512 at D=64) goes parallel. When another
+    process is busy on the same cores, that parallel fill stalls at an OpenMP
+    barrier and a 4096-ID call goes from ~0.4 ms to ~8 ms. So the default
+    measures the kernel, not scheduler noise. The load average is printed so
+    that contaminated runs can be spotted."""
     if not AVAILABLE:
         print(f"fbgemm_gpu unavailable: {IMPORT_ERROR}")
         sys.exit(1)
+    if threads > 0:
+        torch.set_num_threads(threads)
     print(
         f"torch {torch.__version__}  fbgemm_gpu {getattr(fbgemm_gpu, '__version__', '?')}  "
-        f"intra-op threads {torch.get_num_threads()}"
+        f"intra-op threads {torch.get_num_threads()}  cpus {os.cpu_count()}  "
+        f"loadavg(1m) {os.getloadavg()[0]:.2f}"
     )
     check()
     gen = torch.Generator().manual_seed(0)
@@ -481,7 +504,23 @@ def main(
             rate = time_lookup(table, batch)
             print(f"  batch {batch:>6}: {rate / 1e6:7.2f} M lookups/s  ({batch / rate * 1e6:8.1f} us/call)")
         del table
+    print(f"loadavg(1m) at end {os.getloadavg()[0]:.2f}")
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options for the standalone run."""
+    parser = argparse.ArgumentParser(description="FBGEMM IntN TBE lookup baseline")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[512, 4096, 65536], help="batch sizes to time"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)"
+    )
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main()
+    _args = _parse_args(sys.argv[1:])
+    main(rows=_args.rows, dim=_args.dim, batches=tuple(_args.batches), threads=_args.threads)

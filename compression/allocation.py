@@ -26,6 +26,7 @@ import torch
 
 from . import codecs
 from .index import DenseIndex, IdIndex, KeyedIndex
+from .kernels.cpu_c import FENCE
 from .layout import MAX_CLASSES, RowClass, encode_locator
 from .rotation import weighted_pca_rotation
 from .table import CompressedTable
@@ -156,7 +157,8 @@ class CompressionReport:
 
 
 def _fixed_bytes(n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int) -> int:
-    index = n * (12 if keyed else 4)
+    # keyed: int64 key + int32 locator per ID, plus the fence (every FENCE-th key, see index.py)
+    index = n * 12 + 8 * -(-n // FENCE) if keyed else n * 4
     rot = dim * dim * 4 if rotation else 0
     unk = {"zero": 0, "default": dim * 4, "hashed": num_buckets * dim * 2}[unknown]
     return index + rot + unk

@@ -264,9 +264,13 @@ class CompressedTable:
         out.update(self.unknown.state_tensors())
         return out
 
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the table holds in memory: its state plus derived index structures."""
+        return {**self.state_tensors(), **self.index.held_tensors()}
+
     @property
     def nbytes(self) -> int:
-        return sum(_stack_bytes(t) for t in self.state_tensors().values())
+        return sum(_stack_bytes(t) for t in self.held_tensors().values())
 
     def rows_per_class(self) -> list[int]:
         _, locs = self.index.live_items()

@@ -160,7 +160,7 @@ def test_slabs_grow_by_doubling_and_inserts_survive_index_merges() -> None:
 
 def test_reported_bytes_match_the_tensors_held(mixed_table: CompressedTable) -> None:
     storages = {}
-    for t in mixed_table.state_tensors().values():
+    for t in mixed_table.held_tensors().values():
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     assert mixed_table.nbytes == sum(storages.values())
     stats = mixed_table.stats()

@@ -8,11 +8,15 @@ floats.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, RowClass
 from ..codecs import decode_rows
-from ..index import DenseIndex, IdIndex
+from ..layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, RowClass
+
+if TYPE_CHECKING:  # the index imports this package for its compiled view
+    from ..index import IdIndex
 
 from . import cpu_c
 
@@ -70,8 +74,10 @@ class Decoder:
 
     def lookup(self, out: torch.Tensor, ids: torch.Tensor, index: IdIndex) -> tuple[torch.Tensor, int]:
         """Resolve ``ids`` and decode into ``out``; returns the locators and the unknown count.
-        Dense tables on the compiled path resolve inside the decode loop (one pass)."""
-        if self._classes_c is not None and isinstance(index, DenseIndex):
-            return cpu_c.lookup(out, ids, index.locator, self._classes_c)
+        On the compiled path the index is searched inside the decode loop (one pass)."""
+        if self._classes_c is not None:
+            view = index.c_view()
+            if view is not None:
+                return cpu_c.lookup(out, ids, view, self._classes_c)
         loc = index.resolve(ids)
         return loc, self.decode(out, loc)

@@ -22,6 +22,43 @@ class _RowClassC(ctypes.Structure):
     ]
 
 
+class _IndexC(ctypes.Structure):
+    """Mirror of ``index_t`` in decode.c."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+        ("locator", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("keys", ctypes.c_void_p),
+        ("fence", ctypes.c_void_p),
+        ("n_fence", ctypes.c_int64),
+        ("delta_keys", ctypes.c_void_p),
+        ("delta_locator", ctypes.c_void_p),
+        ("n_delta", ctypes.c_int64),
+    ]
+
+
+INDEX_RESOLVED, INDEX_DENSE, INDEX_KEYED = 0, 1, 2
+FENCE = 16  # must match decode.c; 16 keys = 2 cache lines per run, fence = N/16 keys
+_RESOLVED = _IndexC(kind=INDEX_RESOLVED)
+
+
+def _ptr(t: torch.Tensor) -> int | None:
+    return t.data_ptr() if t.numel() else None
+
+
+def dense_index(locator: torch.Tensor) -> _IndexC:
+    return _IndexC(kind=INDEX_DENSE, locator=_ptr(locator), n=locator.numel())
+
+
+def keyed_index(keys: torch.Tensor, locator: torch.Tensor, fence: torch.Tensor, delta_keys: torch.Tensor, delta_locator: torch.Tensor) -> _IndexC:
+    return _IndexC(
+        kind=INDEX_KEYED, locator=_ptr(locator), n=keys.numel(), keys=_ptr(keys), fence=_ptr(fence), n_fence=fence.numel(),
+        delta_keys=_ptr(delta_keys), delta_locator=_ptr(delta_locator), n_delta=delta_keys.numel(),
+    )
+
+
 def _load() -> ctypes.CDLL | None:
     here = Path(__file__).parent
     for path in sorted(here.glob("_decode*.so")) + sorted(here.glob("_decode*.pyd")):
@@ -31,7 +68,7 @@ def _load() -> ctypes.CDLL | None:
             continue
         lib.embserve_lookup.restype = ctypes.c_int64
         lib.embserve_lookup.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
         ]
         lib.embserve_init()
@@ -58,12 +95,10 @@ def class_array(slabs: list[torch.Tensor], classes: list[RowClass]) -> ctypes.Ar
     return arr
 
 
-def lookup(
-    out: torch.Tensor, ids: torch.Tensor, dense_locator: torch.Tensor | None, classes_c: ctypes.Array[_RowClassC]
-) -> tuple[torch.Tensor, int]:
+def lookup(out: torch.Tensor, ids: torch.Tensor, index: _IndexC | None, classes_c: ctypes.Array[_RowClassC]) -> tuple[torch.Tensor, int]:
     """Decode into ``out`` (float32 ``[n, D]`` contiguous CPU).  ``ids`` are raw IDs resolved
-    through ``dense_locator``, or locators already when it is ``None``.  Returns the locators
-    and how many of them are ``-1`` (no row)."""
+    through ``index``, or locators already when it is ``None``.  Returns the locators and how
+    many of them are ``-1`` (no row)."""
     assert _LIB is not None
     n, width = out.shape
     if ids.dtype != torch.int64 or not ids.is_contiguous():
@@ -71,12 +106,9 @@ def lookup(
     loc = torch.empty(n, dtype=torch.int32)
     threads = torch.get_num_threads() if n >= PARALLEL_MIN_ROWS else 1
     rc = _LIB.embserve_lookup(
-        ids.data_ptr(), n,
-        None if dense_locator is None else dense_locator.data_ptr(),
-        0 if dense_locator is None else dense_locator.numel(),
-        ctypes.addressof(classes_c), MAX_CLASSES,
-        out.data_ptr(), width, loc.data_ptr(), threads,
+        ids.data_ptr(), n, ctypes.addressof(index if index is not None else _RESOLVED),
+        ctypes.addressof(classes_c), MAX_CLASSES, out.data_ptr(), width, loc.data_ptr(), threads,
     )
     if rc < 0:
-        raise RuntimeError("compiled decoder rejected the table layout")
+        raise RuntimeError("compiled decoder rejected its arguments")
     return loc, int(rc)

@@ -12,9 +12,9 @@
  * A locator is an int32: class in bits 28..30, slot in bits 0..27, -1 = no row (zeros).
  *
  * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread), and each chunk
- * runs as a two-stage pipeline over blocks of BLOCK IDs: block k+1 is resolved (dense locator
- * load) and its rows prefetched while block k is decoded, so the random row loads are in flight
- * before the decoder needs them.  Sub-byte codes are decoded plane by plane: each plane is a
+ * runs as a three-stage pipeline over blocks of BLOCK IDs: block k+2 is located (index entries
+ * prefetched), block k+1 resolved (its rows prefetched) while block k is decoded, so the random
+ * loads are in flight before anything waits on them.  Sub-byte codes are decoded plane by plane: each plane is a
  * contiguous run of output floats, which the compiler vectorizes (an interleaved order such as
  * FBGEMM's low-nibble-even would need strided stores).
  *
@@ -175,22 +175,101 @@ static inline void decode_row(const uint8_t *restrict row, int bits, int d, int 
     if (d < width) memset(o + d, 0, (size_t)(width - d) * 4);
 }
 
-static inline void resolve_block(int64_t lo, int64_t hi, int64_t n_ids, const int64_t *ids, const int32_t *dense_locator,
-                                 int64_t n_dense, const row_class_t *classes, int32_t *loc_out) {
-    if (dense_locator) { /* the locator loads of the block after this one */
-        const int64_t ahead_hi = hi + BLOCK < n_ids ? hi + BLOCK : n_ids;
-        for (int64_t i = hi; i < ahead_hi; i++) {
+/* How IDs become locators.  kind RESOLVED: the IDs already are locators (the caller resolved
+ * them).  DENSE: locator = dense_locator[id] for 0 <= id < n_dense.  KEYED: `keys` is sorted;
+ * `fence[f] = keys[f * FENCE]` is a sparse copy small enough to stay in cache, so finding an ID
+ * is a search of the fence (cached) and then of one run of FENCE keys (one burst of misses,
+ * prefetched a block ahead).  An unsorted-insert delta part, also sorted, overrides the main part. */
+enum { INDEX_RESOLVED = 0, INDEX_DENSE = 1, INDEX_KEYED = 2 };
+#define FENCE 16
+
+typedef struct {
+    int32_t kind;
+    int32_t pad;
+    const int32_t *locator; /* DENSE: [n]; KEYED: parallel to keys */
+    int64_t n;              /* DENSE: locator length; KEYED: number of keys */
+    const int64_t *keys;
+    const int64_t *fence;
+    int64_t n_fence;
+    const int64_t *delta_keys;
+    const int32_t *delta_locator;
+    int64_t n_delta;
+} index_t;
+
+/* number of elements of sorted a[0..n) that are <= key.  Branch-free (the compiler emits a
+ * conditional move): a lookup's key is random, so a branchy search mispredicts about half of its
+ * steps, which costs more than the cache misses it has on the fence. */
+static inline int64_t count_le(const int64_t *a, int64_t n, int64_t key) {
+    if (n <= 0) return 0;
+    const int64_t *base = a;
+    while (n > 1) {
+        const int64_t half = n >> 1;
+        base = (base[half] <= key) ? base + half : base;
+        n -= half;
+    }
+    return (base - a) + (*base <= key);
+}
+
+static inline int32_t find_in(const int64_t *keys, const int32_t *locator, int64_t n, int64_t key) {
+    const int64_t pos = count_le(keys, n, key) - 1;
+    return (pos >= 0 && keys[pos] == key) ? locator[pos] : -1;
+}
+
+/* Stage 0 of the pipeline, for IDs lo..hi: start the slowest loads.  KEYED parks the fence
+ * position of each ID in loc_out. */
+static inline void stage_locate(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, int32_t *loc_out) {
+    if (ix->kind == INDEX_DENSE) {
+        for (int64_t i = lo; i < hi; i++) {
             const int64_t key = ids[i];
-            if (key >= 0 && key < n_dense) __builtin_prefetch(dense_locator + key, 0, 3);
+            if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, 3);
+        }
+    } else if (ix->kind == INDEX_KEYED) {
+        /* the fence searches of the whole block, one level at a time: the block's loads at a
+           level are independent, so their cache misses overlap instead of queueing per ID */
+        int64_t base[BLOCK];
+        const int64_t m = hi - lo;
+        for (int64_t i = 0; i < m; i++) base[i] = 0;
+        int64_t len = ix->n_fence;
+        while (len > 1) {
+            const int64_t half = len >> 1;
+            for (int64_t i = 0; i < m; i++) base[i] = (ix->fence[base[i] + half] <= ids[lo + i]) ? base[i] + half : base[i];
+            len -= half;
+        }
+        for (int64_t i = lo; i < hi; i++) {
+            const int64_t f = ix->n_fence ? base[i - lo] + (ix->fence[base[i - lo]] <= ids[i]) - 1 : -1;
+            loc_out[i] = (int32_t)f;
+            if (f >= 0) {
+                const int64_t *run = ix->keys + f * FENCE;
+                for (int k = 0; k < FENCE * 8; k += 64) __builtin_prefetch((const char *)run + k, 0, 3);
+                __builtin_prefetch(ix->locator + f * FENCE, 0, 3);
+                __builtin_prefetch(ix->locator + f * FENCE + FENCE - 1, 0, 3);
+            }
         }
     }
+}
+
+/* Stage 1: the locator of each ID, and a prefetch of its row. */
+static inline void stage_resolve(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix,
+                                 const row_class_t *classes, int32_t *loc_out) {
     for (int64_t i = lo; i < hi; i++) {
         int32_t loc;
-        if (dense_locator) {
-            int64_t key = ids[i];
-            loc = (key >= 0 && key < n_dense) ? dense_locator[key] : -1;
+        const int64_t key = ids[i];
+        if (ix->kind == INDEX_DENSE) {
+            loc = (key >= 0 && key < ix->n) ? ix->locator[key] : -1;
+        } else if (ix->kind == INDEX_KEYED) {
+            const int64_t f = loc_out[i];
+            loc = -1;
+            if (f >= 0) {
+                const int64_t start = f * FENCE;
+                const int64_t len = ix->n - start < FENCE ? ix->n - start : FENCE;
+                loc = find_in(ix->keys + start, ix->locator + start, len, key);
+            }
+            if (ix->n_delta) {
+                const int64_t pos = count_le(ix->delta_keys, ix->n_delta, key) - 1;
+                if (pos >= 0 && ix->delta_keys[pos] == key) loc = ix->delta_locator[pos];
+            }
         } else {
-            loc = (int32_t)ids[i];
+            loc = (int32_t)key;
         }
         loc_out[i] = loc;
         if (loc >= 0) {
@@ -204,48 +283,61 @@ static inline void resolve_block(int64_t lo, int64_t hi, int64_t n_ids, const in
     }
 }
 
-MULTIVERSION
-static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const int32_t *dense_locator, int64_t n_dense,
-                      const row_class_t *classes, float *out, int64_t width, int32_t *loc_out) {
+/* Stage 2: decode; returns how many IDs had no row. */
+static inline int64_t stage_decode(int64_t lo, int64_t hi, const row_class_t *classes, float *out, int64_t width,
+                                   const int32_t *loc_out) {
     int64_t unknown = 0;
-    if (lo >= hi) return 0;
-    resolve_block(lo, lo + BLOCK < hi ? lo + BLOCK : hi, hi, ids, dense_locator, n_dense, classes, loc_out);
-    for (int64_t start = lo; start < hi; start += BLOCK) {
-        const int64_t stop = start + BLOCK < hi ? start + BLOCK : hi;
-        if (stop < hi)
-            resolve_block(stop, stop + BLOCK < hi ? stop + BLOCK : hi, hi, ids, dense_locator, n_dense, classes, loc_out);
-        for (int64_t i = start; i < stop; i++) {
-            const int32_t loc = loc_out[i];
-            float *o = out + i * width;
-            if (loc < 0) {
-                memset(o, 0, (size_t)width * 4);
-                unknown++;
-                continue;
-            }
-            const row_class_t *c = &classes[loc >> CLASS_SHIFT];
-            if (c->dim == 0) { /* pruned row: stored nothing, decodes to zeros */
-                memset(o, 0, (size_t)width * 4);
-                continue;
-            }
-            decode_row(c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes, c->bits, c->dim, (int)width, o);
+    for (int64_t i = lo; i < hi; i++) {
+        const int32_t loc = loc_out[i];
+        float *o = out + i * width;
+        if (loc < 0) {
+            memset(o, 0, (size_t)width * 4);
+            unknown++;
+            continue;
         }
+        const row_class_t *c = &classes[loc >> CLASS_SHIFT];
+        if (c->dim == 0) { /* pruned row: stored nothing, decodes to zeros */
+            memset(o, 0, (size_t)width * 4);
+            continue;
+        }
+        decode_row(c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes, c->bits, c->dim, (int)width, o);
     }
     return unknown;
 }
 
-/* ids:           int64 [n]; raw IDs when dense_locator != NULL, else locators (already resolved)
- * dense_locator: int32 [n_dense] or NULL
- * out:           float32 [n, width], row-major; every element is written
- * loc_out:       int32 [n]; the locator of each ID (-1 = unknown), for the caller's found mask
- * threads:       <= 1 runs serially on the calling thread
- * classes:       exactly MAX_CLASSES entries (unused ones dim 0), so any locator's class field
- *                indexes inside it; slots are validated against slab capacity when a table loads.
- * Returns the number of IDs without a row, or -1 for a bad class count. */
-int64_t embserve_lookup(const int64_t *ids, int64_t n, const int32_t *dense_locator, int64_t n_dense,
-                    const row_class_t *classes, int32_t n_classes, float *out, int64_t width, int32_t *loc_out,
-                    int32_t threads) {
+#define BLOCK_END(b) ((b) + BLOCK < hi ? (b) + BLOCK : hi)
+
+/* IDs lo..hi as a three-stage pipeline over blocks: while block k is decoded, block k+1 is
+ * resolved (its rows prefetched) and block k+2 located (its index entries prefetched). */
+MULTIVERSION
+static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, const row_class_t *classes,
+                         float *out, int64_t width, int32_t *loc_out) {
+    int64_t unknown = 0;
+    if (lo >= hi) return 0;
+    stage_locate(lo, BLOCK_END(lo), ids, ix, loc_out);
+    if (lo + BLOCK < hi) stage_locate(lo + BLOCK, BLOCK_END(lo + BLOCK), ids, ix, loc_out);
+    stage_resolve(lo, BLOCK_END(lo), ids, ix, classes, loc_out);
+    for (int64_t start = lo; start < hi; start += BLOCK) {
+        const int64_t next = start + BLOCK, after = start + 2 * BLOCK;
+        if (after < hi) stage_locate(after, BLOCK_END(after), ids, ix, loc_out);
+        if (next < hi) stage_resolve(next, BLOCK_END(next), ids, ix, classes, loc_out);
+        unknown += stage_decode(start, BLOCK_END(start), classes, out, width, loc_out);
+    }
+    return unknown;
+}
+
+/* ids:      int64 [n]: raw IDs, or locators when index->kind == INDEX_RESOLVED
+ * index:    how IDs map to locators (see index_t)
+ * classes:  exactly MAX_CLASSES entries (unused ones dim 0), so any locator's class field
+ *           indexes inside it; slots are validated against slab capacity when a table loads
+ * out:      float32 [n, width], row-major; every element is written
+ * loc_out:  int32 [n]; the locator of each ID (-1 = unknown), for the caller's found mask
+ * threads:  <= 1 runs serially on the calling thread
+ * Returns the number of IDs without a row, or -1 for bad arguments. */
+int64_t embserve_lookup(const int64_t *ids, int64_t n, const index_t *index, const row_class_t *classes,
+                        int32_t n_classes, float *out, int64_t width, int32_t *loc_out, int32_t threads) {
     if (!f16_ready) embserve_init();
-    if (n_classes != MAX_CLASSES) return -1;
+    if (n_classes != MAX_CLASSES || index->kind < INDEX_RESOLVED || index->kind > INDEX_KEYED) return -1;
     int64_t chunks = threads > 1 ? threads : 1;
     if (chunks > 1 && n < chunks * 4 * BLOCK) chunks = 1;
     const int64_t per = ((n + chunks - 1) / chunks + BLOCK - 1) / BLOCK * BLOCK;
@@ -256,7 +348,7 @@ int64_t embserve_lookup(const int64_t *ids, int64_t n, const int32_t *dense_loca
     for (int64_t ch = 0; ch < chunks; ch++) {
         const int64_t lo = ch * per;
         const int64_t hi = lo + per < n ? lo + per : n;
-        unknown += run_range(lo, hi, ids, dense_locator, n_dense, classes, out, width, loc_out);
+        unknown += run_range(lo, hi, ids, index, classes, out, width, loc_out);
     }
     return unknown;
 }
