@@ -104,6 +104,9 @@ class CompressedTable:
                 raise ValueError(f"slab of {rc.label()} must be uint8 [capacity, {rc.row_bytes}]")
         if rotation is not None and tuple(rotation.shape) != (dim, dim):
             raise ValueError(f"rotation must be [{dim}, {dim}]")
+        for c, (slab, u) in enumerate(zip(slabs, used, strict=True)):
+            if not 0 <= u <= slab.shape[0]:
+                raise ValueError(f"class {classes[c].label()}: {u} slots used of a {slab.shape[0]}-row slab")
         self.dim = dim
         self.classes = list(classes)
         self.slabs = list(slabs)
@@ -112,6 +115,7 @@ class CompressedTable:
         self.index = index
         self.rotation = rotation
         self.unknown = unknown if unknown is not None else UnknownPolicy("zero")
+        self._check_locators()
         self.decoder = Decoder(self.slabs, self.classes, backend)
         # Writers hold this while they change slabs or the index; lookups take it too, so a
         # lookup sees a write batch all or nothing.  Decoding itself releases the GIL.
@@ -137,6 +141,22 @@ class CompressedTable:
             index = DenseIndex(torch.empty(0, dtype=torch.int32, device=dev))
         slabs = [torch.empty((0, rc.row_bytes), dtype=torch.uint8, device=dev) for rc in classes]
         return cls(dim, classes, slabs, [0] * len(classes), index, rotation=rotation, unknown=unknown)
+
+    def _check_locators(self) -> None:
+        """Every locator must name a used slot of an existing class: the compiled decoder reads
+        slab memory at whatever a locator says, so a corrupt file must fail here, at load."""
+        _, locs = self.index.live_items()
+        if locs.numel():
+            cls = (locs >> LOCATOR_CLASS_SHIFT).to(torch.int64)
+            slots = (locs & LOCATOR_SLOT_MASK).to(torch.int64)
+            if int(cls.max()) >= len(self.classes):
+                raise ValueError("a locator names a row class the table does not have")
+            limits = torch.tensor(self.used, dtype=torch.int64, device=locs.device)[cls]
+            if bool((slots >= limits).any()):
+                raise ValueError("a locator points past the used slots of its class")
+        for c, free in enumerate(self.free):
+            if free.numel() and (int(free.min()) < 0 or int(free.max()) >= self.used[c]):
+                raise ValueError(f"free list of class {self.classes[c].label()} holds slots it never used")
 
     @property
     def device(self) -> torch.device:

@@ -82,3 +82,18 @@ def test_compress_then_save_keeps_budget_on_disk(tmp_path: Path, zipf_rows) -> N
     # the file adds only its JSON header to the bytes the table reports
     assert table.nbytes <= report.budget_bytes
     assert path.stat().st_size - table.nbytes < 8192
+
+
+def test_corrupt_locators_are_refused_at_load(tmp_path: Path) -> None:
+    table = CompressedTable.empty(4, [RowClass(4, 8)], keyed=False)
+    table.put(torch.arange(10), torch.randn(10, 4), 0)
+    path = save_table(table, tmp_path / "c.safetensors")
+    tensors = {k: v.clone() for k, v in table.state_tensors().items()}
+    tensors["index.locator"][3] = 10_000  # slot far past the slab
+    save_file(tensors, str(path), metadata={storage.MANIFEST_KEY: json.dumps(read_manifest(path))})
+    with pytest.raises(TableFormatError, match="past the used slots"):
+        load_table(path)
+    tensors["index.locator"][3] = 3 << 28  # class 3 of a 1-class table
+    save_file(tensors, str(path), metadata={storage.MANIFEST_KEY: json.dumps(read_manifest(path))})
+    with pytest.raises(TableFormatError, match="row class"):
+        load_table(path)
