@@ -13,8 +13,9 @@ precision search, extended with per-group dimension).
    taken off the budget first, so the built table's :attr:`nbytes` is within the budget.
 
 Dimension candidates below ``D`` are evaluated in a frequency-weighted PCA basis
-(:mod:`compression.rotation`); the plan with rotation is kept only if it beats the best
-full-dimension plan, because rotating back costs a small matmul per lookup.
+(:mod:`compression.rotation`), full-dimension ones on the rows as they are (that is how each is
+stored, see :mod:`compression.table`).  Two plans are solved - full dimension only, and all
+candidates with the rotation's bytes reserved - and the one with less error is built.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def estimate_costs(
     groups: list[torch.Tensor],
     classes: list[RowClass],
     sample_per_group: int,
+    rotation: torch.Tensor | None = None,
     seed: int = 0,
 ) -> GroupCosts:
     gen = torch.Generator().manual_seed(seed)
@@ -92,11 +94,13 @@ def estimate_costs(
         scales.append(g.numel() / pick.numel())
     sample = torch.cat(picks)
     x = rows[sample].to(torch.float32)
+    x_rotated = x @ rotation if rotation is not None else x
     w = weights[sample].to(torch.float64)
     owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([p.numel() for p in picks]))
     errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
     for c, rc in enumerate(classes):
-        err = codecs.reconstruction_error(x, rc, rows.shape[1]).to(torch.float64)
+        source = x_rotated if 0 < rc.dim < rows.shape[1] else x  # the basis the class stores
+        err = codecs.reconstruction_error(source, rc, rows.shape[1]).to(torch.float64)
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
         errors[:, c].index_add_(0, owner, w * err)
     errors *= torch.tensor(scales, dtype=torch.float64)[:, None]
@@ -187,8 +191,8 @@ def build_table(
         for start in range(0, members.numel(), _ENCODE_CHUNK):
             part = members[start : start + _ENCODE_CHUNK]
             x = rows[part].to(torch.float32)
-            if rotation is not None:
-                x = x @ rotation
+            if rotation is not None and 0 < rc.dim < dim:
+                x = x @ rotation  # truncated classes store the rotated basis
             if rc.row_bytes:
                 slab[start : start + part.numel()] = codecs.encode_rows(x, rc)
             done += part.numel()
@@ -259,10 +263,9 @@ def compress(
         variants.append((False, cands))
     for rotated, variant in variants:
         fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets)
-        source = rows @ rotation if rotated and rotation is not None else rows
         variant = list(variant)
         while True:
-            costs = estimate_costs(source, weights, groups, variant, sample_per_group)
+            costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None)
             try:
                 choice = solve_knapsack(costs.errors, costs.bytes, budget_bytes - fixed)
             except BudgetTooSmall:
@@ -288,6 +291,7 @@ def compress(
     used_classes = sorted(set(choice))
     remap = {c: k for k, c in enumerate(used_classes)}
     table_classes = [variant[c] for c in used_classes]
+    rotated = rotated and any(0 < rc.dim < dim for rc in table_classes)  # no truncated row, no rotation
     row_class_of = torch.empty(n, dtype=torch.int64)
     for g, grp in enumerate(groups):
         row_class_of[grp] = remap[choice[g]]

@@ -5,7 +5,12 @@ Memory picture of one table (every byte of it is counted in :attr:`CompressedTab
     index      DenseIndex: int32 locator [N]          KeyedIndex: int64 keys + int32 locator
     class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
                int32 free-slot stack [<= capacity_k]
-    rotation   fp32 [D, D]                             only when some class has dim < D
+    rotation   fp32 [D, D]                             only when some class has 0 < dim < D
+
+Rows of full-dimension classes are stored as they are; rows of truncated classes (0 < dim < D)
+are stored in the rotated basis ``y = x @ R`` and keep their first ``dim`` coordinates, so
+decoding them is ``y[:dim] @ R[:, :dim]^T`` - ``dim * D`` multiply-adds per row, paid only by
+the rows that were truncated (rotating every row would cost ``D * D`` each).
     unknown    fp32 [D] default or fp16 [K, D] buckets, by policy
 
 Rows move between classes (precision / dimension changes) by being written into a free slot
@@ -116,7 +121,7 @@ class CompressedTable:
         self.rotation = rotation
         self.unknown = unknown if unknown is not None else UnknownPolicy("zero")
         self._check_locators()
-        self.decoder = Decoder(self.slabs, self.classes, backend)
+        self.decoder = Decoder(self.slabs, self.classes, backend, rotation)
         # Writers hold this while they change slabs or the index; lookups take it too, so a
         # lookup sees a write batch all or nothing.  Decoding itself releases the GIL.
         self.lock = threading.RLock()
@@ -183,8 +188,6 @@ class CompressedTable:
         with self.lock:
             values = torch.empty((ids.shape[0], self.dim), dtype=torch.float32, device=self.device)
             loc, num_unknown = self.decoder.lookup(values, ids, self.index)
-        if self.rotation is not None:
-            values = values @ self.rotation.T
         if num_unknown:
             self.unknown.fill(values, ids, loc < 0)
         return LookupResult(values, loc, num_unknown)
@@ -226,9 +229,13 @@ class CompressedTable:
             slots = (locators[cls == c] & LOCATOR_SLOT_MASK).to(torch.int32)
             self.free[c] = torch.cat([self.free[c], slots])
 
+    def truncated(self, c: int) -> bool:
+        """Class ``c`` keeps some but not all coordinates, so it stores rows in the rotated basis."""
+        return self.rotation is not None and 0 < self.classes[c].dim < self.dim
+
     def put(self, ids: torch.Tensor, rows: torch.Tensor, class_index: torch.Tensor | int) -> None:
-        """Upsert ``rows`` (float ``[n, D]``, in the table's stored coordinates) for ``ids``,
-        each into class ``class_index``.  A later duplicate ID in one call wins."""
+        """Upsert ``rows`` (float ``[n, D]``, original coordinates) for ``ids``, each into class
+        ``class_index``.  A later duplicate ID in one call wins."""
         ids = ids.to(device=self.device, dtype=torch.int64).reshape(-1)
         rows = rows.to(device=self.device, dtype=torch.float32)
         if rows.shape != (ids.numel(), self.dim):
@@ -253,7 +260,8 @@ class CompressedTable:
                 slots = torch.empty(sel.numel(), dtype=torch.int32, device=self.device)
                 slots[same] = (old[sel][same] & LOCATOR_SLOT_MASK).to(torch.int32)
                 slots[~same] = self._take_slots(c, int((~same).sum()))
-                encoded = codecs.encode_rows(rows[sel], self.classes[c])
+                x = rows[sel] @ self.rotation if self.truncated(c) else rows[sel]  # type: ignore[operator]
+                encoded = codecs.encode_rows(x, self.classes[c])
                 if encoded.shape[1]:
                     self.slabs[c][slots.to(torch.int64)] = encoded
                 new_loc[sel] = (c << LOCATOR_CLASS_SHIFT) | slots

@@ -23,8 +23,12 @@ from . import cpu_c
 COMPILED_AVAILABLE = cpu_c.AVAILABLE
 
 
-def decode_reference(out: torch.Tensor, loc: torch.Tensor, slabs: list[torch.Tensor], classes: list[RowClass]) -> None:
+def decode_reference(
+    out: torch.Tensor, loc: torch.Tensor, slabs: list[torch.Tensor], classes: list[RowClass], rotation: torch.Tensor | None = None
+) -> None:
+    """Per class: gather its rows, decode, and (truncated classes of a rotated table) rotate back."""
     out.zero_()
+    width = out.shape[1]
     valid = loc >= 0
     cls = torch.where(valid, loc >> LOCATOR_CLASS_SHIFT, torch.full_like(loc, -1))
     for c, rc in enumerate(classes):
@@ -34,7 +38,11 @@ def decode_reference(out: torch.Tensor, loc: torch.Tensor, slabs: list[torch.Ten
         if rows.numel() == 0:
             continue
         slots = (loc[rows] & LOCATOR_SLOT_MASK).to(torch.int64)
-        out[rows, : rc.dim] = decode_rows(slabs[c][slots], rc)
+        decoded = decode_rows(slabs[c][slots], rc)
+        if rotation is not None and rc.dim < width:
+            out[rows] = decoded @ rotation[:, : rc.dim].T
+        else:
+            out[rows, : rc.dim] = decoded
 
 
 def _use_compiled(backend: str, device: torch.device) -> bool:
@@ -53,23 +61,30 @@ class Decoder:
     """Decodes one table's rows.  Holds what the compiled path needs about the slabs (their
     addresses), so :meth:`refresh` must be called whenever a slab is reallocated."""
 
-    def __init__(self, slabs: list[torch.Tensor], classes: list[RowClass], backend: str = "auto") -> None:
+    def __init__(
+        self, slabs: list[torch.Tensor], classes: list[RowClass], backend: str = "auto", rotation: torch.Tensor | None = None
+    ) -> None:
         self.classes = classes
         self.backend = backend
+        self.rotation = rotation
+        # R^T row-major: row k is the direction coordinate k of a truncated row contributes
+        self._rotation_t = None if rotation is None else rotation.T.contiguous()
         self.refresh(slabs)
 
     def refresh(self, slabs: list[torch.Tensor]) -> None:
         self.slabs = slabs
         device = slabs[0].device
         self.compiled = _use_compiled(self.backend, device)
-        self._classes_c = cpu_c.class_array(slabs, self.classes) if self.compiled else None
+        if self.compiled and self.rotation is not None and self.rotation.shape[0] > cpu_c.MAX_ROTATED_DIM:
+            self.compiled = False  # the C decoder's per-row scratch is bounded
+        self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t) if self.compiled else None
 
     def decode(self, out: torch.Tensor, loc: torch.Tensor) -> int:
         """Write the rows named by locators ``loc`` (``-1`` -> zeros) into ``out [n, D]``;
         returns how many locators are ``-1``."""
         if self._classes_c is not None:
             return cpu_c.lookup(out, loc, None, self._classes_c)[1]
-        decode_reference(out, loc, self.slabs, self.classes)
+        decode_reference(out, loc, self.slabs, self.classes, self.rotation)
         return int((loc < 0).sum())
 
     def lookup(self, out: torch.Tensor, ids: torch.Tensor, index: IdIndex) -> tuple[torch.Tensor, int]:

@@ -9,6 +9,7 @@ import torch
 
 from ..layout import MAX_CLASSES, RowClass
 
+MAX_ROTATED_DIM = 1024  # must match decode.c
 # Below this many IDs one thread decodes: starting the OpenMP team costs more than the work.
 PARALLEL_MIN_ROWS = 1024
 
@@ -19,6 +20,7 @@ class _RowClassC(ctypes.Structure):
         ("row_bytes", ctypes.c_int64),
         ("dim", ctypes.c_int32),
         ("bits", ctypes.c_int32),
+        ("rotation_t", ctypes.c_void_p),
     ]
 
 
@@ -80,11 +82,13 @@ _LIB = _load()
 AVAILABLE = _LIB is not None
 
 
-def class_array(slabs: list[torch.Tensor], classes: list[RowClass]) -> ctypes.Array[_RowClassC]:
-    """The C view of a table's classes: slab addresses and shapes, padded to MAX_CLASSES.
+def class_array(slabs: list[torch.Tensor], classes: list[RowClass], rotation_t: torch.Tensor | None = None) -> ctypes.Array[_RowClassC]:
+    """The C view of a table's classes: slab addresses and shapes, padded to MAX_CLASSES, and
+    ``R^T`` for truncated classes of a rotated table.
 
     Valid until a slab is reallocated; tables rebuild it when they grow a slab."""
     arr = (_RowClassC * MAX_CLASSES)()
+    width = None if rotation_t is None else rotation_t.shape[0]
     for k, (slab, rc) in enumerate(zip(slabs, classes, strict=True)):
         if slab.device.type != "cpu" or not slab.is_contiguous():
             raise ValueError("the compiled decoder needs contiguous CPU slabs")
@@ -92,6 +96,8 @@ def class_array(slabs: list[torch.Tensor], classes: list[RowClass]) -> ctypes.Ar
         arr[k].row_bytes = rc.row_bytes
         arr[k].dim = rc.dim
         arr[k].bits = rc.bits
+        if rotation_t is not None and 0 < rc.dim < (width or 0):
+            arr[k].rotation_t = rotation_t.data_ptr()
     return arr
 
 
