@@ -75,7 +75,7 @@ class GroupCosts:
 
 
 def estimate_costs(
-    rows: torch.Tensor,
+    rows: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     weights: torch.Tensor,
     groups: list[torch.Tensor],
     classes: list[RowClass],
@@ -83,6 +83,9 @@ def estimate_costs(
     rotation: torch.Tensor | None = None,
     seed: int = 0,
 ) -> GroupCosts:
+    """Per (group, class): estimated weighted squared error and exact bytes.  ``rows`` is the
+    table, or a function returning the rows at given positions (a live table decodes only the
+    sampled rows)."""
     gen = torch.Generator().manual_seed(seed)
     picks, scales = [], []
     for g in groups:
@@ -93,14 +96,15 @@ def estimate_costs(
         picks.append(pick)
         scales.append(g.numel() / pick.numel())
     sample = torch.cat(picks)
-    x = rows[sample].to(torch.float32)
+    x = (rows[sample] if isinstance(rows, torch.Tensor) else rows(sample)).to(torch.float32)
+    dim = x.shape[1]
     x_rotated = x @ rotation if rotation is not None else x
     w = weights[sample].to(torch.float64)
     owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([p.numel() for p in picks]))
     errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
     for c, rc in enumerate(classes):
-        source = x_rotated if 0 < rc.dim < rows.shape[1] else x  # the basis the class stores
-        err = codecs.reconstruction_error(source, rc, rows.shape[1]).to(torch.float64)
+        source = x_rotated if 0 < rc.dim < dim else x  # the basis the class stores
+        err = codecs.reconstruction_error(source, rc, dim).to(torch.float64)
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
         errors[:, c].index_add_(0, owner, w * err)
     errors *= torch.tensor(scales, dtype=torch.float64)[:, None]

@@ -72,15 +72,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_table(
-    table: CompressedTable, path: str | os.PathLike[str], log_position: str | None = None, extra: dict[str, Any] | None = None
-) -> Path:
-    """Write ``table`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
+def capture_state(
+    table: CompressedTable, log_position: str | None = None, extra: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A consistent copy of the table's tensors and its manifest, taken under the table's lock.
+
+    Writers wait for the lock; the copy is what makes it safe to write the file after the lock is
+    released (``to("cpu")`` alone would hand back the live CPU tensors)."""
+    with table.lock:
+        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in table.state_tensors().items()}
+        manifest = manifest_of(table, log_position, extra)
+    return tensors, manifest
+
+
+def write_state(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a captured state atomically: temp file in the same folder, fsync, rename, fsync folder."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with table.lock:
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in table.state_tensors().items()}
-        manifest = manifest_of(table, log_position, extra)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -94,6 +102,14 @@ def save_table(
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def save_table(
+    table: CompressedTable, path: str | os.PathLike[str], log_position: str | None = None, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``table`` to ``path`` atomically (see :func:`write_state`)."""
+    tensors, manifest = capture_state(table, log_position, extra)
+    return write_state(tensors, manifest, path)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -279,6 +279,33 @@ class CompressedTable:
             self.index.assign(ids[present], torch.full((int(present.sum()),), -1, dtype=torch.int32, device=self.device))
         return int(present.sum())
 
+    def compact(self) -> int:
+        """Repack every class into a slab of exactly its live rows (raw bytes are copied, nothing
+        is re-encoded) and drop the free lists; returns the bytes given back.  Moves and deletes
+        leave free slots behind, and slabs only grow; this is how memory returns to the budget."""
+        with self.lock:
+            before = self.nbytes
+            ids, locs = self.index.live_items()
+            cls = (locs >> LOCATOR_CLASS_SHIFT).to(torch.int64)
+            slots = (locs & LOCATOR_SLOT_MASK).to(torch.int64)
+            new_locs = torch.empty_like(locs)
+            for c in range(len(self.classes)):
+                members = torch.nonzero(cls == c).flatten()
+                order = members[torch.argsort(slots[members])]  # keep slab order: sequential copy
+                self.slabs[c] = self.slabs[c][slots[order]].contiguous()
+                self.used[c] = int(order.numel())
+                self.free[c] = torch.empty(0, dtype=torch.int32, device=self.device)
+                new_locs[order] = (c << LOCATOR_CLASS_SHIFT) | torch.arange(order.numel(), dtype=torch.int32, device=self.device)
+            if isinstance(self.index, KeyedIndex):
+                self.index = KeyedIndex.build(ids, new_locs)
+            else:  # also drop the locator slack that doubling left past the highest live ID
+                size = int(ids.max()) + 1 if ids.numel() else 0
+                locator = torch.full((size,), -1, dtype=torch.int32, device=self.device)
+                locator[ids] = new_locs
+                self.index = DenseIndex(locator)
+            self.decoder.refresh(self.slabs)
+            return before - self.nbytes
+
     # ------------------------------------------------------------------ accounting
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -16,8 +16,10 @@ from . import __version__
 from .errors import ApiError, error_response, install_error_handlers
 from .metrics import ServiceMetrics
 from .registry import TableRegistry
-from .routers import health, lookup, metrics
+from .applier import Applier
+from .routers import admin, health, lookup, metrics, updates
 from .routers import tables as tables_router
+from .updatelog import open_log
 from .settings import Settings
 from .state import AppState
 
@@ -100,7 +102,7 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
     settings = settings or Settings()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    tables = registry or TableRegistry(settings.device)
+    tables = registry or TableRegistry(settings.device, settings.sketch_width, settings.frequency_half_life_s)
     state = AppState(settings, tables, ServiceMetrics(tables))
 
     @asynccontextmanager
@@ -108,9 +110,18 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
         if registry is None:
             names = tables.load_dir(settings.tables_dir)
             log.info("serving %d table(s) from %s: %s", len(names), settings.tables_dir, ", ".join(names) or "-")
-        else:
-            tables.ready = True
-        yield
+        state.update_log = open_log(settings.redis_url, settings.sqlite_path(), settings.redis_stream)
+        for problem in state.update_log.check_durability():
+            log.warning("update log: %s", problem)
+        state.applier = Applier(state.update_log, tables, state.metrics, settings)
+        state.applier.start()  # replays the log from the tables' positions; /readyz waits for it
+        tables.ready = True
+        try:
+            yield
+        finally:
+            state.applier.stop()
+            state.applier.snapshot_all(only_dirty=True)  # a clean stop leaves nothing to replay
+            state.update_log.close()
 
     app = FastAPI(
         title="embserve",
@@ -120,7 +131,7 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
     )
     app.state.embserve = state
     install_error_handlers(app)
-    for router in (lookup.router, tables_router.router, health.router, metrics.router):
+    for router in (lookup.router, updates.router, tables_router.router, admin.router, health.router, metrics.router):
         app.include_router(router)
     base_openapi = app.openapi
 

@@ -6,9 +6,10 @@ computed when Prometheus scrapes, from the live tables, so they can never go sta
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -33,6 +34,9 @@ class TableCollector(Collector):
         rows = GaugeMetricFamily("embserve_table_class_rows", "Rows stored in each row class", labels=["table", "row_class"])
         class_bytes = GaugeMetricFamily("embserve_table_class_bytes", "Slab bytes of each row class", labels=["table", "row_class"])
         index_bytes = GaugeMetricFamily("embserve_table_index_bytes", "Bytes of a table's ID index", labels=["table"])
+        budget = GaugeMetricFamily("embserve_table_budget_bytes", "Byte budget of a table under a dimension policy", labels=["table"])
+        snapshot_age = GaugeMetricFamily("embserve_table_snapshot_age_seconds", "Seconds since the table's last snapshot", labels=["table"])
+        now = time.time()
         for name in self.tables.names():
             hosted = self.tables.get(name)
             if hosted is None:
@@ -46,7 +50,11 @@ class TableCollector(Collector):
             for cs in stats.classes:
                 rows.add_metric([name, cs.row_class.label()], cs.rows)
                 class_bytes.add_metric([name, cs.row_class.label()], cs.bytes)
-        yield from (nbytes, ids, ratio, bpp, rows, class_bytes, index_bytes)
+            if hosted.budget_bytes is not None:
+                budget.add_metric([name], hosted.budget_bytes)
+            if hosted.snapshot_at is not None:
+                snapshot_age.add_metric([name], now - hosted.snapshot_at)
+        yield from (nbytes, ids, ratio, bpp, rows, class_bytes, index_bytes, budget, snapshot_age)
 
 
 class ServiceMetrics:
@@ -70,4 +78,13 @@ class ServiceMetrics:
         )
         self.lookup_ids = Counter("embserve_lookup_ids_total", "IDs looked up", ["table"], registry=self.registry)
         self.unknown_ids = Counter("embserve_lookup_unknown_ids_total", "IDs looked up that the table does not hold", ["table"], registry=self.registry)
+        self.updates_applied = Counter("embserve_updates_applied_total", "Rows upserted or deleted by the applier", ["table", "op"], registry=self.registry)
+        self.updates_rejected = Counter(
+            "embserve_updates_rejected_total", "Log entries the applier skipped (malformed, unknown table, invalid)", ["reason"], registry=self.registry
+        )
+        self.updates_appended = Counter("embserve_updates_appended_total", "Update requests acknowledged (durably in the log)", ["table"], registry=self.registry)
+        self.log_lag_entries = Gauge("embserve_update_log_lag_entries", "Log entries not applied yet", registry=self.registry)
+        self.log_lag_seconds = Gauge("embserve_update_log_lag_seconds", "Age of the oldest unapplied log entry", registry=self.registry)
+        self.resize_events = Counter("embserve_resize_events_total", "Class re-decisions by the dimension policy", ["table"], registry=self.registry)
+        self.rows_moved = Counter("embserve_rows_moved_total", "Rows moved into a row class by re-decisions", ["table", "row_class"], registry=self.registry)
         self.registry.register(TableCollector(tables))

@@ -14,7 +14,11 @@ from typing import Any
 import torch
 
 from compression import CompressedTable, load_table
+from compression.frequency import DecayedCountMinSketch
+from compression.policies import POLICIES, DimensionPolicy, RankClassMap
 from compression.storage import TABLE_SUFFIX, TableFormatError
+
+from .updatelog import Position, parse_position
 
 log = logging.getLogger("embserve")
 
@@ -26,18 +30,57 @@ def valid_table_name(name: str) -> bool:
     return bool(_NAME_RE.match(name)) and ".." not in name
 
 
+def policy_from_config(config: dict[str, Any] | None) -> DimensionPolicy | None:
+    """``{"name": "scall", "alpha": 0.6}`` -> a policy object; None or name "none" -> None."""
+    if not config or config.get("name") in (None, "none"):
+        return None
+    params = {k: v for k, v in config.items() if k != "name"}
+    kind = POLICIES.get(str(config["name"]))
+    if kind is None:
+        raise ValueError(f"unknown policy {config['name']!r}; one of {sorted(POLICIES)} or 'none'")
+    return kind(**params)  # type: ignore[no-any-return]
+
+
+def policy_config(policy: DimensionPolicy | None) -> dict[str, Any]:
+    if policy is None:
+        return {"name": "none"}
+    return {k: v for k, v in vars(policy).items()}
+
+
 @dataclass
 class HostedTable:
+    """A served table and what streaming keeps about it."""
+
     name: str
     table: CompressedTable
     manifest: dict[str, Any]
     path: Path | None
     loaded_at: float = field(default_factory=time.time)
+    log_position: Position | None = None  # every log entry up to here is in the table
+    snapshot_position: Position | None = None  # ... and up to here in its file on disk
+    snapshot_at: float | None = None
+    budget_bytes: int | None = None
+    policy: DimensionPolicy | None = None
+    rank_map: RankClassMap = field(default_factory=RankClassMap)
+    sketch: DecayedCountMinSketch | None = None
+    updates_since_decision: int = 0
+    last_decision_at: float = field(default_factory=time.monotonic)
+    dirty: bool = False  # changed since the last snapshot
+
+    def extra(self) -> dict[str, Any]:
+        """Manifest ``extra`` to write with a snapshot: what the table was made from, plus the
+        streaming settings that must survive a restart."""
+        extra = dict(self.manifest.get("extra", {}))
+        extra["budget_bytes"] = self.budget_bytes
+        extra["policy"] = policy_config(self.policy)
+        return extra
 
 
 class TableRegistry:
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", sketch_width: int = 1 << 20, half_life_s: float = 3600.0) -> None:
         self.device = torch.device(device)
+        self.sketch_width = sketch_width
+        self.half_life_s = half_life_s
         self._tables: dict[str, HostedTable] = {}
         self._lock = threading.Lock()
         self.ready = False
@@ -52,10 +95,26 @@ class TableRegistry:
     def add(self, name: str, table: CompressedTable, manifest: dict[str, Any] | None = None, path: Path | None = None) -> HostedTable:
         if not valid_table_name(name):
             raise ValueError(f"invalid table name {name!r}: must match {TABLE_NAME_PATTERN}")
-        hosted = HostedTable(name, table.to(self.device) if table.device != self.device else table, manifest or {}, path)
+        manifest = manifest or {}
+        extra = manifest.get("extra", {}) or {}
+        hosted = HostedTable(
+            name,
+            table.to(self.device) if table.device != self.device else table,
+            manifest,
+            path,
+            log_position=parse_position(manifest.get("log_position")),
+            budget_bytes=extra.get("budget_bytes"),
+            policy=policy_from_config(extra.get("policy")),
+            sketch=DecayedCountMinSketch(self.sketch_width, 4, self.half_life_s),
+        )
+        hosted.snapshot_position = hosted.log_position
         with self._lock:
             self._tables[name] = hosted
         return hosted
+
+    def remove(self, name: str) -> HostedTable | None:
+        with self._lock:
+            return self._tables.pop(name, None)
 
     def load_dir(self, folder: Path) -> list[str]:
         """Load every table file in ``folder``; a broken file is logged and skipped, not fatal."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from .metrics import ServiceMetrics
 from .registry import TableRegistry
 from .settings import Settings
+from .updatelog import UpdateLog
+
+if TYPE_CHECKING:
+    from .applier import Applier
 
 
 @dataclass
@@ -16,6 +21,8 @@ class AppState:
     settings: Settings
     tables: TableRegistry
     metrics: ServiceMetrics
+    update_log: UpdateLog | None = None
+    applier: "Applier | None" = None
 
 
 def get_state(request: Request) -> AppState:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -35,9 +36,11 @@ def tables(mixed_table: CompressedTable) -> TableRegistry:
 
 
 @pytest.fixture()
-def client(tables: TableRegistry) -> Iterator[TestClient]:
-    settings = Settings(max_ids_per_request=5000, max_body_bytes=200_000, max_lookups_per_request=4)
-    with TestClient(create_app(settings, tables)) as c:
+def client(tables: TableRegistry, tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(tables_dir=tmp_path, max_ids_per_request=5000, max_body_bytes=200_000, max_lookups_per_request=4)
+    app = create_app(settings, tables)
+    with TestClient(app) as c:
+        assert app.state.embserve.applier.wait_caught_up(10)
         yield c
 
 
@@ -109,8 +112,8 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert ready.status_code == 200 and ready.json()["tables"] == ["items", "users"]
 
 
-def test_readyz_is_503_until_tables_load(tables: TableRegistry) -> None:
-    app = create_app(Settings(), tables)
+def test_readyz_is_503_until_tables_load(tables: TableRegistry, tmp_path: Path) -> None:
+    app = create_app(Settings(tables_dir=tmp_path), tables)
     tables.ready = False
     with TestClient(app) as c:  # lifespan with a given registry marks it ready
         tables.ready = False

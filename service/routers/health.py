@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 
 from ..errors import ApiError
 from ..state import AppState, get_state
+from ..updatelog import format_position
 
 router = APIRouter(tags=["health"])
 
@@ -21,4 +22,15 @@ def healthz() -> dict[str, str]:
 def readyz(state: AppState = Depends(get_state)) -> dict[str, Any]:
     if not state.tables.ready:
         raise ApiError(503, "not_ready", "tables are still loading")
-    return {"status": "ready", "tables": state.tables.names(), "load_errors": state.tables.load_errors}
+    applier = state.applier
+    if applier is not None and not applier.caught_up:
+        raise ApiError(503, "not_ready", "replaying the update log")
+    body: dict[str, Any] = {"status": "ready", "tables": state.tables.names(), "load_errors": state.tables.load_errors}
+    if applier is not None and state.update_log is not None:
+        body["update_log"] = {
+            "kind": state.update_log.kind,
+            "applied_position": format_position(applier.position),
+            "error": applier.error,
+            "durability_warnings": state.update_log.check_durability(),
+        }
+    return body

@@ -132,6 +132,8 @@ def run_lookups(state: AppState, lookups: list[ParsedLookup]) -> list[LookupOutp
             result = hosted.table.lookup_bags(ids, torch.from_numpy(item.offsets), item.pooling)
         metrics.lookup_latency.labels(item.table).observe(time.perf_counter() - started)
         metrics.lookup_ids.labels(item.table).inc(int(ids.shape[0]))
+        if state.applier is not None:
+            state.applier.record_lookup(item.table, item.ids)  # frequencies, fed off the request path
         if result.num_unknown:
             metrics.unknown_ids.labels(item.table).inc(result.num_unknown)
         outputs.append(LookupOutput(item.table, result.values.cpu().numpy(), result.found.cpu().numpy(), result.num_unknown))

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel
 
 from ..errors import ApiError
-from ..registry import TABLE_NAME_PATTERN, HostedTable
+from ..registry import TABLE_NAME_PATTERN, HostedTable, policy_config
+from ..updatelog import format_position
 from ..state import AppState, get_state
 
 router = APIRouter(prefix="/v1", tags=["tables"])
@@ -40,6 +41,9 @@ class TableInfo(BaseModel):
     classes: list[RowClassInfo]
     format_version: int | None
     log_position: str | None
+    snapshot_position: str | None
+    budget_bytes: int | None
+    policy: dict[str, Any]
     loaded_at: float
 
 
@@ -70,7 +74,10 @@ def describe(hosted: HostedTable) -> TableInfo:
             for c in stats.classes
         ],
         format_version=manifest.get("format_version"),
-        log_position=manifest.get("log_position"),
+        log_position=format_position(hosted.log_position),
+        snapshot_position=format_position(hosted.snapshot_position),
+        budget_bytes=hosted.budget_bytes,
+        policy=policy_config(hosted.policy),
         loaded_at=hosted.loaded_at,
     )
 

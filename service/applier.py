@@ -1,0 +1,299 @@
+"""The applier: one background thread that follows the update log and keeps the tables in step.
+
+Each round it reads a run of log entries after its position and applies them in order.  One
+entry is applied under its table's lock, so a lookup sees the entry all or nothing.  Around
+that it feeds the frequency sketches (updates, and lookups queued by the request path),
+re-decides storage classes when a table's segment ends or its budget is exceeded, and writes
+snapshots.  After a round, every table reflects every entry up to the applier's position,
+whether or not the round touched it; that position is what snapshots record and what start-up
+replays from.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compression.layout import LOCATOR_CLASS_SHIFT
+from compression.policies import apply_decision
+from compression.storage import TABLE_SUFFIX, capture_state, write_state
+
+from .metrics import ServiceMetrics
+from .registry import HostedTable, TableRegistry
+from .settings import Settings
+from .updatelog import LogRecord, MalformedEntry, Position, UpdateBatch, UpdateLog, format_position
+
+log = logging.getLogger("embserve.applier")
+
+_READ_BATCH = 256
+_LOOKUP_QUEUE_MAX = 4096
+
+
+class RejectedEntry(ValueError):
+    pass
+
+
+def validate_batch(hosted: HostedTable, batch: UpdateBatch) -> None:
+    """The checks an entry must pass before any of it is applied (HTTP writes were already
+    checked; entries a trainer wrote straight into the stream are checked here)."""
+    table = hosted.table
+    if batch.vectors.shape[0] and batch.dim != table.dim:
+        raise RejectedEntry(f"vectors have dim {batch.dim}, table {hosted.name!r} has {table.dim}")
+    if not np.isfinite(batch.vectors).all():
+        raise RejectedEntry("vectors hold NaN or Inf")
+    if table.index.kind == "dense" and batch.upsert_ids.shape[0] and int(batch.upsert_ids.min()) < 0:
+        raise RejectedEntry("a dense table takes only IDs >= 0")
+
+
+class Applier:
+    def __init__(self, log_: UpdateLog, tables: TableRegistry, metrics: ServiceMetrics, settings: Settings) -> None:
+        self.log = log_
+        self.tables = tables
+        self.metrics = metrics
+        self.settings = settings
+        positions = [h.log_position for h in (tables.get(n) for n in tables.names()) if h is not None]
+        # replay from the oldest table position; a table with none has seen no entry at all
+        self.position: Position | None = None if (not positions or None in positions) else min(positions)  # type: ignore[type-var]
+        self.caught_up = False
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lookups: deque[tuple[str, np.ndarray]] = deque(maxlen=_LOOKUP_QUEUE_MAX)
+        self._last_snapshot = time.monotonic()
+        self.error: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="embserve-applier", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self.step(block_ms=100)
+                backoff = 0.1
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 - the loop must survive a log outage
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("applier round failed; retrying in %.1fs", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def step(self, block_ms: int = 0) -> int:
+        """One round: apply what the log has, feed sketches, re-decide, snapshot.  Returns the
+        number of entries applied (public so tests and catch-up can drive it synchronously)."""
+        records = self.log.read(self.position, _READ_BATCH, block_ms)
+        # lookups queued while read() waited came before these entries were appended: count them
+        # first, so a new ID is placed with the traffic it already had
+        self._drain_lookups()
+        if records:
+            self.apply(records)
+        elif not self.caught_up:
+            with self._cond:
+                self.caught_up = True
+                self._cond.notify_all()
+            log.info("caught up with the update log at %s", format_position(self.position))
+        self._maybe_redecide()
+        if time.monotonic() - self._last_snapshot >= self.settings.snapshot_interval_s:
+            self.snapshot_all(only_dirty=True)
+        self._update_lag()
+        return len(records)
+
+    # ------------------------------------------------------------------ applying
+
+    def apply(self, records: list[LogRecord]) -> None:
+        for rec in records:
+            self._apply_one(rec)
+        last = records[-1].position
+        with self._cond:
+            self.position = last
+            for name in self.tables.names():
+                hosted = self.tables.get(name)
+                if hosted is not None and (hosted.log_position is None or hosted.log_position < last):
+                    hosted.log_position = last
+            self._cond.notify_all()
+
+    def _apply_one(self, rec: LogRecord) -> None:
+        batch = rec.batch
+        if isinstance(batch, MalformedEntry):
+            self.metrics.updates_rejected.labels("malformed").inc()
+            log.warning("skipping malformed log entry %s: %s", format_position(rec.position), batch)
+            return
+        hosted = self.tables.get(batch.table)
+        if hosted is None:
+            self.metrics.updates_rejected.labels("unknown_table").inc()
+            return
+        if hosted.log_position is not None and rec.position <= hosted.log_position:
+            return  # already in the table (its snapshot includes this entry)
+        try:
+            validate_batch(hosted, batch)
+        except RejectedEntry as exc:
+            self.metrics.updates_rejected.labels("invalid").inc()
+            log.warning("rejecting log entry %s for %s: %s", format_position(rec.position), batch.table, exc)
+            return
+        table = hosted.table
+        ids = torch.from_numpy(batch.upsert_ids)
+        deletes = torch.from_numpy(batch.delete_ids)
+        with table.lock:  # one entry = one atomic change for lookups
+            if ids.numel():
+                table.put(ids, torch.from_numpy(batch.vectors), self._classes_for(hosted, ids))
+            removed = table.delete(deletes) if deletes.numel() else 0
+            hosted.log_position = rec.position
+        if ids.numel() and hosted.sketch is not None:
+            hosted.sketch.add(ids)
+        hosted.updates_since_decision += batch.size
+        hosted.dirty = True
+        self.metrics.updates_applied.labels(hosted.name, "upsert").inc(int(ids.numel()))
+        self.metrics.updates_applied.labels(hosted.name, "delete").inc(removed)
+
+    def _classes_for(self, hosted: HostedTable, ids: torch.Tensor) -> torch.Tensor:
+        """Existing IDs keep their class until the next re-decision; new IDs get the class their
+        frequency rank had at the last decision (or the most populated class, with no policy)."""
+        table = hosted.table
+        loc = table.index.resolve(ids.to(table.device)).cpu()
+        current = (loc >> LOCATOR_CLASS_SHIFT).to(torch.int64)
+        new = loc < 0
+        if not bool(new.any()):
+            return current
+        counts = table.rows_per_class()
+        default = int(torch.tensor(counts).argmax()) if sum(counts) else 0
+        if hosted.policy is not None and hosted.sketch is not None:
+            placed = hosted.rank_map.class_for(hosted.sketch.estimate(ids[new]), default)
+        else:
+            placed = torch.full((int(new.sum()),), default, dtype=torch.int64)
+        current[new] = placed
+        return current
+
+    # ------------------------------------------------------------------ read-your-writes
+
+    def wait_for(self, position: Position, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.position is None or self.position < position:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def wait_caught_up(self, timeout: float) -> bool:
+        """Block until start-up replay is done (what /readyz reports)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.caught_up:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # ------------------------------------------------------------------ frequencies and classes
+
+    def record_lookup(self, table: str, ids: np.ndarray) -> None:
+        """Called on the request path: queue only; the sketch is fed from this thread."""
+        self._lookups.append((table, ids))
+
+    def _drain_lookups(self) -> None:
+        while self._lookups:
+            name, ids = self._lookups.popleft()
+            hosted = self.tables.get(name)
+            if hosted is not None and hosted.sketch is not None:
+                hosted.sketch.add(torch.from_numpy(ids))
+
+    def _maybe_redecide(self) -> None:
+        now = time.monotonic()
+        for name in self.tables.names():
+            hosted = self.tables.get(name)
+            if hosted is None or hosted.policy is None or hosted.budget_bytes is None:
+                continue
+            over = hosted.table.nbytes > hosted.budget_bytes
+            segment = hosted.updates_since_decision >= self.settings.segment_updates or (
+                hosted.updates_since_decision > 0 and now - hosted.last_decision_at >= self.settings.segment_seconds
+            )
+            if over or segment:
+                self.redecide(hosted)
+
+    def redecide(self, hosted: HostedTable) -> dict[str, Any]:
+        """Re-assign every row's class by the table's policy inside its budget, move rows, compact."""
+        if hosted.policy is None or hosted.budget_bytes is None:
+            raise ValueError(f"table {hosted.name!r} has no policy and budget")
+        started = time.perf_counter()
+        table = hosted.table
+        with table.lock:
+            table.compact()
+            ids, _ = table.index.live_items()
+            ids = ids.cpu()
+            if hosted.sketch is not None:
+                hosted.sketch.decay()
+                freqs = hosted.sketch.estimate(ids)
+            else:
+                freqs = torch.ones(ids.numel())
+            slab_bytes = sum(s.numel() for s in table.slabs)
+            fixed = table.nbytes - slab_bytes  # index, rotation, fallback: not the policy's to move
+            decision = hosted.policy.decide(table, ids, freqs, hosted.budget_bytes - fixed)
+            moved = apply_decision(table, ids, decision)
+            hosted.rank_map = decision.rank_map
+        hosted.updates_since_decision = 0
+        hosted.last_decision_at = time.monotonic()
+        hosted.dirty = True
+        for label, rows in moved.items():
+            self.metrics.rows_moved.labels(hosted.name, label).inc(rows)
+        self.metrics.resize_events.labels(hosted.name).inc()
+        log.info("re-decided %s in %.2fs: moved %s, %d bytes (budget %d)", hosted.name, time.perf_counter() - started, moved, table.nbytes, hosted.budget_bytes)
+        return {"moved": moved, "bytes": table.nbytes, "budget_bytes": hosted.budget_bytes}
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, hosted: HostedTable) -> Position | None:
+        """Write the table and the log position it includes; the file replaces the old one atomically."""
+        with hosted.table.lock:
+            position = hosted.log_position
+            tensors, manifest = capture_state(hosted.table, format_position(position), hosted.extra())
+            hosted.dirty = False
+        folder = self.settings.tables_dir
+        write_state(tensors, manifest, Path(folder) / f"{hosted.name}{TABLE_SUFFIX}")
+        hosted.manifest = manifest
+        hosted.snapshot_position = position
+        hosted.snapshot_at = time.time()
+        return position
+
+    def snapshot_all(self, only_dirty: bool = False) -> None:
+        for name in self.tables.names():
+            hosted = self.tables.get(name)
+            if hosted is not None and (hosted.dirty or not only_dirty or hosted.snapshot_position != hosted.log_position):
+                self.snapshot(hosted)
+        self._last_snapshot = time.monotonic()
+        self.trim()
+
+    def trim(self) -> int:
+        """Drop log entries every table's snapshot already holds."""
+        kept = [self.tables.get(n) for n in self.tables.names()]
+        positions = [h.snapshot_position for h in kept if h is not None]
+        if not positions or None in positions:
+            return 0
+        return self.log.trim_before(min(positions))  # type: ignore[type-var]
+
+    # ------------------------------------------------------------------ metrics
+
+    def _update_lag(self) -> None:
+        try:
+            lag = self.log.count_after(self.position, limit=1_000_000)
+            oldest = self.log.oldest_after(self.position) if lag else None
+        except Exception:  # noqa: BLE001 - metrics must not break the loop
+            return
+        self.metrics.log_lag_entries.set(lag)
+        self.metrics.log_lag_seconds.set(0.0 if oldest is None else max(0.0, time.time() - oldest))

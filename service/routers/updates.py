@@ -1,0 +1,149 @@
+"""``POST /v1/tables/{name}/updates``: upserts and deletes from an online trainer.
+
+The request is checked whole, appended to the update log as one entry, and acknowledged only
+once the log holds it durably.  The applier thread applies it; ``wait=true`` holds the answer
+until then (read-your-writes).  Nothing of a rejected request reaches the log.
+
+Binary body (``Content-Type: application/x-embserve-updates``), little-endian::
+
+    magic "EMU1" | u32 n_upserts | u32 dim | u32 n_deletes
+    i64 upsert_ids[n_upserts] | f32 vectors[n_upserts * dim] | i64 delete_ids[n_deletes]
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import ApiError, _clean
+from ..registry import TABLE_NAME_PATTERN
+from ..state import AppState, get_state
+from ..updatelog import UpdateBatch, format_position
+from ..wire import Int64
+
+router = APIRouter(prefix="/v1", tags=["updates"])
+
+BINARY_UPDATE_TYPE = "application/x-embserve-updates"
+_UPDATE_HEAD = struct.Struct("<4sIII")
+
+
+class UpdateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    upsert_ids: list[Int64] = Field(default_factory=list, description="IDs to insert or overwrite")
+    vectors: list[list[float]] = Field(default_factory=list, description="one vector of the table's dim per upsert ID")
+    delete_ids: list[Int64] = Field(default_factory=list, description="IDs to delete")
+
+
+class UpdateResponse(BaseModel):
+    position: str
+    applied: bool
+    upserts: int
+    deletes: int
+
+
+def encode_binary_updates(upsert_ids: np.ndarray, vectors: np.ndarray, delete_ids: np.ndarray) -> bytes:
+    """Client side of the binary update body."""
+    dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
+    return b"".join(
+        [
+            _UPDATE_HEAD.pack(b"EMU1", len(upsert_ids), dim, len(delete_ids)),
+            np.ascontiguousarray(upsert_ids, dtype="<i8").tobytes(),
+            np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
+            np.ascontiguousarray(delete_ids, dtype="<i8").tobytes(),
+        ]
+    )
+
+
+def _parse(body: bytes, content_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    if content_type == BINARY_UPDATE_TYPE:
+        if len(body) < _UPDATE_HEAD.size:
+            raise ApiError(400, "malformed_body", "binary body shorter than its header")
+        magic, n, dim, m = _UPDATE_HEAD.unpack_from(body, 0)
+        if magic != b"EMU1":
+            raise ApiError(400, "malformed_body", "binary body does not start with b'EMU1'")
+        expected = _UPDATE_HEAD.size + 8 * n + 4 * n * dim + 8 * m
+        if len(body) != expected:
+            raise ApiError(400, "malformed_body", f"binary body is {len(body)} bytes; its header says {expected}")
+        pos = _UPDATE_HEAD.size
+        ids = np.frombuffer(body, "<i8", n, pos).astype(np.int64)
+        pos += 8 * n
+        vectors = np.frombuffer(body, "<f4", n * dim, pos).astype(np.float32).reshape(n, dim)
+        pos += 4 * n * dim
+        deletes = np.frombuffer(body, "<i8", m, pos).astype(np.int64)
+        return ids, vectors, deletes, dim if n else None
+    if content_type not in ("application/json", ""):
+        raise ApiError(415, "unsupported_media_type", f"send application/json or {BINARY_UPDATE_TYPE}")
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_body", f"body is not valid JSON: {exc}") from exc
+    try:
+        req = UpdateRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", "request does not match the schema", _clean(list(exc.errors()))) from exc
+    ids = np.asarray(req.upsert_ids, dtype=np.int64).reshape(-1)
+    dims = {len(v) for v in req.vectors}
+    if len(dims) > 1:
+        raise ApiError(422, "invalid_request", "vectors have different lengths")
+    dim = dims.pop() if dims else None
+    vectors = np.asarray(req.vectors, dtype=np.float32).reshape(len(req.vectors), dim or 0)
+    return ids, vectors, np.asarray(req.delete_ids, dtype=np.int64).reshape(-1), dim
+
+
+def handle_update(state: AppState, name: str, body: bytes, content_type: str, wait: bool) -> UpdateResponse:
+    hosted = state.tables.get(name)
+    if hosted is None:
+        raise ApiError(404, "unknown_table", f"no table named {name!r}")
+    if state.applier is None:
+        raise ApiError(503, "no_update_log", "this server runs without an update log")
+    ids, vectors, deletes, dim = _parse(body, content_type)
+    table = hosted.table
+    total = int(ids.shape[0] + deletes.shape[0])
+    if total == 0:
+        raise ApiError(422, "invalid_request", "no upserts and no deletes")
+    if total > state.settings.max_updates_per_request:
+        raise ApiError(413, "too_large", f"{total} IDs in one update; the limit is {state.settings.max_updates_per_request}")
+    if vectors.shape[0] != ids.shape[0]:
+        raise ApiError(422, "invalid_request", f"{ids.shape[0]} upsert IDs but {vectors.shape[0]} vectors")
+    if ids.shape[0] and dim != table.dim:
+        raise ApiError(422, "wrong_dim", f"vectors have dim {dim}; table {name!r} has dim {table.dim}")
+    if not np.isfinite(vectors).all():
+        raise ApiError(422, "not_finite", "vectors hold NaN or Inf")
+    if table.index.kind == "dense" and ids.shape[0] and int(ids.min()) < 0:
+        raise ApiError(422, "invalid_request", "a dense table takes only IDs >= 0")
+    position = state.update_log.append(UpdateBatch(name, ids, vectors.reshape(ids.shape[0], table.dim), deletes))  # type: ignore[union-attr]
+    state.metrics.updates_appended.labels(name).inc()
+    applied = state.applier.wait_for(position, state.settings.wait_timeout_s) if wait else False
+    return UpdateResponse(position=format_position(position) or "", applied=applied, upserts=int(ids.shape[0]), deletes=int(deletes.shape[0]))
+
+
+@router.post(
+    "/tables/{name}/updates",
+    response_model=UpdateResponse,
+    summary="Upsert and delete rows (durably logged, then applied)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": UpdateRequest.model_json_schema()},
+                BINARY_UPDATE_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+    responses={404: {"description": "no such table"}, 413: {"description": "too many IDs"}, 422: {"description": "bad vectors or IDs"}},
+)
+async def post_updates(
+    request: Request,
+    name: str = Path(..., pattern=TABLE_NAME_PATTERN),
+    wait: bool = Query(False, description="answer only once the update is applied (read-your-writes)"),
+    state: AppState = Depends(get_state),
+) -> UpdateResponse:
+    body = await request.body()
+    content_type = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    return await run_in_threadpool(handle_update, state, name, body, content_type, wait)

@@ -1,0 +1,84 @@
+"""Both update logs, against a real redis-server and real SQLite files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.updatelog import MalformedEntry, UpdateBatch, UpdateLog, open_log
+from service.updatelog.entry import format_position, parse_position
+
+
+def batch(table: str, ids: list[int], dim: int = 4, deletes: list[int] | None = None) -> UpdateBatch:
+    vectors = np.arange(len(ids) * dim, dtype=np.float32).reshape(len(ids), dim)
+    return UpdateBatch(table, np.array(ids, dtype=np.int64), vectors, np.array(deletes or [], dtype=np.int64))
+
+
+def test_append_then_read_in_order(update_log: UpdateLog) -> None:
+    assert update_log.last_position() is None
+    positions = [update_log.append(batch("t", [i, i + 1])) for i in range(5)]
+    assert positions == sorted(positions) and len(set(positions)) == 5
+    records = update_log.read(None, 100)
+    assert [r.position for r in records] == positions
+    first = records[0].batch
+    assert isinstance(first, UpdateBatch)
+    assert first.upsert_ids.tolist() == [0, 1] and first.vectors.shape == (2, 4)
+    assert [r.position for r in update_log.read(positions[1], 2)] == positions[2:4]
+    assert update_log.count_after(positions[1]) == 3
+    assert update_log.last_position() == positions[-1]
+    assert update_log.oldest_after(positions[-1]) is None
+    assert update_log.oldest_after(None) is not None
+
+
+def test_trim_drops_entries_at_or_before(update_log: UpdateLog) -> None:
+    positions = [update_log.append(batch("t", [i])) for i in range(4)]
+    update_log.trim_before(positions[1])
+    assert [r.position for r in update_log.read(None, 10)] == positions[2:]
+    assert update_log.last_position() == positions[-1]
+
+
+def test_read_blocks_until_an_append_or_timeout(update_log: UpdateLog) -> None:
+    assert update_log.read(None, 10, block_ms=50) == []
+
+
+def test_sqlite_appends_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "u.sqlite3"
+    log = open_log(None, path)
+    pos = log.append(batch("t", [7], deletes=[9]))
+    log.close()
+    reopened = open_log(None, path)
+    (rec,) = reopened.read(None, 10)
+    assert rec.position == pos and isinstance(rec.batch, UpdateBatch) and rec.batch.delete_ids.tolist() == [9]
+    reopened.trim_before(pos)
+    assert reopened.last_position() == pos  # positions never go backwards after a trim
+    assert reopened.append(batch("t", [1])) > pos
+    reopened.close()
+
+
+def test_malformed_direct_writes_are_surfaced_not_fatal(redis_url: str) -> None:
+    import redis
+
+    log = open_log(redis_url, Path("unused"), stream="test:malformed")
+    client = redis.Redis.from_url(redis_url)
+    client.xadd("test:malformed", {"table": "t", "dim": "4", "upsert_ids": b"\x00" * 8, "vectors": b"\x00" * 3})
+    log.append(batch("t", [1]))
+    records = log.read(None, 10)
+    assert isinstance(records[0].batch, MalformedEntry)
+    assert isinstance(records[1].batch, UpdateBatch)
+    client.close()
+    log.close()
+
+
+def test_redis_durability_check(redis_url: str) -> None:
+    log = open_log(redis_url, Path("unused"), stream="test:durable")
+    assert log.check_durability() == []  # the fixture runs appendonly yes, appendfsync always
+    log.close()
+
+
+def test_positions_round_trip() -> None:
+    assert parse_position(format_position((17, 3))) == (17, 3)
+    assert parse_position(b"1700000000000-5") == (1700000000000, 5)
+    with pytest.raises(ValueError):
+        parse_position("x-y")
