@@ -69,7 +69,7 @@ def test_sigkill_loses_no_acknowledged_update(log_kind: str, tmp_path: Path, req
                     vectors = np.random.default_rng(trial * 100_000 + k).normal(size=(16, DIM)).astype(np.float32)
                     deletes = [rng.randrange(ID_SPACE)] if k % 5 == 0 else []
                     pending: dict[int, np.ndarray | None] = {int(i): v for i, v in zip(ids, vectors, strict=True)}
-                    pending.update({d: None for d in deletes if d not in pending})
+                    pending.update({d: None for d in deletes})  # deletes apply after upserts, as the server does
                     in_flight = pending
                     try:
                         r = wclient.post("/v1/tables/emb/updates", json={"upsert_ids": ids.tolist(), "vectors": vectors.tolist(), "delete_ids": deletes})
