@@ -53,7 +53,13 @@ class CreateTable(BaseModel):
 
     name: str = Field(..., pattern=TABLE_NAME_PATTERN)
     dim: int = Field(..., ge=1, le=4096)
-    classes: list[str] = Field(..., min_length=1, max_length=8, description="row classes as labels, e.g. d64b16, d32b8, d0b32")
+    classes: list[str] = Field(
+        ...,
+        min_length=1,
+        max_length=8,
+        description="row classes as labels, e.g. d64b16, d32b8, d0b32; a class with fewer dims keeps the leading"
+        " coordinates as sent (for trainers that order coordinates by importance, SCALL/FIITED-style)",
+    )
     index: Literal["keyed", "dense"] = "keyed"
     unknown: Literal["zero"] = "zero"
     budget_bytes: int | None = Field(None, ge=1)
@@ -92,8 +98,6 @@ def create_table(body: CreateTable, state: AppState = Depends(get_state)) -> Tab
         for rc in classes:
             if rc.dim > body.dim:
                 raise ValueError(f"class {rc.label()} is wider than dim {body.dim}")
-        if any(0 < rc.dim < body.dim for rc in classes):
-            raise ValueError("truncated classes need a rotation; create the table with `embserve compress` instead")
         table = CompressedTable.empty(body.dim, classes, keyed=body.index == "keyed", device=state.tables.device, unknown=UnknownPolicy(body.unknown))
     except ValueError as exc:
         raise ApiError(422, "invalid_request", str(exc)) from exc
