@@ -328,9 +328,9 @@ class CompressedTable:
         return sum(_stack_bytes(t) for t in self.held_tensors().values())
 
     def rows_per_class(self) -> list[int]:
-        _, locs = self.index.live_items()
-        cls = (locs >> LOCATOR_CLASS_SHIFT).to(torch.int64)
-        return torch.bincount(cls, minlength=len(self.classes)).tolist()
+        """Live rows per class: every slot ever handed out holds a live row unless it was freed
+        (moves and deletes free their slot), so this is O(1), not a walk over the index."""
+        return [u - int(f.numel()) for u, f in zip(self.used, self.free, strict=True)]
 
     def stats(self) -> TableStats:
         with self.lock:

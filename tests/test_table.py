@@ -123,6 +123,21 @@ def test_put_moves_rows_between_classes_and_reuses_slots(keyed: bool) -> None:
     assert torch.equal(table.lookup(torch.tensor([9])).values, torch.ones(1, 8))
 
 
+def test_rows_per_class_agrees_with_the_index_after_moves_and_deletes() -> None:
+    torch.manual_seed(8)
+    table = CompressedTable.empty(4, [RowClass(4, 32), RowClass(4, 8), RowClass(0, 32)], keyed=True)
+    for step in range(30):
+        ids = torch.randint(0, 500, (40,))
+        table.put(ids, torch.randn(40, 4), torch.randint(0, 3, (40,)))
+        table.delete(torch.randint(0, 500, (10,)))
+        _, locs = table.index.live_items()
+        walked = torch.bincount((locs >> 28).long(), minlength=3).tolist()
+        assert table.rows_per_class() == walked, step
+    table.compact()
+    _, locs = table.index.live_items()
+    assert table.rows_per_class() == torch.bincount((locs >> 28).long(), minlength=3).tolist()
+
+
 def test_put_last_duplicate_wins_and_delete() -> None:
     table = CompressedTable.empty(4, [RowClass(4, 32)], keyed=True)
     table.put(torch.tensor([7, 7, 8]), torch.tensor([[1.0] * 4, [2.0] * 4, [3.0] * 4]), 0)
