@@ -34,6 +34,9 @@ log = logging.getLogger("embserve.applier")
 
 _READ_BATCH = 256
 _LOOKUP_QUEUE_MAX = 4096
+# Re-decisions fill this share of the budget: the rest is room for the new IDs that arrive
+# before the next segment, so a table at its budget does not re-decide on every new ID.
+_BUDGET_FILL = 0.95
 
 
 class RejectedEntry(ValueError):
@@ -244,7 +247,7 @@ class Applier:
                 freqs = torch.ones(ids.numel())
             slab_bytes = sum(s.numel() for s in table.slabs)
             fixed = table.nbytes - slab_bytes  # index, rotation, fallback: not the policy's to move
-            decision = hosted.policy.decide(table, ids, freqs, hosted.budget_bytes - fixed)
+            decision = hosted.policy.decide(table, ids, freqs, int(hosted.budget_bytes * _BUDGET_FILL) - fixed)
             moved = apply_decision(table, ids, decision)
             hosted.rank_map = decision.rank_map
         hosted.updates_since_decision = 0
