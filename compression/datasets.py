@@ -35,9 +35,12 @@ class Ratings:
     def __len__(self) -> int:
         return int(self.users.shape[0])
 
+    def select(self, rows: "slice | np.ndarray") -> "Ratings":
+        """The ratings picked by a slice, a boolean mask or an index array, fields kept aligned."""
+        return Ratings(self.users[rows], self.items[rows], self.ratings[rows], self.timestamps[rows])
+
     def sorted_by_time(self) -> "Ratings":
-        order = np.argsort(self.timestamps, kind="stable")
-        return Ratings(self.users[order], self.items[order], self.ratings[order], self.timestamps[order])
+        return self.select(np.argsort(self.timestamps, kind="stable"))
 
 
 def _from_folder(folder: Path) -> Ratings:
