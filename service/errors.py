@@ -20,19 +20,24 @@ log = logging.getLogger("embserve")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: list[Any] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: list[Any] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.headers = headers
 
 
-def error_response(status: int, code: str, message: str, details: list[Any] | None = None) -> Response:
+def error_response(
+    status: int, code: str, message: str, details: list[Any] | None = None, headers: dict[str, str] | None = None
+) -> Response:
     body: dict[str, Any] = {"status": status, "code": code, "message": message}
     if details:
         body["details"] = details
-    return Response(orjson.dumps({"error": body}), status_code=status, media_type="application/json")
+    return Response(orjson.dumps({"error": body}), status_code=status, media_type="application/json", headers=headers)
 
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
@@ -44,20 +49,33 @@ def _clean(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors[:20]]
 
 
+def v2_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The inference protocol's error shape, ``{"error": "<message>"}``: Triton and KServe clients
+    read the message from that string."""
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json", headers=headers)
+
+
+def _render(request: Request, status: int, code: str, message: str, details: list[Any] | None = None,
+            headers: dict[str, str] | None = None) -> Response:
+    if request.url.path.startswith("/v2"):
+        return v2_error_response(status, message, headers)
+    return error_response(status, code, message, details, headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return _render(request, exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(422, "invalid_request", "request does not match the schema", _clean(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return _render(request, 422, "invalid_request", "request does not match the schema", _clean(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return _render(request, exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail), None, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal server error")
+        return _render(request, 500, "internal", "internal server error")

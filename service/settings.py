@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EMBSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="EMBSERVE_", extra="ignore", populate_by_name=True)
 
     tables_dir: Path = Field(Path("tables"), description="folder of *.safetensors table files loaded at start")
     device: str = Field("cpu", description="torch device tables are served from: cpu, cuda, cuda:1, ...")
@@ -37,7 +37,35 @@ class Settings(BaseSettings):
     segment_seconds: float = Field(60.0, gt=0, description="... or after this many seconds with updates")
     sketch_width: int = Field(1 << 20, ge=256, description="count-min sketch width per table (4 rows of float32)")
     frequency_half_life_s: float = Field(3600.0, gt=0, description="half-life of the decayed ID frequencies")
-    admin_token: str | None = Field(None, description="bearer token for admin endpoints; unset = admin open (development)")
+    # access control (service/security.py)
+    token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("EMBSERVE_TOKEN", "EMBSERVE_ADMIN_TOKEN"),
+        description="bearer token every write and admin request must carry; unset = only loopback clients may write",
+    )
+    token_file: Path | None = Field(None, description="file holding the write token (a mounted secret); wins over EMBSERVE_TOKEN")
+    read_token: SecretStr | None = Field(None, description="bearer token reads must carry (the write token works too); unset = reads open")
+    read_token_file: Path | None = Field(None, description="file holding the read token")
+
+    @model_validator(mode="after")
+    def _tokens_from_files(self) -> "Settings":
+        """Secrets mounted as files (Docker/Kubernetes secrets) are read once, at start-up."""
+        for field, file_field in (("token", "token_file"), ("read_token", "read_token_file")):
+            path: Path | None = getattr(self, file_field)
+            if path is None:
+                continue
+            try:
+                text = path.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"{file_field}: cannot read {path}: {exc.strerror}") from None
+            if not text:
+                raise ValueError(f"{file_field}: {path} is empty")
+            setattr(self, field, SecretStr(text))
+        for field in ("token", "read_token"):
+            value: SecretStr | None = getattr(self, field)
+            if value is not None and len(value.get_secret_value()) < 16:
+                raise ValueError(f"{field}: use at least 16 characters")
+        return self
 
     def sqlite_path(self) -> Path:
         return self.log_path if self.log_path is not None else self.tables_dir / "updates.sqlite3"

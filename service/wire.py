@@ -29,6 +29,18 @@ Binary response (``Accept: application/x-embserve-tensor``, or ``application/oct
       0-3 bytes          zero padding to a multiple of 4
 
 JSON responses carry the same fields (see :class:`LookupResponse`).
+
+Binary update body (``POST /v1/tables/{name}/updates``, ``Content-Type: application/x-embserve-updates``)::
+
+    magic      4 bytes   b"EMU1"
+    u32        n         upserted IDs
+    u32        dim       vector length (the table's dim; anything when n = 0)
+    u32        m         deleted IDs
+    n x i64              upsert IDs
+    n*dim x f32          vectors, row-major
+    m x i64              delete IDs
+
+This module needs only numpy and pydantic: the client (``service/client.py``) imports it.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 BINARY_REQUEST_TYPE = "application/x-embserve-lookup"
 BINARY_RESPONSE_TYPE = "application/x-embserve-tensor"
+BINARY_UPDATE_TYPE = "application/x-embserve-updates"
 OCTET_STREAM = "application/octet-stream"
 REQUEST_MAGIC = b"EMQ1"
 RESPONSE_MAGIC = b"EMR1"
@@ -53,6 +66,7 @@ _POOLING_CODES: dict[int, Pooling] = {0: "none", 1: "sum", 2: "mean"}
 _HEAD = struct.Struct("<4sI")
 _ENTRY = struct.Struct("<HBBII")
 _RESULT = struct.Struct("<IIII")
+_UPDATE_HEAD = struct.Struct("<4sIII")
 
 
 class WireError(ValueError):
@@ -183,3 +197,36 @@ def decode_binary_response(body: bytes) -> list[tuple[np.ndarray, np.ndarray, in
         pos += n + (-n % 4)
         out.append((values, found, unknown))
     return out
+
+
+def encode_binary_updates(upsert_ids: np.ndarray, vectors: np.ndarray, delete_ids: np.ndarray) -> bytes:
+    """Client side of :func:`parse_binary_updates`."""
+    dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
+    return b"".join(
+        [
+            _UPDATE_HEAD.pack(b"EMU1", len(upsert_ids), dim, len(delete_ids)),
+            np.ascontiguousarray(upsert_ids, dtype="<i8").tobytes(),
+            np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
+            np.ascontiguousarray(delete_ids, dtype="<i8").tobytes(),
+        ]
+    )
+
+
+def parse_binary_updates(body: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(upsert_ids int64 [n], vectors float32 [n, dim], delete_ids int64 [m])``; sizes are checked
+    against the header before anything is read."""
+    if len(body) < _UPDATE_HEAD.size:
+        raise WireError("binary body shorter than its header")
+    magic, n, dim, m = _UPDATE_HEAD.unpack_from(body, 0)
+    if magic != b"EMU1":
+        raise WireError("binary body does not start with b'EMU1'")
+    expected = _UPDATE_HEAD.size + 8 * n + 4 * n * dim + 8 * m
+    if len(body) != expected:
+        raise WireError(f"binary body is {len(body)} bytes; its header says {expected}")
+    pos = _UPDATE_HEAD.size
+    ids = np.frombuffer(body, "<i8", n, pos).astype(np.int64)
+    pos += 8 * n
+    vectors = np.frombuffer(body, "<f4", n * dim, pos).astype(np.float32).reshape(n, dim)
+    pos += 4 * n * dim
+    deletes = np.frombuffer(body, "<i8", m, pos).astype(np.int64)
+    return ids, vectors, deletes

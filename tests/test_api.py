@@ -17,12 +17,16 @@ from service.app import create_app
 from service.registry import TableRegistry
 from service.settings import Settings
 from service.wire import (
+
     BINARY_REQUEST_TYPE,
     BINARY_RESPONSE_TYPE,
     ParsedLookup,
     decode_binary_response,
     encode_binary_request,
 )
+
+# in-process calls come from a loopback peer, like a developer on the same host: writes need no token then
+LOOPBACK = ("127.0.0.1", 50000)
 
 ROWS = torch.randn(1000, 16, generator=torch.Generator().manual_seed(3))
 
@@ -39,7 +43,7 @@ def tables(mixed_table: CompressedTable) -> TableRegistry:
 def client(tables: TableRegistry, tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(tables_dir=tmp_path, max_ids_per_request=5000, max_body_bytes=200_000, max_lookups_per_request=4)
     app = create_app(settings, tables)
-    with TestClient(app) as c:
+    with TestClient(app, client=LOOPBACK) as c:
         assert app.state.embserve.applier.wait_caught_up(10)
         yield c
 
@@ -115,7 +119,7 @@ def test_health_and_readiness(client: TestClient) -> None:
 def test_readyz_is_503_until_tables_load(tables: TableRegistry, tmp_path: Path) -> None:
     app = create_app(Settings(tables_dir=tmp_path), tables)
     tables.ready = False
-    with TestClient(app) as c:  # lifespan with a given registry marks it ready
+    with TestClient(app, client=LOOPBACK) as c:  # lifespan with a given registry marks it ready
         tables.ready = False
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"

@@ -1,9 +1,8 @@
 """Admin endpoints: create and drop tables, set a table's budget and dimension policy, force a
-re-decision or a snapshot.  A bearer token (``EMBSERVE_ADMIN_TOKEN``) guards them when set."""
+re-decision or a snapshot.  They need the write token (see ``service/security.py``)."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -17,24 +16,13 @@ from compression.unknown import UnknownPolicy
 
 from ..errors import ApiError
 from ..registry import TABLE_NAME_PATTERN, HostedTable, policy_config, policy_from_config
+from ..security import require_writer
 from ..state import AppState, get_state
 from ..updatelog import format_position
 from .tables import TableInfo, describe
 
 
-def require_admin(request: Request, state: AppState = Depends(get_state)) -> None:
-    token = state.settings.admin_token
-    if not token:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "unauthorized", "admin endpoints need 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(403, "forbidden", "wrong admin token")
-
-
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_writer)])
 
 
 class PolicyConfig(BaseModel):

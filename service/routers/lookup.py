@@ -20,6 +20,7 @@ from starlette.responses import Response
 from compression.pooling import validate_offsets
 
 from ..errors import ApiError, _clean
+from ..security import require_reader
 from ..state import AppState, get_state
 from ..wire import (
     BINARY_REQUEST_TYPE,
@@ -34,7 +35,7 @@ from ..wire import (
     parse_binary_request,
 )
 
-router = APIRouter(prefix="/v1", tags=["lookup"])
+router = APIRouter(prefix="/v1", tags=["lookup"], dependencies=[Depends(require_reader)])
 
 # The handler reads the raw body (two content types), so FastAPI cannot infer the schema; we
 # declare it here and add the models to the OpenAPI components in add_openapi_components().

@@ -10,9 +10,10 @@ from pydantic import BaseModel
 from ..errors import ApiError
 from ..registry import TABLE_NAME_PATTERN, HostedTable, policy_config
 from ..updatelog import format_position
+from ..security import require_reader
 from ..state import AppState, get_state
 
-router = APIRouter(prefix="/v1", tags=["tables"])
+router = APIRouter(prefix="/v1", tags=["tables"], dependencies=[Depends(require_reader)])
 
 
 class RowClassInfo(BaseModel):

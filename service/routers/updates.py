@@ -4,15 +4,10 @@ The request is checked whole, appended to the update log as one entry, and ackno
 once the log holds it durably.  The applier thread applies it; ``wait=true`` holds the answer
 until then (read-your-writes).  Nothing of a rejected request reaches the log.
 
-Binary body (``Content-Type: application/x-embserve-updates``), little-endian::
-
-    magic "EMU1" | u32 n_upserts | u32 dim | u32 n_deletes
-    i64 upsert_ids[n_upserts] | f32 vectors[n_upserts * dim] | i64 delete_ids[n_deletes]
+The binary body (``application/x-embserve-updates``) is laid out in ``service/wire.py``.
 """
 
 from __future__ import annotations
-
-import struct
 
 import numpy as np
 import orjson
@@ -22,14 +17,15 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import ApiError, _clean
 from ..registry import TABLE_NAME_PATTERN
+from ..security import require_writer
 from ..state import AppState, get_state
 from ..updatelog import UpdateBatch, format_position
-from ..wire import Int64
+from ..wire import BINARY_UPDATE_TYPE, Int64, WireError, encode_binary_updates, parse_binary_updates
 
-router = APIRouter(prefix="/v1", tags=["updates"])
+__all__ = ["BINARY_UPDATE_TYPE", "encode_binary_updates", "router"]
 
-BINARY_UPDATE_TYPE = "application/x-embserve-updates"
-_UPDATE_HEAD = struct.Struct("<4sIII")
+router = APIRouter(prefix="/v1", tags=["updates"], dependencies=[Depends(require_writer)])
+
 
 
 class UpdateRequest(BaseModel):
@@ -47,36 +43,13 @@ class UpdateResponse(BaseModel):
     deletes: int
 
 
-def encode_binary_updates(upsert_ids: np.ndarray, vectors: np.ndarray, delete_ids: np.ndarray) -> bytes:
-    """Client side of the binary update body."""
-    dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
-    return b"".join(
-        [
-            _UPDATE_HEAD.pack(b"EMU1", len(upsert_ids), dim, len(delete_ids)),
-            np.ascontiguousarray(upsert_ids, dtype="<i8").tobytes(),
-            np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
-            np.ascontiguousarray(delete_ids, dtype="<i8").tobytes(),
-        ]
-    )
-
-
 def _parse(body: bytes, content_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
     if content_type == BINARY_UPDATE_TYPE:
-        if len(body) < _UPDATE_HEAD.size:
-            raise ApiError(400, "malformed_body", "binary body shorter than its header")
-        magic, n, dim, m = _UPDATE_HEAD.unpack_from(body, 0)
-        if magic != b"EMU1":
-            raise ApiError(400, "malformed_body", "binary body does not start with b'EMU1'")
-        expected = _UPDATE_HEAD.size + 8 * n + 4 * n * dim + 8 * m
-        if len(body) != expected:
-            raise ApiError(400, "malformed_body", f"binary body is {len(body)} bytes; its header says {expected}")
-        pos = _UPDATE_HEAD.size
-        ids = np.frombuffer(body, "<i8", n, pos).astype(np.int64)
-        pos += 8 * n
-        vectors = np.frombuffer(body, "<f4", n * dim, pos).astype(np.float32).reshape(n, dim)
-        pos += 4 * n * dim
-        deletes = np.frombuffer(body, "<i8", m, pos).astype(np.int64)
-        return ids, vectors, deletes, dim if n else None
+        try:
+            ids, vectors, deletes = parse_binary_updates(body)
+        except WireError as exc:
+            raise ApiError(400, "malformed_body", str(exc)) from exc
+        return ids, vectors, deletes, int(vectors.shape[1]) if ids.shape[0] else None
     if content_type not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", f"send application/json or {BINARY_UPDATE_TYPE}")
     try:
@@ -92,7 +65,8 @@ def _parse(body: bytes, content_type: str) -> tuple[np.ndarray, np.ndarray, np.n
     if len(dims) > 1:
         raise ApiError(422, "invalid_request", "vectors have different lengths")
     dim = dims.pop() if dims else None
-    vectors = np.asarray(req.vectors, dtype=np.float32).reshape(len(req.vectors), dim or 0)
+    with np.errstate(over="ignore"):  # values past float32's range become inf and are refused below
+        vectors = np.asarray(req.vectors, dtype=np.float32).reshape(len(req.vectors), dim or 0)
     return ids, vectors, np.asarray(req.delete_ids, dtype=np.int64).reshape(-1), dim
 
 
