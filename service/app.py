@@ -17,7 +17,7 @@ from .errors import ApiError, error_response, install_error_handlers
 from .metrics import ServiceMetrics
 from .registry import TableRegistry
 from .applier import Applier
-from .routers import admin, health, lookup, metrics, updates
+from .routers import admin, health, lookup, metrics, updates, v2
 from .routers import tables as tables_router
 from .updatelog import open_log
 from .settings import Settings
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
     )
     app.state.embserve = state
     install_error_handlers(app)
-    for router in (lookup.router, updates.router, tables_router.router, admin.router, health.router, metrics.router):
+    for router in (lookup.router, updates.router, tables_router.router, admin.router, health.router, metrics.router, v2.router):
         app.include_router(router)
     base_openapi = app.openapi
 

@@ -1,0 +1,229 @@
+"""Python client for ranking services: sync and async, binary on the wire, numpy out.
+
+    from service.client import EmbeddingClient
+    with EmbeddingClient("http://127.0.0.1:8080") as client:
+        emb = client.lookup("items", np.array([1, 2, 3]))        # emb.values: float32 [3, dim]
+        users, items = client.lookup_many({"users": u, "items": i})
+        client.update("items", upsert_ids=ids, vectors=vecs, wait=True)
+
+``AsyncEmbeddingClient`` has the same methods as coroutines.  Both keep one HTTP connection pool
+(keep-alive), send the binary request body and ask for the binary answer, so no per-ID Python
+work happens on either side; ``binary=False`` switches to JSON (for debugging).
+
+It needs numpy, httpx, orjson and pydantic (for the wire models), neither torch nor FastAPI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+import orjson
+
+from .wire import (
+    BINARY_REQUEST_TYPE,
+    BINARY_RESPONSE_TYPE,
+    BINARY_UPDATE_TYPE,
+    ParsedLookup,
+    decode_binary_response,
+    encode_binary_request,
+    encode_binary_updates,
+)
+
+Pooling = Literal["none", "sum", "mean"]
+LookupSpec = tuple[str, "np.ndarray | Sequence[int]"]
+
+
+class EmbservError(Exception):
+    """A non-2xx answer: HTTP status plus the service's error code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Embeddings:
+    values: np.ndarray  # float32 [n, dim] ([bags, dim] when pooled); read-only view of the response
+    found: np.ndarray  # bool [n]: the table holds the ID
+    unknown: int  # IDs filled by the table's unknown-ID policy
+
+
+@dataclass
+class UpdateAck:
+    position: str  # update-log position, opaque
+    applied: bool  # with wait=True: visible to lookups
+    upserts: int
+    deletes: int
+
+
+# ---- what the two clients share: building requests, reading answers (no I/O here) ----
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def _lookup_request(lookups: Sequence[ParsedLookup], binary: bool) -> tuple[bytes, dict[str, str]]:
+    if binary:
+        return encode_binary_request(list(lookups)), {"content-type": BINARY_REQUEST_TYPE, "accept": BINARY_RESPONSE_TYPE}
+    body = {
+        "lookups": [
+            {"table": item.table, "ids": item.ids.tolist(), "pooling": item.pooling}
+            | ({"offsets": item.offsets.tolist()} if item.offsets is not None else {})
+            for item in lookups
+        ]
+    }
+    return orjson.dumps(body), {"content-type": "application/json", "accept": "application/json"}
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        err = orjson.loads(response.content)["error"]
+        code, message = err.get("code", "error"), err.get("message", "")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        code, message = "error", response.text[:200]
+    raise EmbservError(response.status_code, code, message)
+
+
+def _lookup_answer(response: httpx.Response, binary: bool) -> list[Embeddings]:
+    _raise_for(response)
+    if binary:
+        return [Embeddings(values, found, unknown) for values, found, unknown in decode_binary_response(response.content)]
+    out = []
+    for r in orjson.loads(response.content)["results"]:
+        values = np.asarray(r["embeddings"], dtype=np.float32).reshape(r["shape"])
+        out.append(Embeddings(values, np.asarray(r["found"], dtype=bool), int(r["unknown"])))
+    return out
+
+
+def _as_lookups(specs: Mapping[str, Any] | Sequence[LookupSpec]) -> list[ParsedLookup]:
+    pairs = specs.items() if isinstance(specs, Mapping) else specs
+    return [ParsedLookup(table, np.asarray(ids, dtype=np.int64).reshape(-1), None, "none") for table, ids in pairs]
+
+
+def _one(table: str, ids: Any, offsets: Any, pooling: Pooling) -> ParsedLookup:
+    return ParsedLookup(
+        table,
+        np.asarray(ids, dtype=np.int64).reshape(-1),
+        None if offsets is None else np.asarray(offsets, dtype=np.int64).reshape(-1),
+        pooling,
+    )
+
+
+def _update_request(upsert_ids: Any, vectors: Any, delete_ids: Any) -> bytes:
+    ids = np.asarray(upsert_ids if upsert_ids is not None else [], dtype=np.int64).reshape(-1)
+    vecs = np.asarray(vectors if vectors is not None else np.empty((0, 0)), dtype=np.float32)
+    if vecs.ndim != 2 or vecs.shape[0] != ids.shape[0]:
+        raise ValueError(f"vectors must be [len(upsert_ids), dim]; got {vecs.shape} for {ids.shape[0]} IDs")
+    deletes = np.asarray(delete_ids if delete_ids is not None else [], dtype=np.int64).reshape(-1)
+    return encode_binary_updates(ids, vecs, deletes)
+
+
+def _update_answer(response: httpx.Response) -> UpdateAck:
+    _raise_for(response)
+    body = orjson.loads(response.content)
+    return UpdateAck(body["position"], bool(body["applied"]), int(body["upserts"]), int(body["deletes"]))
+
+
+def _limits(max_connections: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+
+
+class EmbeddingClient:
+    """Blocking client; thread-safe (httpx pools connections across threads)."""
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0, binary: bool = True,
+                 max_connections: int = 64) -> None:
+        self.binary = binary
+        self._http = httpx.Client(base_url=base_url, headers=_headers(token), timeout=timeout, limits=_limits(max_connections))
+
+    def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none") -> Embeddings:
+        return self._lookup([_one(table, ids, offsets, pooling)])[0]
+
+    def lookup_many(self, specs: Mapping[str, Any] | Sequence[LookupSpec]) -> list[Embeddings]:
+        """Several tables in one request (one round trip), answers in request order."""
+        return self._lookup(_as_lookups(specs))
+
+    def _lookup(self, lookups: list[ParsedLookup]) -> list[Embeddings]:
+        body, headers = _lookup_request(lookups, self.binary)
+        return _lookup_answer(self._http.post("/v1/lookup", content=body, headers=headers), self.binary)
+
+    def update(self, table: str, *, upsert_ids: Any = None, vectors: Any = None, delete_ids: Any = None, wait: bool = False) -> UpdateAck:
+        body = _update_request(upsert_ids, vectors, delete_ids)
+        response = self._http.post(f"/v1/tables/{table}/updates", content=body, params={"wait": str(wait).lower()},
+                                   headers={"content-type": BINARY_UPDATE_TYPE})
+        return _update_answer(response)
+
+    def tables(self) -> list[dict[str, Any]]:
+        response = self._http.get("/v1/tables")
+        _raise_for(response)
+        return list(orjson.loads(response.content)["tables"])
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "EmbeddingClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEmbeddingClient:
+    """asyncio client with the same methods as :class:`EmbeddingClient`."""
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0, binary: bool = True,
+                 max_connections: int = 64) -> None:
+        self.binary = binary
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(token), timeout=timeout, limits=_limits(max_connections))
+
+    async def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none") -> Embeddings:
+        return (await self._lookup([_one(table, ids, offsets, pooling)]))[0]
+
+    async def lookup_many(self, specs: Mapping[str, Any] | Sequence[LookupSpec]) -> list[Embeddings]:
+        return await self._lookup(_as_lookups(specs))
+
+    async def _lookup(self, lookups: list[ParsedLookup]) -> list[Embeddings]:
+        body, headers = _lookup_request(lookups, self.binary)
+        return _lookup_answer(await self._http.post("/v1/lookup", content=body, headers=headers), self.binary)
+
+    async def update(self, table: str, *, upsert_ids: Any = None, vectors: Any = None, delete_ids: Any = None,
+                     wait: bool = False) -> UpdateAck:
+        body = _update_request(upsert_ids, vectors, delete_ids)
+        response = await self._http.post(f"/v1/tables/{table}/updates", content=body, params={"wait": str(wait).lower()},
+                                         headers={"content-type": BINARY_UPDATE_TYPE})
+        return _update_answer(response)
+
+    async def tables(self) -> list[dict[str, Any]]:
+        response = await self._http.get("/v1/tables")
+        _raise_for(response)
+        return list(orjson.loads(response.content)["tables"])
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncEmbeddingClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

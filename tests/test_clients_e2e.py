@@ -1,0 +1,131 @@
+"""Clients against a real `embserve serve` process: our Python client (sync and async), an
+unmodified Triton HTTP client on the v2 protocol, and the write token over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from compression import compress_uniform, save_table
+from compression.layout import RowClass
+from service.client import AsyncEmbeddingClient, EmbeddingClient, EmbservError
+from tests.test_e2e import free_port, wait_ready
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "e2e-write-token-0123456789"
+DIM = 16
+ROWS = torch.randn(2_000, DIM, generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("tables")
+    save_table(compress_uniform(ROWS, RowClass(DIM, 32)), folder / "items.safetensors")  # fp32: exact answers
+    save_table(compress_uniform(ROWS[:100], RowClass(DIM, 32)), folder / "users.safetensors")
+    secret = folder.parent / "token"
+    secret.write_text(TOKEN + "\n")
+    port = free_port()
+    env = {**os.environ, "EMBSERVE_TABLES_DIR": str(folder), "EMBSERVE_PORT": str(port), "EMBSERVE_TOKEN_FILE": str(secret),
+           "EMBSERVE_MAX_IDS_PER_REQUEST": "50000"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_sync_client_binary_and_json_agree_with_the_table(server: str) -> None:
+    ids = np.array([0, 7, 1999, 5000, 7], dtype=np.int64)
+    with EmbeddingClient(server) as binary, EmbeddingClient(server, binary=False) as plain:
+        for client in (binary, plain):
+            emb = client.lookup("items", ids)
+            assert emb.values.shape == (5, DIM) and emb.values.dtype == np.float32
+            assert emb.found.tolist() == [True, True, True, False, True]
+            assert emb.unknown == 1
+            np.testing.assert_array_equal(emb.values[[0, 1, 2, 4]], ROWS[[0, 7, 1999, 7]].numpy())
+        users, items = binary.lookup_many({"users": [3, 4], "items": [5]})
+        np.testing.assert_array_equal(users.values, ROWS[[3, 4]].numpy())
+        np.testing.assert_array_equal(items.values, ROWS[[5]].numpy())
+        pooled = binary.lookup("items", [1, 2, 3], offsets=[0, 1], pooling="sum")
+        np.testing.assert_allclose(pooled.values, np.stack([ROWS[1].numpy(), (ROWS[2] + ROWS[3]).numpy()]), rtol=1e-6)
+        with pytest.raises(EmbservError) as err:
+            binary.lookup("nope", [1])
+        assert err.value.status == 404 and err.value.code == "unknown_table"
+
+
+def test_writes_need_the_token_and_the_client_sends_it(server: str) -> None:
+    vec = np.full((1, DIM), 0.5, np.float32)
+    with EmbeddingClient(server) as anonymous, EmbeddingClient(server, token="wrong-token-wrong-token") as wrong:
+        with pytest.raises(EmbservError) as err:
+            anonymous.update("items", upsert_ids=[10], vectors=vec)
+        assert err.value.status == 401
+        with pytest.raises(EmbservError) as err:
+            wrong.update("items", upsert_ids=[10], vectors=vec)
+        assert err.value.status == 403
+        assert anonymous.lookup("items", [10]).values[0, 0] == ROWS[10, 0].item()  # nothing was applied
+    r = httpx.post(f"{server}/v1/admin/tables", json={"name": "t", "dim": 4, "classes": ["d4b32"]})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    with EmbeddingClient(server, token=TOKEN) as writer:
+        ack = writer.update("items", upsert_ids=[10], vectors=vec, delete_ids=[11], wait=True)
+        assert ack.applied and ack.upserts == 1 and ack.deletes == 1
+        emb = writer.lookup("items", [10, 11])
+        np.testing.assert_array_equal(emb.values[0], vec[0])
+        assert emb.found.tolist() == [True, False]
+
+
+def test_async_client_runs_concurrent_lookups(server: str) -> None:
+    async def main() -> list[np.ndarray]:
+        async with AsyncEmbeddingClient(server) as client:
+            assert await client.ready()
+            results = await asyncio.gather(*(client.lookup("items", [k, k + 1]) for k in range(100, 132)))
+            names = {t["name"] for t in await client.tables()}
+            assert {"items", "users"} <= names
+            return [r.values for r in results]
+
+    values = asyncio.run(main())
+    for k, v in zip(range(100, 132), values):
+        np.testing.assert_array_equal(v, ROWS[[k, k + 1]].numpy())
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_unmodified_triton_client_calls_the_v2_protocol(server: str, binary: bool) -> None:
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("items")
+    meta = client.get_model_metadata("items")
+    assert meta["outputs"][0] == {"name": "embeddings", "datatype": "FP32", "shape": [-1, DIM]}
+    ids = np.array([[1, 2, 3], [4, 5, 99_999]], dtype=np.int64)
+    ids_input = triton.InferInput("ids", list(ids.shape), "INT64")
+    ids_input.set_data_from_numpy(ids, binary_data=binary)
+    outputs = [triton.InferRequestedOutput("embeddings", binary_data=binary), triton.InferRequestedOutput("found", binary_data=binary)]
+    result = client.infer("items", [ids_input], outputs=outputs, request_id="r-1")
+    emb = result.as_numpy("embeddings")
+    assert emb.shape == (2, 3, DIM)
+    np.testing.assert_array_equal(emb[0], ROWS[[1, 2, 3]].numpy())
+    assert result.as_numpy("found").tolist() == [[True, True, True], [True, True, False]]
+    assert result.get_response()["id"] == "r-1"
+    with pytest.raises(InferenceServerException, match="no model named 'nope'"):
+        client.infer("nope", [ids_input])
+    too_many = np.zeros(60_000, dtype=np.int64)
+    big = triton.InferInput("ids", [60_000], "INT64")
+    big.set_data_from_numpy(too_many, binary_data=True)
+    with pytest.raises(InferenceServerException, match="limit"):
+        client.infer("items", [big])
