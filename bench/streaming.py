@@ -61,13 +61,16 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) ->
     raise TimeoutError(url)
 
 
-def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_redis(folder: Path, durable: bool = True) -> tuple[subprocess.Popen[bytes], str]:
+    """A real redis-server on a free loopback port; ``durable`` = AOF with fsync on every write
+    (the update log's setting), otherwise no persistence (a cache, as a feature store runs it)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not installed")
     port = free_port()
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), *persistence, "--save", ""],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     import redis

@@ -211,11 +211,16 @@ class Applier:
         self._lookups.append((table, ids))
 
     def _drain_lookups(self) -> None:
+        # one sketch update per table for everything queued since the last round: the torch
+        # overhead of an update is paid once, not once per request
+        pending: dict[str, list[np.ndarray]] = {}
         while self._lookups:
             name, ids = self._lookups.popleft()
+            pending.setdefault(name, []).append(ids)
+        for name, chunks in pending.items():
             hosted = self.tables.get(name)
             if hosted is not None and hosted.sketch is not None:
-                hosted.sketch.add(torch.from_numpy(ids))
+                hosted.sketch.add(torch.from_numpy(np.concatenate(chunks)))
 
     def _maybe_redecide(self) -> None:
         now = time.monotonic()
@@ -283,7 +288,10 @@ class Applier:
         self.trim()
 
     def trim(self) -> int:
-        """Drop log entries every table's snapshot already holds."""
+        """Drop log entries every table's snapshot already holds.  Off with ``trim_log=false``:
+        replicas sharing one Redis stream must not trim behind each other's snapshots."""
+        if not self.settings.trim_log:
+            return 0
         kept = [self.tables.get(n) for n in self.tables.names()]
         positions = [h.snapshot_position for h in kept if h is not None]
         if not positions or None in positions:

@@ -59,7 +59,7 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_writer(request: Request, state: AppState = Depends(get_state)) -> None:
+async def require_writer(request: Request, state: AppState = Depends(get_state)) -> None:
     """FastAPI dependency for every state-changing endpoint."""
     token = state.settings.token
     if token is None:
@@ -73,7 +73,7 @@ def require_writer(request: Request, state: AppState = Depends(get_state)) -> No
         raise ApiError(403, "forbidden", "the token does not grant writes")
 
 
-def require_reader(request: Request, state: AppState = Depends(get_state)) -> None:
+async def require_reader(request: Request, state: AppState = Depends(get_state)) -> None:
     """FastAPI dependency for lookups and metadata: open unless a read token is configured."""
     read_token = state.settings.read_token
     if read_token is None:

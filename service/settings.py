@@ -12,13 +12,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMBSERVE_", extra="ignore", populate_by_name=True)
 
-    tables_dir: Path = Field(Path("tables"), description="folder of *.safetensors table files loaded at start")
+    tables_dir: Path = Field(Path("tables"), description="folder of *.safetensors table files loaded at start; snapshots go here")
+    seed_dir: Path | None = Field(
+        None, description="read-only folder of base tables: one missing from tables_dir is copied from here at start (replicas)"
+    )
     device: str = Field("cpu", description="torch device tables are served from: cpu, cuda, cuda:1, ...")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8080, ge=0, le=65535, description="port to bind (0 = any free port)")
     max_ids_per_request: int = Field(1_000_000, ge=1, description="IDs over all lookups of one request")
     max_lookups_per_request: int = Field(64, ge=1, description="table lookups in one request")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body size limit")
+    inline_max_body_bytes: int = Field(
+        16 * 1024, ge=0, description="lookup bodies up to this size are served on the event loop, larger ones in the thread pool"
+    )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for torch and the decoder")
     log_level: str = Field("info", description="uvicorn log level")
 
@@ -32,6 +38,7 @@ class Settings(BaseSettings):
     log_path: Path | None = Field(None, description="SQLite update log file (default: <tables_dir>/updates.sqlite3)")
     max_updates_per_request: int = Field(100_000, ge=1, description="upserted + deleted IDs in one update request")
     wait_timeout_s: float = Field(10.0, gt=0, description="longest an update request with wait=true waits to be applied")
+    trim_log: bool = Field(True, description="drop log entries behind the snapshots; false where several replicas share one stream")
     snapshot_interval_s: float = Field(300.0, gt=0, description="snapshot changed tables this often")
     segment_updates: int = Field(100_000, ge=1, description="re-decide classes after this many updated rows")
     segment_seconds: float = Field(60.0, gt=0, description="... or after this many seconds with updates")

@@ -25,7 +25,8 @@ class AppState:
     applier: "Applier | None" = None
 
 
-def get_state(request: Request) -> AppState:
-    """FastAPI dependency: the app's shared state."""
+async def get_state(request: Request) -> AppState:
+    """FastAPI dependency: the app's shared state.  ``async`` on purpose: FastAPI runs a plain
+    ``def`` dependency in the thread pool, a hop that cost ~0.3 ms per request here."""
     state: AppState = request.app.state.embserve
     return state
