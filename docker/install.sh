@@ -5,6 +5,10 @@
 #   bash docker/install.sh            runtime only
 #   bash docker/install.sh test       + test dependencies
 #   bash docker/install.sh test,bench + benchmark extras (FBGEMM CPU)
+#   bash docker/install.sh load       + locust for loadtest/
+#
+# Environment: TORCH_SPEC (default torch==2.13.0), TORCH_INDEX_URL (a wheel index, e.g. the CPU
+# or CUDA index of download.pytorch.org), EMBSERVE_EDITABLE=0 (plain install, for images).
 #
 # torch is pinned first, on its own: an unpinned torch pulls a multi-GB CUDA build.  Set
 # TORCH_INDEX_URL to a CPU wheel index where PyPI would hand out a CUDA build (Docker CPU image).
@@ -20,11 +24,12 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
     python -m pip install --quiet "$TORCH_SPEC"
 fi
-if [ -n "$EXTRAS" ]; then
-    python -m pip install --quiet ${EMBSERVE_EDITABLE:--e} ".[$EXTRAS]"
-else
-    python -m pip install --quiet ${EMBSERVE_EDITABLE:--e} .
-fi
+# editable for development and CI (EMBSERVE_EDITABLE=1, the default); images set 0 for a plain install
+EDITABLE_FLAG="-e"
+[ "${EMBSERVE_EDITABLE:-1}" = "0" ] && EDITABLE_FLAG=""
+TARGET="."
+[ -n "$EXTRAS" ] && TARGET=".[$EXTRAS]"
+python -m pip install --quiet $EDITABLE_FLAG "$TARGET"
 python - <<'PY'
 from compression.kernels import COMPILED_AVAILABLE
 import torch

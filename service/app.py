@@ -108,6 +108,10 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if registry is None:
+            if settings.seed_dir is not None:
+                seeded = TableRegistry.seed(settings.tables_dir, settings.seed_dir)
+                if seeded:
+                    log.info("seeded %s from %s", ", ".join(seeded), settings.seed_dir)
             names = tables.load_dir(settings.tables_dir)
             log.info("serving %d table(s) from %s: %s", len(names), settings.tables_dir, ", ".join(names) or "-")
         state.update_log = open_log(settings.redis_url, settings.sqlite_path(), settings.redis_stream)

@@ -155,6 +155,10 @@ def _serve(settings: Settings) -> None:
     from .app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.token is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("embserve").warning(
+            "no write token (EMBSERVE_TOKEN / EMBSERVE_TOKEN_FILE): updates and admin calls are refused from anywhere but loopback"
+        )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
 
 
@@ -168,6 +172,7 @@ def demo_cmd(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8080,
     rebuild: Annotated[bool, typer.Option(help="rebuild even if the demo table exists")] = False,
+    serve: Annotated[bool, typer.Option(help="serve it once built (--no-serve: build and exit, e.g. a seeding job)")] = True,
 ) -> None:
     """Build a realistic demo table (Zipf-distributed IDs, trained-like rows), compress it, serve it."""
     if not valid_table_name(name):
@@ -183,8 +188,31 @@ def demo_cmd(
         console.print(f"built in {time.perf_counter() - started:.1f} s")
         _summary(path)
     else:
-        console.print(f"serving the existing {path} (--rebuild to make it anew)")
-    _serve(Settings(tables_dir=tables_dir, host=host, port=port))
+        console.print(f"the demo table exists: {path} (--rebuild to make it anew)")
+    if serve:
+        _serve(Settings(tables_dir=tables_dir, host=host, port=port))
+
+
+@app.command("probe")
+def probe_cmd(
+    path: Annotated[str, typer.Argument(help="endpoint to probe")] = "/healthz",
+    timeout: Annotated[float, typer.Option(help="seconds")] = 2.0,
+) -> None:
+    """Exit 0 when the local server answers ``path`` with 200 (container health checks; no curl needed)."""
+    import http.client
+
+    settings = Settings()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    try:
+        conn = http.client.HTTPConnection(host, settings.port, timeout=timeout)
+        conn.request("GET", path)
+        status = conn.getresponse().status
+    except OSError as exc:
+        console.print(f"probe {path}: {exc}")
+        raise typer.Exit(1) from None
+    if status != 200:
+        console.print(f"probe {path}: HTTP {status}")
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,9 @@ folder; names are restricted to a safe pattern so no request can reach a path ou
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -115,6 +117,22 @@ class TableRegistry:
     def remove(self, name: str) -> HostedTable | None:
         with self._lock:
             return self._tables.pop(name, None)
+
+    @staticmethod
+    def seed(folder: Path, seed_dir: Path) -> list[str]:
+        """Copy base tables that ``folder`` lacks from ``seed_dir`` (atomically: temp + rename), so
+        a new replica starts from the shared base and keeps its own snapshots in ``folder``."""
+        copied = []
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(seed_dir.glob(f"*{TABLE_SUFFIX}")):
+            target = folder / path.name
+            if target.exists() or not valid_table_name(path.name[: -len(TABLE_SUFFIX)]):
+                continue
+            partial = target.with_name(target.name + ".seeding")
+            shutil.copyfile(path, partial)
+            os.replace(partial, target)
+            copied.append(path.name)
+        return copied
 
     def load_dir(self, folder: Path) -> list[str]:
         """Load every table file in ``folder``; a broken file is logged and skipped, not fatal."""

@@ -1,0 +1,92 @@
+"""What can be checked of the deployment files without a Docker engine: the compose file parses
+and points at real files, the images install with the script CI runs, and every metric the
+Prometheus rules and the Grafana dashboard query is one the service exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from compression import compress_uniform
+from compression.layout import RowClass
+
+from service.metrics import ServiceMetrics
+from service.registry import TableRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
+
+
+def test_compose_services_and_their_files() -> None:
+    services = COMPOSE["services"]
+    assert {"redis", "seed", "embserve", "prometheus", "grafana", "locust"} <= set(services)
+    assert services["locust"]["profiles"] == ["load"]
+    redis_cmd = services["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes" and redis_cmd[redis_cmd.index("--appendfsync") + 1] == "always"
+    assert any(v.startswith("redis-data:") for v in services["redis"]["volumes"])
+    env = services["embserve"]["environment"]
+    assert env["REDIS_URL"].startswith("redis://redis:") and env["EMBSERVE_TRIM_LOG"] == "false"
+    assert env["EMBSERVE_TOKEN_FILE"] == "/run/secrets/embserve_token" and "embserve_token" in COMPOSE["secrets"]
+    assert services["embserve"]["deploy"]["replicas"] >= 2
+    assert services["embserve"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in COMPOSE["volumes"], f"{name}: undeclared volume {source}"
+        build = service.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+    locust_cmd = services["locust"]["command"]
+    assert (ROOT / services["locust"]["entrypoint"][1]).is_file() and "--seconds" in locust_cmd
+
+
+def test_images_install_with_the_ci_script_as_a_non_root_user() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash docker/install.sh" in ci
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert text.count("FROM ") >= 2, f"{dockerfile.name}: not multi-stage"
+        assert "bash docker/install.sh" in text
+        assert re.search(r"^USER embserve$", text, re.M) and "useradd" in text
+        assert 'HEALTHCHECK' in text and '"probe", "/readyz"' in text
+        for line in text.splitlines():
+            if line.startswith("COPY ") and "--from=" not in line:
+                for source in line.split()[1:-1]:
+                    assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} missing"
+
+
+def _exported_metric_names() -> set[str]:
+    registry = TableRegistry("cpu")
+    registry.add("t", compress_uniform(torch.randn(8, 4), RowClass(4, 8)))
+    metrics = ServiceMetrics(registry)
+    names: set[str] = set()
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_rules_and_dashboard_query_exported_metrics() -> None:
+    exported = _exported_metric_names()
+    rules = yaml.safe_load((ROOT / "docker" / "prometheus" / "rules.yml").read_text())
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    dashboard = json.loads((ROOT / "docker" / "grafana" / "dashboards" / "embserve.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) > 15
+    for expr in exprs:
+        for name in re.findall(r"\bembserve[_:][a-z0-9_:]+", expr):
+            base = re.sub(r"_(bucket|count|sum|total)$", "", name)  # the parser names counter families without _total
+            assert name in recorded or name in exported or base in exported, f"{name} in {expr!r} is not exported"
+    config = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    assert config["scrape_configs"][0]["dns_sd_configs"][0]["names"] == ["embserve"]
