@@ -8,11 +8,12 @@ anything unexpected becomes a 500 whose body says nothing about the internals.""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -47,6 +48,22 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
 def _clean(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # drop the echoed input: it can be huge (a million IDs) and says nothing the location doesn't
     return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors[:20]]
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parse_json_body(body: bytes, model: type[ModelT]) -> ModelT:
+    """A JSON request body validated into ``model``: 400 when it is not JSON, 422 with the
+    validation errors when it does not match."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_body", f"body is not valid JSON: {exc}") from exc
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", "request does not match the schema", _clean(list(exc.errors()))) from exc
 
 
 def v2_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

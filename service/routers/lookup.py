@@ -15,13 +15,12 @@ import numpy as np
 import orjson
 import torch
 from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from compression.pooling import validate_offsets
 
-from ..errors import ApiError, _clean
+from ..errors import ApiError, parse_json_body
 from ..security import require_reader
 from ..state import AppState, get_state
 from ..wire import (
@@ -78,14 +77,7 @@ def parse_body(body: bytes, content_type: str) -> list[ParsedLookup]:
             raise ApiError(400, "malformed_body", str(exc)) from exc
     if content_type not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", f"send application/json or {BINARY_REQUEST_TYPE}, not {content_type!r}")
-    try:
-        raw = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_body", f"body is not valid JSON: {exc}") from exc
-    try:
-        request = LookupRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", "request does not match the schema", _clean(list(exc.errors()))) from exc
+    request = parse_json_body(body, LookupRequest)
     return [
         ParsedLookup(
             item.table,

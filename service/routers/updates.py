@@ -10,12 +10,11 @@ The binary body (``application/x-embserve-updates``) is laid out in ``service/wi
 from __future__ import annotations
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ApiError, _clean
+from ..errors import ApiError, parse_json_body
 from ..registry import TABLE_NAME_PATTERN
 from ..security import require_writer
 from ..state import AppState, get_state
@@ -52,14 +51,7 @@ def _parse(body: bytes, content_type: str) -> tuple[np.ndarray, np.ndarray, np.n
         return ids, vectors, deletes, int(vectors.shape[1]) if ids.shape[0] else None
     if content_type not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", f"send application/json or {BINARY_UPDATE_TYPE}")
-    try:
-        raw = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_body", f"body is not valid JSON: {exc}") from exc
-    try:
-        req = UpdateRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", "request does not match the schema", _clean(list(exc.errors()))) from exc
+    req = parse_json_body(body, UpdateRequest)
     ids = np.asarray(req.upsert_ids, dtype=np.int64).reshape(-1)
     dims = {len(v) for v in req.vectors}
     if len(dims) > 1:
