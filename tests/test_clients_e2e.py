@@ -4,10 +4,6 @@ unmodified Triton HTTP client on the v2 protocol, and the write token over real 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from compression import compress_uniform, save_table
 from compression.layout import RowClass
 from service.client import AsyncEmbeddingClient, EmbeddingClient, EmbservError
-from tests.test_e2e import free_port, wait_ready
+from tests.test_e2e import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -37,20 +33,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     save_table(compress_uniform(ROWS[:100], RowClass(DIM, 32)), folder / "users.safetensors")
     secret = folder.parent / "token"
     secret.write_text(TOKEN + "\n")
-    port = free_port()
-    env = {**os.environ, "EMBSERVE_TABLES_DIR": str(folder), "EMBSERVE_PORT": str(port), "EMBSERVE_TOKEN_FILE": str(secret),
-           "EMBSERVE_MAX_IDS_PER_REQUEST": "50000"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc)
+    with serving(folder, {"EMBSERVE_TOKEN_FILE": str(secret), "EMBSERVE_MAX_IDS_PER_REQUEST": "50000"}) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_sync_client_binary_and_json_agree_with_the_table(server: str) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -43,6 +44,24 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
     raise TimeoutError("server did not become ready")
 
 
+@contextmanager
+def serving(tables: Path, env_extra: dict[str, str]) -> Iterator[str]:
+    """A real `embserve serve` on a free port for the block; its base URL once it is ready."""
+    port = free_port()
+    env = {**os.environ, "EMBSERVE_TABLES_DIR": str(tables), "EMBSERVE_PORT": str(port), **env_extra}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     folder = tmp_path_factory.mktemp("tables")
@@ -51,19 +70,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     table, _ = compress(rows, freqs, ratio=8)
     save_table(table, folder / "items.safetensors")
     (folder / "broken.safetensors").write_bytes(b"garbage")
-    port = free_port()
-    env = {**os.environ, "EMBSERVE_TABLES_DIR": str(folder), "EMBSERVE_PORT": str(port), "EMBSERVE_MAX_IDS_PER_REQUEST": "100000"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc)
+    with serving(folder, {"EMBSERVE_MAX_IDS_PER_REQUEST": "100000"}) as base:
         yield base, folder
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_json_and_binary_lookups_over_http(server: tuple[str, Path]) -> None:
