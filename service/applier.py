@@ -69,6 +69,7 @@ class Applier:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lookups: deque[tuple[str, np.ndarray]] = deque(maxlen=_LOOKUP_QUEUE_MAX)
+        self._drain_lock = threading.Lock()
         self._last_snapshot = time.monotonic()
         self.error: str | None = None
 
@@ -212,15 +213,17 @@ class Applier:
 
     def _drain_lookups(self) -> None:
         # one sketch update per table for everything queued since the last round: the torch
-        # overhead of an update is paid once, not once per request
-        pending: dict[str, list[np.ndarray]] = {}
-        while self._lookups:
-            name, ids = self._lookups.popleft()
-            pending.setdefault(name, []).append(ids)
-        for name, chunks in pending.items():
-            hosted = self.tables.get(name)
-            if hosted is not None and hosted.sketch is not None:
-                hosted.sketch.add(torch.from_numpy(np.concatenate(chunks)))
+        # overhead of an update is paid once, not once per request.  Locked: a re-decision
+        # called from a request thread drains too, and sketch updates must not interleave.
+        with self._drain_lock:
+            pending: dict[str, list[np.ndarray]] = {}
+            while self._lookups:
+                name, ids = self._lookups.popleft()
+                pending.setdefault(name, []).append(ids)
+            for name, chunks in pending.items():
+                hosted = self.tables.get(name)
+                if hosted is not None and hosted.sketch is not None:
+                    hosted.sketch.add(torch.from_numpy(np.concatenate(chunks)))
 
     def _maybe_redecide(self) -> None:
         now = time.monotonic()
@@ -241,6 +244,7 @@ class Applier:
             raise ValueError(f"table {hosted.name!r} has no policy and budget")
         started = time.perf_counter()
         table = hosted.table
+        self._drain_lookups()  # the decision counts every lookup answered so far, not only the drained ones
         with table.lock:
             table.compact()
             ids, _ = table.index.live_items()
