@@ -145,6 +145,7 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(lookup.LookupFastPath, state=state)  # innermost: limits and metrics still wrap it
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, state=state)
     return app

@@ -219,3 +219,15 @@ def test_openapi_documents_both_body_types(client: TestClient) -> None:
     for ref in set(re.findall(r'"#/components/schemas/([A-Za-z0-9_]+)"', text)):
         assert ref in spec["components"]["schemas"], ref
     assert "LookupItem" in spec["components"]["schemas"]
+
+
+def test_lookup_fast_path_keeps_metrics_limits_and_routing(client: TestClient) -> None:
+    """POST /v1/lookup is answered by LookupFastPath, outside FastAPI's router: it must still be
+    counted under its route template, and other methods still reach the router."""
+    r = client.post("/v1/lookup", json={"lookups": [{"table": "items", "ids": [1, 2]}]})
+    assert r.status_code == 200
+    assert client.post("/v1/lookup", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    metrics = client.get("/metrics").text
+    assert 'embserve_http_requests_total{method="POST",route="/v1/lookup",status="200"}' in metrics
+    assert 'embserve_http_requests_total{method="POST",route="/v1/lookup",status="400"}' in metrics
+    assert client.get("/v1/lookup").status_code == 405
