@@ -4,7 +4,7 @@ Usable on its own (a notebook, a training job); the HTTP service in ``service`` 
 """
 
 from .allocation import BudgetTooSmall, CompressionReport, build_table, candidate_classes, compress, compress_uniform
-from .index import DenseIndex, KeyedIndex
+from .index import DenseIndex, KeyedIndex, RunIndex
 from .layout import RowClass
 from .pooling import pool_bags
 from .storage import FORMAT_VERSION, TableFormatError, load_table, read_manifest, save_table
@@ -20,6 +20,7 @@ __all__ = [
     "KeyedIndex",
     "LookupResult",
     "RowClass",
+    "RunIndex",
     "TableFormatError",
     "TableStats",
     "UnknownPolicy",

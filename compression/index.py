@@ -10,6 +10,11 @@ Two kinds:
   GPU), plus a small sorted *delta* part that takes inserts.  The delta is merged into the main
   part once it outgrows a fraction of it (LSM style), so an insert never re-sorts the whole
   index.  12.5 bytes per ID (8 key + 4 locator + 1/16 of a key for the fence).
+* :class:`RunIndex` - IDs are ``0..N-1`` *and* their locators come in runs (consecutive IDs in
+  consecutive slots of one class), as they do when a trainer numbers its vocabulary by
+  frequency and rows are laid out grouped by class: then the locator shrinks to the class
+  boundaries, 12 bytes per run instead of 4 per ID.  This is what lets a pruned / mixed
+  precision table reach 64x-128x with its index counted.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ _DELTA_FRACTION = 16
 
 class IdIndex(Protocol):
     kind: str
+    positional: bool  # IDs are positions 0..N-1 (no keys stored); negative IDs can never be held
 
     def resolve(self, ids: torch.Tensor) -> torch.Tensor: ...
     def assign(self, ids: torch.Tensor, locators: torch.Tensor) -> None: ...
@@ -46,6 +52,7 @@ class DenseIndex:
     """Locators for IDs ``0..N-1``; an ID outside that range is unknown."""
 
     kind = "dense"
+    positional = True
 
     def __init__(self, locator: torch.Tensor) -> None:
         if locator.dtype != torch.int32 or locator.dim() != 1:
@@ -125,6 +132,7 @@ class KeyedIndex:
     """Sorted int64 keys + locators, with a delta part for inserts (see module docstring)."""
 
     kind = "keyed"
+    positional = False
 
     def __init__(
         self,
@@ -256,9 +264,121 @@ class KeyedIndex:
         return int((self.locator >= 0).sum()) + int((self.delta_locator >= 0).sum())
 
 
+class RunIndex:
+    """A dense locator array, run-length encoded.
+
+    Stored: ``bounds`` int64 ``[R + 1]`` (strictly increasing, ``bounds[0] = 0``) and ``bases``
+    int32 ``[R]``.  ID ``i`` with ``bounds[r] <= i < bounds[r + 1]`` has locator
+    ``bases[r] + (i - bounds[r])`` (the slot part counts up inside the run), or no row when
+    ``bases[r] == -1``; IDs outside ``[0, bounds[R])`` have no row.  ``8 (R + 1) + 4 R`` bytes.
+
+    Writes decode the runs to a dense locator, assign, and encode again: O(N) per batch, fine
+    for the exported, read-mostly tables this index is for (a table that takes a stream of
+    writes should use :class:`DenseIndex`).  The compiled decoder has no view of it; lookups
+    resolve with ``torch.searchsorted`` and then decode on whatever backend the table uses.
+    """
+
+    kind = "runs"
+    positional = True
+
+    def __init__(self, bounds: torch.Tensor, bases: torch.Tensor) -> None:
+        if bounds.dtype != torch.int64 or bases.dtype != torch.int32 or bounds.dim() != 1 or bases.dim() != 1:
+            raise ValueError("run index needs int64 bounds and int32 bases")
+        if bounds.numel() != bases.numel() + 1 or int(bounds[0]) != 0:
+            raise ValueError("run index bounds must be [R + 1] starting at 0")
+        if bases.numel() and not bool((bounds[1:] > bounds[:-1]).all()):
+            raise ValueError("run bounds must be strictly increasing")
+        self.bounds = bounds
+        self.bases = bases
+
+    @classmethod
+    def from_locator(cls, locator: torch.Tensor) -> "RunIndex":
+        """Run-length encode a dense locator array (``int32 [N]``, ``-1`` = no row)."""
+        loc = locator.to(torch.int64)
+        n = loc.numel()
+        if n == 0:
+            return cls(torch.zeros(1, dtype=torch.int64, device=locator.device), torch.empty(0, dtype=torch.int32, device=locator.device))
+        both_missing = (loc[1:] < 0) & (loc[:-1] < 0)
+        steps = (loc[1:] >= 0) & (loc[:-1] >= 0) & (loc[1:] == loc[:-1] + 1)
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=loc.device), torch.nonzero(~(both_missing | steps)).flatten() + 1])
+        bounds = torch.cat([starts, torch.tensor([n], dtype=torch.int64, device=loc.device)])
+        bases = torch.where(loc[starts] >= 0, loc[starts], torch.full_like(starts, NO_ROW)).to(torch.int32)
+        return cls(bounds.contiguous(), bases.contiguous())
+
+    @property
+    def size(self) -> int:
+        return int(self.bounds[-1])
+
+    @property
+    def num_runs(self) -> int:
+        return int(self.bases.numel())
+
+    def to_locator(self) -> torch.Tensor:
+        """The dense ``int32 [N]`` locator array these runs encode."""
+        lengths = self.bounds[1:] - self.bounds[:-1]
+        run = torch.repeat_interleave(torch.arange(self.num_runs, device=self.bounds.device), lengths)
+        offset = torch.arange(self.size, device=self.bounds.device) - self.bounds[run]
+        base = self.bases[run].to(torch.int64)
+        return torch.where(base >= 0, base + offset, torch.full_like(base, NO_ROW)).to(torch.int32)
+
+    def resolve(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.num_runs == 0:
+            return torch.full(ids.shape, NO_ROW, dtype=torch.int32, device=ids.device)
+        inside = (ids >= 0) & (ids < self.bounds[-1])
+        run = (torch.searchsorted(self.bounds, ids, right=True) - 1).clamp_(0, self.num_runs - 1)
+        base = self.bases[run].to(torch.int64)
+        loc = base + (ids - self.bounds[run])
+        return torch.where(inside & (base >= 0), loc, torch.full_like(loc, NO_ROW)).to(torch.int32)
+
+    def assign(self, ids: torch.Tensor, locators: torch.Tensor) -> None:
+        if ids.numel() == 0:
+            return
+        dense = DenseIndex(self.to_locator().clone())
+        dense.assign(ids, locators)
+        fresh = RunIndex.from_locator(dense.locator)
+        self.bounds, self.bases = fresh.bounds, fresh.bases
+
+    def live_items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        locator = self.to_locator()
+        ids = torch.nonzero(locator >= 0).flatten()
+        return ids.to(torch.int64), locator[ids]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"index.bounds": self.bounds, "index.bases": self.bases}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "RunIndex":
+        return cls(tensors["index.bounds"], tensors["index.bases"])
+
+    def to(self, device: torch.device) -> "RunIndex":
+        return RunIndex(self.bounds.to(device), self.bases.to(device))
+
+    def c_view(self) -> Any:
+        return None  # resolved in torch; the decode itself still takes the compiled path
+
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state_tensors()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+    @property
+    def num_ids(self) -> int:
+        lengths = self.bounds[1:] - self.bounds[:-1]
+        return int(lengths[self.bases >= 0].sum())
+
+
+def run_index_bytes(num_runs: int) -> int:
+    """Bytes a :class:`RunIndex` of ``num_runs`` runs holds."""
+    return 8 * (num_runs + 1) + 4 * num_runs
+
+
 def index_from_state(kind: str, tensors: dict[str, torch.Tensor]) -> IdIndex:
     if kind == DenseIndex.kind:
         return DenseIndex.from_state(tensors)
     if kind == KeyedIndex.kind:
         return KeyedIndex.from_state(tensors)
+    if kind == RunIndex.kind:
+        return RunIndex.from_state(tensors)
     raise ValueError(f"unknown index kind {kind!r}")

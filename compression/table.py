@@ -3,6 +3,7 @@
 Memory picture of one table (every byte of it is counted in :attr:`CompressedTable.nbytes`):
 
     index      DenseIndex: int32 locator [N]          KeyedIndex: int64 keys + int32 locator
+               RunIndex: int64 bounds [R+1] + int32 bases [R] (class-grouped dense IDs)
     class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
                int32 free-slot stack [<= capacity_k]
     rotation   fp32 [D, D]                             only when some class has 0 < dim < D
@@ -11,7 +12,8 @@ Rows of full-dimension classes are stored as they are; rows of truncated classes
 are stored in the rotated basis ``y = x @ R`` and keep their first ``dim`` coordinates, so
 decoding them is ``y[:dim] @ R[:, :dim]^T`` - ``dim * D`` multiply-adds per row, paid only by
 the rows that were truncated (rotating every row would cost ``D * D`` each).
-    unknown    fp32 [D] default or fp16 [K, D] buckets, by policy
+    unknown    by policy: fp32 [D] default, fp16 [K, D] hash buckets, or the fp16 tables of a
+               QR / binary-code hash embedding (compression.unknown)
 
 Rows move between classes (precision / dimension changes) by being written into a free slot
 of the new class, the index repointed, and the old slot pushed on the old class's free stack.
@@ -27,7 +29,7 @@ from typing import Literal
 import torch
 
 from . import codecs
-from .index import DenseIndex, IdIndex, KeyedIndex
+from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
 from .kernels import Decoder
 from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
 from .pooling import PoolingMode, pool_bags
@@ -302,7 +304,7 @@ class CompressedTable:
                 size = int(ids.max()) + 1 if ids.numel() else 0
                 locator = torch.full((size,), -1, dtype=torch.int32, device=self.device)
                 locator[ids] = new_locs
-                self.index = DenseIndex(locator)
+                self.index = RunIndex.from_locator(locator) if isinstance(self.index, RunIndex) else DenseIndex(locator)
             self.decoder.refresh(self.slabs)
             return before - self.nbytes
 

@@ -51,7 +51,7 @@ def validate_batch(hosted: HostedTable, batch: UpdateBatch) -> None:
         raise RejectedEntry(f"vectors have dim {batch.dim}, table {hosted.name!r} has {table.dim}")
     if not np.isfinite(batch.vectors).all():
         raise RejectedEntry("vectors hold NaN or Inf")
-    if table.index.kind == "dense" and batch.upsert_ids.shape[0] and int(batch.upsert_ids.min()) < 0:
+    if table.index.positional and batch.upsert_ids.shape[0] and int(batch.upsert_ids.min()) < 0:
         raise RejectedEntry("a dense table takes only IDs >= 0")
 
 

@@ -72,7 +72,7 @@ def weighted_relative_error(rows: torch.Tensor, freqs: torch.Tensor, table_path:
     """sum f_i ||x_i - x̂_i||^2 / sum f_i ||x_i||^2 over a frequency-drawn sample of IDs."""
     table, _ = load_table(table_path)
     positions = sample_ids(freqs, min(sample, rows.shape[0]))
-    ids = positions if table.index.kind == "dense" else None
+    ids = positions if table.index.positional else None
     if ids is None:
         return float("nan")  # keyed tables: the caller maps positions to IDs
     decoded = table.lookup(ids).values

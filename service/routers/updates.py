@@ -81,8 +81,8 @@ def handle_update(state: AppState, name: str, body: bytes, content_type: str, wa
         raise ApiError(422, "wrong_dim", f"vectors have dim {dim}; table {name!r} has dim {table.dim}")
     if not np.isfinite(vectors).all():
         raise ApiError(422, "not_finite", "vectors hold NaN or Inf")
-    if table.index.kind == "dense" and ids.shape[0] and int(ids.min()) < 0:
-        raise ApiError(422, "invalid_request", "a dense table takes only IDs >= 0")
+    if table.index.positional and ids.shape[0] and int(ids.min()) < 0:
+        raise ApiError(422, "invalid_request", "a table indexed by position (dense or runs) takes only IDs >= 0")
     position = state.update_log.append(UpdateBatch(name, ids, vectors.reshape(ids.shape[0], table.dim), deletes))  # type: ignore[union-attr]
     state.metrics.updates_appended.labels(name).inc()
     applied = state.applier.wait_for(position, state.settings.wait_timeout_s) if wait else False
