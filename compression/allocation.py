@@ -14,19 +14,26 @@ precision search, extended with per-group dimension).
 
 Dimension candidates below ``D`` are evaluated in a frequency-weighted PCA basis
 (:mod:`compression.rotation`), full-dimension ones on the rows as they are (that is how each is
-stored, see :mod:`compression.table`).  Two plans are solved - full dimension only, and all
-candidates with the rotation's bytes reserved - and the one with less error is built.
+stored, see :mod:`compression.table`).  Up to three plans are solved - full dimension only; all
+candidates with the rotation's bytes reserved; all candidates truncated in the stored basis
+(no rotation: for tables trained with a dimension mask) - and the one with least error is built.
+
+The error of a (group, class) pair is, by default, the frequency-weighted squared
+reconstruction error above; a caller can pass ``group_error`` to score it instead by what it
+does to a model (:mod:`compression.sensitivity`: how far the model's outputs move on training
+rows that use the group's IDs), which is what matters when pruning rare rows to zero.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from . import codecs
-from .index import DenseIndex, IdIndex, KeyedIndex
+from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex, run_index_bytes
 from .kernels.cpu_c import FENCE
 from .layout import MAX_CLASSES, RowClass, encode_locator
 from .rotation import weighted_pca_rotation
@@ -38,6 +45,14 @@ _ENCODE_CHUNK = 1 << 16
 _HEAD_GROUP_MIN = 256
 
 ProgressFn = Callable[[int, int], None]
+# (group index, row positions of the whole group, the group's rows as a class would serve them,
+# in original coordinates) -> the error of serving them so, e.g. how far a model's outputs move
+# (compression.sensitivity); replaces the frequency-weighted reconstruction error.
+GroupErrorFn = Callable[[int, torch.Tensor, torch.Tensor], float]
+# How a table without explicit ``ids`` (IDs 0..N-1) indexes its rows: one int32 locator per ID,
+# or the same locators run-length encoded (cheap when the vocabulary is numbered by frequency,
+# so that frequency groups are ID ranges).
+DenseKind = Literal["dense", "runs"]
 
 
 class BudgetTooSmall(ValueError):
@@ -82,10 +97,14 @@ def estimate_costs(
     sample_per_group: int,
     rotation: torch.Tensor | None = None,
     seed: int = 0,
+    group_error: GroupErrorFn | None = None,
 ) -> GroupCosts:
     """Per (group, class): estimated weighted squared error and exact bytes.  ``rows`` is the
     table, or a function returning the rows at given positions (a live table decodes only the
-    sampled rows)."""
+    sampled rows).  With ``group_error`` every group is served whole through each class and the
+    function scores it (no sampling)."""
+    if group_error is not None:
+        return _costs_from(rows, groups, classes, rotation, group_error)
     gen = torch.Generator().manual_seed(seed)
     picks, scales = [], []
     for g in groups:
@@ -108,6 +127,41 @@ def estimate_costs(
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
         errors[:, c].index_add_(0, owner, w * err)
     errors *= torch.tensor(scales, dtype=torch.float64)[:, None]
+    sizes = [g.numel() for g in groups]
+    nbytes = torch.tensor([[n * rc.row_bytes for rc in classes] for n in sizes], dtype=torch.int64)
+    return GroupCosts(sizes, errors, nbytes)
+
+
+def served_rows(x: torch.Tensor, row_class: RowClass, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """What a table serves for rows ``x`` stored in ``row_class``: encoded, decoded, zero-padded,
+    and rotated back for a truncated class of a rotated table (exactly the lookup's arithmetic)."""
+    n, dim = x.shape
+    out = torch.zeros((n, dim), dtype=torch.float32)
+    if row_class.dim == 0:
+        return out
+    truncated = rotation is not None and row_class.dim < dim
+    source = x.to(torch.float32) @ rotation if truncated else x.to(torch.float32)  # type: ignore[operator]
+    decoded = codecs.decode_rows(codecs.encode_rows(source, row_class), row_class)
+    if truncated:
+        return decoded @ rotation[:, : row_class.dim].T  # type: ignore[index]
+    out[:, : row_class.dim] = decoded
+    return out
+
+
+def _costs_from(
+    rows: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    groups: list[torch.Tensor],
+    classes: list[RowClass],
+    rotation: torch.Tensor | None,
+    group_error: GroupErrorFn,
+) -> GroupCosts:
+    errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
+    for g, grp in enumerate(groups):
+        x = (rows[grp] if isinstance(rows, torch.Tensor) else rows(grp)).to(torch.float32)
+        for c, rc in enumerate(classes):
+            approx = served_rows(x, rc, rotation)
+            err = float(group_error(g, grp, approx)) if bool(torch.isfinite(approx).all()) else float("inf")
+            errors[g, c] = err if err == err else float("inf")  # NaN -> unusable
     sizes = [g.numel() for g in groups]
     nbytes = torch.tensor([[n * rc.row_bytes for rc in classes] for n in sizes], dtype=torch.int64)
     return GroupCosts(sizes, errors, nbytes)
@@ -164,11 +218,33 @@ class CompressionReport:
     group_classes: list[str] = field(default_factory=list)
 
 
-def _fixed_bytes(n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int) -> int:
+def group_runs(groups: list[torch.Tensor], n: int) -> int:
+    """Maximal runs of consecutive IDs that belong to one group: a bound on the runs of a
+    :class:`RunIndex` over a table whose classes are chosen per group (``len(groups)`` when the
+    IDs are numbered by frequency)."""
+    if n == 0:
+        return 0
+    owner = torch.empty(n, dtype=torch.int64)
+    for g, grp in enumerate(groups):
+        owner[grp] = g
+    return 1 + int((owner[1:] != owner[:-1]).sum())
+
+
+def _fixed_bytes(
+    n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int, runs: int | None = None
+) -> int:
     # keyed: int64 key + int32 locator per ID, plus the fence (every FENCE-th key, see index.py)
-    index = n * 12 + 8 * -(-n // FENCE) if keyed else n * 4
+    if keyed:
+        index = n * 12 + 8 * -(-n // FENCE)
+    elif runs is not None:
+        index = run_index_bytes(runs)
+    else:
+        index = n * 4
     rot = dim * dim * 4 if rotation else 0
-    unk = {"zero": 0, "default": dim * 4, "hashed": num_buckets * dim * 2}[unknown]
+    costs = {"zero": 0, "default": dim * 4, "hashed": num_buckets * dim * 2}
+    if unknown not in costs:
+        raise ValueError(f"compress() builds the zero, default or hashed fallback; {unknown!r} is trained (compression.methods)")
+    unk = costs[unknown]
     return index + rot + unk
 
 
@@ -180,10 +256,13 @@ def build_table(
     rotation: torch.Tensor | None = None,
     unknown: UnknownPolicy | None = None,
     progress: ProgressFn | None = None,
+    index: DenseKind = "dense",
 ) -> CompressedTable:
     """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``.
 
-    Slabs are sized exactly (no spare capacity); ``ids=None`` builds a dense table for IDs 0..N-1.
+    Slabs are sized exactly (no spare capacity); ``ids=None`` builds a table for IDs 0..N-1
+    with a :class:`DenseIndex`, or a :class:`RunIndex` when ``index="runs"``.  A row whose class
+    is ``-1`` is left out (its ID has no row).
     """
     n, dim = rows.shape
     slabs, used = [], []
@@ -205,8 +284,17 @@ def build_table(
         locator[members] = encode_locator(c, 0) + torch.arange(members.numel(), dtype=torch.int32)
         slabs.append(slab)
         used.append(members.numel())
-    index: IdIndex = DenseIndex(locator) if ids is None else KeyedIndex.build(ids, locator)
-    return CompressedTable(dim, classes, slabs, used, index, rotation=rotation, unknown=unknown)
+    id_index: IdIndex
+    if ids is not None:
+        present = locator >= 0
+        id_index = KeyedIndex.build(ids[present], locator[present])
+    elif index == "runs":
+        id_index = RunIndex.from_locator(locator)
+    elif index == "dense":
+        id_index = DenseIndex(locator)
+    else:
+        raise ValueError(f"index must be 'dense' or 'runs', got {index!r}")
+    return CompressedTable(dim, classes, slabs, used, id_index, rotation=rotation, unknown=unknown)
 
 
 def compress(
@@ -222,11 +310,18 @@ def compress(
     num_buckets: int = 1024,
     allow_rotation: bool = True,
     progress: ProgressFn | None = None,
+    index: DenseKind = "dense",
+    group_error: GroupErrorFn | None = None,
 ) -> tuple[CompressedTable, CompressionReport]:
     """Compress a dense fp32 table into the cheapest-error mixed table within the budget.
 
     ``budget_bytes`` counts everything the table holds (index, rows, rotation, fallback);
     ``ratio`` sets it to ``N * D * 4 / ratio`` instead.  ``frequencies`` default to uniform.
+    ``index="runs"`` (IDs 0..N-1 only) stores the locators run-length encoded: the budget then
+    reserves 12 bytes per run of consecutive IDs in one frequency group, which is the number of
+    groups when the vocabulary is numbered by descending frequency (and up to N otherwise).
+    ``group_error`` replaces the frequency-weighted reconstruction error by the caller's measure
+    of what serving a group through a class costs (see :data:`GroupErrorFn`).
     """
     if rows.dim() != 2:
         raise ValueError("rows must be a 2-D [N, D] table")
@@ -249,12 +344,20 @@ def compress(
         if ids.numel() != n:
             raise ValueError("ids must have one entry per row")
     keyed = ids is not None
+    if index not in ("dense", "runs"):
+        raise ValueError(f"index must be 'dense' or 'runs', got {index!r}")
     cands = candidates if candidates is not None else candidate_classes(dim)
     order = torch.argsort(freqs, descending=True, stable=True)
     groups = frequency_groups(order, num_groups)
+    runs_bound = group_runs(groups, n) if (index == "runs" and not keyed) else None
+    owner = None
+    if runs_bound is not None:
+        owner = torch.empty(n, dtype=torch.int64)
+        for g, grp in enumerate(groups):
+            owner[grp] = g
     weights = freqs + 1e-9  # an ID never seen still costs a little error
 
-    plans: list[tuple[float, bool, list[RowClass], list[int]]] = []
+    plans: list[tuple[float, bool, list[RowClass], list[int], int | None]] = []
     full_dim = [rc for rc in cands if rc.dim == dim]
     reduced = [rc for rc in cands if rc.dim < dim]
     rotation = weighted_pca_rotation(rows, weights) if (allow_rotation and reduced) else None
@@ -263,21 +366,32 @@ def compress(
         variants.append((False, full_dim + ([rc for rc in reduced if rc.dim == 0])))
     if rotation is not None:
         variants.append((True, cands))
-    elif reduced and not full_dim:
+    if any(0 < rc.dim < dim for rc in reduced) or not full_dim:
+        # truncation in the stored basis: right for tables trained with a dimension mask
+        # (nested / FIITED-style), whose leading coordinates already carry the most
         variants.append((False, cands))
     for rotated, variant in variants:
-        fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets)
         variant = list(variant)
+        # run-length index: reserve for a few runs first (adjacent groups of one class share a
+        # run, and frequency-ordered choices change class only a few times), more if needed
+        runs = None if runs_bound is None else min(runs_bound, MAX_CLASSES)
+        costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error)
         while True:
-            costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None)
+            fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs)
             try:
                 choice = solve_knapsack(costs.errors, costs.bytes, budget_bytes - fixed)
             except BudgetTooSmall:
                 break
             used = sorted(set(choice))
+            if runs is not None and owner is not None:
+                by_id = torch.tensor(choice, dtype=torch.int64)[owner]
+                actual = 1 + int((by_id[1:] != by_id[:-1]).sum()) if n else 0
+                if actual > runs:
+                    runs = actual
+                    continue
             if len(used) <= MAX_CLASSES:
                 err = float(sum(costs.errors[g, c] for g, c in enumerate(choice)))
-                plans.append((err, rotated, variant, choice))
+                plans.append((err, rotated, variant, choice, runs))
                 break
             # too many distinct classes: keep the ones holding the most rows and solve again
             rows_in = {c: 0 for c in used}
@@ -285,13 +399,14 @@ def compress(
                 rows_in[c] += costs.sizes[g]
             keep = sorted(used, key=lambda c: -rows_in[c])[:MAX_CLASSES]
             variant = [variant[c] for c in sorted(keep)]
+            costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error)
     if not plans:
-        smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets)
+        smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, None if runs_bound is None else 1)
         raise BudgetTooSmall(
             f"budget of {budget_bytes} bytes cannot hold {n} rows: the index and fallback alone take {smallest} bytes"
             " and the cheapest row classes need more than what is left"
         )
-    err, rotated, variant, choice = min(plans, key=lambda p: p[0])
+    err, rotated, variant, choice, runs = min(plans, key=lambda p: p[0])
     used_classes = sorted(set(choice))
     remap = {c: k for k, c in enumerate(used_classes)}
     table_classes = [variant[c] for c in used_classes]
@@ -301,11 +416,12 @@ def compress(
         row_class_of[grp] = remap[choice[g]]
     policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights, num_buckets)
     table = build_table(
-        rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=progress
+        rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=progress,
+        index=index,
     )
     report = CompressionReport(
         budget_bytes=budget_bytes,
-        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets),
+        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs),
         rotation=rotated,
         estimated_error=err,
         group_sizes=[g.numel() for g in groups],
@@ -322,11 +438,13 @@ def compress_uniform(
     ids: torch.Tensor | None = None,
     unknown: UnknownKind = "zero",
     frequencies: torch.Tensor | None = None,
+    index: DenseKind = "dense",
 ) -> CompressedTable:
-    """Every row in one class: the uniform-quantization baseline (FBGEMM-style INT8/INT4/...)."""
+    """Every row in one class: the uniform-quantization baseline (FBGEMM-style INT8/INT4/...).
+    With ``index="runs"`` a table of IDs 0..N-1 needs a single run (20 bytes) instead of 4N."""
     n, dim = rows.shape
     if row_class.dim != dim:
         raise ValueError("a uniform table keeps every coordinate; use compress() for dimension reduction")
     weights = torch.ones(n, dtype=torch.float64) if frequencies is None else frequencies.to(torch.float64)
     policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights)
-    return build_table(rows, torch.zeros(n, dtype=torch.int64), [row_class], ids=ids, unknown=policy)
+    return build_table(rows, torch.zeros(n, dtype=torch.int64), [row_class], ids=ids, unknown=policy, index=index)

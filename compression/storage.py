@@ -12,15 +12,22 @@ Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
     index.locator                 int32 [N]          dense and keyed tables
     index.keys                    int64 [N]          keyed: sorted IDs
     index.delta_keys / _locator   int64 / int32      keyed: unmerged inserts
+    index.bounds / index.bases    int64 [R+1] / int32 [R]   runs: run-length encoded dense locator
     class.{k}.slab                uint8 [cap_k, row_bytes_k]   rows of class k (compression.layout)
     class.{k}.free                int32 [f_k]        free slots of class k
     rotation                      fp32 [D, D]        optional
     unknown.default               fp32 [D]           optional
-    unknown.buckets               fp16 [K, D]        optional
+    unknown.buckets               fp16 [K, D]        optional (hashed, qr, binary_hash)
+    unknown.params                int64 [2]          optional (qr: [M, Q]; binary_hash: [S, k])
 
-Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``),
+Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``/``runs``),
 ``classes`` (``[{"dim", "bits", "used"}]`` in class-index order), ``unknown`` (policy kind),
 ``log_position`` (update-log position the file includes, or null), ``extra`` (free-form).
+
+The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added without a
+format version bump: they are new names, so a reader that predates them refuses such a file
+with a clear "inconsistent table file" error instead of misreading it, and every file it could
+read before reads the same.
 
 Keeping the manifest inside the tensor file makes the write a single atomic rename: a crash
 leaves either the old file or the new one, never a table with a mismatched manifest.
