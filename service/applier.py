@@ -34,6 +34,10 @@ log = logging.getLogger("embserve.applier")
 
 _READ_BATCH = 256
 _LOOKUP_QUEUE_MAX = 4096
+# lookup IDs fed to a table's sketch per applier round, at most; beyond it a uniform sample
+# stands for all of them, each sampled ID counting total/sample (an unbiased estimate), so the
+# applier's CPU stays bounded however hot the traffic
+_SKETCH_SAMPLE_MAX = 16384
 # Re-decisions fill this share of the budget: the rest is room for the new IDs that arrive
 # before the next segment, so a table at its budget does not re-decide on every new ID.
 _BUDGET_FILL = 0.95
@@ -70,6 +74,7 @@ class Applier:
         self._thread: threading.Thread | None = None
         self._lookups: deque[tuple[str, np.ndarray]] = deque(maxlen=_LOOKUP_QUEUE_MAX)
         self._drain_lock = threading.Lock()
+        self._rng = np.random.default_rng()
         self._last_snapshot = time.monotonic()
         self.error: str | None = None
 
@@ -222,8 +227,14 @@ class Applier:
                 pending.setdefault(name, []).append(ids)
             for name, chunks in pending.items():
                 hosted = self.tables.get(name)
-                if hosted is not None and hosted.sketch is not None:
-                    hosted.sketch.add(torch.from_numpy(np.concatenate(chunks)))
+                if hosted is None or hosted.sketch is None:
+                    continue
+                ids = np.concatenate(chunks)
+                weight = 1.0
+                if ids.shape[0] > _SKETCH_SAMPLE_MAX:
+                    weight = ids.shape[0] / _SKETCH_SAMPLE_MAX
+                    ids = ids[self._rng.integers(0, ids.shape[0], _SKETCH_SAMPLE_MAX)]
+                hosted.sketch.add(torch.from_numpy(ids), weight)
 
     def _maybe_redecide(self) -> None:
         now = time.monotonic()

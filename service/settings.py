@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     inline_max_body_bytes: int = Field(
         16 * 1024, ge=0, description="lookup bodies up to this size are served on the event loop, larger ones in the thread pool"
     )
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads for torch and the decoder")
+    torch_threads: int = Field(
+        1, ge=1, description="intra-op threads for torch and the decoder; 1 = concurrency across requests, not inside one"
+    )
     log_level: str = Field("info", description="uvicorn log level")
 
     # streaming updates
