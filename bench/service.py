@@ -28,7 +28,6 @@ import datetime as dt
 import itertools
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ sys.path[:] = [str(Path(_BENCH).parent)] + [p for p in sys.path if p not in (_BE
 from compression import compress, load_table, save_table  # noqa: E402
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies  # noqa: E402
 from service.client import EmbeddingClient  # noqa: E402
-from streaming import free_port, start_redis, wait_http  # noqa: E402
+from streaming import free_port, start_redis, stop, wait_http  # noqa: E402
 
 TABLE = "demo"
 
@@ -264,13 +263,7 @@ def main() -> None:
             binary_client.close()
             json_client.close()
         finally:
-            server.send_signal(signal.SIGTERM)
-            redis_proc.terminate()
-            for proc in (server, redis_proc):
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(server, redis_proc, timeout=30)
 
     fp32_bytes = args.rows * args.dim * 4
     by = {(r.path, r.batch): r for r in results}

@@ -61,6 +61,17 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) ->
     raise TimeoutError(url)
 
 
+def stop(*procs: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """SIGTERM every process (a clean stop: the service snapshots), then wait; kill what hangs."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def start_redis(folder: Path, durable: bool = True) -> tuple[subprocess.Popen[bytes], str]:
     """A real redis-server on a free loopback port; ``durable`` = AOF with fsync on every write
     (the update log's setting), otherwise no persistence (a cache, as a feature store runs it)."""
@@ -195,11 +206,7 @@ def run_log(kind: str, seconds: float, batch_rows: int, writers: int, probes: in
                 "background_rows_per_s": stream_rate,
             }
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
             if redis_proc is not None:
                 redis_proc.terminate()
                 redis_proc.wait(timeout=10)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compression.datasets import Ratings, movielens_100k  # noqa: E402
 from compression.layout import RowClass  # noqa: E402
-from streaming import free_port, wait_http  # noqa: E402
+from streaming import free_port, stop, wait_http  # noqa: E402
 
 DIM = 32
 CLASSES = [f"d{DIM}b16", f"d{DIM}b8", f"d{DIM // 2}b8", f"d{DIM // 4}b8", f"d{DIM // 8}b8", "d0b32"]
@@ -187,11 +186,7 @@ def run(policy: str, ratio: float, data: Ratings, segments: int, epochs: int, he
             next_rmse, next_auc = np.mean(next_scores, axis=0).tolist()
             return Result(policy, ratio, rmse, auc_, next_rmse, next_auc, nbytes)
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
 
 
 def plot(results: list[Result], out: Path) -> None:
