@@ -100,8 +100,7 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
     """Build the app.  With ``registry`` given, its tables are served as they are; otherwise the
     tables folder is loaded at start-up."""
     settings = settings or Settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.torch_threads)  # always set: the default (1) is a serving choice
     tables = registry or TableRegistry(settings.device, settings.sketch_width, settings.frequency_half_life_s)
     state = AppState(settings, tables, ServiceMetrics(tables))
 

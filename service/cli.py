@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
 
-from compression import RowClass, candidate_classes, compress, load_table, read_manifest, save_table
+from compression import candidate_classes, compress, load_table, read_manifest, save_table
 from compression.allocation import BudgetTooSmall
 from compression.storage import TABLE_SUFFIX, TableFormatError
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies
