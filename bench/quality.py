@@ -11,7 +11,7 @@ and metadata included, scored by test AUC / logloss):
   A random split, not a time split: every user of the test split has history in training, so
   the embeddings carry signal and their compression shows.  One global ID space, numbered by
   training frequency (``Vocabulary``); 3,469 IDs, dim 16.
-* model: a small DeepFM (``compression.models``) with two heads, CTR (AUC, logloss) and rating
+* model: a small DeepFM (``compression.training.models``) with two heads, CTR (AUC, logloss) and rating
   (RMSE); Adam, early stopping on validation AUC.  The dense part is the same for every method
   and is not counted; the memory compared is the embedding table, as the table server holds it.
 * fp32 reference: the model trained once with an fp32 table (seeded).
@@ -20,7 +20,7 @@ and metadata included, scored by test AUC / logloss):
   one ratio it has; "uniform" at a budget = the widest that fits), ``knapsack`` (mixed
   precision + pruning per frequency group, frequency-weighted reconstruction error),
   ``knapsack_dims`` (+ truncated dims, PCA rotation), ``knapsack_model`` (the same choices
-  scored by how far the model's logits move on training rows: ``compression.sensitivity``).
+  scored by how far the model's logits move on training rows: ``compression.training.sensitivity``).
 * training-time methods train a fresh model at each budget: MPE (search, then retrain),
   FIITED, BH, BH hybrid (int8 head rows + BH for the tail and unseen IDs), hashing trick, QR.
 * every score is computed through the **exported** ``CompressedTable`` (``ServedEmbedding``):
@@ -52,9 +52,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compression.allocation import BudgetTooSmall  # noqa: E402
-from compression.datasets import CTRData, Vocabulary, criteo_tsv, movielens_100k_ctr, synthetic_ctr  # noqa: E402
-from compression.evaluation import Metrics, Split, TrainConfig, evaluate, train  # noqa: E402
-from compression.methods import (  # noqa: E402
+from compression.training.datasets import CTRData, Vocabulary, criteo_tsv, movielens_100k_ctr, synthetic_ctr  # noqa: E402
+from compression.training.evaluation import Metrics, Split, TrainConfig, evaluate, train  # noqa: E402
+from compression.training.methods import (  # noqa: E402
     BinaryHashEmbedding,
     FIITEDEmbedding,
     FullEmbedding,
@@ -66,9 +66,9 @@ from compression.methods import (  # noqa: E402
     post_training_table,
     search_then_retrain,
 )
-from compression.methods.post_training import UNIFORM_BITS  # noqa: E402
-from compression.models import DeepFM, ServedEmbedding  # noqa: E402
-from compression.sensitivity import output_error  # noqa: E402
+from compression.training.methods.post_training import UNIFORM_BITS  # noqa: E402
+from compression.training.models import DeepFM, ServedEmbedding  # noqa: E402
+from compression.training.sensitivity import output_error  # noqa: E402
 from compression.table import CompressedTable  # noqa: E402
 
 BUDGETS = (4, 8, 16, 32, 64, 128)
@@ -362,7 +362,7 @@ def write_report(passes: list[Pass], args: argparse.Namespace, name: str, runtim
         f"validation AUC; MPE searches for {setup.search_epochs} epochs first.  Every score is computed through the exported "
         "`CompressedTable`; bytes are its `nbytes` (index, rotation, fallback tables and parameters included).  "
         "Budgets are fractions of the fp32 table, `N * D * 4` bytes.",
-        "Protocol and method details: the docstring of `bench/quality.py`; method internals: `compression/methods/`.",
+        "Protocol and method details: the docstring of `bench/quality.py`; method internals: `compression/training/methods/`.",
         "",
     ]
     verdicts: list[str] = []

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compression.datasets import Ratings, movielens_100k  # noqa: E402
+from compression.training.datasets import Ratings, movielens_100k  # noqa: E402
 from compression.layout import RowClass  # noqa: E402
 from streaming import free_port, stop, wait_http  # noqa: E402
 

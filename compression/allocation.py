@@ -20,7 +20,7 @@ candidates with the rotation's bytes reserved; all candidates truncated in the s
 
 The error of a (group, class) pair is, by default, the frequency-weighted squared
 reconstruction error above; a caller can pass ``group_error`` to score it instead by what it
-does to a model (:mod:`compression.sensitivity`: how far the model's outputs move on training
+does to a model (:mod:`compression.training.sensitivity`: how far the model's outputs move on training
 rows that use the group's IDs), which is what matters when pruning rare rows to zero.
 """
 
@@ -47,7 +47,7 @@ _HEAD_GROUP_MIN = 256
 ProgressFn = Callable[[int, int], None]
 # (group index, row positions of the whole group, the group's rows as a class would serve them,
 # in original coordinates) -> the error of serving them so, e.g. how far a model's outputs move
-# (compression.sensitivity); replaces the frequency-weighted reconstruction error.
+# (compression.training.sensitivity); replaces the frequency-weighted reconstruction error.
 GroupErrorFn = Callable[[int, torch.Tensor, torch.Tensor], float]
 # How a table without explicit ``ids`` (IDs 0..N-1) indexes its rows: one int32 locator per ID,
 # or the same locators run-length encoded (cheap when the vocabulary is numbered by frequency,
@@ -243,7 +243,7 @@ def _fixed_bytes(
     rot = dim * dim * 4 if rotation else 0
     costs = {"zero": 0, "default": dim * 4, "hashed": num_buckets * dim * 2}
     if unknown not in costs:
-        raise ValueError(f"compress() builds the zero, default or hashed fallback; {unknown!r} is trained (compression.methods)")
+        raise ValueError(f"compress() builds the zero, default or hashed fallback; {unknown!r} is trained (compression.training.methods)")
     unk = costs[unknown]
     return index + rot + unk
 

@@ -11,7 +11,7 @@ hash embedding serves the tail and never-seen IDs.
   "unknown" embedding.
 * ``hashed``      - the hashing trick: an fp16 bucket table ``[K, D]``; ID ``x`` reads bucket
   :func:`bucket_of` ``(x, K)``.  Built post-training as the frequency-weighted mean of the
-  known rows in each bucket, or trained (:class:`compression.methods.HashingTrickEmbedding`).
+  known rows in each bucket, or trained (:class:`compression.training.methods.HashingTrickEmbedding`).
 * ``qr``          - quotient-remainder embedding (Shi et al. 2020).  ``buckets`` is fp16
   ``[Q + M, D]``: Q quotient rows, then M remainder rows; ``params = [M, Q]``.  With
   ``h = x mod (Q * M)`` (non-negative): ``row = buckets[h // M] * buckets[Q + h % M]``
@@ -25,7 +25,7 @@ hash embedding serves the tail and never-seen IDs.
 
 Byte cost: the tensors above, nothing else (``params`` is a 2-entry int64 tensor, counted).
 The functions :func:`hashed_rows`, :func:`qr_rows` and :func:`binary_hash_rows` are the decode
-rule; the training modules in :mod:`compression.methods` call the same functions, which is why
+rule; the training modules in :mod:`compression.training.methods` call the same functions, which is why
 an exported table serves exactly what the module computed.
 """
 
@@ -200,7 +200,7 @@ def build_unknown_policy(
     if kind == "zero":
         return UnknownPolicy("zero")
     if kind not in ("default", "hashed"):
-        raise ValueError(f"only zero, default and hashed fallbacks are fitted from rows; {kind!r} is trained (compression.methods)")
+        raise ValueError(f"only zero, default and hashed fallbacks are fitted from rows; {kind!r} is trained (compression.training.methods)")
     w = weights.to(torch.float32).clamp(min=0) + 1e-12
     if kind == "default":
         mean = (rows.to(torch.float32) * w[:, None]).sum(0) / w.sum()

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compression.datasets import GENRES, CTRData, Vocabulary, criteo_tsv, movielens_100k_ctr, synthetic_ctr
-from compression.evaluation import Split, TrainConfig, auc, evaluate, logloss, rmse, train
-from compression.methods import FullEmbedding
-from compression.models import DeepFM, ServedEmbedding
+from compression.training.datasets import GENRES, CTRData, Vocabulary, criteo_tsv, movielens_100k_ctr, synthetic_ctr
+from compression.training.evaluation import Split, TrainConfig, auc, evaluate, logloss, rmse, train
+from compression.training.methods import FullEmbedding
+from compression.training.models import DeepFM, ServedEmbedding
 
 
 def _criteo_line(label: int, ints: list[str], cats: list[str]) -> str:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from compression import BudgetTooSmall, RowClass, load_table, save_table
 from compression.kernels import COMPILED_AVAILABLE
-from compression.methods import (
+from compression.training.methods import (
     BinaryHashEmbedding,
     FIITEDEmbedding,
     FullEmbedding,
@@ -24,7 +24,7 @@ from compression.methods import (
     post_training_table,
     search_then_retrain,
 )
-from compression.methods.post_training import POST_TRAINING
+from compression.training.methods.post_training import POST_TRAINING
 from compression.synthetic import synthetic_table, zipf_frequencies
 from compression.unknown import UnknownPolicy, binary_hash_slots, mix64, qr_slots
 

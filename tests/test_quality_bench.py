@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from compression.datasets import _cache_dir
+from compression.training.datasets import _cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from compression import CompressedTable, RowClass, RunIndex, build_table, compress, load_table, save_table
 from compression.allocation import served_rows
 from compression.index import DenseIndex, run_index_bytes
-from compression.sensitivity import output_error
+from compression.training.sensitivity import output_error
 from compression.synthetic import synthetic_table, zipf_frequencies
 
 CLASSES = [RowClass(8, 32), RowClass(8, 4), RowClass(4, 16), RowClass(0, 32)]

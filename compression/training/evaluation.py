@@ -131,7 +131,7 @@ def evaluate(model: nn.Module, split: Split) -> Metrics:
 
 
 def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig) -> TrainLog:
-    """Train ``model`` (a :class:`compression.models.DeepFM`) in place; see the module doc."""
+    """Train ``model`` (a :class:`compression.training.models.DeepFM`) in place; see the module doc."""
     start_time = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed)
     embedding = model.embedding  # type: ignore[attr-defined]

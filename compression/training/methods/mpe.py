@@ -39,10 +39,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..allocation import BudgetTooSmall
-from ..index import run_index_bytes
-from ..layout import RowClass
-from ..table import CompressedTable
+from ...allocation import BudgetTooSmall
+from ...index import run_index_bytes
+from ...layout import RowClass
+from ...table import CompressedTable
 from .base import ServableEmbedding, codec_rounded, dense_index_bytes, fp16_rounded, rows_table
 
 DEFAULT_BITS: tuple[int, ...] = (0, 1, 2, 4, 8, 16)

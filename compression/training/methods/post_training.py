@@ -14,7 +14,7 @@ quality benchmark and users call every post-training method the same way:
   frequency-weighted PCA basis (:mod:`compression.rotation`) or as they are: precision,
   dimension and rotation combined;
 * ``knapsack_model`` - ``knapsack_dims`` scored by what each choice does to the model
-  (``group_error``, e.g. :func:`compression.sensitivity.output_error`) instead of by
+  (``group_error``, e.g. :func:`compression.training.sensitivity.output_error`) instead of by
   frequency-weighted reconstruction error.
 
 IDs are ``0..N-1``; the index is the run-length encoded locator (``index="runs"``), which is
@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from ..allocation import BudgetTooSmall, DenseKind, GroupErrorFn, candidate_classes, compress, compress_uniform
-from ..layout import RowClass
-from ..table import CompressedTable
+from ...allocation import BudgetTooSmall, DenseKind, GroupErrorFn, candidate_classes, compress, compress_uniform
+from ...layout import RowClass
+from ...table import CompressedTable
 
 UNIFORM_BITS = {"fp16": 16, "int8": 8, "int4": 4, "int2": 2, "int1": 1}
 POST_TRAINING: tuple[str, ...] = (*UNIFORM_BITS, "uniform", "knapsack", "knapsack_dims", "knapsack_model")
@@ -62,7 +62,7 @@ def post_training_table(
         return compress(rows, frequencies, budget_bytes=budget_bytes, candidates=cands, index=index, num_groups=num_groups)[0]
     if method in ("knapsack_dims", "knapsack_model"):
         if method == "knapsack_model" and group_error is None:
-            raise ValueError("knapsack_model needs a group_error (compression.sensitivity.output_error)")
+            raise ValueError("knapsack_model needs a group_error (compression.training.sensitivity.output_error)")
         dims = sorted({d for d in (dim, dim // 2, dim // 4, dim // 8, dim // 16, 1, 0) if 0 <= d <= dim}, reverse=True)
         cands = candidate_classes(dim, dims=dims)
         return compress(

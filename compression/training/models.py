@@ -1,7 +1,7 @@
 """A small DeepFM-style CTR model whose embedding table is a pluggable module.
 
 The point of the model is to measure embedding compression, so every per-ID parameter lives
-in the one embedding module (any :class:`~compression.methods.ServableEmbedding`, or a
+in the one embedding module (any :class:`~compression.training.methods.ServableEmbedding`, or a
 :class:`ServedEmbedding` wrapping an exported table); the dense part - a first-order linear
 term on the field vectors, the FM pairwise interaction, an MLP - is small and identical for
 every method.  (Classic DeepFM also keeps a per-ID scalar weight table; it is left out so that
@@ -9,7 +9,7 @@ the memory being compared is all in one table.)
 
 Two heads on shared features: the CTR logit (label ``rating >= 4`` on MovieLens) and a rating
 regression (the "rating variant", scored by RMSE).  All fields share one global ID space
-(:class:`compression.datasets.Vocabulary`); a multi-valued field (genres) is the mean of its
+(:class:`compression.training.datasets.Vocabulary`); a multi-valued field (genres) is the mean of its
 IDs' vectors, and ``-1`` marks an empty slot.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .table import CompressedTable
+from ..table import CompressedTable
 
 
 class ServedEmbedding(nn.Module):

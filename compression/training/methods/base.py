@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import codecs
-from ..allocation import build_table
-from ..index import RunIndex
-from ..layout import RowClass
-from ..table import CompressedTable
-from ..unknown import UnknownPolicy
+from ... import codecs
+from ...allocation import build_table
+from ...index import RunIndex
+from ...layout import RowClass
+from ...table import CompressedTable
+from ...unknown import UnknownPolicy
 
 
 class _StraightThrough(torch.autograd.Function):

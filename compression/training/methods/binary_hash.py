@@ -25,11 +25,11 @@ import math
 import torch
 from torch import nn
 
-from ..allocation import BudgetTooSmall
-from ..index import run_index_bytes
-from ..layout import RowClass
-from ..table import CompressedTable
-from ..unknown import UnknownPolicy, binary_hash_blocks, binary_hash_rows
+from ...allocation import BudgetTooSmall
+from ...index import run_index_bytes
+from ...layout import RowClass
+from ...table import CompressedTable
+from ...unknown import UnknownPolicy, binary_hash_blocks, binary_hash_rows
 from .base import ServableEmbedding, codec_rounded, fp16_rounded, hash_only_table, rows_table
 
 _PARAM_BYTES = 16  # the int64 [S, k] params tensor

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .allocation import GroupErrorFn
+from ..allocation import GroupErrorFn
 
 
 def _rows_using(ids: torch.Tensor, num_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ def output_error(
 ) -> GroupErrorFn:
     """A :data:`~compression.allocation.GroupErrorFn` for ``model``, whose embedding reads the
     fp32 table ``weight [N, D]``; ``ids [n, C]`` (and ``dense``) are training rows, ``-1`` empty.
-    The model must return the CTR logit first (``compression.models.DeepFM`` does)."""
+    The model must return the CTR logit first (``compression.training.models.DeepFM`` does)."""
     num_ids = weight.shape[0]
     pointer, using = _rows_using(ids, num_ids)
     gen = torch.Generator().manual_seed(seed)

@@ -23,9 +23,9 @@ import math
 import torch
 from torch import nn
 
-from ..allocation import BudgetTooSmall
-from ..table import CompressedTable
-from ..unknown import UnknownPolicy, hashed_rows, qr_rows
+from ...allocation import BudgetTooSmall
+from ...table import CompressedTable
+from ...unknown import UnknownPolicy, hashed_rows, qr_rows
 from .base import ServableEmbedding, fp16_rounded, hash_only_table
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..allocation import BudgetTooSmall
-from ..layout import MAX_CLASSES, RowClass
-from ..table import CompressedTable
+from ...allocation import BudgetTooSmall
+from ...layout import MAX_CLASSES, RowClass
+from ...table import CompressedTable
 from .base import ServableEmbedding, dense_index_bytes, fp16_rounded, rows_table
 
 
