@@ -21,7 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from compression.pooling import validate_offsets
 
+from ..buffered import STREAM_MIN_BYTES, BufferResponse
 from ..errors import ApiError, error_response, parse_json_body
+from ..response_size import check_lookup_response
 from ..security import require_reader
 from ..state import AppState
 from ..wire import (
@@ -33,6 +35,7 @@ from ..wire import (
     LookupResponse,
     ParsedLookup,
     WireError,
+    binary_response_parts,
     encode_binary_response,
     parse_binary_request,
 )
@@ -153,7 +156,12 @@ def encode_json(outputs: list[LookupOutput]) -> bytes:
 def handle_lookup(state: AppState, body: bytes, content_type: str, binary: bool) -> Response:
     lookups = parse_body(body, content_type)
     check_limits(state, lookups)
+    estimate = check_lookup_response(state, lookups, binary)  # 413 before any row is decoded
     outputs = run_lookups(state, lookups)
+    if estimate > STREAM_MIN_BYTES:  # large: sent in slices, never joined (service/buffered.py)
+        if binary:
+            return BufferResponse(binary_response_parts(outputs), BINARY_RESPONSE_TYPE)
+        return BufferResponse([encode_json(outputs)], "application/json")
     if binary:
         return Response(encode_binary_response(outputs), media_type=BINARY_RESPONSE_TYPE)
     return Response(encode_json(outputs), media_type="application/json")
