@@ -167,4 +167,4 @@ def test_a_large_allowed_answer_costs_about_one_copy_of_itself(tmp_path: Path) -
         size = _drain(base, body, {"content-type": "application/json"})
         grew = (_status_kib(proc.pid, "VmHWM") - rss) * 1024
         print(f"JSON: answer {size / 1e6:.0f} MB, peak RSS grew {grew / 1e6:.0f} MB ({grew / size:.2f}x)")
-        assert grew < 2.0 * size
+        assert grew < 0.8 * size  # the decoded float32 (~4/13 of the JSON) plus a slice; it was ~1.4x
