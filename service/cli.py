@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import numpy as np
 import torch
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
@@ -47,10 +48,19 @@ def bad_input_exits(command: str) -> Iterator[None]:
     ``BudgetTooSmall`` is), unreadable table files and file-system errors."""
     try:
         yield
-    except (ValueError, TableFormatError) as exc:
+    except ValidationError as exc:  # settings from flags or EMBSERVE_* variables
+        _fail(command, "; ".join(_setting_error(e) for e in exc.errors()))
+    except (BudgetTooSmall, ValueError, TableFormatError) as exc:  # BudgetTooSmall is a ValueError; named for the reader
         _fail(command, str(exc))
     except OSError as exc:
         _fail(command, f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
+
+
+def _setting_error(error: Any) -> str:
+    field = ".".join(str(part) for part in error.get("loc", ()))
+    if not field:
+        return str(error.get("msg", "invalid settings"))
+    return f"{field} (--{field.replace('_', '-')} or EMBSERVE_{field.upper()}): {error.get('msg')}, got {error.get('input')!r}"
 
 
 def _load_array(path: Path, tensor: str | None = None, what: str = "input") -> torch.Tensor:
@@ -66,7 +76,9 @@ def _load_array(path: Path, tensor: str | None = None, what: str = "input") -> t
             raise BadInput(f"{what} {path}: dtype {getattr(array, 'dtype', type(array).__name__)} is not numeric")
         array = array.astype(array.dtype.newbyteorder("="), copy=False)
         if array.dtype.kind == "u" and array.dtype.itemsize > 1:  # torch lacks most unsigned types
-            array = array.astype(np.int64 if array.dtype.itemsize < 8 else np.float64)
+            if array.size and int(array.max()) > np.iinfo(np.int64).max:
+                raise BadInput(f"{what} {path}: values above 2^63-1 do not fit int64")
+            array = array.astype(np.int64)
         return torch.from_numpy(np.ascontiguousarray(array))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -259,7 +271,9 @@ def serve_cmd(
     """Serve every table in the tables folder over HTTP.  Every other setting is an environment
     variable (README, Configuration); a flag wins over its variable."""
     overrides = {k: v for k, v in dict(tables_dir=tables_dir, host=host, port=port, device=device, torch_threads=torch_threads).items() if v is not None}
-    _serve(Settings(**overrides))
+    with bad_input_exits("serve"):  # a bad flag or EMBSERVE_* value: one line, not a pydantic traceback
+        settings = Settings(**overrides)
+    _serve(settings)
 
 
 def _serve(settings: Settings) -> None:
@@ -289,18 +303,18 @@ def demo_cmd(
 ) -> None:
     """Build a realistic demo table (Zipf-distributed IDs, trained-like rows), compress it, serve it."""
     path = tables_dir / f"{name}{TABLE_SUFFIX}"
-    if rebuild or not path.exists():
-        with bad_input_exits("demo"):
+    with bad_input_exits("demo"):
+        if not valid_table_name(name):
+            raise BadInput(f"--name {name!r}: table names match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}} (no '..')")
+        if rebuild or not path.exists():
             _build_demo(path, name, rows, dim, ratio)
-    else:
-        console.print(f"the demo table exists: {path} (--rebuild to make it anew)")
+        else:
+            console.print(f"the demo table exists: {path} (--rebuild to make it anew)")
     if serve:
         _serve(Settings(tables_dir=tables_dir, host=host, port=port))
 
 
 def _build_demo(path: Path, name: str, rows: int, dim: int, ratio: float) -> None:
-    if not valid_table_name(name):
-        raise BadInput(f"--name {name!r}: table names match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}")
     if rows < 1 or dim < 1 or not ratio > 0:
         raise BadInput("--rows and --dim must be at least 1 and --ratio positive")
     started = time.perf_counter()

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.e2e  # real `embserve` processes
 N, D = 400, 16
 
 
-def _embserve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+def _embserve(*args: str, cwd: Path | None = None, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env_extra}
     return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
@@ -104,12 +104,19 @@ def test_compress_reports_every_phase() -> None:
     assert seen[-1] == ("encoding rows", 2000, 2000)
 
 
-def test_demo_builds_with_progress_and_refuses_bad_values(tmp_path: Path) -> None:
+def test_demo_builds_and_demo_and_serve_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
     ok = _embserve("demo", "--no-serve", "--rows", "3000", "--dim", "32", "--tables-dir", str(tmp_path))
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "demo.safetensors").is_file() and "built in" in ok.stderr
-    bad = _embserve("demo", "--no-serve", "--rows", "0", "--tables-dir", str(tmp_path / "x"))
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--rows" in bad.stderr, bad.stderr
+    with ThreadPoolExecutor(3) as pool:
+        rows, name, port = pool.map(lambda args: _embserve(*args[0], **args[1]), [
+            (("demo", "--no-serve", "--rows", "0", "--tables-dir", str(tmp_path / "x")), {}),
+            (("demo", "--no-serve", "--name", "a..b", "--tables-dir", str(tmp_path / "x")), {}),
+            (("serve",), {"EMBSERVE_PORT": "99999", "EMBSERVE_TABLES_DIR": str(tmp_path / "x")}),
+        ])
+    for bad, expected in ((rows, "--rows"), (name, "--name 'a..b'"), (port, "port (--port or EMBSERVE_PORT): Input should be less than")):
+        assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and expected in bad.stderr, bad.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_help_texts_show_env_variables_defaults_and_no_raw_markup() -> None:
