@@ -159,12 +159,13 @@ def encode_json_parts(outputs: list[LookupOutput]) -> Iterator[bytes]:
     answer is never whole in memory, and no one ``orjson`` call holds the GIL for long."""
     yield b'{"results":['
     for k, o in enumerate(outputs):
-        rows, dim = o.values.shape
+        values = np.ascontiguousarray(o.values)  # orjson serializes only contiguous arrays (a no-op here)
+        rows, dim = values.shape
         yield (b"," if k else b"") + b'{"table":' + orjson.dumps(o.table) + b',"shape":' + orjson.dumps([rows, dim]) + b',"embeddings":['
         step = max(1, SLICE_BYTES // max(1, dim * JSON_BYTES_PER_VALUE))
         for start in range(0, rows, step):
             # a row slice of a C-contiguous array is contiguous: orjson serializes it as nested lists
-            rows_json = orjson.dumps(o.values[start : start + step], option=orjson.OPT_SERIALIZE_NUMPY)
+            rows_json = orjson.dumps(values[start : start + step], option=orjson.OPT_SERIALIZE_NUMPY)
             yield (b"," if start else b"") + rows_json[1:-1]
         yield b'],"found":' + orjson.dumps(o.found, option=orjson.OPT_SERIALIZE_NUMPY) + b',"unknown":' + orjson.dumps(o.unknown) + b"}"
     yield b"]}"
