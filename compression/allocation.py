@@ -45,6 +45,9 @@ _ENCODE_CHUNK = 1 << 16
 _HEAD_GROUP_MIN = 256
 
 ProgressFn = Callable[[int, int], None]
+# (what compress() is doing, units done, units in all): every phase reports, so a progress bar
+# moves through cost estimation (most of the time on large tables), not only through encoding
+StageFn = Callable[[str, int, int], None]
 # (group index, row positions of the whole group, the group's rows as a class would serve them,
 # in original coordinates) -> the error of serving them so, e.g. how far a model's outputs move
 # (compression.training.sensitivity); replaces the frequency-weighted reconstruction error.
@@ -98,13 +101,15 @@ def estimate_costs(
     rotation: torch.Tensor | None = None,
     seed: int = 0,
     group_error: GroupErrorFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> GroupCosts:
     """Per (group, class): estimated weighted squared error and exact bytes.  ``rows`` is the
     table, or a function returning the rows at given positions (a live table decodes only the
     sampled rows).  With ``group_error`` every group is served whole through each class and the
-    function scores it (no sampling)."""
+    function scores it (no sampling).  ``progress(done, total)`` is told after each class (each
+    group with ``group_error``)."""
     if group_error is not None:
-        return _costs_from(rows, groups, classes, rotation, group_error)
+        return _costs_from(rows, groups, classes, rotation, group_error, progress)
     gen = torch.Generator().manual_seed(seed)
     picks, scales = [], []
     for g in groups:
@@ -126,6 +131,8 @@ def estimate_costs(
         err = codecs.reconstruction_error(source, rc, dim).to(torch.float64)
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
         errors[:, c].index_add_(0, owner, w * err)
+        if progress is not None:
+            progress(c + 1, len(classes))
     errors *= torch.tensor(scales, dtype=torch.float64)[:, None]
     sizes = [g.numel() for g in groups]
     nbytes = torch.tensor([[n * rc.row_bytes for rc in classes] for n in sizes], dtype=torch.int64)
@@ -154,6 +161,7 @@ def _costs_from(
     classes: list[RowClass],
     rotation: torch.Tensor | None,
     group_error: GroupErrorFn,
+    progress: ProgressFn | None = None,
 ) -> GroupCosts:
     errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
     for g, grp in enumerate(groups):
@@ -162,6 +170,8 @@ def _costs_from(
             approx = served_rows(x, rc, rotation)
             err = float(group_error(g, grp, approx)) if bool(torch.isfinite(approx).all()) else float("inf")
             errors[g, c] = err if err == err else float("inf")  # NaN -> unusable
+        if progress is not None:
+            progress(g + 1, len(groups))
     sizes = [g.numel() for g in groups]
     nbytes = torch.tensor([[n * rc.row_bytes for rc in classes] for n in sizes], dtype=torch.int64)
     return GroupCosts(sizes, errors, nbytes)
@@ -312,6 +322,7 @@ def compress(
     progress: ProgressFn | None = None,
     index: DenseKind = "dense",
     group_error: GroupErrorFn | None = None,
+    stage: StageFn | None = None,
 ) -> tuple[CompressedTable, CompressionReport]:
     """Compress a dense fp32 table into the cheapest-error mixed table within the budget.
 
@@ -322,6 +333,8 @@ def compress(
     groups when the vocabulary is numbered by descending frequency (and up to N otherwise).
     ``group_error`` replaces the frequency-weighted reconstruction error by the caller's measure
     of what serving a group through a class costs (see :data:`GroupErrorFn`).
+    ``progress(done, n)`` follows the encoding of rows; ``stage(what, done, total)`` follows
+    every phase (see :data:`StageFn`).
     """
     if rows.dim() != 2:
         raise ValueError("rows must be a 2-D [N, D] table")
@@ -357,9 +370,13 @@ def compress(
             owner[grp] = g
     weights = freqs + 1e-9  # an ID never seen still costs a little error
 
+    def tell(what: str) -> ProgressFn:
+        return (lambda done, total: stage(what, done, total)) if stage is not None else (lambda done, total: None)
+
     plans: list[tuple[float, bool, list[RowClass], list[int], int | None]] = []
     full_dim = [rc for rc in cands if rc.dim == dim]
     reduced = [rc for rc in cands if rc.dim < dim]
+    tell("rotation (weighted PCA)")(0, 1)
     rotation = weighted_pca_rotation(rows, weights) if (allow_rotation and reduced) else None
     variants: list[tuple[bool, list[RowClass]]] = []
     if full_dim:
@@ -370,12 +387,14 @@ def compress(
         # truncation in the stored basis: right for tables trained with a dimension mask
         # (nested / FIITED-style), whose leading coordinates already carry the most
         variants.append((False, cands))
-    for rotated, variant in variants:
+    for k, (rotated, variant) in enumerate(variants):
         variant = list(variant)
+        costing = tell(f"estimating costs ({k + 1}/{len(variants)})")
         # run-length index: reserve for a few runs first (adjacent groups of one class share a
         # run, and frequency-ordered choices change class only a few times), more if needed
         runs = None if runs_bound is None else min(runs_bound, MAX_CLASSES)
-        costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error)
+        costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error,
+                               progress=costing)
         while True:
             fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs)
             try:
@@ -399,7 +418,8 @@ def compress(
                 rows_in[c] += costs.sizes[g]
             keep = sorted(used, key=lambda c: -rows_in[c])[:MAX_CLASSES]
             variant = [variant[c] for c in sorted(keep)]
-            costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error)
+            costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error,
+                                   progress=costing)
     if not plans:
         smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, None if runs_bound is None else 1)
         raise BudgetTooSmall(
@@ -414,9 +434,17 @@ def compress(
     row_class_of = torch.empty(n, dtype=torch.int64)
     for g, grp in enumerate(groups):
         row_class_of[grp] = remap[choice[g]]
+    tell("unknown-ID fallback")(0, 1)
     policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights, num_buckets)
+    encoding = tell("encoding rows")
+
+    def encoded(done: int, total: int) -> None:
+        encoding(done, total)
+        if progress is not None:
+            progress(done, total)
+
     table = build_table(
-        rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=progress,
+        rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=encoded,
         index=index,
     )
     report = CompressionReport(

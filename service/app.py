@@ -21,6 +21,7 @@ from .routers import admin, health, lookup, metrics, updates, v2
 from .routers import tables as tables_router
 from .updatelog import open_log
 from .settings import Settings
+from .startup import load_tables
 from .state import AppState
 
 log = logging.getLogger("embserve")
@@ -107,12 +108,7 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if registry is None:
-            if settings.seed_dir is not None:
-                seeded = TableRegistry.seed(settings.tables_dir, settings.seed_dir)
-                if seeded:
-                    log.info("seeded %s from %s", ", ".join(seeded), settings.seed_dir)
-            names = tables.load_dir(settings.tables_dir)
-            log.info("serving %d table(s) from %s: %s", len(names), settings.tables_dir, ", ".join(names) or "-")
+            load_tables(settings, tables)  # a SIGINT/SIGTERM meanwhile stops the process (service/startup.py)
         state.update_log = open_log(settings.redis_url, settings.sqlite_path(), settings.redis_stream)
         for problem in state.update_log.check_durability():
             log.warning("update log: %s", problem)

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import numpy as np
 import torch
 import typer
+from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
 
 from compression import candidate_classes, compress, load_table, read_manifest, save_table
 from compression.allocation import BudgetTooSmall
+from compression.layout import SUPPORTED_BITS, RowClass
 from compression.storage import TABLE_SUFFIX, TableFormatError
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies
+from compression.table import CompressedTable
 
 from .registry import valid_table_name
 from .settings import Settings
@@ -26,26 +31,122 @@ app = typer.Typer(help="Compressed embedding tables: build them, look inside the
 console = Console(stderr=True)
 
 
-def _load_array(path: Path, tensor: str | None = None) -> torch.Tensor:
-    """A 1-D or 2-D array from ``.npy`` or ``.safetensors`` (the one tensor, or ``tensor``)."""
+class BadInput(ValueError):
+    """Something the user gave (a file, a flag's value) cannot be used; the message says what."""
+
+
+def _fail(command: str, message: str) -> NoReturn:
+    # plain echo, not the rich console: no markup eating brackets, no wrapping into several lines
+    typer.echo(f"embserve {command}: {' '.join(message.split())}", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def bad_input_exits(command: str) -> Iterator[None]:
+    """Every bad input of ``command`` ends as one line on stderr and exit 2, never a traceback:
+    our own checks (:class:`BadInput`), what the library refuses (``ValueError``, which
+    ``BudgetTooSmall`` is), unreadable table files and file-system errors."""
+    try:
+        yield
+    except ValidationError as exc:  # settings from flags or EMBSERVE_* variables
+        _fail(command, "; ".join(_setting_error(e) for e in exc.errors()))
+    except (BudgetTooSmall, ValueError, TableFormatError) as exc:  # BudgetTooSmall is a ValueError; named for the reader
+        _fail(command, str(exc))
+    except OSError as exc:
+        _fail(command, f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
+
+
+def _setting_error(error: Any) -> str:
+    field = ".".join(str(part) for part in error.get("loc", ()))
+    if not field:
+        return str(error.get("msg", "invalid settings"))
+    return f"{field} (--{field.replace('_', '-')} or EMBSERVE_{field.upper()}): {error.get('msg')}, got {error.get('input')!r}"
+
+
+def _load_array(path: Path, tensor: str | None = None, what: str = "input") -> torch.Tensor:
+    """A numeric array from ``.npy`` or ``.safetensors`` (the one tensor, or ``tensor``)."""
+    if not path.is_file():
+        raise BadInput(f"{what} {path}: no such file")
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False))
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError) as exc:  # object arrays, pickles, truncated or foreign files
+            raise BadInput(f"{what} {path}: not a numeric .npy array ({exc})") from None
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+            raise BadInput(f"{what} {path}: dtype {getattr(array, 'dtype', type(array).__name__)} is not numeric")
+        array = array.astype(array.dtype.newbyteorder("="), copy=False)
+        if array.dtype.kind == "u" and array.dtype.itemsize > 1:  # torch lacks most unsigned types
+            if array.size and int(array.max()) > np.iinfo(np.int64).max:
+                raise BadInput(f"{what} {path}: values above 2^63-1 do not fit int64")
+            array = array.astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(array))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # SafetensorError and friends: not a safetensors file
+            raise BadInput(f"{what} {path}: not a readable .safetensors file ({exc})") from None
         if tensor is None:
             if len(tensors) != 1:
-                raise typer.BadParameter(f"{path} holds {sorted(tensors)}; pick one with --tensor")
+                raise BadInput(f"{what} {path} holds {sorted(tensors)}; pick one with --tensor")
             return next(iter(tensors.values()))
         if tensor not in tensors:
-            raise typer.BadParameter(f"{path} has no tensor {tensor!r}")
+            raise BadInput(f"{what} {path} has no tensor {tensor!r}")
         return tensors[tensor]
-    raise typer.BadParameter(f"{path}: expected a .npy or .safetensors file")
+    raise BadInput(f"{what} {path}: expected a .npy or .safetensors file")
 
 
-def _parse_ints(text: str | None) -> list[int] | None:
-    return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+def _parse_ints(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInput(f"{option} {text!r}: expected comma-separated integers") from None
+    if not values:
+        raise BadInput(f"{option}: give at least one value")
+    return values
+
+
+def _one_per_row(values: torch.Tensor, n: int, option: str, path: Path) -> torch.Tensor:
+    if values.dim() != 1 or values.shape[0] != n:
+        raise BadInput(f"{option} {path}: expected {n:,} values (one per row of the table), got shape {list(values.shape)}")
+    return values
+
+
+def _candidates(dim: int, dims_text: str | None, bits_text: str | None) -> list[RowClass]:
+    bits = _parse_ints(bits_text, "--bits") or []
+    unsupported = [b for b in bits if b not in SUPPORTED_BITS]
+    if unsupported:
+        raise BadInput(f"--bits {','.join(map(str, unsupported))}: supported widths are {', '.join(map(str, SUPPORTED_BITS))}")
+    dims = _parse_ints(dims_text, "--dims")
+    if dims is not None and any(not 0 <= d <= dim for d in dims):
+        raise BadInput(f"--dims {dims_text}: each dim must be between 0 and the table's {dim}")
+    return candidate_classes(dim, dims, tuple(bits))
+
+
+def _phase_bar(label: str) -> Progress:
+    """One bar for a multi-phase job: the description names the phase, the bar its progress."""
+    return Progress(TextColumn(f"[bold]{label}[/bold] {{task.description}}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)  # off a terminal rich shows only the end state: nothing to gain
+
+
+def _stage_reporter(progress: Progress, task: TaskID) -> Callable[[str, int, int], None]:
+    def stage(what: str, done: int, total: int) -> None:
+        progress.update(task, description=what, completed=done, total=max(total, 1))
+
+    return stage
+
+
+def _refuse_all_pruned(table: CompressedTable, budget: int, fixed: int, fix: str = "a smaller --ratio or a larger --budget-bytes") -> None:
+    """A budget that leaves no byte for rows gives a table of zeros: refuse it rather than write it."""
+    if table.classes and all(rc.dim == 0 for rc in table.classes):
+        raise BadInput(
+            f"a budget of {budget:,} bytes leaves nothing for the rows once the index and fallback take {fixed:,}:"
+            f" every row would be pruned (served as zeros); give {fix}"
+        )
 
 
 def _summary(table_path: Path, elapsed: float | None = None, error: float | None = None) -> None:
@@ -82,41 +183,58 @@ def weighted_relative_error(rows: torch.Tensor, freqs: torch.Tensor, table_path:
 
 @app.command("compress")
 def compress_cmd(
-    input: Annotated[Path, typer.Argument(help="dense fp32 table [N, D] (.npy or .safetensors)", exists=True, dir_okay=False)],
+    input: Annotated[Path, typer.Argument(help="dense fp32 table [N, D] (.npy or .safetensors)")],
     output: Annotated[Path, typer.Argument(help="compressed table file to write (.safetensors)")],
     frequencies: Annotated[Optional[Path], typer.Option(help="per-row lookup counts [N] (.npy); default uniform")] = None,
     ids: Annotated[Optional[Path], typer.Option(help="int64 ID of each row [N] (.npy); default dense IDs 0..N-1")] = None,
     tensor: Annotated[Optional[str], typer.Option(help="tensor name inside a .safetensors input")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="target compression ratio vs fp32 (budget = N*D*4/ratio)")] = None,
     budget_bytes: Annotated[Optional[int], typer.Option(help="byte budget for everything the table holds")] = None,
-    bits: Annotated[str, typer.Option(help="candidate bit widths, comma-separated")] = "32,16,8,4,2,1",
+    bits: Annotated[str, typer.Option(help="candidate bit widths, comma-separated (32,16,8,4,2,1)")] = "32,16,8,4,2,1",
     dims: Annotated[Optional[str], typer.Option(help="candidate dims, comma-separated (default D,D/2,D/4,D/8,0)")] = None,
     unknown: Annotated[str, typer.Option(help="unknown-ID policy: zero, default or hashed")] = "zero",
     groups: Annotated[int, typer.Option(help="frequency groups for the allocation")] = 64,
 ) -> None:
     """Compress a dense table into mixed (dim, bits) row classes within a memory budget."""
+    with bad_input_exits("compress"):
+        _compress(input, output, frequencies, ids, tensor, ratio, budget_bytes, bits, dims, unknown, groups)
+
+
+def _compress(
+    input: Path, output: Path, frequencies: Path | None, ids: Path | None, tensor: str | None, ratio: float | None,
+    budget_bytes: int | None, bits: str, dims: str | None, unknown: str, groups: int,
+) -> None:
     if (ratio is None) == (budget_bytes is None):
-        raise typer.BadParameter("give exactly one of --ratio and --budget-bytes")
+        raise BadInput("give exactly one of --ratio and --budget-bytes")
+    if (ratio is not None and not ratio > 0) or (budget_bytes is not None and budget_bytes <= 0):
+        raise BadInput("--ratio and --budget-bytes must be positive")
     if unknown not in ("zero", "default", "hashed"):
-        raise typer.BadParameter("--unknown must be zero, default or hashed")
+        raise BadInput(f"--unknown {unknown!r}: must be zero, default or hashed")
+    if groups < 1:
+        raise BadInput(f"--groups {groups}: must be at least 1")
+    if output.suffix != TABLE_SUFFIX or output.is_dir():
+        raise BadInput(f"output {output}: give a file name ending in {TABLE_SUFFIX} (the server loads only those)")
     rows = _load_array(input, tensor).to(torch.float32)
-    if rows.dim() != 2:
-        raise typer.BadParameter(f"{input}: expected a 2-D table, got shape {list(rows.shape)}")
-    freqs = _load_array(frequencies).to(torch.float64) if frequencies else None
-    id_tensor = _load_array(ids).to(torch.int64) if ids else None
-    cands = candidate_classes(rows.shape[1], _parse_ints(dims), tuple(_parse_ints(bits) or ()))
+    if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise BadInput(f"input {input}: expected a non-empty 2-D table [N, D], got shape {list(rows.shape)}")
+    n = rows.shape[0]
+    freqs = _one_per_row(_load_array(frequencies, what="--frequencies").to(torch.float64), n, "--frequencies", frequencies) if frequencies else None
+    id_tensor = None
+    if ids:
+        raw_ids = _load_array(ids, what="--ids")
+        if raw_ids.is_floating_point():
+            raise BadInput(f"--ids {ids}: expected integer IDs, got {raw_ids.dtype}")
+        id_tensor = _one_per_row(raw_ids.to(torch.int64), n, "--ids", ids)
+    cands = _candidates(rows.shape[1], dims, bits)
     started = time.perf_counter()
-    with Progress(TextColumn("[bold]encoding rows"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("encode", total=rows.shape[0])
-        try:
-            table, report = compress(
-                rows, freqs, budget_bytes=budget_bytes, ratio=ratio, ids=id_tensor, candidates=cands,
-                num_groups=groups, unknown=unknown,  # type: ignore[arg-type]
-                progress=lambda done, total: progress.update(task, completed=done),
-            )
-        except (BudgetTooSmall, ValueError) as exc:
-            console.print(f"[red]cannot compress:[/red] {exc}")
-            raise typer.Exit(2) from exc
+    with _phase_bar("compress") as progress:
+        task = progress.add_task("starting", total=1)
+        table, report = compress(
+            rows, freqs, budget_bytes=budget_bytes, ratio=ratio, ids=id_tensor, candidates=cands,
+            num_groups=groups, unknown=unknown,  # type: ignore[arg-type]
+            stage=_stage_reporter(progress, task),
+        )
+    _refuse_all_pruned(table, report.budget_bytes, report.fixed_bytes)
     save_table(table, output, extra={"source": input.name})
     elapsed = time.perf_counter() - started
     error = weighted_relative_error(rows, freqs if freqs is not None else torch.ones(rows.shape[0]), output) if id_tensor is None else None
@@ -136,17 +254,26 @@ def inspect_cmd(file: Annotated[Path, typer.Argument(help="compressed table file
     _summary(file)
 
 
+def _env_help(field: str, text: str) -> str:
+    """A serve flag's help: what it sets, its environment variable and default (from Settings).
+    Parentheses, not brackets: typer renders help as rich markup, where ``[...]`` is a style tag."""
+    return f"{text} (env EMBSERVE_{field.upper()}, default {Settings.model_fields[field].default})"
+
+
 @app.command("serve")
 def serve_cmd(
-    tables_dir: Annotated[Optional[Path], typer.Option(help="folder of table files [env EMBSERVE_TABLES_DIR]")] = None,
-    host: Annotated[Optional[str], typer.Option(help="bind address [env EMBSERVE_HOST]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="port [env EMBSERVE_PORT]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N [env EMBSERVE_DEVICE]")] = None,
-    torch_threads: Annotated[Optional[int], typer.Option(help="torch/decoder threads [env EMBSERVE_TORCH_THREADS]")] = None,
+    tables_dir: Annotated[Optional[Path], typer.Option(help=_env_help("tables_dir", "folder of table files"), show_default=False)] = None,
+    host: Annotated[Optional[str], typer.Option(help=_env_help("host", "bind address"), show_default=False)] = None,
+    port: Annotated[Optional[int], typer.Option(help=_env_help("port", "port"), show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help=_env_help("device", "cpu, cuda, cuda:N"), show_default=False)] = None,
+    torch_threads: Annotated[Optional[int], typer.Option(help=_env_help("torch_threads", "torch/decoder threads"), show_default=False)] = None,
 ) -> None:
-    """Serve every table in the tables folder over HTTP."""
+    """Serve every table in the tables folder over HTTP.  Every other setting is an environment
+    variable (README, Configuration); a flag wins over its variable."""
     overrides = {k: v for k, v in dict(tables_dir=tables_dir, host=host, port=port, device=device, torch_threads=torch_threads).items() if v is not None}
-    _serve(Settings(**overrides))
+    with bad_input_exits("serve"):  # a bad flag or EMBSERVE_* value: one line, not a pydantic traceback
+        settings = Settings(**overrides)
+    _serve(settings)
 
 
 def _serve(settings: Settings) -> None:
@@ -175,22 +302,33 @@ def demo_cmd(
     serve: Annotated[bool, typer.Option(help="serve it once built (--no-serve: build and exit, e.g. a seeding job)")] = True,
 ) -> None:
     """Build a realistic demo table (Zipf-distributed IDs, trained-like rows), compress it, serve it."""
-    if not valid_table_name(name):
-        raise typer.BadParameter("invalid table name")
     path = tables_dir / f"{name}{TABLE_SUFFIX}"
-    if rebuild or not path.exists():
-        started = time.perf_counter()
-        console.print(f"building demo table {name}: {rows:,} x {dim}, Zipf frequencies, ratio {ratio}x ...")
-        freqs = zipf_frequencies(rows)
-        dense = synthetic_table(rows, dim, freqs)
-        table, _ = compress(dense, freqs, ratio=ratio)
-        save_table(table, path, extra={"source": "embserve demo", "rows": rows, "dim": dim, "ratio": ratio})
-        console.print(f"built in {time.perf_counter() - started:.1f} s")
-        _summary(path)
-    else:
-        console.print(f"the demo table exists: {path} (--rebuild to make it anew)")
+    with bad_input_exits("demo"):
+        if not valid_table_name(name):
+            raise BadInput(f"--name {name!r}: table names match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}} (no '..')")
+        if rebuild or not path.exists():
+            _build_demo(path, name, rows, dim, ratio)
+        else:
+            console.print(f"the demo table exists: {path} (--rebuild to make it anew)")
     if serve:
         _serve(Settings(tables_dir=tables_dir, host=host, port=port))
+
+
+def _build_demo(path: Path, name: str, rows: int, dim: int, ratio: float) -> None:
+    if rows < 1 or dim < 1 or not ratio > 0:
+        raise BadInput("--rows and --dim must be at least 1 and --ratio positive")
+    started = time.perf_counter()
+    console.print(f"building demo table {name}: {rows:,} x {dim}, Zipf frequencies, ratio {ratio}x ...")
+    with _phase_bar("demo") as progress:
+        task = progress.add_task("generating rows", total=1)
+        freqs = zipf_frequencies(rows)
+        dense = synthetic_table(rows, dim, freqs)
+        progress.update(task, completed=1)
+        table, report = compress(dense, freqs, ratio=ratio, stage=_stage_reporter(progress, task))
+    _refuse_all_pruned(table, report.budget_bytes, report.fixed_bytes, "a smaller --ratio or a larger --dim")
+    save_table(table, path, extra={"source": "embserve demo", "rows": rows, "dim": dim, "ratio": ratio})
+    console.print(f"built in {time.perf_counter() - started:.1f} s")
+    _summary(path)
 
 
 @app.command("probe")
@@ -198,7 +336,7 @@ def probe_cmd(
     path: Annotated[str, typer.Argument(help="endpoint to probe")] = "/healthz",
     timeout: Annotated[float, typer.Option(help="seconds")] = 2.0,
 ) -> None:
-    """Exit 0 when the local server answers ``path`` with 200 (container health checks; no curl needed)."""
+    """Exit 0 when the local server answers PATH with 200 (container health checks; no curl needed)."""
     import http.client
 
     settings = Settings()

@@ -187,6 +187,11 @@ class EmbeddingClient:
                 # one (lookups are reads; an update re-sent after no answer applies the same rows)
                 if not reused or attempt:
                     raise
+            except BaseException:
+                # any other failure (refused, timed out, interrupted) leaves http.client mid-request:
+                # the next request on it would raise CannotSendRequest.  Closing resets it.
+                conn.close()
+                raise
         raise AssertionError("unreachable")
 
     def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none") -> Embeddings:
@@ -211,9 +216,11 @@ class EmbeddingClient:
         return list(orjson.loads(content)["tables"])
 
     def ready(self) -> bool:
+        """True once the server answers ``/readyz`` with 200; False while it is down, starting or
+        not ready, so it can be polled to wait for a server to come up."""
         try:
             return self._request("GET", "/readyz")[0] == 200
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return False
 
     def close(self) -> None:

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     max_ids_per_request: int = Field(1_000_000, ge=1, description="IDs over all lookups of one request")
     max_lookups_per_request: int = Field(64, ge=1, description="table lookups in one request")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body size limit")
+    max_response_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="estimated response size limit (rows x dim x bytes a value: 4 binary, ~13 JSON); 413 above"
+    )
     inline_max_body_bytes: int = Field(
         16 * 1024, ge=0, description="lookup bodies up to this size are served on the event loop, larger ones in the thread pool"
     )

@@ -190,19 +190,20 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(request_id, tensors["ids"], offsets, pooling, outputs, binary)
 
 
-def encode_infer_response(
+def infer_response_parts(
     model: str, request: InferRequest, embeddings: np.ndarray, found: np.ndarray
-) -> tuple[bytes, int | None]:
-    """The response body and, when any output is binary, the length of its JSON header."""
+) -> tuple[list[bytes | np.ndarray], int | None]:
+    """The response body as buffers in order (JSON header, then each binary output's array,
+    not copied) and, when any output is binary, the length of the JSON header."""
     tensors = {"embeddings": (embeddings, "FP32", "<f4"), "found": (found, "BOOL", "u1")}
     head_outputs: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+    blobs: list[np.ndarray] = []
     for name in request.outputs:
         values, datatype, dtype = tensors[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
         if request.binary.get(name):
-            blob = np.ascontiguousarray(values, dtype=dtype).tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            blob = np.ascontiguousarray(values, dtype=dtype)
+            entry["parameters"] = {"binary_data_size": blob.nbytes}
             blobs.append(blob)
         else:
             entry["data"] = values.reshape(-1)
@@ -211,6 +212,4 @@ def encode_infer_response(
     if request.request_id is not None:
         head["id"] = request.request_id
     json_part = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not blobs:
-        return json_part, None
-    return b"".join([json_part, *blobs]), len(json_part)
+    return [json_part, *blobs], (len(json_part) if blobs else None)

@@ -169,16 +169,22 @@ class LookupOutput:
     unknown: int
 
 
-def encode_binary_response(results: list[LookupOutput]) -> bytes:
-    parts = [_HEAD.pack(RESPONSE_MAGIC, len(results))]
+def binary_response_parts(results: list[LookupOutput]) -> list[bytes | np.ndarray]:
+    """The binary response as a list of buffers, in order, not joined: the values arrays are
+    the lookup's own (no copy), so a large answer can be sent without ever existing twice."""
+    parts: list[bytes | np.ndarray] = [_HEAD.pack(RESPONSE_MAGIC, len(results))]
     for r in results:
         rows, dim = r.values.shape
         n = r.found.shape[0]
         parts.append(_RESULT.pack(rows, dim, n, r.unknown))
-        parts.append(np.ascontiguousarray(r.values, dtype="<f4").tobytes())
-        parts.append(r.found.astype(np.uint8).tobytes())
+        parts.append(np.ascontiguousarray(r.values, dtype="<f4"))
+        parts.append(r.found.astype(np.uint8))
         parts.append(b"\0" * (-n % 4))
-    return b"".join(parts)
+    return parts
+
+
+def encode_binary_response(results: list[LookupOutput]) -> bytes:
+    return b"".join(binary_response_parts(results))  # numpy arrays join through the buffer protocol
 
 
 def decode_binary_response(body: bytes) -> list[tuple[np.ndarray, np.ndarray, int]]:

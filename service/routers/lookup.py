@@ -10,6 +10,7 @@ was looked up (the counters do not move either)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import orjson
@@ -21,7 +22,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from compression.pooling import validate_offsets
 
+from ..buffered import SLICE_BYTES, STREAM_MIN_BYTES, BufferResponse
 from ..errors import ApiError, error_response, parse_json_body
+from ..response_size import JSON_BYTES_PER_VALUE, check_lookup_response
 from ..security import require_reader
 from ..state import AppState
 from ..wire import (
@@ -33,6 +36,7 @@ from ..wire import (
     LookupResponse,
     ParsedLookup,
     WireError,
+    binary_response_parts,
     encode_binary_response,
     parse_binary_request,
 )
@@ -150,10 +154,32 @@ def encode_json(outputs: list[LookupOutput]) -> bytes:
     )
 
 
+def encode_json_parts(outputs: list[LookupOutput]) -> Iterator[bytes]:
+    """:func:`encode_json`'s bytes exactly, produced a slice of rows at a time: a large JSON
+    answer is never whole in memory, and no one ``orjson`` call holds the GIL for long."""
+    yield b'{"results":['
+    for k, o in enumerate(outputs):
+        values = np.ascontiguousarray(o.values)  # orjson serializes only contiguous arrays (a no-op here)
+        rows, dim = values.shape
+        yield (b"," if k else b"") + b'{"table":' + orjson.dumps(o.table) + b',"shape":' + orjson.dumps([rows, dim]) + b',"embeddings":['
+        step = max(1, SLICE_BYTES // max(1, dim * JSON_BYTES_PER_VALUE))
+        for start in range(0, rows, step):
+            # a row slice of a C-contiguous array is contiguous: orjson serializes it as nested lists
+            rows_json = orjson.dumps(values[start : start + step], option=orjson.OPT_SERIALIZE_NUMPY)
+            yield (b"," if start else b"") + rows_json[1:-1]
+        yield b'],"found":' + orjson.dumps(o.found, option=orjson.OPT_SERIALIZE_NUMPY) + b',"unknown":' + orjson.dumps(o.unknown) + b"}"
+    yield b"]}"
+
+
 def handle_lookup(state: AppState, body: bytes, content_type: str, binary: bool) -> Response:
     lookups = parse_body(body, content_type)
     check_limits(state, lookups)
+    estimate = check_lookup_response(state, lookups, binary)  # 413 before any row is decoded
     outputs = run_lookups(state, lookups)
+    if estimate > STREAM_MIN_BYTES:  # large: sent in slices, never joined (service/buffered.py)
+        if binary:
+            return BufferResponse(binary_response_parts(outputs), BINARY_RESPONSE_TYPE)
+        return BufferResponse(encode_json_parts(outputs), "application/json")
     if binary:
         return Response(encode_binary_response(outputs), media_type=BINARY_RESPONSE_TYPE)
     return Response(encode_json(outputs), media_type="application/json")

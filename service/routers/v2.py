@@ -14,11 +14,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from .. import __version__
+from ..buffered import STREAM_MIN_BYTES, BufferResponse
 from ..errors import ApiError
 from ..registry import TABLE_NAME_PATTERN, HostedTable
+from ..response_size import check_infer_response
 from ..security import require_reader
 from ..state import AppState, get_state
-from ..v2wire import HEADER_LENGTH, ID_DTYPES, encode_infer_response, parse_infer_request
+from ..v2wire import HEADER_LENGTH, ID_DTYPES, infer_response_parts, parse_infer_request
 from ..wire import ParsedLookup
 from .lookup import check_limits, run_lookups
 
@@ -127,7 +129,7 @@ def model_version_ready(name: str = TableName, version: str = Path(..., max_leng
 
 
 def _infer(state: AppState, name: str, version: str | None, body: bytes, header_length: str | None) -> Response:
-    _hosted(state, name, version)
+    hosted = _hosted(state, name, version)
     request = parse_infer_request(body, header_length)
     ids = request.ids
     lookup = ParsedLookup(name, ids.reshape(-1), request.offsets, request.pooling)  # type: ignore[arg-type]
@@ -135,14 +137,18 @@ def _infer(state: AppState, name: str, version: str | None, body: bytes, header_
         check_limits(state, [lookup])
     except ApiError as exc:
         raise ApiError(exc.status if exc.status == 413 else 400, exc.code, exc.message) from None
+    bags = None if request.offsets is None else int(request.offsets.shape[0])
+    estimate = check_infer_response(state, hosted.table.dim, int(ids.size), bags, request.pooling, request.binary)
     output = run_lookups(state, [lookup])[0]
     dim = output.values.shape[1]
     embeddings = output.values if request.pooling != "none" else output.values.reshape(*ids.shape, dim)
     found = output.found.reshape(ids.shape)
-    payload, json_length = encode_infer_response(name, request, embeddings, found)
-    if json_length is None:
-        return Response(payload, media_type="application/json")
-    return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)})
+    parts, json_length = infer_response_parts(name, request, embeddings, found)
+    headers = None if json_length is None else {"Inference-Header-Content-Length": str(json_length)}
+    media_type = "application/json" if json_length is None else "application/octet-stream"
+    if estimate > STREAM_MIN_BYTES:  # large: sent in slices, never joined (service/buffered.py)
+        return BufferResponse(parts, media_type, headers)
+    return Response(b"".join(parts), media_type=media_type, headers=headers)
 
 
 _INFER_DOC: dict[str, Any] = {
