@@ -32,15 +32,15 @@ from . import codecs
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
 from .kernels import Decoder
 from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
-from .pooling import PoolingMode, pool_bags
+from .pooling import PoolingMode, pool_bags, validate_offsets
 from .unknown import UnknownPolicy
 
-Backend = Literal["auto", "torch", "compiled"]
+Backend = Literal["auto", "torch", "compiled", "triton"]
 
 
 @dataclass
 class LookupResult:
-    values: torch.Tensor  # float32 [n, D], or [bags, D] when pooled
+    values: torch.Tensor  # [n, D], or [bags, D] when pooled; float32 unless a dtype was asked for
     locators: torch.Tensor  # int32 [n], -1 where the ID has no row
     num_unknown: int
 
@@ -180,24 +180,40 @@ class CompressedTable:
         self.decoder.backend = value
         self.decoder.refresh(self.slabs)
 
-    def lookup(self, ids: torch.Tensor) -> LookupResult:
-        """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row."""
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> LookupResult:
+        """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row.
+        ``dtype`` (fp32, fp16, bf16): the Triton path writes it directly, others cast."""
         # each torch op costs microseconds; at batch 1 they are the whole bill, so skip the no-ops
         if ids.dtype != torch.int64 or ids.device != self.device:
             ids = ids.to(device=self.device, dtype=torch.int64)
         if ids.dim() != 1:
             ids = ids.reshape(-1)
         with self.lock:
-            values = torch.empty((ids.shape[0], self.dim), dtype=torch.float32, device=self.device)
-            loc, num_unknown = self.decoder.lookup(values, ids, self.index)
-        if num_unknown:
+            direct = self.decoder.writes(dtype)
+            values = torch.empty((ids.shape[0], self.dim), dtype=dtype if direct else torch.float32, device=self.device)
+            loc, num_unknown = self.decoder.lookup(values, ids, self.index, self.unknown)
+        if num_unknown and not self.decoder.fills_unknown:
             self.unknown.fill(values, ids, loc < 0)
+        if values.dtype != dtype:
+            values = values.to(dtype)
         return LookupResult(values, loc, num_unknown)
 
-    def lookup_bags(self, ids: torch.Tensor, offsets: torch.Tensor, mode: PoolingMode) -> LookupResult:
-        """Pool rows into bags given by ``offsets`` (start of each bag, like ``nn.EmbeddingBag``)."""
+    def lookup_bags(self, ids: torch.Tensor, offsets: torch.Tensor, mode: PoolingMode, dtype: torch.dtype = torch.float32) -> LookupResult:
+        """Pool rows into bags given by ``offsets`` (start of each bag, like ``nn.EmbeddingBag``).
+        On the Triton path decode and pooling are one launch."""
+        if self.decoder.fused_pooling:
+            if mode not in ("sum", "mean"):
+                raise ValueError(f"pooling must be one of ('sum', 'mean'), got {mode!r}")
+            ids = ids.to(device=self.device, dtype=torch.int64).reshape(-1)
+            offsets = offsets.to(torch.int64)
+            validate_offsets(offsets, int(ids.shape[0]))
+            with self.lock:
+                values = torch.empty((offsets.numel(), self.dim), dtype=dtype, device=self.device)
+                loc, num_unknown = self.decoder.lookup_pooled(values, ids, offsets.to(self.device), mode, self.index, self.unknown)
+            return LookupResult(values, loc, num_unknown)
         result = self.lookup(ids)
-        return LookupResult(pool_bags(result.values, offsets.to(result.values.device), mode), result.locators, result.num_unknown)
+        pooled = pool_bags(result.values, offsets.to(result.values.device), mode)
+        return LookupResult(pooled if pooled.dtype == dtype else pooled.to(dtype), result.locators, result.num_unknown)
 
     # ------------------------------------------------------------------ writes
 
