@@ -80,6 +80,16 @@ class TableStats:
         return (4.0 * self.num_ids * self.dim) / self.nbytes if self.nbytes else 0.0
 
 
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor bound for a GPU goes through pinned memory with a
+    non-blocking copy, so the host does not wait for the device to drain its queue."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _stack_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -245,7 +255,7 @@ class CompressedTable:
         cls = locators >> LOCATOR_CLASS_SHIFT
         for c in torch.unique(cls).tolist():
             slots = (locators[cls == c] & LOCATOR_SLOT_MASK).to(torch.int32)
-            self.free[c] = torch.cat([self.free[c], slots])
+            self.free[c] = torch.cat([self.free[c], _upload(slots, self.free[c].device)])
 
     def truncated(self, c: int) -> bool:
         """Class ``c`` keeps some but not all coordinates, so it stores rows in the rotated basis."""
@@ -253,39 +263,47 @@ class CompressedTable:
 
     def put(self, ids: torch.Tensor, rows: torch.Tensor, class_index: torch.Tensor | int) -> None:
         """Upsert ``rows`` (float ``[n, D]``, original coordinates) for ``ids``, each into class
-        ``class_index``.  A later duplicate ID in one call wins."""
-        ids = ids.to(device=self.device, dtype=torch.int64).reshape(-1)
-        rows = rows.to(device=self.device, dtype=torch.float32)
+        ``class_index``.  A later duplicate ID in one call wins.
+
+        The bookkeeping (which rows go where: shapes that depend on the data) is planned on the
+        host from one download of the old locators; the device then gets, per class, one
+        encode and one scatter of the whole batch into the slab, fed by non-blocking uploads.
+        On a GPU that is one device sync per batch (plus the index's own), where planning with
+        device tensors cost several per class (every boolean mask and ``.tolist()`` waits)."""
+        ids = ids.to(device="cpu", dtype=torch.int64).reshape(-1)
         if rows.shape != (ids.numel(), self.dim):
             raise ValueError(f"rows must be [{ids.numel()}, {self.dim}], got {list(rows.shape)}")
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("rows must be finite")
-        target = torch.as_tensor(class_index, dtype=torch.int64, device=self.device).expand(ids.numel())
+        target = torch.as_tensor(class_index, dtype=torch.int64).to("cpu").expand(ids.numel())
         if ids.numel() and (int(target.min()) < 0 or int(target.max()) >= len(self.classes)):
             raise ValueError("class index out of range")
         # keep the last occurrence of each ID
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        last = torch.full((uniq.numel(),), -1, dtype=torch.int64, device=self.device)
-        last.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=self.device), reduce="amax")
-        ids, rows, target = ids[last], rows[last], target[last]
+        last = torch.full((uniq.numel(),), -1, dtype=torch.int64)
+        last.scatter_reduce_(0, inverse, torch.arange(ids.numel()), reduce="amax")
+        ids, target = ids[last], target[last]
+        rows = _upload(rows[last.to(rows.device)].to(torch.float32), self.device)
+        ids_dev = _upload(ids, self.device)
         with self.lock:
-            old = self.index.resolve(ids)
+            old_dev = self.index.resolve(ids_dev)
+            old = old_dev.cpu()  # the one download the plan needs
             old_cls = torch.where(old >= 0, old >> LOCATOR_CLASS_SHIFT, torch.full_like(old, -1))
-            new_loc = torch.empty_like(old)
+            new_loc = old_dev.clone()  # rows staying in their class keep their locator
             for c in torch.unique(target).tolist():
-                sel = torch.nonzero(target == c).flatten()
-                same = old_cls[sel] == c
-                slots = torch.empty(sel.numel(), dtype=torch.int32, device=self.device)
-                slots[same] = (old[sel][same] & LOCATOR_SLOT_MASK).to(torch.int32)
-                slots[~same] = self._take_slots(c, int((~same).sum()))
+                stay = torch.nonzero((target == c) & (old_cls == c)).flatten()
+                fresh = torch.nonzero((target == c) & (old_cls != c)).flatten()
+                taken = self._take_slots(c, int(fresh.numel()))  # on the device, sized on the host
+                sel = _upload(torch.cat([stay, fresh]), self.device)
+                slots = torch.cat([(old_dev[sel[: stay.numel()]] & LOCATOR_SLOT_MASK).to(torch.int32), taken])
                 x = rows[sel] @ self.rotation if self.truncated(c) else rows[sel]  # type: ignore[operator]
                 encoded = codecs.encode_rows(x, self.classes[c])
                 if encoded.shape[1]:
-                    self.slabs[c][slots.to(torch.int64)] = encoded
-                new_loc[sel] = (c << LOCATOR_CLASS_SHIFT) | slots
+                    self.slabs[c].index_copy_(0, slots.to(torch.int64), encoded)  # one scatter per class
+                new_loc[sel[stay.numel() :]] = (c << LOCATOR_CLASS_SHIFT) | taken
             moved = (old >= 0) & (old_cls != target)
             self._release(old[moved])
-            self.index.assign(ids, new_loc)
+            self.index.assign(ids_dev, new_loc)
 
     def delete(self, ids: torch.Tensor) -> int:
         """Remove ``ids``; returns how many were present."""

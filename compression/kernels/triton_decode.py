@@ -228,12 +228,14 @@ def _fallback(acc, ids, unknown, cols, up, u0, u1, D: tl.constexpr, UNK: tl.cons
         code = _mix64(ids.to(tl.uint64, bitcast=True))
         blocks = (u0 + u1 - 1) // u1  # ceil(S / k)
         total = tl.zeros(acc.shape, dtype=tl.float32)
-        for j in range(blocks):
+        j = 0
+        while j < blocks:  # a while, not range(): Triton 3.6's interpreter cannot range() over a runtime scalar
             shift = j * u1
             width = tl.minimum(u1, u0 - shift)
             value = (code >> shift.to(tl.uint64)) & (0xFFFFFFFFFFFFFFFF >> (64 - width).to(tl.uint64))
             row = value.to(tl.int64) + j * (1 << u1.to(tl.int64))
             total += tl.load(up + row[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            j += 1
         acc = tl.where(m, total, acc)
     return acc
 
@@ -320,7 +322,8 @@ def _pooled_kernel(
     cols = tl.arange(0, BLOCK_D)
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
     steps = (end - start + BLOCK_N - 1) // BLOCK_N
-    for step in range(steps):
+    step = 0
+    while step < steps:  # (see _fallback on range())
         rows = start + step * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = rows < end
         ids = tl.load(ids_ptr + rows, mask=valid, other=0)
@@ -330,6 +333,7 @@ def _pooled_kernel(
         )
         tl.store(loc_ptr + rows, loc, mask=valid)
         total += tl.sum(tl.where(valid[:, None], acc, 0.0), axis=0)
+        step += 1
     if MEAN:
         total = total / tl.maximum(end - start, 1).to(tl.float32)
     tl.store(out_ptr + bag * D + cols, _cast_out(total, OUT), mask=cols < D)
