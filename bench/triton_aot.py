@@ -35,6 +35,7 @@ from compression.kernels import triton_decode as td  # noqa: E402
 from compression.layout import RowClass  # noqa: E402
 
 POINTERS = {
+    "qbase": "*u8", "qtab": "*i32",
     "ids_ptr": "*i64", "loc_ptr": "*i32", "starts_ptr": "*i64", "ends_ptr": "*i64",
     "ia": "*i64", "ib": "*i32", "ic": "*i64", "idd": "*i32", "rot": "*fp32",
 }
@@ -75,6 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--tile", type=int, default=None, help="values per tile (default: the kernels' default)")
+    parser.add_argument("--warps", type=int, default=None)
+    parser.add_argument("--only", default=None, help="compile only variants whose label contains this")
     args = parser.parse_args()
     out_path = args.out or Path(__file__).parent / "results" / f"triton_aot_{triton.__version__}.md"
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -88,14 +92,20 @@ def main() -> None:
             variants.append((f"lookup sorted, unknown {name}, fp32", td._lookup_kernel, 3, unk, 0, {}))
     variants.append(("lookup hash, unknown binary_hash, fp16", td._lookup_kernel, 4, 4, 1, {}))
     variants.append(("lookup dense, unknown default, bf16", td._lookup_kernel, 1, 1, 2, {}))
+    variants.append(("lookup dense, unknown zero, fp32, per-class quantized", td._lookup_kernel, 1, 0, 0, {"GENERIC": 0}))
     variants.append(("pooled dense, sum, fp32", td._pooled_kernel, 1, 0, 0, {"MEAN": 0}))
     variants.append(("pooled hash, mean, unknown qr, fp16", td._pooled_kernel, 4, 3, 1, {"MEAN": 1}))
     rows = []
+    warps = args.warps or td.NUM_WARPS
     for label, fn, index, unk, out, extra in variants:
-        bn, bd = td.block_sizes(64)
-        const = dict(D=64, BLOCK_N=bn, BLOCK_D=bd, INDEX=index, UNK=unk, OUT=out, **extra, **{f"C{i}": s for i, s in enumerate(rot)})
+        if args.only and args.only not in label:
+            continue
+        bn, bd = td.block_sizes(64, tile=args.tile)
+        const = dict(D=64, BLOCK_N=bn, BLOCK_D=bd, INDEX=index, UNK=unk, OUT=out, GENERIC=td.GENERIC_QUANTIZED)
+        const.update(extra)
+        const.update({f"C{i}": s for i, s in enumerate(rot)})
         started = time.perf_counter()
-        kernel = triton.compile(ASTSource(fn, signature(fn, const, out, ALL, unk), const), target=GPUTarget("cuda", args.arch, 32))
+        kernel = triton.compile(ASTSource(fn, signature(fn, const, out, ALL, unk), const), target=GPUTarget("cuda", args.arch, 32), options={"num_warps": warps})
         seconds = time.perf_counter() - started
         usage = resources(kernel.asm["cubin"], cuobjdump)
         rows.append(f"| {label} | {seconds:.1f} | {len(kernel.asm['cubin']) // 1024} | {usage} |")
@@ -107,7 +117,7 @@ def main() -> None:
         f"{platform.machine()} ({os.cpu_count()} CPUs, shared).  Every variant below compiled to a cubin; "
         "registers, stack and local (spill) bytes per thread are read from the cubin with the wheel's cuobjdump. "
         "Table: 6 row classes (d64 fp32, d64 fp16, d64 int8, d64 int4, d32 int2 rotated, d16 int1 rotated), D = 64, "
-        f"tile {td.block_sizes(64)[0]} x {td.block_sizes(64)[1]}, 4 warps.",
+        f"tile {td.block_sizes(64, tile=args.tile)[0]} x {td.block_sizes(64, tile=args.tile)[1]}, {warps} warps.",
         "",
         "| kernel variant | compile s | cubin KiB | resources per thread |",
         "|---|---|---|---|",

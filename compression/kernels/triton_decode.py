@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -150,13 +150,15 @@ def _load_half(ptr, mask):
 
 
 @triton.jit
-def _decode_class(acc, slab, slot, is_c, cols, rot, D: tl.constexpr, SPEC: tl.constexpr):
+def _decode_class(acc, slab, slot, is_c, cols, rot, D: tl.constexpr, SPEC: tl.constexpr, GENERIC: tl.constexpr):
     """Write the rows of one class (``is_c``) of the tile into ``acc`` [BLOCK_N, BLOCK_D].
-    ``SPEC`` packs the class: dim (bits 0-15), bits (16-23), rotated (24)."""
+    ``SPEC`` packs the class: dim (bits 0-15), bits (16-23), rotated (24).  With ``GENERIC``
+    the unrotated quantized classes are left to :func:`_decode_quantized`."""
     DIM: tl.constexpr = SPEC & 0xFFFF
     BITS: tl.constexpr = (SPEC >> 16) & 0xFF
     ROT: tl.constexpr = (SPEC >> 24) & 1
-    if DIM > 0:
+    SKIP: tl.constexpr = GENERIC * (BITS <= 8) * (ROT == 0)
+    if DIM > 0 and SKIP == 0:
         if tl.max(is_c.to(tl.int32), axis=0) > 0:
             STRIDE: tl.constexpr = (DIM * BITS + 7) // 8  # code bytes (used for bits <= 8 only)
             RB: tl.constexpr = 4 + STRIDE
@@ -190,6 +192,59 @@ def _decode_class(acc, slab, slot, is_c, cols, rot, D: tl.constexpr, SPEC: tl.co
                     r = tl.load(rot + k * D + cols, mask=cmask, other=0.0)
                     rot_acc += y[:, None] * r[None, :]
                 acc = tl.where(is_c[:, None], rot_acc, acc)
+    return acc
+
+
+@triton.jit
+def _qsel(ptr, qinfo, cls, slot, c: tl.constexpr, slab, SPEC: tl.constexpr):
+    """Per row of class ``c`` (if it is an unrotated quantized class): its row address and
+    ``dim | bits << 16``, for the shared quantized path."""
+    DIM: tl.constexpr = SPEC & 0xFFFF
+    BITS: tl.constexpr = (SPEC >> 16) & 0xFF
+    ROT: tl.constexpr = (SPEC >> 24) & 1
+    if DIM > 0 and BITS <= 8 and ROT == 0:
+        RB: tl.constexpr = 4 + (DIM * BITS + 7) // 8
+        here = cls == c
+        ptr = tl.where(here, slab + slot * RB, ptr)
+        qinfo = tl.where(here, DIM | (BITS << 16), qinfo)
+    return ptr, qinfo
+
+
+@triton.jit
+def _decode_quantized(
+    acc, cls, slot, cols, qbase, qtab, s0, s1, s2, s3, s4, s5, s6, s7, BLOCK_D: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+    C4: tl.constexpr, C5: tl.constexpr, C6: tl.constexpr, C7: tl.constexpr,
+):
+    """Every unrotated int8/4/2/1 class in one pass: the row's address, dim and bits are picked
+    per row, and where column ``j``'s code sits (byte ``4 + j % stride``, shift
+    ``(j // stride) * bits``) is read from ``qtab[class, j]`` (packed ``offset | shift << 24``,
+    a small table the L1 cache holds) instead of dividing by a per-row stride.  Costs one pass
+    over the tile however many quantized classes the table has (the per-class path costs one
+    pass per class)."""
+    ptr = qbase + slot * 0
+    qinfo = tl.zeros(cls.shape, dtype=tl.int32)
+    ptr, qinfo = _qsel(ptr, qinfo, cls, slot, 0, s0, C0)
+    ptr, qinfo = _qsel(ptr, qinfo, cls, slot, 1, s1, C1)
+    ptr, qinfo = _qsel(ptr, qinfo, cls, slot, 2, s2, C2)
+    ptr, qinfo = _qsel(ptr, qinfo, cls, slot, 3, s3, C3)
+    ptr, qinfo = _qsel(ptr, qinfo, cls, slot, 4, s4, C4)
+    ptr, qinfo = _qsel(ptr, qinfo, cls, slot, 5, s5, C5)
+    ptr, qinfo = _qsel(ptr, qinfo, cls, slot, 6, s6, C6)
+    ptr, qinfo = _qsel(ptr, qinfo, cls, slot, 7, s7, C7)
+    isq = qinfo > 0
+    if tl.max(isq.to(tl.int32), axis=0) > 0:
+        dim = qinfo & 0xFFFF
+        bits = qinfo >> 16
+        scale = _load_half(ptr, isq)
+        bias = _load_half(ptr + 2, isq)
+        m = isq[:, None] & (cols[None, :] < dim[:, None])
+        e = tl.load(qtab + cls[:, None] * BLOCK_D + cols[None, :], mask=m, other=0)
+        byte = tl.load(ptr[:, None] + (e & 0xFFFFFF), mask=m, other=0)
+        mask = ((1 << bits) - 1).to(tl.uint8)
+        code = (byte >> (e >> 24).to(tl.uint8)) & mask[:, None]
+        v = code.to(tl.float32) * scale[:, None] + bias[:, None]
+        acc = tl.where(m, v, acc)
     return acc
 
 
@@ -243,8 +298,9 @@ def _fallback(acc, ids, unknown, cols, up, u0, u1, D: tl.constexpr, UNK: tl.cons
 @triton.jit
 def _tile(
     ids, valid, cols, ia, ib, ic, idd, na, nb,
-    s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1,
+    s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1, qbase, qtab,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INDEX: tl.constexpr, UNK: tl.constexpr,
+    GENERIC: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
     C4: tl.constexpr, C5: tl.constexpr, C6: tl.constexpr, C7: tl.constexpr,
 ):
@@ -254,14 +310,16 @@ def _tile(
     cls = tl.where(found, loc >> 28, -1)
     slot = (loc & 0x0FFFFFFF).to(tl.int64)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    acc = _decode_class(acc, s0, slot, cls == 0, cols, rot, D, C0)
-    acc = _decode_class(acc, s1, slot, cls == 1, cols, rot, D, C1)
-    acc = _decode_class(acc, s2, slot, cls == 2, cols, rot, D, C2)
-    acc = _decode_class(acc, s3, slot, cls == 3, cols, rot, D, C3)
-    acc = _decode_class(acc, s4, slot, cls == 4, cols, rot, D, C4)
-    acc = _decode_class(acc, s5, slot, cls == 5, cols, rot, D, C5)
-    acc = _decode_class(acc, s6, slot, cls == 6, cols, rot, D, C6)
-    acc = _decode_class(acc, s7, slot, cls == 7, cols, rot, D, C7)
+    acc = _decode_class(acc, s0, slot, cls == 0, cols, rot, D, C0, GENERIC)
+    acc = _decode_class(acc, s1, slot, cls == 1, cols, rot, D, C1, GENERIC)
+    acc = _decode_class(acc, s2, slot, cls == 2, cols, rot, D, C2, GENERIC)
+    acc = _decode_class(acc, s3, slot, cls == 3, cols, rot, D, C3, GENERIC)
+    acc = _decode_class(acc, s4, slot, cls == 4, cols, rot, D, C4, GENERIC)
+    acc = _decode_class(acc, s5, slot, cls == 5, cols, rot, D, C5, GENERIC)
+    acc = _decode_class(acc, s6, slot, cls == 6, cols, rot, D, C6, GENERIC)
+    acc = _decode_class(acc, s7, slot, cls == 7, cols, rot, D, C7, GENERIC)
+    if GENERIC:
+        acc = _decode_quantized(acc, cls, slot, cols, qbase, qtab, s0, s1, s2, s3, s4, s5, s6, s7, BLOCK_D, C0, C1, C2, C3, C4, C5, C6, C7)
     if UNK != 0:
         acc = _fallback(acc, ids, valid & ~found, cols, up, u0, u1, D, UNK)
     return loc, acc
@@ -288,8 +346,9 @@ def _cast_out(acc, OUT: tl.constexpr):
 def _lookup_kernel(
     ids_ptr, n, out_ptr, loc_ptr,
     ia, ib, ic, idd, na, nb,
-    s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1,
+    s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1, qbase, qtab,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INDEX: tl.constexpr, UNK: tl.constexpr, OUT: tl.constexpr,
+    GENERIC: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
     C4: tl.constexpr, C5: tl.constexpr, C6: tl.constexpr, C7: tl.constexpr,
 ):
@@ -298,8 +357,8 @@ def _lookup_kernel(
     cols = tl.arange(0, BLOCK_D)
     ids = tl.load(ids_ptr + rows, mask=valid, other=0)
     loc, acc = _tile(
-        ids, valid, cols, ia, ib, ic, idd, na, nb, s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1,
-        D, BLOCK_N, BLOCK_D, INDEX, UNK, C0, C1, C2, C3, C4, C5, C6, C7,
+        ids, valid, cols, ia, ib, ic, idd, na, nb, s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1, qbase, qtab,
+        D, BLOCK_N, BLOCK_D, INDEX, UNK, GENERIC, C0, C1, C2, C3, C4, C5, C6, C7,
     )
     tl.store(loc_ptr + rows, loc, mask=valid)
     omask = valid[:, None] & (cols[None, :] < D)
@@ -310,8 +369,9 @@ def _lookup_kernel(
 def _pooled_kernel(
     ids_ptr, n, starts_ptr, ends_ptr, out_ptr, loc_ptr,
     ia, ib, ic, idd, na, nb,
-    s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1,
+    s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1, qbase, qtab,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INDEX: tl.constexpr, UNK: tl.constexpr, OUT: tl.constexpr,
+    GENERIC: tl.constexpr,
     MEAN: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
     C4: tl.constexpr, C5: tl.constexpr, C6: tl.constexpr, C7: tl.constexpr,
@@ -328,8 +388,8 @@ def _pooled_kernel(
         valid = rows < end
         ids = tl.load(ids_ptr + rows, mask=valid, other=0)
         loc, acc = _tile(
-            ids, valid, cols, ia, ib, ic, idd, na, nb, s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1,
-            D, BLOCK_N, BLOCK_D, INDEX, UNK, C0, C1, C2, C3, C4, C5, C6, C7,
+            ids, valid, cols, ia, ib, ic, idd, na, nb, s0, s1, s2, s3, s4, s5, s6, s7, rot, up, u0, u1, qbase, qtab,
+            D, BLOCK_N, BLOCK_D, INDEX, UNK, GENERIC, C0, C1, C2, C3, C4, C5, C6, C7,
         )
         tl.store(loc_ptr + rows, loc, mask=valid)
         total += tl.sum(tl.where(valid[:, None], acc, 0.0), axis=0)
@@ -409,6 +469,21 @@ class ClassArgs:
     slabs: tuple[torch.Tensor, ...]
     specs: tuple[int, ...]
     rotation_t: torch.Tensor
+    classes: tuple[RowClass, ...] = ()
+    qtabs: dict[int, torch.Tensor] = field(default_factory=dict)  # by BLOCK_D
+
+    def qtab(self, block_d: int) -> torch.Tensor:
+        """``int32 [8, block_d]``: for class ``c`` and column ``j`` of a quantized class, the
+        code's byte offset in the row (``4 + j % stride``) | its shift (``(j // stride) * bits``) << 24."""
+        if block_d not in self.qtabs:
+            tab = torch.zeros((MAX_CLASSES, block_d), dtype=torch.int32)
+            j = torch.arange(block_d)
+            for c, rc in enumerate(self.classes):
+                if rc.quantized:
+                    stride = packed_code_bytes(rc.dim, rc.bits)
+                    tab[c] = (4 + j % stride) | (((j // stride) * rc.bits) << 24)
+            self.qtabs[block_d] = tab.to(self.rotation_t.device)
+        return self.qtabs[block_d]
 
 
 def class_args(slabs: list[torch.Tensor], classes: list[RowClass], rotation: torch.Tensor | None) -> ClassArgs:
@@ -435,7 +510,7 @@ def class_args(slabs: list[torch.Tensor], classes: list[RowClass], rotation: tor
         views.append(_arg(None, device, torch.uint8))
         specs.append(0)
     rot_t = _arg(None, device, torch.float32) if rotation is None else rotation.T.contiguous()
-    return ClassArgs(tuple(views), tuple(specs), rot_t)
+    return ClassArgs(tuple(views), tuple(specs), rot_t, tuple(classes))
 
 
 def unknown_args(unknown: Any, device: torch.device) -> tuple[int, tuple[Any, ...]]:
@@ -453,12 +528,20 @@ def unknown_args(unknown: Any, device: torch.device) -> tuple[int, tuple[Any, ..
     return code, (buckets, a, b)
 
 
-def block_sizes(dim: int, block_n: int | None = None) -> tuple[int, int]:
+# Tile size (values per program) and warps: defaults chosen so the dense variant compiles
+# without register spills for sm_90 (bench/triton_aot.py); bench/gpu.py sweeps them on a GPU.
+TILE_VALUES = int(os.environ.get("EMBSERVE_TRITON_TILE", "1024"))
+NUM_WARPS = int(os.environ.get("EMBSERVE_TRITON_WARPS", "4"))
+# 1: one shared pass for all unrotated quantized classes (_decode_quantized); 0: one pass per class
+GENERIC_QUANTIZED = int(os.environ.get("EMBSERVE_TRITON_GENERIC", "1"))
+
+
+def block_sizes(dim: int, block_n: int | None = None, tile: int | None = None) -> tuple[int, int]:
     """Tile shape: all of the row's columns (next power of two), and enough rows that a tile
-    holds about 4096 values (registers), at least 2 and at most 64."""
+    holds about ``tile`` values (registers), at least 2 and at most 64."""
     block_d = max(2, triton.next_power_of_2(dim))
     if block_n is None:
-        block_n = max(2, min(64, 4096 // block_d))
+        block_n = max(2, min(64, (tile or TILE_VALUES) // block_d))
     return block_n, block_d
 
 
@@ -470,6 +553,8 @@ def lookup(
     unknown: Any = None,
     loc: torch.Tensor | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    generic: bool | None = None,
 ) -> torch.Tensor:
     """Decode ``ids`` into ``out`` ([n, D] fp32 / fp16 / bf16, contiguous) in one launch and
     return the int32 locators (``-1``: no row; its output row is the unknown policy's).
@@ -487,10 +572,12 @@ def lookup(
     bn, bd = block_sizes(dim, block_n)
     grid = (triton.cdiv(n, bn),)
     _lookup_kernel[grid](
-        ids, n, out, loc, *iargs, *cargs.slabs, cargs.rotation_t, *uargs,
+        ids, n, out, loc, *iargs, *cargs.slabs, cargs.rotation_t, *uargs, _arg(None, device, torch.uint8), cargs.qtab(bd),
         D=dim, BLOCK_N=bn, BLOCK_D=bd, INDEX=kind, UNK=ukind, OUT=OUT_CODES[out.dtype],
+        GENERIC=GENERIC_QUANTIZED if generic is None else int(generic),
         C0=cargs.specs[0], C1=cargs.specs[1], C2=cargs.specs[2], C3=cargs.specs[3],
         C4=cargs.specs[4], C5=cargs.specs[5], C6=cargs.specs[6], C7=cargs.specs[7],
+        num_warps=num_warps or NUM_WARPS,
     )
     return loc
 
@@ -504,6 +591,8 @@ def lookup_pooled(
     cargs: ClassArgs,
     unknown: Any = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    generic: bool | None = None,
 ) -> torch.Tensor:
     """Pool the decoded rows of ``ids`` into ``out [bags, D]`` by ``offsets`` (start of each
     bag, ``nn.EmbeddingBag`` style; offsets checked by the caller); returns the locators."""
@@ -524,9 +613,12 @@ def lookup_pooled(
     bn, bd = block_sizes(dim, block_n)
     _pooled_kernel[(bags,)](
         ids if n else _arg(None, device, torch.int64), n, starts, ends, out, loc, *iargs, *cargs.slabs, cargs.rotation_t, *uargs,
+        _arg(None, device, torch.uint8), cargs.qtab(bd),
         D=dim, BLOCK_N=bn, BLOCK_D=bd, INDEX=kind, UNK=ukind, OUT=OUT_CODES[out.dtype], MEAN=mode == "mean",
+        GENERIC=GENERIC_QUANTIZED if generic is None else int(generic),
         C0=cargs.specs[0], C1=cargs.specs[1], C2=cargs.specs[2], C3=cargs.specs[3],
         C4=cargs.specs[4], C5=cargs.specs[5], C6=cargs.specs[6], C7=cargs.specs[7],
+        num_warps=num_warps or NUM_WARPS,
     )
     return loc
 
