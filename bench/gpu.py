@@ -623,7 +623,7 @@ def main() -> None:
             sys.exit("no CUDA device: run with --smoke to check the script on CPU")
         device = torch.device("cuda")
         n, batches, budget, chunk = args.rows or 10_000_000, [1024, 65536, 1 << 20], 64 << 20, 1 << 20
-        args.service_seconds = args.service_seconds or 8.0
+        args.service_seconds = args.service_seconds or 6.0
         service_rows = args.service_rows or 1_000_000
         out_path = args.out or ROOT / "bench" / "results" / "gpu.md"
     print(f"machine: {machine(device)}", flush=True)

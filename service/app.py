@@ -17,7 +17,7 @@ from .errors import ApiError, error_response, install_error_handlers
 from .metrics import ServiceMetrics
 from .registry import TableRegistry
 from .applier import Applier
-from .batching import DeviceBytesCollector, LookupBatching, resolve_window_us
+from .batching import DeviceBytesCollector, LookupBatching, resolve_window_us, warm_up
 from .routers import admin, health, lookup, metrics, updates, v2
 from .routers import tables as tables_router
 from .updatelog import open_log
@@ -116,6 +116,9 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
                     log.info("seeded %s from %s", ", ".join(seeded), settings.seed_dir)
             names = tables.load_dir(settings.tables_dir)
             log.info("serving %d table(s) from %s: %s", len(names), settings.tables_dir, ", ".join(names) or "-")
+            warmed = warm_up(tables)  # GPU tables: compile the kernels before the first request
+            if warmed:
+                log.info("compiled the GPU lookup kernels of %s", ", ".join(warmed))
         state.update_log = open_log(settings.redis_url, settings.sqlite_path(), settings.redis_stream)
         for problem in state.update_log.check_durability():
             log.warning("update log: %s", problem)

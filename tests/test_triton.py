@@ -299,3 +299,35 @@ def test_keyed_index_without_delta_and_empty_index() -> None:
     assert isinstance(runs.index, RunIndex)
     ids = torch.tensor([-1, 0, 9, 10, 2**40], device=DEVICE)
     assert torch.equal(runs.lookup(ids).values.cpu(), reference(runs, ids).values.cpu())
+
+
+def test_a_lookup_sees_a_write_batch_whole() -> None:
+    """A writer rewrites all 32 rows with one value per batch while lookups run on the Triton
+    path: every lookup sees all rows of one batch, never a mix (the table lock orders launches,
+    and on a GPU one stream orders the writes' scatters before later lookups)."""
+    import threading
+
+    classes = [RowClass(8, 32), RowClass(8, 16)]
+    ids = torch.arange(32)
+    table = build_table(torch.zeros(32, 8), ids % 2, classes).to(DEVICE)
+    table.backend = "triton"
+    stop = threading.Event()
+
+    def write() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            table.put(ids, torch.full((32, 8), float(k)), ids % 2)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        seen = set()
+        for _ in range(6):
+            values = table.lookup(ids.to(DEVICE)).values.cpu()
+            assert bool((values == values[0, 0]).all()), values[:, 0]
+            seen.add(float(values[0, 0]))
+    finally:
+        stop.set()
+        writer.join()
+    assert len(seen) > 1  # writes really did interleave with the lookups
