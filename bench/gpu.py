@@ -535,7 +535,8 @@ def report(args: argparse.Namespace, device: torch.device, t: Tables, rows: list
             for d in dists:
                 r = get.get((m, b, d))
                 cells.append("-" if r is None else f"{fmt_rate(b, r.host_s)} / {fmt_rate(b, r.graph_s)}")
-        lines.append(f"| {m} | {any_row.table_bytes / 2**20:,.0f} MiB | " + " | ".join(cells) + " |")
+        size = f"{any_row.table_bytes / 2**20:,.0f} MiB" if any_row.table_bytes >= 2**20 else f"{any_row.table_bytes / 1024:,.0f} KiB"
+        lines.append(f"| {m} | {size} | " + " | ".join(cells) + " |")
     lines += ["", "## Achieved bandwidth (CUDA graph time), share of the copy peak", "",
               "| method | " + " | ".join(f"b{b} {d}" for b in batches for d in dists) + " |",
               "|---|" + "---|" * (len(batches) * len(dists))]

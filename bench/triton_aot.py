@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_aot_")  # honest compile times: no cache hits
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

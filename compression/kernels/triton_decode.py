@@ -15,8 +15,11 @@ What a program does with its IDs (byte layouts: :mod:`compression.layout`):
    ``HASH`` an open-addressing table (``keys int64[cap]``, ``locator int32[cap]``, ``cap = 2**L``;
    empty slot = key ``INT64_MIN``; home slot = ``(uint64(key) * 0x9E3779B97F4A7C15 mod 2**64)
    >> (64 - L)``; linear probing ``(slot + 1) & (cap - 1)`` until the key or an empty slot).
-2. **Decode**, per row class ``c`` (the table's classes are compile-time constants, so the
-   dispatch is unrolled and a class absent from the tile costs one reduction):
+2. **Decode** (the table's classes are compile-time constants, so the dispatch is unrolled
+   and a class absent from the tile costs one reduction).  fp32 / fp16 and rotated classes get
+   a pass each; the unrotated int8/4/2/1 classes share one pass (``GENERIC``: per row the slab
+   address, dim and bits are selected, and per column the code's byte and shift come from a
+   small table) or get a pass each (``GENERIC=0``); ``bench/gpu.py`` measures which is faster.
    fp32 / fp16 rows are read as typed elements; ``bits <= 8`` rows as bytes: the fp16 scale and
    bias are assembled from bytes (a row may start at any byte, and a 2-byte load there would
    be misaligned on the GPU), code ``j`` is byte ``4 + j % stride`` shifted right by
@@ -36,13 +39,14 @@ summing in fp32 (then dividing by the bag length for ``mean``): ``[bags, D]`` is
 ``[n, D]`` rows never are.  Tile sums are tree-reduced, so pooled results match the reference
 to rounding (allclose), not bit for bit.
 
-Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).  Uses
-only Triton APIs present since 3.0 (the lent GPU has 3.6; CI installs the newest).
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+Checked with Triton 3.6 (the lent GPU's) and 3.9: the interpreter tests pass with both, and
+``bench/triton_aot.py`` compiles every variant for sm_90 with both.  Loops over runtime
+bounds are ``while`` loops because 3.6's interpreter cannot ``range()`` over a runtime scalar.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -626,7 +630,3 @@ def lookup_pooled(
 def runs_here(device: torch.device) -> bool:
     """The kernels run on CUDA tensors, and on CPU tensors only under the interpreter."""
     return device.type == "cuda" or (INTERPRET and device.type == "cpu")
-
-
-def log2(cap: int) -> int:
-    return int(math.log2(cap))
