@@ -145,7 +145,7 @@ def configs(draw: st.DrawFn) -> dict:  # type: ignore[type-arg]
 
 
 # every example on a GPU compiles a new kernel variant (seconds each): fewer there
-FAST = settings(max_examples=12 if DEVICE.type == "cpu" else 5, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+FAST = settings(max_examples=10 if DEVICE.type == "cpu" else 5, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
 def exact_for(cfg: dict) -> bool:  # type: ignore[type-arg]
