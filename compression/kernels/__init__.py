@@ -36,7 +36,7 @@ def triton_module() -> Any:
             from . import triton_decode
 
             _TRITON = triton_decode
-        except ImportError:
+        except Exception:  # noqa: BLE001 - missing, or installed but unusable: serve with torch
             _TRITON = False
     return _TRITON or None
 

@@ -47,6 +47,7 @@ bounds are ``while`` loops because 3.6's interpreter cannot ``range()`` over a r
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -575,14 +576,15 @@ def lookup(
     ukind, uargs = unknown_args(unknown, device)
     bn, bd = block_sizes(dim, block_n)
     grid = (triton.cdiv(n, bn),)
-    _lookup_kernel[grid](
-        ids, n, out, loc, *iargs, *cargs.slabs, cargs.rotation_t, *uargs, _arg(None, device, torch.uint8), cargs.qtab(bd),
-        D=dim, BLOCK_N=bn, BLOCK_D=bd, INDEX=kind, UNK=ukind, OUT=OUT_CODES[out.dtype],
-        GENERIC=GENERIC_QUANTIZED if generic is None else int(generic),
-        C0=cargs.specs[0], C1=cargs.specs[1], C2=cargs.specs[2], C3=cargs.specs[3],
-        C4=cargs.specs[4], C5=cargs.specs[5], C6=cargs.specs[6], C7=cargs.specs[7],
-        num_warps=num_warps or NUM_WARPS,
-    )
+    with _on(device):
+        _lookup_kernel[grid](
+            ids, n, out, loc, *iargs, *cargs.slabs, cargs.rotation_t, *uargs, _arg(None, device, torch.uint8), cargs.qtab(bd),
+            D=dim, BLOCK_N=bn, BLOCK_D=bd, INDEX=kind, UNK=ukind, OUT=OUT_CODES[out.dtype],
+            GENERIC=GENERIC_QUANTIZED if generic is None else int(generic),
+            C0=cargs.specs[0], C1=cargs.specs[1], C2=cargs.specs[2], C3=cargs.specs[3],
+            C4=cargs.specs[4], C5=cargs.specs[5], C6=cargs.specs[6], C7=cargs.specs[7],
+            num_warps=num_warps or NUM_WARPS,
+        )
     return loc
 
 
@@ -615,16 +617,25 @@ def lookup_pooled(
     kind, iargs = index_args(index, device)
     ukind, uargs = unknown_args(unknown, device)
     bn, bd = block_sizes(dim, block_n)
-    _pooled_kernel[(bags,)](
-        ids if n else _arg(None, device, torch.int64), n, starts, ends, out, loc, *iargs, *cargs.slabs, cargs.rotation_t, *uargs,
-        _arg(None, device, torch.uint8), cargs.qtab(bd),
-        D=dim, BLOCK_N=bn, BLOCK_D=bd, INDEX=kind, UNK=ukind, OUT=OUT_CODES[out.dtype], MEAN=mode == "mean",
-        GENERIC=GENERIC_QUANTIZED if generic is None else int(generic),
-        C0=cargs.specs[0], C1=cargs.specs[1], C2=cargs.specs[2], C3=cargs.specs[3],
-        C4=cargs.specs[4], C5=cargs.specs[5], C6=cargs.specs[6], C7=cargs.specs[7],
-        num_warps=num_warps or NUM_WARPS,
-    )
+    with _on(device):
+        _pooled_kernel[(bags,)](
+            ids if n else _arg(None, device, torch.int64), n, starts, ends, out, loc, *iargs, *cargs.slabs, cargs.rotation_t, *uargs,
+            _arg(None, device, torch.uint8), cargs.qtab(bd),
+            D=dim, BLOCK_N=bn, BLOCK_D=bd, INDEX=kind, UNK=ukind, OUT=OUT_CODES[out.dtype], MEAN=mode == "mean",
+            GENERIC=GENERIC_QUANTIZED if generic is None else int(generic),
+            C0=cargs.specs[0], C1=cargs.specs[1], C2=cargs.specs[2], C3=cargs.specs[3],
+            C4=cargs.specs[4], C5=cargs.specs[5], C6=cargs.specs[6], C7=cargs.specs[7],
+            num_warps=num_warps or NUM_WARPS,
+        )
     return loc
+
+
+def _on(device: torch.device) -> Any:
+    """Triton launches on the calling thread's current CUDA device: make it the tensors' one
+    (a table on ``cuda:1`` looked up from a thread whose current device is 0)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def runs_here(device: torch.device) -> bool:
