@@ -637,6 +637,9 @@ def main() -> None:
     os.environ["EMBSERVE_TRITON_TILE"], os.environ["EMBSERVE_TRITON_WARPS"] = str(td.TILE_VALUES), str(td.NUM_WARPS)  # the server too
     os.environ["EMBSERVE_TRITON_GENERIC"] = str(td.GENERIC_QUANTIZED)
     rows = run_lookups(t, batches, ["uniform", "zipf"], device, budget)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # written now and again at the end: a run cut short by its time limit still leaves the kernel numbers
+    out_path.write_text(report(args, device, t, rows, peak, notes, [], time.perf_counter() - started, sweep))
     service: list[ServiceRow] = []
     if not args.no_service:
         served = t.ours["8x"] if service_rows == n else build_tables(service_rows, device, chunk, keyed=False).ours["8x"]
