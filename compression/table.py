@@ -32,15 +32,15 @@ from . import codecs
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
 from .kernels import Decoder
 from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
-from .pooling import PoolingMode, pool_bags
+from .pooling import PoolingMode, pool_bags, validate_offsets
 from .unknown import UnknownPolicy
 
-Backend = Literal["auto", "torch", "compiled"]
+Backend = Literal["auto", "torch", "compiled", "triton"]
 
 
 @dataclass
 class LookupResult:
-    values: torch.Tensor  # float32 [n, D], or [bags, D] when pooled
+    values: torch.Tensor  # [n, D], or [bags, D] when pooled; float32 unless a dtype was asked for
     locators: torch.Tensor  # int32 [n], -1 where the ID has no row
     num_unknown: int
 
@@ -78,6 +78,16 @@ class TableStats:
     def compression_ratio(self) -> float:
         """fp32 bytes of the same rows divided by what this table really holds."""
         return (4.0 * self.num_ids * self.dim) / self.nbytes if self.nbytes else 0.0
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor bound for a GPU goes through pinned memory with a
+    non-blocking copy, so the host does not wait for the device to drain its queue."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _stack_bytes(t: torch.Tensor) -> int:
@@ -180,24 +190,40 @@ class CompressedTable:
         self.decoder.backend = value
         self.decoder.refresh(self.slabs)
 
-    def lookup(self, ids: torch.Tensor) -> LookupResult:
-        """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row."""
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> LookupResult:
+        """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row.
+        ``dtype`` (fp32, fp16, bf16): the Triton path writes it directly, others cast."""
         # each torch op costs microseconds; at batch 1 they are the whole bill, so skip the no-ops
         if ids.dtype != torch.int64 or ids.device != self.device:
             ids = ids.to(device=self.device, dtype=torch.int64)
         if ids.dim() != 1:
             ids = ids.reshape(-1)
         with self.lock:
-            values = torch.empty((ids.shape[0], self.dim), dtype=torch.float32, device=self.device)
-            loc, num_unknown = self.decoder.lookup(values, ids, self.index)
-        if num_unknown:
+            direct = self.decoder.writes(dtype)
+            values = torch.empty((ids.shape[0], self.dim), dtype=dtype if direct else torch.float32, device=self.device)
+            loc, num_unknown = self.decoder.lookup(values, ids, self.index, self.unknown)
+        if num_unknown and not self.decoder.fills_unknown:
             self.unknown.fill(values, ids, loc < 0)
+        if values.dtype != dtype:
+            values = values.to(dtype)
         return LookupResult(values, loc, num_unknown)
 
-    def lookup_bags(self, ids: torch.Tensor, offsets: torch.Tensor, mode: PoolingMode) -> LookupResult:
-        """Pool rows into bags given by ``offsets`` (start of each bag, like ``nn.EmbeddingBag``)."""
+    def lookup_bags(self, ids: torch.Tensor, offsets: torch.Tensor, mode: PoolingMode, dtype: torch.dtype = torch.float32) -> LookupResult:
+        """Pool rows into bags given by ``offsets`` (start of each bag, like ``nn.EmbeddingBag``).
+        On the Triton path decode and pooling are one launch."""
+        if self.decoder.fused_pooling:
+            if mode not in ("sum", "mean"):
+                raise ValueError(f"pooling must be one of ('sum', 'mean'), got {mode!r}")
+            ids = ids.to(device=self.device, dtype=torch.int64).reshape(-1)
+            offsets = offsets.to(torch.int64)
+            validate_offsets(offsets, int(ids.shape[0]))
+            with self.lock:
+                values = torch.empty((offsets.numel(), self.dim), dtype=dtype, device=self.device)
+                loc, num_unknown = self.decoder.lookup_pooled(values, ids, offsets.to(self.device), mode, self.index, self.unknown)
+            return LookupResult(values, loc, num_unknown)
         result = self.lookup(ids)
-        return LookupResult(pool_bags(result.values, offsets.to(result.values.device), mode), result.locators, result.num_unknown)
+        pooled = pool_bags(result.values, offsets.to(result.values.device), mode)
+        return LookupResult(pooled if pooled.dtype == dtype else pooled.to(dtype), result.locators, result.num_unknown)
 
     # ------------------------------------------------------------------ writes
 
@@ -229,7 +255,7 @@ class CompressedTable:
         cls = locators >> LOCATOR_CLASS_SHIFT
         for c in torch.unique(cls).tolist():
             slots = (locators[cls == c] & LOCATOR_SLOT_MASK).to(torch.int32)
-            self.free[c] = torch.cat([self.free[c], slots])
+            self.free[c] = torch.cat([self.free[c], _upload(slots, self.free[c].device)])
 
     def truncated(self, c: int) -> bool:
         """Class ``c`` keeps some but not all coordinates, so it stores rows in the rotated basis."""
@@ -237,39 +263,47 @@ class CompressedTable:
 
     def put(self, ids: torch.Tensor, rows: torch.Tensor, class_index: torch.Tensor | int) -> None:
         """Upsert ``rows`` (float ``[n, D]``, original coordinates) for ``ids``, each into class
-        ``class_index``.  A later duplicate ID in one call wins."""
-        ids = ids.to(device=self.device, dtype=torch.int64).reshape(-1)
-        rows = rows.to(device=self.device, dtype=torch.float32)
+        ``class_index``.  A later duplicate ID in one call wins.
+
+        The bookkeeping (which rows go where: shapes that depend on the data) is planned on the
+        host from one download of the old locators; the device then gets, per class, one
+        encode and one scatter of the whole batch into the slab, fed by non-blocking uploads.
+        On a GPU that is one device sync per batch (plus the index's own), where planning with
+        device tensors cost several per class (every boolean mask and ``.tolist()`` waits)."""
+        ids = ids.to(device="cpu", dtype=torch.int64).reshape(-1)
         if rows.shape != (ids.numel(), self.dim):
             raise ValueError(f"rows must be [{ids.numel()}, {self.dim}], got {list(rows.shape)}")
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("rows must be finite")
-        target = torch.as_tensor(class_index, dtype=torch.int64, device=self.device).expand(ids.numel())
+        target = torch.as_tensor(class_index, dtype=torch.int64).to("cpu").expand(ids.numel())
         if ids.numel() and (int(target.min()) < 0 or int(target.max()) >= len(self.classes)):
             raise ValueError("class index out of range")
         # keep the last occurrence of each ID
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        last = torch.full((uniq.numel(),), -1, dtype=torch.int64, device=self.device)
-        last.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=self.device), reduce="amax")
-        ids, rows, target = ids[last], rows[last], target[last]
+        last = torch.full((uniq.numel(),), -1, dtype=torch.int64)
+        last.scatter_reduce_(0, inverse, torch.arange(ids.numel()), reduce="amax")
+        ids, target = ids[last], target[last]
+        rows = _upload(rows[last.to(rows.device)].to(torch.float32), self.device)
+        ids_dev = _upload(ids, self.device)
         with self.lock:
-            old = self.index.resolve(ids)
+            old_dev = self.index.resolve(ids_dev)
+            old = old_dev.cpu()  # the one download the plan needs
             old_cls = torch.where(old >= 0, old >> LOCATOR_CLASS_SHIFT, torch.full_like(old, -1))
-            new_loc = torch.empty_like(old)
+            new_loc = old_dev.clone()  # rows staying in their class keep their locator
             for c in torch.unique(target).tolist():
-                sel = torch.nonzero(target == c).flatten()
-                same = old_cls[sel] == c
-                slots = torch.empty(sel.numel(), dtype=torch.int32, device=self.device)
-                slots[same] = (old[sel][same] & LOCATOR_SLOT_MASK).to(torch.int32)
-                slots[~same] = self._take_slots(c, int((~same).sum()))
+                stay = torch.nonzero((target == c) & (old_cls == c)).flatten()
+                fresh = torch.nonzero((target == c) & (old_cls != c)).flatten()
+                taken = self._take_slots(c, int(fresh.numel()))  # on the device, sized on the host
+                sel = _upload(torch.cat([stay, fresh]), self.device)
+                slots = torch.cat([(old_dev[sel[: stay.numel()]] & LOCATOR_SLOT_MASK).to(torch.int32), taken])
                 x = rows[sel] @ self.rotation if self.truncated(c) else rows[sel]  # type: ignore[operator]
                 encoded = codecs.encode_rows(x, self.classes[c])
                 if encoded.shape[1]:
-                    self.slabs[c][slots.to(torch.int64)] = encoded
-                new_loc[sel] = (c << LOCATOR_CLASS_SHIFT) | slots
+                    self.slabs[c].index_copy_(0, slots.to(torch.int64), encoded)  # one scatter per class
+                new_loc[sel[stay.numel() :]] = (c << LOCATOR_CLASS_SHIFT) | taken
             moved = (old >= 0) & (old_cls != target)
             self._release(old[moved])
-            self.index.assign(ids, new_loc)
+            self.index.assign(ids_dev, new_loc)
 
     def delete(self, ids: torch.Tensor) -> int:
         """Remove ``ids``; returns how many were present."""

@@ -17,6 +17,7 @@ from .errors import ApiError, error_response, install_error_handlers
 from .metrics import ServiceMetrics
 from .registry import TableRegistry
 from .applier import Applier
+from .batching import DeviceBytesCollector, LookupBatching, resolve_window_us, warm_up
 from .routers import admin, health, lookup, metrics, updates, v2
 from .routers import tables as tables_router
 from .updatelog import open_log
@@ -104,11 +105,16 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
     torch.set_num_threads(settings.torch_threads)  # always set: the default (1) is a serving choice
     tables = registry or TableRegistry(settings.device, settings.sketch_width, settings.frequency_half_life_s)
     state = AppState(settings, tables, ServiceMetrics(tables))
+    state.batching = LookupBatching(resolve_window_us(settings.batch_window_us, settings.device), settings.max_batch_ids, state.metrics.registry)
+    state.metrics.registry.register(DeviceBytesCollector(tables))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if registry is None:
             load_tables(settings, tables)  # a SIGINT/SIGTERM meanwhile stops the process (service/startup.py)
+            warmed = warm_up(tables)  # GPU tables: compile the kernels before the first request
+            if warmed:
+                log.info("compiled the GPU lookup kernels of %s", ", ".join(warmed))
         state.update_log = open_log(settings.redis_url, settings.sqlite_path(), settings.redis_stream)
         for problem in state.update_log.check_durability():
             log.warning("update log: %s", problem)

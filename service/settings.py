@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         1, ge=1, description="intra-op threads for torch and the decoder; 1 = concurrency across requests, not inside one"
     )
     log_level: str = Field("info", description="uvicorn log level")
+    batch_window_us: int | None = Field(
+        None, ge=0, le=1_000_000,
+        description="merge concurrent lookups of a table arriving within this many microseconds into one decode; 0 = off; unset = 0 on CPU, 200 on a GPU",
+    )
+    max_batch_ids: int = Field(65_536, ge=1, description="IDs in one merged decode, at most (a larger request is decoded alone)")
 
     # streaming updates
     redis_url: str | None = Field(

@@ -14,6 +14,7 @@ from .updatelog import UpdateLog
 
 if TYPE_CHECKING:
     from .applier import Applier
+    from .batching import LookupBatching
 
 
 @dataclass
@@ -23,6 +24,7 @@ class AppState:
     metrics: ServiceMetrics
     update_log: UpdateLog | None = None
     applier: "Applier | None" = None
+    batching: "LookupBatching | None" = None  # unpooled lookups go through it (service/batching.py)
 
 
 async def get_state(request: Request) -> AppState:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run interpreted on CPU tensors; the flag is read when a
+# kernel is defined, so it must be set before anything imports compression.kernels.triton_decode.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from compression import compress
 from compression.synthetic import synthetic_table, zipf_frequencies

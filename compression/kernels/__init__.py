@@ -1,14 +1,17 @@
 """How stored bytes are read: the decode ops behind :meth:`CompressedTable.lookup`.
 
 ``torch`` is the reference (any device, one vectorized op per class); ``compiled`` is the C
-kernel in ``decode.c`` (one fused pass, built at install time).  ``auto`` takes the compiled
-path for CPU tables when it was built, else the reference.  Tests check both give identical
-floats.
+kernel in ``decode.c`` (one fused pass, built at install time); ``triton`` is the fused GPU
+kernel in ``triton_decode.py`` (index probe, decode, unknown-ID policy and output cast in one
+launch; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).  ``auto`` takes the
+compiled path for CPU tables when it was built, Triton for CUDA tables when it imports, else
+the reference.  Tests check they give identical floats (allclose where rounding order differs:
+rotation, pooling).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +24,21 @@ if TYPE_CHECKING:  # the index imports this package for its compiled view
 from . import cpu_c
 
 COMPILED_AVAILABLE = cpu_c.AVAILABLE
+_TRITON: Any = None  # the triton_decode module once imported; False when triton is missing
+
+
+def triton_module() -> Any:
+    """``triton_decode``, imported on first use (importing triton costs ~0.5 s, which a CPU
+    service never needs to pay), or None where triton is not installed."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import triton_decode
+
+            _TRITON = triton_decode
+        except Exception:  # noqa: BLE001 - missing, or installed but unusable: serve with torch
+            _TRITON = False
+    return _TRITON or None
 
 
 def decode_reference(
@@ -45,16 +63,34 @@ def decode_reference(
             out[rows, : rc.dim] = decoded
 
 
-def _use_compiled(backend: str, device: torch.device) -> bool:
+def select_path(backend: str, device: torch.device) -> str:
+    """The decode path (``compiled``, ``triton`` or ``torch``) a backend setting gives on a device."""
     if backend == "compiled":
         if not COMPILED_AVAILABLE:
             raise RuntimeError("the compiled decoder was not built (no C compiler at install time?)")
         if device.type != "cpu":
             raise RuntimeError("the compiled backend runs on CPU tables only")
-        return True
-    if backend not in ("auto", "torch"):
+        return "compiled"
+    if backend == "triton":
+        module = triton_module()
+        if module is None:
+            raise RuntimeError("the triton backend needs the triton package (pip install triton)")
+        if not module.runs_here(device):
+            raise RuntimeError("the triton backend runs on CUDA tables (or CPU tables under TRITON_INTERPRET=1)")
+        return "triton"
+    if backend == "torch":
+        return "torch"
+    if backend != "auto":
         raise ValueError(f"unknown decode backend {backend!r}")
-    return backend == "auto" and COMPILED_AVAILABLE and device.type == "cpu"
+    if device.type == "cpu":
+        return "compiled" if COMPILED_AVAILABLE else "torch"
+    if device.type == "cuda" and triton_module() is not None:
+        return "triton"
+    return "torch"
+
+
+def _use_compiled(backend: str, device: torch.device) -> bool:
+    return select_path(backend, device) == "compiled"
 
 
 class Decoder:
@@ -64,6 +100,7 @@ class Decoder:
     def __init__(
         self, slabs: list[torch.Tensor], classes: list[RowClass], backend: str = "auto", rotation: torch.Tensor | None = None
     ) -> None:
+        self._triton_args: Any = None
         self.classes = classes
         self.backend = backend
         self.rotation = rotation
@@ -74,25 +111,57 @@ class Decoder:
     def refresh(self, slabs: list[torch.Tensor]) -> None:
         self.slabs = slabs
         device = slabs[0].device
-        self.compiled = _use_compiled(self.backend, device)
+        self.path = select_path(self.backend, device)
+        self.compiled = self.path == "compiled"
+        # the Triton launch's per-table arguments (typed slab views, class constants, R^T)
+        self._triton_args = triton_module().class_args(slabs, self.classes, self.rotation) if self.path == "triton" else None
         if self.compiled and self.rotation is not None and self.rotation.shape[0] > cpu_c.MAX_ROTATED_DIM:
             self.compiled = False  # the C decoder's per-row scratch is bounded
         self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t) if self.compiled else None
 
+    @property
+    def fills_unknown(self) -> bool:
+        """The decode already wrote the unknown-ID policy's rows (Triton does it in-kernel)."""
+        return self._triton_args is not None
+
+    def writes(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`lookup` can write ``dtype`` directly (else it takes fp32 and the caller casts)."""
+        return dtype == torch.float32 or (self._triton_args is not None and dtype in (torch.float16, torch.bfloat16))
+
     def decode(self, out: torch.Tensor, loc: torch.Tensor) -> int:
         """Write the rows named by locators ``loc`` (``-1`` -> zeros) into ``out [n, D]``;
         returns how many locators are ``-1``."""
+        if self._triton_args is not None:
+            triton_module().lookup(out, loc.to(torch.int64), None, self._triton_args)
+            return int((loc < 0).sum())
         if self._classes_c is not None:
             return cpu_c.lookup(out, loc, None, self._classes_c)[1]
         decode_reference(out, loc, self.slabs, self.classes, self.rotation)
         return int((loc < 0).sum())
 
-    def lookup(self, out: torch.Tensor, ids: torch.Tensor, index: IdIndex) -> tuple[torch.Tensor, int]:
+    def lookup(self, out: torch.Tensor, ids: torch.Tensor, index: IdIndex, unknown: Any = None) -> tuple[torch.Tensor, int]:
         """Resolve ``ids`` and decode into ``out``; returns the locators and the unknown count.
-        On the compiled path the index is searched inside the decode loop (one pass)."""
+        On the compiled and Triton paths the index is searched inside the decode loop (one
+        pass); Triton also writes the rows of unknown IDs by ``unknown`` (see fills_unknown)."""
+        if self._triton_args is not None:
+            loc = triton_module().lookup(out, ids, index, self._triton_args, unknown)
+            return loc, int((loc < 0).sum())
         if self._classes_c is not None:
             view = index.c_view()
             if view is not None:
                 return cpu_c.lookup(out, ids, view, self._classes_c)
         loc = index.resolve(ids)
         return loc, self.decode(out, loc)
+
+    @property
+    def fused_pooling(self) -> bool:
+        return self._triton_args is not None
+
+    def lookup_pooled(
+        self, out: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, mode: str, index: IdIndex, unknown: Any = None
+    ) -> tuple[torch.Tensor, int]:
+        """Triton only (see fused_pooling): resolve, decode and pool bags into ``out [bags, D]``
+        in one launch; the ``[n, D]`` rows are never written."""
+        assert self._triton_args is not None
+        loc = triton_module().lookup_pooled(out, ids, offsets, mode, index, self._triton_args, unknown)
+        return loc, int((loc < 0).sum())

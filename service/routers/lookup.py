@@ -126,7 +126,8 @@ def run_lookups(state: AppState, lookups: list[ParsedLookup]) -> list[LookupOutp
         ids = torch.from_numpy(item.ids)
         started = time.perf_counter()
         if item.pooling == "none":
-            result = hosted.table.lookup(ids)
+            # merged with concurrent lookups of the table when batching is on (service/batching.py)
+            result = state.batching.lookup(item.table, hosted.table, item.ids) if state.batching else hosted.table.lookup(ids)
         else:
             assert item.offsets is not None
             result = hosted.table.lookup_bags(ids, torch.from_numpy(item.offsets), item.pooling)
@@ -210,7 +211,8 @@ async def answer_lookup(state: AppState, request: Request) -> Response:
     body = await request.body()
     content_type = _media_type(request.headers.get("content-type"))
     binary = wants_binary(request.headers.get("accept"))
-    if len(body) <= state.settings.inline_max_body_bytes:
+    batching = state.batching is not None and state.batching.enabled  # merging needs concurrent threads
+    if len(body) <= state.settings.inline_max_body_bytes and not batching:
         return handle_lookup(state, body, content_type, binary)  # cheaper than a thread hop (~0.3 ms)
     return await run_in_threadpool(handle_lookup, state, body, content_type, binary)
 
