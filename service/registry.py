@@ -68,6 +68,12 @@ class HostedTable:
     updates_since_decision: int = 0
     last_decision_at: float = field(default_factory=time.monotonic)
     dirty: bool = False  # changed since the last snapshot
+    # snapshots of this table run one at a time (service/tablefiles.py): two overlapping ones
+    # could finish out of order and put an older file over a newer one the trim relied on
+    snapshot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    dropped: bool = False  # set under snapshot_lock by a drop: later snapshots are no-ops
+    over_budget: str | None = None  # why the policy cannot fit the rows in the budget; None = fits
+    over_budget_since: float = 0.0  # monotonic time of the last failed re-decision
 
     def extra(self) -> dict[str, Any]:
         """Manifest ``extra`` to write with a snapshot: what the table was made from, plus the
