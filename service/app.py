@@ -16,7 +16,6 @@ from . import __version__
 from .errors import ApiError, error_response, install_error_handlers
 from .metrics import ServiceMetrics
 from .registry import TableRegistry
-from .tablefiles import clean_folder
 from .applier import Applier
 from .routers import admin, health, lookup, metrics, updates, v2
 from .routers import tables as tables_router
@@ -112,9 +111,6 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
                 seeded = TableRegistry.seed(settings.tables_dir, settings.seed_dir)
                 if seeded:
                     log.info("seeded %s from %s", ", ".join(seeded), settings.seed_dir)
-            removed = clean_folder(settings.tables_dir)
-            if removed:
-                log.info("removed leftovers of interrupted snapshots, seed copies and drops: %s", ", ".join(removed))
             names = tables.load_dir(settings.tables_dir)
             log.info("serving %d table(s) from %s: %s", len(names), settings.tables_dir, ", ".join(names) or "-")
         state.update_log = open_log(settings.redis_url, settings.sqlite_path(), settings.redis_stream)

@@ -20,6 +20,7 @@ from compression.frequency import DecayedCountMinSketch
 from compression.policies import POLICIES, DimensionPolicy, RankClassMap
 from compression.storage import TABLE_SUFFIX, TableFormatError
 
+from .tablefiles import clean_folder
 from .updatelog import Position, parse_position
 
 log = logging.getLogger("embserve")
@@ -141,8 +142,13 @@ class TableRegistry:
         return copied
 
     def load_dir(self, folder: Path) -> list[str]:
-        """Load every table file in ``folder``; a broken file is logged and skipped, not fatal."""
+        """Load every table file in ``folder``; a broken file is logged and skipped, not fatal.  First
+        the folder is cleaned (``tablefiles.clean_folder``): leftovers of interrupted writes go, and
+        so do files of dropped tables (an interrupted drop, or a seed copy of a dropped table)."""
         loaded = []
+        removed = clean_folder(folder)  # interrupted snapshots and seed copies, dropped tables
+        if removed:
+            log.info("removed leftovers of interrupted writes and dropped tables: %s", ", ".join(removed))
         if folder.is_dir():
             for path in sorted(folder.glob(f"*{TABLE_SUFFIX}")):
                 name = path.name[: -len(TABLE_SUFFIX)]

@@ -10,7 +10,8 @@ under concurrent snapshots, drops and crashes.
 * **A drop is final.**  It takes the same lock (so it waits for a snapshot in flight), marks the
   table dropped (later snapshot attempts with a stale handle are no-ops), records the name in
   ``dropped-tables.json`` (fsynced, before the file goes) and then deletes the file.  Start-up
-  finishes an interrupted drop and removes a dropped table that a seed folder copied back, so
+  (``TableRegistry.load_dir``) finishes an interrupted drop and removes a dropped table that a
+  seed folder copied back, so
   a restart never resurrects it.  Creating the name again clears the record first.
 * **Leftovers.**  A snapshot killed mid-write leaves ``.<name>.safetensors.<random>.tmp``; a
   seed copy killed mid-way leaves ``<name>.safetensors.seeding``.  Start-up deletes both.
@@ -28,11 +29,14 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compression.storage import TABLE_SUFFIX, capture_state, write_state
 
-from .registry import HostedTable, TableRegistry
 from .updatelog import Position, format_position
+
+if TYPE_CHECKING:  # registry.py imports this module (start-up housekeeping in load_dir)
+    from .registry import HostedTable, TableRegistry
 
 log = logging.getLogger("embserve")
 
