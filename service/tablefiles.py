@@ -11,8 +11,8 @@ under concurrent snapshots, drops and crashes.
   table dropped (later snapshot attempts with a stale handle are no-ops), records the name in
   ``dropped-tables.json`` (fsynced, before the file goes) and then deletes the file.  Start-up
   (``TableRegistry.load_dir``) finishes an interrupted drop and removes a dropped table that a
-  seed folder copied back, so
-  a restart never resurrects it.  Creating the name again clears the record first.
+  seed folder copied back, so a restart never resurrects it.  Creating the name again clears
+  the record first.
 * **Leftovers.**  A snapshot killed mid-write leaves ``.<name>.safetensors.<random>.tmp``; a
   seed copy killed mid-way leaves ``<name>.safetensors.seeding``.  Start-up deletes both.
 
