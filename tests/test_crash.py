@@ -134,7 +134,7 @@ def check_table(
     values = np.asarray(res["embeddings"], dtype=np.float32)
     found = res["found"]
     landed_votes: list[list[bool]] = [[] for _ in in_flights]
-    lost = []
+    lost, extra = [], []  # acknowledged value missing / a row that should not be there
     for i in ids:
         expected = reference.get(i)
         got = values[i] if found[i] else None
@@ -149,8 +149,9 @@ def check_table(
             elif matches_ref and not matches_alt:
                 landed_votes[flight].append(False)
         elif not matches_ref:
-            lost.append(i)
+            (extra if expected is None else lost).append(i)
     assert not lost, f"{table}: {len(lost)} IDs lost their acknowledged value, e.g. {lost[:5]}"
+    assert not extra, f"{table}: {len(extra)} IDs hold a row nothing acknowledged now (deleted, or a dropped namesake's), e.g. {extra[:5]}"
     # an in-flight entry is one log entry: it landed whole or not at all
     assert all(len(set(v)) <= 1 for v in landed_votes), "an in-flight update was applied in part"
     return [bool(v and v[0]) for v in landed_votes]
