@@ -275,6 +275,34 @@ def test_one_table_over_its_budget_never_stalls_the_others(settings: Settings) -
         client.__exit__(None, None, None)
 
 
+def test_one_tables_failing_snapshot_never_stalls_the_others(settings: Settings) -> None:
+    """A table whose file cannot be written (here: a folder sits at its path; in life a full or
+    read-only disk) keeps its older file and the log behind it; the others go on."""
+    settings.snapshot_interval_s = 0.1
+    client, state = start(settings)
+    try:
+        create(client, name="a", classes=["d8b32"])
+        create(client, name="b", classes=["d8b32"])
+        blocker = settings.tables_dir / "a.safetensors"
+        blocker.unlink()
+        blocker.mkdir()
+        upsert(client, [1], np.ones((1, 8), np.float32), table="a")
+        last = upsert(client, [1], np.ones((1, 8), np.float32), table="b")["position"]
+        deadline = time.monotonic() + 20
+        while format_position(state.tables.get("b").snapshot_position) != last:
+            assert time.monotonic() < deadline, "b's snapshot stalled behind a's failing one"
+            time.sleep(0.05)  # polling a condition with a deadline
+        assert state.applier.error is None, state.applier.error
+        assert format_position(state.tables.get("a").snapshot_position) != last
+        assert state.update_log.count_after(None) >= 1, "the log was trimmed past what a's file holds"
+        blocker.rmdir()
+        while format_position(state.tables.get("a").snapshot_position) != last or state.update_log.count_after(None):
+            assert time.monotonic() < deadline, "a's snapshot did not resume"
+            time.sleep(0.05)  # polling a condition with a deadline
+    finally:
+        client.__exit__(None, None, None)
+
+
 # ---------------------------------------------------------------------------------------------- 4
 
 
