@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from compression.allocation import BudgetTooSmall
 from compression.layout import LOCATOR_CLASS_SHIFT
 from compression.policies import apply_decision
-from compression.storage import TABLE_SUFFIX, capture_state, write_state
 
 from .metrics import ServiceMetrics
 from .registry import HostedTable, TableRegistry
 from .settings import Settings
+from .tablefiles import write_snapshot
 from .updatelog import LogRecord, MalformedEntry, Position, UpdateBatch, UpdateLog, format_position
 
 log = logging.getLogger("embserve.applier")
@@ -41,6 +42,9 @@ _SKETCH_SAMPLE_MAX = 16384
 # Re-decisions fill this share of the budget: the rest is room for the new IDs that arrive
 # before the next segment, so a table at its budget does not re-decide on every new ID.
 _BUDGET_FILL = 0.95
+# A table whose rows cannot fit its budget is tried again at most this often (and only after
+# updates or a new budget): a failed decision costs a full pass over its rows.
+_OVER_BUDGET_RETRY_S = 5.0
 
 
 class RejectedEntry(ValueError):
@@ -242,12 +246,22 @@ class Applier:
             hosted = self.tables.get(name)
             if hosted is None or hosted.policy is None or hosted.budget_bytes is None:
                 continue
+            if hosted.over_budget is not None and (
+                hosted.updates_since_decision == 0 or now - hosted.over_budget_since < _OVER_BUDGET_RETRY_S
+            ):
+                continue  # it did not fit; nothing changed since, or tried a moment ago
             over = hosted.table.nbytes > hosted.budget_bytes
             segment = hosted.updates_since_decision >= self.settings.segment_updates or (
                 hosted.updates_since_decision > 0 and now - hosted.last_decision_at >= self.settings.segment_seconds
             )
             if over or segment:
-                self.redecide(hosted)
+                # one table's trouble is that table's: the round (and every other table) goes on
+                try:
+                    self.redecide(hosted)
+                except BudgetTooSmall:
+                    pass  # marked over budget by redecide
+                except Exception:  # noqa: BLE001
+                    log.exception("re-deciding %s failed; its rows stay where they are", hosted.name)
 
     def redecide(self, hosted: HostedTable) -> dict[str, Any]:
         """Re-assign every row's class by the table's policy inside its budget, move rows, compact."""
@@ -267,7 +281,20 @@ class Applier:
                 freqs = torch.ones(ids.numel())
             slab_bytes = sum(s.numel() for s in table.slabs)
             fixed = table.nbytes - slab_bytes  # index, rotation, fallback: not the policy's to move
-            decision = hosted.policy.decide(table, ids, freqs, int(hosted.budget_bytes * _BUDGET_FILL) - fixed)
+            try:
+                try:
+                    decision = hosted.policy.decide(table, ids, freqs, int(hosted.budget_bytes * _BUDGET_FILL) - fixed)
+                except BudgetTooSmall:  # no room left for new IDs: the whole budget, then
+                    decision = hosted.policy.decide(table, ids, freqs, int(hosted.budget_bytes) - fixed)
+            except BudgetTooSmall as exc:
+                # the rows stay as they are and the table is served over its budget, marked so
+                # (table info, /readyz, embserve_table_over_budget) until deletes or a budget fit
+                hosted.over_budget = str(exc)
+                hosted.over_budget_since = time.monotonic()
+                hosted.updates_since_decision = 0
+                log.warning("table %s is over its budget of %d bytes: %s", hosted.name, hosted.budget_bytes, exc)
+                raise
+            hosted.over_budget = None
             moved = apply_decision(table, ids, decision)
             hosted.rank_map = decision.rank_map
         hosted.updates_since_decision = 0
@@ -282,23 +309,18 @@ class Applier:
     # ------------------------------------------------------------------ snapshots
 
     def snapshot(self, hosted: HostedTable) -> Position | None:
-        """Write the table and the log position it includes; the file replaces the old one atomically."""
-        with hosted.table.lock:
-            position = hosted.log_position
-            tensors, manifest = capture_state(hosted.table, format_position(position), hosted.extra())
-            hosted.dirty = False
-        folder = self.settings.tables_dir
-        write_state(tensors, manifest, Path(folder) / f"{hosted.name}{TABLE_SUFFIX}")
-        hosted.manifest = manifest
-        hosted.snapshot_position = position
-        hosted.snapshot_at = time.time()
-        return position
+        """Write the table and the log position it includes; the file replaces the old one
+        atomically.  Serialized per table, never backwards, a no-op once dropped (tablefiles.py)."""
+        return write_snapshot(hosted, Path(self.settings.tables_dir))
 
     def snapshot_all(self, only_dirty: bool = False) -> None:
         for name in self.tables.names():
             hosted = self.tables.get(name)
             if hosted is not None and (hosted.dirty or not only_dirty or hosted.snapshot_position != hosted.log_position):
-                self.snapshot(hosted)
+                try:
+                    self.snapshot(hosted)
+                except Exception:  # noqa: BLE001 - a failed write (disk full) keeps the older file and the log behind it
+                    log.exception("snapshot of %s failed; the log is kept behind its last file", name)
         self._last_snapshot = time.monotonic()
         self.trim()
 

@@ -35,6 +35,9 @@ class TableCollector(Collector):
         class_bytes = GaugeMetricFamily("embserve_table_class_bytes", "Slab bytes of each row class", labels=["table", "row_class"])
         index_bytes = GaugeMetricFamily("embserve_table_index_bytes", "Bytes of a table's ID index", labels=["table"])
         budget = GaugeMetricFamily("embserve_table_budget_bytes", "Byte budget of a table under a dimension policy", labels=["table"])
+        over_budget = GaugeMetricFamily(
+            "embserve_table_over_budget", "1 when the policy cannot fit the table's rows in its budget (served over it)", labels=["table"]
+        )
         snapshot_age = GaugeMetricFamily("embserve_table_snapshot_age_seconds", "Seconds since the table's last snapshot", labels=["table"])
         now = time.time()
         for name in self.tables.names():
@@ -52,9 +55,10 @@ class TableCollector(Collector):
                 class_bytes.add_metric([name, cs.row_class.label()], cs.bytes)
             if hosted.budget_bytes is not None:
                 budget.add_metric([name], hosted.budget_bytes)
+                over_budget.add_metric([name], 0.0 if hosted.over_budget is None else 1.0)
             if hosted.snapshot_at is not None:
                 snapshot_age.add_metric([name], now - hosted.snapshot_at)
-        yield from (nbytes, ids, ratio, bpp, rows, class_bytes, index_bytes, budget, snapshot_age)
+        yield from (nbytes, ids, ratio, bpp, rows, class_bytes, index_bytes, budget, over_budget, snapshot_age)
 
 
 class ServiceMetrics:

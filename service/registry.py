@@ -20,6 +20,7 @@ from compression.frequency import DecayedCountMinSketch
 from compression.policies import POLICIES, DimensionPolicy, RankClassMap
 from compression.storage import TABLE_SUFFIX, TableFormatError
 
+from .tablefiles import clean_folder
 from .updatelog import Position, parse_position
 
 log = logging.getLogger("embserve")
@@ -68,6 +69,12 @@ class HostedTable:
     updates_since_decision: int = 0
     last_decision_at: float = field(default_factory=time.monotonic)
     dirty: bool = False  # changed since the last snapshot
+    # snapshots of this table run one at a time (service/tablefiles.py): two overlapping ones
+    # could finish out of order and put an older file over a newer one the trim relied on
+    snapshot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    dropped: bool = False  # set under snapshot_lock by a drop: later snapshots are no-ops
+    over_budget: str | None = None  # why the policy cannot fit the rows in the budget; None = fits
+    over_budget_since: float = 0.0  # monotonic time of the last failed re-decision
 
     def extra(self) -> dict[str, Any]:
         """Manifest ``extra`` to write with a snapshot: what the table was made from, plus the
@@ -135,8 +142,13 @@ class TableRegistry:
         return copied
 
     def load_dir(self, folder: Path) -> list[str]:
-        """Load every table file in ``folder``; a broken file is logged and skipped, not fatal."""
+        """Load every table file in ``folder``; a broken file is logged and skipped, not fatal.  First
+        the folder is cleaned (``tablefiles.clean_folder``): leftovers of interrupted writes go, and
+        so do files of dropped tables (an interrupted drop, or a seed copy of a dropped table)."""
         loaded = []
+        removed = clean_folder(folder)  # interrupted snapshots and seed copies, dropped tables
+        if removed:
+            log.info("removed leftovers of interrupted writes and dropped tables: %s", ", ".join(removed))
         if folder.is_dir():
             for path in sorted(folder.glob(f"*{TABLE_SUFFIX}")):
                 name = path.name[: -len(TABLE_SUFFIX)]

@@ -3,26 +3,32 @@ re-decision or a snapshot.  They need the write token (see ``service/security.py
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from compression import CompressedTable, RowClass
 from compression.allocation import BudgetTooSmall
-from compression.storage import TABLE_SUFFIX
 from compression.unknown import UnknownPolicy
 
 from ..errors import ApiError
-from ..registry import TABLE_NAME_PATTERN, HostedTable, policy_config, policy_from_config
+from .. import tablefiles
+from ..registry import TABLE_NAME_PATTERN, HostedTable, policy_config, policy_from_config, valid_table_name
 from ..security import require_writer
 from ..state import AppState, get_state
 from ..updatelog import format_position
 from .tables import TableInfo, describe
+from .updates import log_unavailable
 
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_writer)])
+
+# create and drop run one at a time: two creates of one name must not both succeed, and a drop
+# and a create of one name must not interleave (admin calls are rare; a table write is short)
+_catalogue_lock = threading.Lock()
 
 
 class PolicyConfig(BaseModel):
@@ -53,6 +59,13 @@ class CreateTable(BaseModel):
     budget_bytes: int | None = Field(None, ge=1)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _no_dot_dot(cls, name: str) -> str:
+        if not valid_table_name(name):
+            raise ValueError(f"a table name matches {TABLE_NAME_PATTERN} and holds no '..'")
+        return name
+
 
 class SetPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -77,6 +90,11 @@ def _applier(state: AppState):  # type: ignore[no-untyped-def]
 
 @router.post("/tables", response_model=TableInfo, status_code=201, summary="Create an empty table that updates fill")
 def create_table(body: CreateTable, state: AppState = Depends(get_state)) -> TableInfo:
+    with _catalogue_lock:
+        return _create_table(body, state)
+
+
+def _create_table(body: CreateTable, state: AppState) -> TableInfo:
     applier = _applier(state)
     if state.tables.get(body.name) is not None:
         raise ApiError(409, "exists", f"table {body.name!r} exists")
@@ -89,17 +107,32 @@ def create_table(body: CreateTable, state: AppState = Depends(get_state)) -> Tab
         table = CompressedTable.empty(body.dim, classes, keyed=body.index == "keyed", device=state.tables.device, unknown=UnknownPolicy(body.unknown))
     except ValueError as exc:
         raise ApiError(422, "invalid_request", str(exc)) from exc
-    manifest = {"log_position": format_position(applier.position), "extra": {"budget_bytes": body.budget_bytes, "policy": body.policy.as_dict()}}
+    # The new table starts at the log's end, not at the applier's position: entries still
+    # waiting there for an earlier table of this name (dropped) are not this table's.
+    try:
+        last = state.update_log.last_position() if state.update_log is not None else None
+    except state.update_log.unavailable as exc:  # type: ignore[union-attr]
+        raise log_unavailable(exc) from exc
+    start = max((p for p in (applier.position, last) if p is not None), default=None)
+    manifest = {"log_position": format_position(start), "extra": {"budget_bytes": body.budget_bytes, "policy": body.policy.as_dict()}}
+    tablefiles.clear_dropped(state.settings.tables_dir, body.name)
     hosted = state.tables.add(body.name, table, manifest)
-    applier.snapshot(hosted)
+    try:
+        applier.snapshot(hosted)
+    except BaseException:
+        state.tables.remove(body.name)  # not acknowledged: not served either
+        raise
     return describe(hosted)
 
 
-@router.delete("/tables/{name}", status_code=204, summary="Stop serving a table and delete its file")
+@router.delete("/tables/{name}", status_code=204, summary="Stop serving a table and delete its file, for good")
 def drop_table(name: str = Path(..., pattern=TABLE_NAME_PATTERN), state: AppState = Depends(get_state)) -> None:
-    _hosted(state, name)
-    state.tables.remove(name)
-    (state.settings.tables_dir / f"{name}{TABLE_SUFFIX}").unlink(missing_ok=True)
+    with _catalogue_lock:
+        hosted = _hosted(state, name)
+        position = state.applier.position if state.applier is not None else None
+        # waits for a snapshot of the table in flight; recorded so a restart does not bring it back
+        if not tablefiles.drop(state.tables, hosted, state.settings.tables_dir, position):
+            raise ApiError(404, "unknown_table", f"no table named {name!r}")
 
 
 @router.put("/tables/{name}/policy", summary="Set a table's byte budget and dimension policy")
@@ -114,6 +147,7 @@ async def set_policy(body: SetPolicy, name: str = Path(..., pattern=TABLE_NAME_P
     hosted.policy = policy
     if body.budget_bytes is not None:
         hosted.budget_bytes = body.budget_bytes
+    hosted.over_budget = None  # decided again under the new settings
     hosted.dirty = True
     result: dict[str, Any] = {"policy": policy_config(policy), "budget_bytes": hosted.budget_bytes}
     if body.redecide and policy is not None:
@@ -141,5 +175,10 @@ async def snapshot(name: str = Path(..., pattern=TABLE_NAME_PATTERN), state: App
     hosted = _hosted(state, name)
     applier = _applier(state)
     position = await run_in_threadpool(applier.snapshot, hosted)
-    trimmed = await run_in_threadpool(applier.trim)
+    if hosted.dropped:
+        raise ApiError(404, "unknown_table", f"table {name!r} was dropped")
+    try:
+        trimmed = await run_in_threadpool(applier.trim)
+    except state.update_log.unavailable as exc:  # type: ignore[union-attr]
+        raise log_unavailable(exc) from exc  # the file is written; the trim runs again later
     return {"log_position": format_position(position), "trimmed_entries": trimmed}

@@ -44,6 +44,7 @@ class TableInfo(BaseModel):
     log_position: str | None
     snapshot_position: str | None
     budget_bytes: int | None
+    over_budget: str | None = None  # why the policy cannot fit the rows in budget_bytes; None = fits
     policy: dict[str, Any]
     loaded_at: float
 
@@ -78,6 +79,7 @@ def describe(hosted: HostedTable) -> TableInfo:
         log_position=format_position(hosted.log_position),
         snapshot_position=format_position(hosted.snapshot_position),
         budget_bytes=hosted.budget_bytes,
+        over_budget=hosted.over_budget,
         policy=policy_config(hosted.policy),
         loaded_at=hosted.loaded_at,
     )

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from .. import budget
 from ..errors import ApiError, parse_json_body
 from ..registry import TABLE_NAME_PATTERN
 from ..security import require_writer
@@ -25,6 +26,17 @@ __all__ = ["BINARY_UPDATE_TYPE", "encode_binary_updates", "router"]
 
 router = APIRouter(prefix="/v1", tags=["updates"], dependencies=[Depends(require_writer)])
 
+# seconds a client should wait before retrying a write the log could not take
+RETRY_AFTER_S = 1
+
+
+def log_unavailable(exc: Exception) -> ApiError:
+    """The answer to a write the update log cannot take now (Redis down or restarting, SQLite
+    locked or out of disk): nothing was acknowledged, so the client retries after a while."""
+    return ApiError(
+        503, "log_unavailable", f"the update log cannot take writes now ({type(exc).__name__}); retry later",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 class UpdateRequest(BaseModel):
@@ -83,7 +95,15 @@ def handle_update(state: AppState, name: str, body: bytes, content_type: str, wa
         raise ApiError(422, "not_finite", "vectors hold NaN or Inf")
     if table.index.positional and ids.shape[0] and int(ids.min()) < 0:
         raise ApiError(422, "invalid_request", "a table indexed by position (dense or runs) takes only IDs >= 0")
-    position = state.update_log.append(UpdateBatch(name, ids, vectors.reshape(ids.shape[0], table.dim), deletes))  # type: ignore[union-attr]
+    why = budget.refusal(hosted, ids, deletes)
+    if why is not None:
+        raise ApiError(422, "budget_too_small", why)
+    log_ = state.update_log
+    assert log_ is not None
+    try:
+        position = log_.append(UpdateBatch(name, ids, vectors.reshape(ids.shape[0], table.dim), deletes))
+    except log_.unavailable as exc:
+        raise log_unavailable(exc) from exc
     state.metrics.updates_appended.labels(name).inc()
     applied = state.applier.wait_for(position, state.settings.wait_timeout_s) if wait else False
     return UpdateResponse(position=format_position(position) or "", applied=applied, upserts=int(ids.shape[0]), deletes=int(deletes.shape[0]))
@@ -102,7 +122,12 @@ def handle_update(state: AppState, name: str, body: bytes, content_type: str, wa
             },
         }
     },
-    responses={404: {"description": "no such table"}, 413: {"description": "too many IDs"}, 422: {"description": "bad vectors or IDs"}},
+    responses={
+        404: {"description": "no such table"},
+        413: {"description": "too many IDs"},
+        422: {"description": "bad vectors or IDs, or rows that can never fit the table's budget (code budget_too_small)"},
+        503: {"description": "the update log cannot take writes now (code log_unavailable); retry after Retry-After seconds"},
+    },
 )
 async def post_updates(
     request: Request,

@@ -18,6 +18,9 @@ class LogRecord:
 
 class UpdateLog(ABC):
     kind: str
+    # errors that mean "the log cannot be reached or written right now": a write that meets one
+    # was not acknowledged and may be retried (HTTP 503 with Retry-After), lookups go on
+    unavailable: tuple[type[Exception], ...] = ()
 
     @abstractmethod
     def append(self, batch: UpdateBatch) -> Position:

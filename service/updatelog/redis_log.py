@@ -22,6 +22,7 @@ DEFAULT_STREAM = "embserve:updates"
 
 class RedisUpdateLog(UpdateLog):
     kind = "redis"
+    unavailable = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError (AOF replay) included
 
     def __init__(self, url: str, stream: str = DEFAULT_STREAM) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=5.0)

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS updates (
 
 class SqliteUpdateLog(UpdateLog):
     kind = "sqlite"
+    unavailable = (sqlite3.OperationalError,)  # locked past the timeout, disk full, I/O error
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
