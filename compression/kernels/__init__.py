@@ -24,9 +24,15 @@ COMPILED_AVAILABLE = cpu_c.AVAILABLE
 
 
 def decode_reference(
-    out: torch.Tensor, loc: torch.Tensor, slabs: list[torch.Tensor], classes: list[RowClass], rotation: torch.Tensor | None = None
+    out: torch.Tensor,
+    loc: torch.Tensor,
+    slabs: list[torch.Tensor],
+    classes: list[RowClass],
+    rotation: torch.Tensor | None = None,
+    codebooks: list[torch.Tensor | None] | None = None,
 ) -> None:
-    """Per class: gather its rows, decode, and (truncated classes of a rotated table) rotate back."""
+    """Per class: gather its rows, decode (PQ classes: gather from the codebook), and
+    (truncated classes of a rotated table) rotate back."""
     out.zero_()
     width = out.shape[1]
     valid = loc >= 0
@@ -38,7 +44,7 @@ def decode_reference(
         if rows.numel() == 0:
             continue
         slots = (loc[rows] & LOCATOR_SLOT_MASK).to(torch.int64)
-        decoded = decode_rows(slabs[c][slots], rc)
+        decoded = decode_rows(slabs[c][slots], rc, None if codebooks is None else codebooks[c])
         if rotation is not None and rc.dim < width:
             out[rows] = decoded @ rotation[:, : rc.dim].T
         else:
@@ -62,9 +68,15 @@ class Decoder:
     addresses), so :meth:`refresh` must be called whenever a slab is reallocated."""
 
     def __init__(
-        self, slabs: list[torch.Tensor], classes: list[RowClass], backend: str = "auto", rotation: torch.Tensor | None = None
+        self,
+        slabs: list[torch.Tensor],
+        classes: list[RowClass],
+        backend: str = "auto",
+        rotation: torch.Tensor | None = None,
+        codebooks: list[torch.Tensor | None] | None = None,
     ) -> None:
         self.classes = classes
+        self.codebooks = codebooks if codebooks is not None else [None] * len(classes)
         self.backend = backend
         self.rotation = rotation
         # R^T row-major: row k is the direction coordinate k of a truncated row contributes
@@ -77,14 +89,14 @@ class Decoder:
         self.compiled = _use_compiled(self.backend, device)
         if self.compiled and self.rotation is not None and self.rotation.shape[0] > cpu_c.MAX_ROTATED_DIM:
             self.compiled = False  # the C decoder's per-row scratch is bounded
-        self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t) if self.compiled else None
+        self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t, self.codebooks) if self.compiled else None
 
     def decode(self, out: torch.Tensor, loc: torch.Tensor) -> int:
         """Write the rows named by locators ``loc`` (``-1`` -> zeros) into ``out [n, D]``;
         returns how many locators are ``-1``."""
         if self._classes_c is not None:
             return cpu_c.lookup(out, loc, None, self._classes_c)[1]
-        decode_reference(out, loc, self.slabs, self.classes, self.rotation)
+        decode_reference(out, loc, self.slabs, self.classes, self.rotation, self.codebooks)
         return int((loc < 0).sum())
 
     def lookup(self, out: torch.Tensor, ids: torch.Tensor, index: IdIndex) -> tuple[torch.Tensor, int]:
