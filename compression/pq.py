@@ -18,7 +18,7 @@ import torch
 
 from .layout import RowClass
 
-_ASSIGN_FLOATS = 1 << 22  # distances per block of rows ([m, rows, 2**k] floats): 16 MB
+_ASSIGN_FLOATS = 1 << 23  # distances per block of rows ([m, rows, 2**k] floats): 32 MB
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .layout import MAX_CLASSES, MAX_PQ_BITS, RowClass
 DEFAULT_SUB_DIMS: tuple[int, ...] = (2, 4, 8, 16)
 DEFAULT_PQ_BITS: tuple[int, ...] = (4, 8)
 MAX_CANDIDATES = 6
+MAX_CENTROIDS = 2048
 TRAIN_SAMPLE = 8192
 REFINE_SAMPLE = 16384
 
@@ -44,10 +45,14 @@ def pq_candidates(
     bits: Sequence[int] = DEFAULT_PQ_BITS,
     max_codebook_share: float = 0.25,
     max_candidates: int = MAX_CANDIDATES,
+    max_centroids: int = MAX_CENTROIDS,
 ) -> list[RowClass]:
     """PQ classes over all ``dim`` coordinates: sub-vectors of ``s`` coordinates (``s`` dividing
     ``dim``) with ``k``-bit codes, keeping those whose codebook takes at most
-    ``max_codebook_share`` of the budget (a larger one leaves too little for rows).  With
+    ``max_codebook_share`` of the budget (a larger one leaves too little for rows) and with at
+    most ``max_centroids`` centroids in all (``m * 2**k``: what encoding costs per row; e.g.
+    ``d64pq32x8``, 256 centroids per 2-dim sub-space, costs 8x ``d64pq8x8`` to encode and stores
+    about what int4 does).  With
     ``num_rows``, only the ``max_candidates`` whose row size is nearest (by ratio) to the
     budget's bytes per row are kept: each candidate costs a k-means run, and a class far from
     the average row size is rarely chosen."""
@@ -59,7 +64,7 @@ def pq_candidates(
             if not 1 <= k <= MAX_PQ_BITS:
                 raise ValueError(f"PQ code widths are 1..{MAX_PQ_BITS} bits, got {k}")
             rc = RowClass(dim, k, dim // s)
-            if rc.codebook_bytes <= max_codebook_share * budget_bytes:
+            if rc.codebook_bytes <= max_codebook_share * budget_bytes and rc.m << k <= max_centroids:
                 out.add(rc)
     ranked = sorted(out, key=lambda rc: (rc.row_bytes, rc.codebook_bytes))
     if num_rows and len(ranked) > max_candidates:

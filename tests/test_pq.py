@@ -307,6 +307,10 @@ def test_service_places_upserted_rows_in_a_pq_class_and_snapshots_it(tmp_path: P
         assert any(c["row_class"] == "d8pq4x4" and c["rows"] == 195 for c in info["classes"])
         hosted = state.tables.get("emb")
         state.applier.snapshot(hosted)
+        # an empty PQ class has no codebook to encode against: refused, nothing created
+        r = client.post("/v1/admin/tables", json={"name": "p2", "dim": 8, "classes": ["d8pq4x4"]})
+        assert r.status_code == 422 and "codebook" in r.text
+        assert client.get("/v1/tables/p2").status_code == 404
     loaded, manifest = load_table(tables / "emb.safetensors")
     assert manifest["format_version"] == 2 and torch.equal(loaded.codebooks[1], cb)  # type: ignore[arg-type]
     assert np.array_equal(loaded.lookup(torch.tensor(ids)).values.numpy(), expected)

@@ -28,7 +28,7 @@ same codes from the same fp16 centroids (the forward rounds the codebook to fp16
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -180,34 +180,46 @@ class CodebookEmbedding(ServableEmbedding):
         **kwargs: object,
     ) -> "CodebookEmbedding":
         """The configuration that fits ``budget_bytes`` coding the most IDs, then with the most
-        code bits per ID.  DPQ (``mgqe=False``): one width ``k`` in ``{8, 6, 4, 2}``; MGQE:
-        ``(k_head, k_tail)`` in ``{(8, 4), (6, 4), (6, 3), (5, 3), (4, 2)}`` with the ``head_fraction``
-        most frequent IDs at ``k_head``.  Assumes a frequency-numbered vocabulary for the index
+        code bits in all.  DPQ (``mgqe=False``): one width ``k`` in ``{8, 6, 5, 4, 3, 2}``; MGQE:
+        ``(k_head, k_tail)`` in ``{(8, 4), (6, 4), (6, 3), (5, 3), (4, 2), (4, 3), (8, 6)}`` with at
+        least the ``head_fraction`` most frequent IDs at ``k_head`` - more when the budget has
+        bytes left once every ID is coded - or, when that codes fewer IDs, one width like DPQ.  Assumes a frequency-numbered vocabulary for the index
         estimate (3 runs); the export's real index is checked against the budget."""
-        widths = [(8, 4), (6, 4), (6, 3), (5, 3), (4, 2)] if mgqe else [(8, 8), (6, 6), (4, 4), (2, 2)]
+        single = [(k, k) for k in (8, 6, 5, 4, 3, 2)]
+        widths = [(8, 4), (6, 4), (6, 3), (5, 3), (4, 2), (4, 3), (8, 6), *single] if mgqe else single
         index_bytes = min(run_index_bytes(3), 4 * num_ids)
-        best: tuple[tuple[int, int], dict[str, int]] | None = None
+        best: tuple[tuple[int, int, int], dict[str, int]] | None = None
+
+        def largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+            """The largest x in [lo, hi] with fits(x) (fits is monotone decreasing), or lo - 1."""
+            lo -= 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return lo
+
         for s in sub_dims:
             if dim % s:
                 continue
             m = dim // s
             for kh, kl in widths:
-                num_head = int(round(head_fraction * num_ids)) if kh > kl else num_ids
-                lo, hi = 0, num_ids  # most coded IDs that fit
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    nh = min(num_head, mid)
-                    if cls.table_bytes(num_ids, dim, m, kh, kl, nh, mid, index_bytes) <= budget_bytes:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                if lo == 0:
+                min_head = int(round(head_fraction * num_ids)) if kh > kl else num_ids
+
+                def size(nh: int, coded: int) -> int:
+                    return cls.table_bytes(num_ids, dim, m, kh, kl, min(nh, coded), coded, index_bytes)  # noqa: B023
+
+                coded = largest(1, num_ids, lambda c: size(min_head, c) <= budget_bytes)  # noqa: B023
+                if coded < 1:
                     continue
-                nh = min(num_head, lo)
-                bits = nh * m * kh + (lo - nh) * m * kl
-                score = (lo, bits)
+                # MGQE: bytes left after coding every ID buy long codes for more frequent IDs
+                nh = largest(min(min_head, coded), coded, lambda h: size(h, coded) <= budget_bytes)  # noqa: B023
+                bits = nh * m * kh + (coded - nh) * m * kl
+                score = (coded, bits, -m)  # ties: fewer, longer sub-vectors (more centroids each)
                 if best is None or score > best[0]:
-                    best = (score, dict(m=m, bits_head=kh, bits_tail=kl, num_head=nh, num_coded=lo))
+                    best = (score, dict(m=m, bits_head=kh, bits_tail=kl, num_head=nh, num_coded=coded))
         if best is None:
             raise BudgetTooSmall(f"no DPQ/MGQE configuration of a {num_ids} x {dim} table fits {budget_bytes} bytes")
         return cls(num_ids, dim, frequencies=frequencies, **best[1], **kwargs)  # type: ignore[arg-type]
