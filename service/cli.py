@@ -93,6 +93,7 @@ def compress_cmd(
     dims: Annotated[Optional[str], typer.Option(help="candidate dims, comma-separated (default D,D/2,D/4,D/8,0)")] = None,
     unknown: Annotated[str, typer.Option(help="unknown-ID policy: zero, default or hashed")] = "zero",
     groups: Annotated[int, typer.Option(help="frequency groups for the allocation")] = 64,
+    pq: Annotated[bool, typer.Option("--pq/--no-pq", help="also consider product-quantization (codebook) classes")] = False,
 ) -> None:
     """Compress a dense table into mixed (dim, bits) row classes within a memory budget."""
     if (ratio is None) == (budget_bytes is None):
@@ -111,7 +112,7 @@ def compress_cmd(
         try:
             table, report = compress(
                 rows, freqs, budget_bytes=budget_bytes, ratio=ratio, ids=id_tensor, candidates=cands,
-                num_groups=groups, unknown=unknown,  # type: ignore[arg-type]
+                num_groups=groups, unknown=unknown, pq=pq,  # type: ignore[arg-type]
                 progress=lambda done, total: progress.update(task, completed=done),
             )
         except (BudgetTooSmall, ValueError) as exc:

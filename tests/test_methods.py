@@ -344,6 +344,12 @@ def test_codebook_modules_fit_their_budget_and_prune_only_the_rarest() -> None:
         found = table.lookup(torch.arange(N)).found
         assert bool(found[: module.num_coded].all()) and not bool(found[module.num_coded :].any())  # IDs are frequency-numbered
         assert all(rc.pq or rc.dim == 0 for rc in table.classes)
+        assert module.pruned == (table.unknown.kind == "default")  # the rarest share one learned vector
+    trained = MODULES["mgqe_pruned"]
+    assert isinstance(trained, CodebookEmbedding) and trained.pruned
+    rare = torch.arange(trained.num_coded, N)
+    assert torch.equal(trained.export().lookup(rare).values, trained.default.detach().expand(rare.numel(), D))
+    assert float(trained.default.detach().abs().sum()) > 0  # trained, not left at zero
 
 
 def test_mgqe_rare_ids_use_only_the_first_centroids() -> None:

@@ -14,7 +14,8 @@ only among the first ``2**k_tail`` (frequent IDs get more centroids, rare IDs sh
 
 **Budgets.**  :meth:`CodebookEmbedding.for_budget` picks ``m`` and the code widths so that the
 exported table fits; when even 1-byte codes for every ID do not fit, the rarest IDs get no row
-and decode to zeros (a pruned tail, like MPE's 0-bit groups).
+and share one learned vector instead, served by the table's ``default`` unknown-ID policy
+(``found = false`` for them, as for any ID without a row; 4 D bytes).
 
 What it stores (exported).  One PQ class per code width (:mod:`compression.layout`):
 ``ceil(m*k/8)`` bytes of codes per ID and an fp16 codebook ``[m, 2**k, D/m]`` per class (MGQE's
@@ -38,6 +39,7 @@ from ...allocation import BudgetTooSmall
 from ...index import DenseIndex, RunIndex, run_index_bytes
 from ...layout import RowClass, encode_locator
 from ...table import CompressedTable
+from ...unknown import UnknownPolicy
 from .base import ServableEmbedding, fp16_rounded, straight_through
 
 
@@ -86,12 +88,20 @@ class CodebookEmbedding(ServableEmbedding):
         picks = torch.randint(0, num_ids, (m, 1 << bits_head), generator=gen)
         sub = self.query.detach().reshape(num_ids, m, dim // m)
         self.codebook = nn.Parameter(sub[picks, torch.arange(m).unsqueeze(1)].clone())  # [m, K, s]
+        # the IDs left without a row (budget too small to code them all) share one learned
+        # vector, served as the table's ``default`` unknown-ID policy (fp32 [D], counted)
+        self.default = nn.Parameter(torch.zeros(dim), requires_grad=self.num_coded < num_ids)
         self._vq_loss: torch.Tensor | None = None
         self._codes_cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
 
     @property
     def num_ids(self) -> int:
         return int(self.query.shape[0])
+
+    @property
+    def pruned(self) -> bool:
+        """Some IDs have no row (they get the shared default vector)."""
+        return self.num_coded < self.num_ids
 
     @property
     def tail_centroids(self) -> int:
@@ -111,6 +121,8 @@ class CodebookEmbedding(ServableEmbedding):
         rank = self.rank[ids]
         coded = rank < self.num_coded
         out = torch.zeros((ids.numel(), self.dim), dtype=torch.float32)
+        if self.pruned:
+            out = out + self.default * (~coded).unsqueeze(1)  # exactly ``default`` (x * 1.0 + 0.0)
         if not bool(coded.any()):
             return out
         cid = ids[coded]
@@ -157,7 +169,8 @@ class CodebookEmbedding(ServableEmbedding):
         class_of = torch.full((n,), -1, dtype=torch.int64)
         class_of[self.rank < self.num_coded] = 1 if tail else 0
         class_of[self.rank < self.num_head] = 0
-        return codes_table(self.dim, codes, class_of, classes, books)
+        unknown = UnknownPolicy("default", default=self.default.detach().to(torch.float32).clone()) if self.pruned else None
+        return codes_table(self.dim, codes, class_of, classes, books, unknown)
 
     @staticmethod
     def table_bytes(num_ids: int, dim: int, m: int, bits_head: int, bits_tail: int, num_head: int, num_coded: int, index_bytes: int) -> int:
@@ -165,7 +178,8 @@ class CodebookEmbedding(ServableEmbedding):
         head, tail = RowClass(dim, bits_head, m), RowClass(dim, bits_tail, m)
         has_tail = bits_tail < bits_head and num_coded > num_head
         rows = num_head * head.row_bytes + (num_coded - num_head) * (tail.row_bytes if has_tail else head.row_bytes)
-        return rows + head.codebook_bytes + (tail.codebook_bytes if has_tail else 0) + index_bytes
+        default = 4 * dim if num_coded < num_ids else 0
+        return rows + head.codebook_bytes + (tail.codebook_bytes if has_tail else 0) + index_bytes + default
 
     @classmethod
     def for_budget(
@@ -179,8 +193,8 @@ class CodebookEmbedding(ServableEmbedding):
         sub_dims: Sequence[int] = (1, 2, 4, 8, 16),
         **kwargs: object,
     ) -> "CodebookEmbedding":
-        """The configuration that fits ``budget_bytes`` coding the most IDs, then with the most
-        code bits in all.  DPQ (``mgqe=False``): one width ``k`` in ``{8, 6, 5, 4, 3, 2}``; MGQE:
+        """The configuration that fits ``budget_bytes`` coding the most IDs, then with the longest
+        tail codes (most IDs are in the tail), then with the most code bits in all.  DPQ (``mgqe=False``): one width ``k`` in ``{8, 6, 5, 4, 3, 2}``; MGQE:
         ``(k_head, k_tail)`` in ``{(8, 4), (6, 4), (6, 3), (5, 3), (4, 2), (4, 3), (8, 6)}`` with at
         least the ``head_fraction`` most frequent IDs at ``k_head`` - more when the budget has
         bytes left once every ID is coded - or, when that codes fewer IDs, one width like DPQ.  Assumes a frequency-numbered vocabulary for the index
@@ -188,7 +202,7 @@ class CodebookEmbedding(ServableEmbedding):
         single = [(k, k) for k in (8, 6, 5, 4, 3, 2)]
         widths = [(8, 4), (6, 4), (6, 3), (5, 3), (4, 2), (4, 3), (8, 6), *single] if mgqe else single
         index_bytes = min(run_index_bytes(3), 4 * num_ids)
-        best: tuple[tuple[int, int, int], dict[str, int]] | None = None
+        best: tuple[tuple[int, int, int, int], dict[str, int]] | None = None
 
         def largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
             """The largest x in [lo, hi] with fits(x) (fits is monotone decreasing), or lo - 1."""
@@ -217,7 +231,9 @@ class CodebookEmbedding(ServableEmbedding):
                 # MGQE: bytes left after coding every ID buy long codes for more frequent IDs
                 nh = largest(min(min_head, coded), coded, lambda h: size(h, coded) <= budget_bytes)  # noqa: B023
                 bits = nh * m * kh + (coded - nh) * m * kl
-                score = (coded, bits, -m)  # ties: fewer, longer sub-vectors (more centroids each)
+                # the tail holds most IDs: its code length first, then what the head gets on top;
+                # ties: fewer, longer sub-vectors (more centroids each)
+                score = (coded, m * kl, bits, -m)
                 if best is None or score > best[0]:
                     best = (score, dict(m=m, bits_head=kh, bits_tail=kl, num_head=nh, num_coded=coded))
         if best is None:
@@ -245,7 +261,12 @@ def MGQEEmbedding(  # noqa: N802 - a constructor
 
 
 def codes_table(
-    dim: int, codes: torch.Tensor, class_of_id: torch.Tensor, classes: list[RowClass], codebooks: list[torch.Tensor | None]
+    dim: int,
+    codes: torch.Tensor,
+    class_of_id: torch.Tensor,
+    classes: list[RowClass],
+    codebooks: list[torch.Tensor | None],
+    unknown: UnknownPolicy | None = None,
 ) -> CompressedTable:
     """A table for IDs ``0..N-1`` from PQ codes (``[N, m]``): ID ``i`` gets ``codes[i]`` packed
     into ``classes[class_of_id[i]]`` (``-1``: no row).  Codes are written as given, not
@@ -261,4 +282,4 @@ def codes_table(
     runs = RunIndex.from_locator(locator)
     dense = DenseIndex(locator)
     index = runs if runs.nbytes < dense.nbytes else dense
-    return CompressedTable(dim, classes, slabs, used, index, codebooks=codebooks)
+    return CompressedTable(dim, classes, slabs, used, index, unknown=unknown, codebooks=codebooks)
