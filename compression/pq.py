@@ -42,7 +42,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     wide = torch.nn.functional.pad(packed.to(torch.int64), (0, 1))  # a code may end in the next byte
     lo = wide[:, pos // 8]
     hi = wide[:, pos // 8 + 1]
-    return (((hi << 8) | lo) >> (pos % 8)) & ((1 << bits) - 1) if n else torch.empty((0, m), dtype=torch.int64)
+    return (((hi << 8) | lo) >> (pos % 8)) & ((1 << bits) - 1) if n else torch.empty((0, m), dtype=torch.int64, device=packed.device)
 
 
 def _sub_vectors(x: torch.Tensor, row_class: RowClass) -> torch.Tensor:
