@@ -141,6 +141,10 @@ __attribute__((target("avx2,fma"))) static inline void dequant_planes_avx2(const
 __attribute__((target("avx2,f16c"))) static inline void half_to_float_f16c(const uint8_t *src, int d, float *o) {
     int j = 0;
     for (; j + 8 <= d; j += 8) _mm256_storeu_ps(o + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * j))));
+    if (j + 4 <= d) { /* 4-coordinate PQ sub-vectors: one 128-bit conversion, not 4 table loads */
+        _mm_storeu_ps(o + j, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(src + 2 * j))));
+        j += 4;
+    }
     for (; j < d; j++) o[j] = load_half(src + 2 * j);
 }
 
@@ -215,10 +219,17 @@ static inline void decode_pq_row(const uint8_t *restrict row, const row_class_t 
     const int row_bytes = (int)c->row_bytes;
     const uint32_t mask = (uint32_t)k - 1;
     for (int j = 0; j < m; j++) {
-        const int bit = j * bits, byte = bit >> 3;
-        uint32_t v = row[byte];
-        if (byte + 1 < row_bytes) v |= (uint32_t)row[byte + 1] << 8;
-        const uint32_t code = (v >> (bit & 7)) & mask;
+        uint32_t code;
+        if (bits == 8) { /* byte-aligned widths need no straddle check */
+            code = row[j];
+        } else if (bits == 4) {
+            code = (row[j >> 1] >> ((j & 1) << 2)) & 15u;
+        } else {
+            const int bit = j * bits, byte = bit >> 3;
+            uint32_t v = row[byte];
+            if (byte + 1 < row_bytes) v |= (uint32_t)row[byte + 1] << 8;
+            code = (v >> (bit & 7)) & mask;
+        }
         const uint16_t *centroid = c->codebook + ((int64_t)j * k + code) * s;
         float *restrict oj = o + (int64_t)j * s;
 #ifdef HAVE_X86_SIMD
