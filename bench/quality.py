@@ -20,9 +20,11 @@ and metadata included, scored by test AUC / logloss):
   one ratio it has; "uniform" at a budget = the widest that fits), ``knapsack`` (mixed
   precision + pruning per frequency group, frequency-weighted reconstruction error),
   ``knapsack_dims`` (+ truncated dims, PCA rotation), ``knapsack_model`` (the same choices
-  scored by how far the model's logits move on training rows: ``compression.training.sensitivity``).
+  scored by how far the model's logits move on training rows: ``compression.training.sensitivity``),
+  ``pq`` / ``pq_model`` (the same plus product-quantization codebook classes, ``compression.pq_alloc``).
 * training-time methods train a fresh model at each budget: MPE (search, then retrain),
-  FIITED, BH, BH hybrid (int8 head rows + BH for the tail and unseen IDs), hashing trick, QR.
+  FIITED, BH, BH hybrid (int8 head rows + BH for the tail and unseen IDs), hashing trick, QR,
+  DPQ and MGQE (``compression.training.methods.codebook``).
 * every score is computed through the **exported** ``CompressedTable`` (``ServedEmbedding``):
   what the service would serve, with the bytes it would hold (``CompressedTable.nbytes``).
 * budgets: 1/4 .. 1/128 of the fp32 table (``N * D * 4`` bytes); a method whose smallest form
@@ -56,6 +58,7 @@ from compression.training.datasets import CTRData, Vocabulary, criteo_tsv, movie
 from compression.training.evaluation import Metrics, Split, TrainConfig, evaluate, train  # noqa: E402
 from compression.training.methods import (  # noqa: E402
     BinaryHashEmbedding,
+    CodebookEmbedding,
     FIITEDEmbedding,
     FullEmbedding,
     HashingTrickEmbedding,
@@ -73,8 +76,8 @@ from compression.table import CompressedTable  # noqa: E402
 
 BUDGETS = (4, 8, 16, 32, 64, 128)
 FAST_BUDGETS = (8, 64)
-POST = ("uniform", "knapsack", "knapsack_dims", "knapsack_model")
-TRAINED = ("mpe", "fiited", "bh", "bh_hybrid", "hashing", "qr")
+POST = ("uniform", "knapsack", "knapsack_dims", "knapsack_model", "pq", "pq_model")
+TRAINED = ("mpe", "fiited", "bh", "bh_hybrid", "hashing", "qr", "dpq", "mgqe")
 FAST_METHODS = ("uniform", "knapsack", "mpe", "bh", "hashing")
 LABELS = {
     "fp32": "fp32 (reference)",
@@ -88,6 +91,10 @@ LABELS = {
     "bh_hybrid": "BH hybrid (int8 head + BH tail)",
     "hashing": "hashing trick",
     "qr": "QR (quotient-remainder)",
+    "pq": "knapsack + PQ codebook classes, row error (post-training)",
+    "pq_model": "knapsack + PQ codebook classes, model-aware error (post-training)",
+    "dpq": "DPQ (trained product quantization)",
+    "mgqe": "MGQE (DPQ, more centroids for frequent IDs)",
     **{name: f"uniform {name}" for name in UNIFORM_BITS},
 }
 
@@ -184,6 +191,8 @@ def trained_module(setup: Setup, method: str, budget: int, steps: int) -> Servab
         return HashingTrickEmbedding.for_budget(budget, dim, n)
     if method == "qr":
         return QREmbedding.for_budget(budget, dim, n)
+    if method in ("dpq", "mgqe"):
+        return CodebookEmbedding.for_budget(n, dim, freqs, budget, mgqe=method == "mgqe")
     raise ValueError(method)
 
 
@@ -202,6 +211,8 @@ def describe(module: ServableEmbedding) -> str:
         return f"{module.weight.shape[0]} buckets"
     if isinstance(module, QREmbedding):
         return f"Q={module.num_quotients}, M={module.num_remainders}"
+    if isinstance(module, CodebookEmbedding):
+        return module.describe()
     return ""
 
 
@@ -235,7 +246,7 @@ def run_post(setup: Setup, base: DeepFM, method: str, target: float) -> Row | st
     freqs = torch.from_numpy(setup.vocab.counts)
     budget = int(setup.fp32_bytes / target) if target else 1 << 62
     t0 = time.perf_counter()
-    if method == "knapsack_model" and setup.group_error is None:
+    if method.endswith("_model") and setup.group_error is None:
         setup.group_error = output_error(base, base.embedding.weight.data, setup.train.ids, setup.train.dense)  # type: ignore[union-attr]
     try:
         table = post_training_table(method, rows, freqs, budget, group_error=setup.group_error)  # type: ignore[arg-type]
@@ -318,8 +329,10 @@ def targets(run: Pass) -> list[str]:
     ref = run.ref
     dim = run.setup.dim
     out = []
-    for ratio, limit in ((16, 0.5), (64, 2.0)):
-        for m in ("knapsack", "knapsack_dims", "knapsack_model"):
+    for ratio, limit in ((16, 0.5), (64, 2.0), (128, 4.0)):
+        for m in ("knapsack", "knapsack_dims", "knapsack_model", "pq", "pq_model", "dpq", "mgqe"):
+            if not any(mm == m for mm, _ in at) and not any(mm == m for mm, _ in run.misses):
+                continue
             r = at.get((m, ratio))
             if r is None:
                 if (m, ratio) in run.misses:
@@ -394,7 +407,8 @@ def plot(passes: list[Pass], name: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(passes), figsize=(9 * len(passes), 5.8), squeeze=False)
     styles = {"knapsack": "o-", "knapsack_dims": "s-", "knapsack_model": "h-", "mpe": "^-", "fiited": "v-", "bh": "D-",
-              "bh_hybrid": "P-", "hashing": "x--", "qr": "+--", "uniform": "*:"}
+              "bh_hybrid": "P-", "hashing": "x--", "qr": "+--", "uniform": "*:",
+              "pq": "o--", "pq_model": "h--", "dpq": "<-", "mgqe": ">-"}
     for ax, run in zip(axes[0], passes):
         ref = run.ref
         for m, style in styles.items():

@@ -102,14 +102,16 @@ def estimate_costs(
     seed: int = 0,
     group_error: GroupErrorFn | None = None,
     progress: ProgressFn | None = None,
+    codebooks: dict[RowClass, torch.Tensor] | None = None,
 ) -> GroupCosts:
     """Per (group, class): estimated weighted squared error and exact bytes.  ``rows`` is the
     table, or a function returning the rows at given positions (a live table decodes only the
     sampled rows).  With ``group_error`` every group is served whole through each class and the
-    function scores it (no sampling).  ``progress(done, total)`` is told after each class (each
-    group with ``group_error``)."""
+    function scores it (no sampling).  PQ classes encode against ``codebooks[class]``.
+    ``progress(done, total)`` is told after each class (each group with ``group_error``)."""
+    codebooks = codebooks or {}
     if group_error is not None:
-        return _costs_from(rows, groups, classes, rotation, group_error, progress)
+        return _costs_from(rows, groups, classes, rotation, group_error, codebooks, progress)
     gen = torch.Generator().manual_seed(seed)
     picks, scales = [], []
     for g in groups:
@@ -128,7 +130,7 @@ def estimate_costs(
     errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
     for c, rc in enumerate(classes):
         source = x_rotated if 0 < rc.dim < dim else x  # the basis the class stores
-        err = codecs.reconstruction_error(source, rc, dim).to(torch.float64)
+        err = codecs.reconstruction_error(source, rc, dim, codebooks.get(rc)).to(torch.float64)
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
         errors[:, c].index_add_(0, owner, w * err)
         if progress is not None:
@@ -139,7 +141,9 @@ def estimate_costs(
     return GroupCosts(sizes, errors, nbytes)
 
 
-def served_rows(x: torch.Tensor, row_class: RowClass, rotation: torch.Tensor | None = None) -> torch.Tensor:
+def served_rows(
+    x: torch.Tensor, row_class: RowClass, rotation: torch.Tensor | None = None, codebook: torch.Tensor | None = None
+) -> torch.Tensor:
     """What a table serves for rows ``x`` stored in ``row_class``: encoded, decoded, zero-padded,
     and rotated back for a truncated class of a rotated table (exactly the lookup's arithmetic)."""
     n, dim = x.shape
@@ -148,7 +152,7 @@ def served_rows(x: torch.Tensor, row_class: RowClass, rotation: torch.Tensor | N
         return out
     truncated = rotation is not None and row_class.dim < dim
     source = x.to(torch.float32) @ rotation if truncated else x.to(torch.float32)  # type: ignore[operator]
-    decoded = codecs.decode_rows(codecs.encode_rows(source, row_class), row_class)
+    decoded = codecs.decode_rows(codecs.encode_rows(source, row_class, codebook=codebook), row_class, codebook)
     if truncated:
         return decoded @ rotation[:, : row_class.dim].T  # type: ignore[index]
     out[:, : row_class.dim] = decoded
@@ -161,13 +165,14 @@ def _costs_from(
     classes: list[RowClass],
     rotation: torch.Tensor | None,
     group_error: GroupErrorFn,
+    codebooks: dict[RowClass, torch.Tensor],
     progress: ProgressFn | None = None,
 ) -> GroupCosts:
     errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
     for g, grp in enumerate(groups):
         x = (rows[grp] if isinstance(rows, torch.Tensor) else rows(grp)).to(torch.float32)
         for c, rc in enumerate(classes):
-            approx = served_rows(x, rc, rotation)
+            approx = served_rows(x, rc, rotation, codebooks.get(rc))
             err = float(group_error(g, grp, approx)) if bool(torch.isfinite(approx).all()) else float("inf")
             errors[g, c] = err if err == err else float("inf")  # NaN -> unusable
         if progress is not None:
@@ -267,8 +272,10 @@ def build_table(
     unknown: UnknownPolicy | None = None,
     progress: ProgressFn | None = None,
     index: DenseKind = "dense",
+    codebooks: Sequence[torch.Tensor | None] | None = None,
 ) -> CompressedTable:
-    """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``.
+    """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``
+    (a PQ class encodes against ``codebooks[class]``: nearest centroids).
 
     Slabs are sized exactly (no spare capacity); ``ids=None`` builds a table for IDs 0..N-1
     with a :class:`DenseIndex`, or a :class:`RunIndex` when ``index="runs"``.  A row whose class
@@ -276,6 +283,7 @@ def build_table(
     """
     n, dim = rows.shape
     slabs, used = [], []
+    books = list(codebooks) if codebooks is not None else [None] * len(classes)
     locator = torch.full((n,), -1, dtype=torch.int32)
     done = 0
     for c, rc in enumerate(classes):
@@ -287,7 +295,7 @@ def build_table(
             if rotation is not None and 0 < rc.dim < dim:
                 x = x @ rotation  # truncated classes store the rotated basis
             if rc.row_bytes:
-                slab[start : start + part.numel()] = codecs.encode_rows(x, rc)
+                slab[start : start + part.numel()] = codecs.encode_rows(x, rc, codebook=books[c])
             done += part.numel()
             if progress is not None:
                 progress(done, n)
@@ -304,7 +312,7 @@ def build_table(
         id_index = DenseIndex(locator)
     else:
         raise ValueError(f"index must be 'dense' or 'runs', got {index!r}")
-    return CompressedTable(dim, classes, slabs, used, id_index, rotation=rotation, unknown=unknown)
+    return CompressedTable(dim, classes, slabs, used, id_index, rotation=rotation, unknown=unknown, codebooks=books)
 
 
 def compress(
@@ -323,6 +331,7 @@ def compress(
     index: DenseKind = "dense",
     group_error: GroupErrorFn | None = None,
     stage: StageFn | None = None,
+    pq: bool | Sequence[RowClass] = False,
 ) -> tuple[CompressedTable, CompressionReport]:
     """Compress a dense fp32 table into the cheapest-error mixed table within the budget.
 
@@ -335,6 +344,10 @@ def compress(
     of what serving a group through a class costs (see :data:`GroupErrorFn`).
     ``progress(done, n)`` follows the encoding of rows; ``stage(what, done, total)`` follows
     every phase (see :data:`StageFn`).
+    ``pq=True`` adds product-quantization classes (:func:`compression.pq_alloc.pq_candidates`;
+    or pass the PQ classes to consider, here or among ``candidates``): per frequency group the
+    allocator may then pick a codebook class, each with its own k-means codebook, next to the
+    ``(dim, bits)`` classes (:mod:`compression.pq_alloc`).
     """
     if rows.dim() != 2:
         raise ValueError("rows must be a 2-D [N, D] table")
@@ -360,6 +373,8 @@ def compress(
     if index not in ("dense", "runs"):
         raise ValueError(f"index must be 'dense' or 'runs', got {index!r}")
     cands = candidates if candidates is not None else candidate_classes(dim)
+    pq_classes = [rc for rc in cands if rc.pq] + ([] if isinstance(pq, bool) else list(pq))
+    cands = [rc for rc in cands if not rc.pq]
     order = torch.argsort(freqs, descending=True, stable=True)
     groups = frequency_groups(order, num_groups)
     runs_bound = group_runs(groups, n) if (index == "runs" and not keyed) else None
@@ -387,6 +402,7 @@ def compress(
         # truncation in the stored basis: right for tables trained with a dimension mask
         # (nested / FIITED-style), whose leading coordinates already carry the most
         variants.append((False, cands))
+    first_costs: dict[tuple[bool, tuple[RowClass, ...]], GroupCosts] = {}
     for k, (rotated, variant) in enumerate(variants):
         variant = list(variant)
         costing = tell(f"estimating costs ({k + 1}/{len(variants)})")
@@ -395,6 +411,7 @@ def compress(
         runs = None if runs_bound is None else min(runs_bound, MAX_CLASSES)
         costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error,
                                progress=costing)
+        first_costs.setdefault((rotated, tuple(variant)), costs)  # PQ plans reuse the unrotated full-dim costs
         while True:
             fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs)
             try:
@@ -420,6 +437,20 @@ def compress(
             variant = [variant[c] for c in sorted(keep)]
             costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error,
                                    progress=costing)
+    codebook_of: dict[RowClass, torch.Tensor] = {}
+    if pq is True or pq_classes:
+        tell("product-quantization codebooks")(0, 1)
+        from . import pq_alloc  # builds on this module
+
+        pq_classes = pq_classes or pq_alloc.pq_candidates(dim, budget_bytes, n)
+        codebook_of = pq_alloc.train_candidate_codebooks(rows, weights, pq_classes)
+        unrotated = full_dim + [rc for rc in reduced if rc.dim == 0]
+        plans += pq_alloc.pq_plans(
+            rows, weights, groups, unrotated, pq_classes, codebook_of, sample_per_group, budget_bytes,
+            lambda runs: _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, runs),
+            None if runs_bound is None else min(runs_bound, MAX_CLASSES), owner, group_error,
+            scalar_costs=first_costs.get((False, tuple(unrotated))),
+        )
     if not plans:
         smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, None if runs_bound is None else 1)
         raise BudgetTooSmall(
@@ -436,6 +467,11 @@ def compress(
         row_class_of[grp] = remap[choice[g]]
     tell("unknown-ID fallback")(0, 1)
     policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights, num_buckets)
+    codebooks = None
+    if any(rc.pq for rc in table_classes):
+        from .pq_alloc import refine_codebooks
+
+        codebooks = refine_codebooks(rows, weights, row_class_of, table_classes, codebook_of)
     encoding = tell("encoding rows")
 
     def encoded(done: int, total: int) -> None:
@@ -445,11 +481,11 @@ def compress(
 
     table = build_table(
         rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=encoded,
-        index=index,
+        index=index, codebooks=codebooks,
     )
     report = CompressionReport(
         budget_bytes=budget_bytes,
-        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs),
+        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs) + sum(rc.codebook_bytes for rc in table_classes),
         rotation=rotated,
         estimated_error=err,
         group_sizes=[g.numel() for g in groups],

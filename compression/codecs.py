@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import pq
 from .layout import ROW_HEAD_BYTES, RowClass, packed_code_bytes
 
 # Least-squares refits of (scale, bias) after the min/max start.  Each one can only lower a
@@ -92,13 +93,18 @@ def quantize_rows(
     return codes.to(torch.uint8), scale.to(torch.float16), bias.to(torch.float16)
 
 
-def encode_rows(x: torch.Tensor, row_class: RowClass, refit: bool = True) -> torch.Tensor:
+def encode_rows(x: torch.Tensor, row_class: RowClass, refit: bool = True, codebook: torch.Tensor | None = None) -> torch.Tensor:
     """Encode float rows ``[n, >= dim]`` into ``[n, row_class.row_bytes]`` uint8 (layout above).
 
-    Only the first ``row_class.dim`` coordinates are kept.
+    Only the first ``row_class.dim`` coordinates are kept.  A PQ class needs its ``codebook``
+    (rows go to their nearest centroids, :mod:`compression.pq`).
     """
     n = x.shape[0]
     dim, bits = row_class.dim, row_class.bits
+    if row_class.pq:
+        if codebook is None:
+            raise ValueError(f"class {row_class.label()} encodes against a codebook; none given")
+        return pq.encode_pq(x, row_class, codebook)
     if dim == 0:
         return torch.empty((n, 0), dtype=torch.uint8, device=x.device)
     kept = x[:, :dim].to(torch.float32).contiguous()
@@ -114,10 +120,14 @@ def encode_rows(x: torch.Tensor, row_class: RowClass, refit: bool = True) -> tor
     return out
 
 
-def decode_rows(rows: torch.Tensor, row_class: RowClass) -> torch.Tensor:
+def decode_rows(rows: torch.Tensor, row_class: RowClass, codebook: torch.Tensor | None = None) -> torch.Tensor:
     """Decode ``[n, row_bytes]`` uint8 rows of ``row_class`` into float32 ``[n, dim]``."""
     n = rows.shape[0]
     dim, bits = row_class.dim, row_class.bits
+    if row_class.pq:
+        if codebook is None:
+            raise ValueError(f"class {row_class.label()} decodes through a codebook; none given")
+        return pq.decode_pq(rows, row_class, codebook)
     if dim == 0:
         return torch.empty((n, 0), dtype=torch.float32, device=rows.device)
     # flatten before reinterpreting bytes: view() needs stride-1 memory even for one row
@@ -131,9 +141,9 @@ def decode_rows(rows: torch.Tensor, row_class: RowClass) -> torch.Tensor:
     return torch.addcmul(bias, codes.to(torch.float32), scale)
 
 
-def reconstruction_error(x: torch.Tensor, row_class: RowClass, full_dim: int) -> torch.Tensor:
+def reconstruction_error(x: torch.Tensor, row_class: RowClass, full_dim: int, codebook: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row squared L2 error of storing ``x`` (``[n, full_dim]``) in ``row_class``."""
-    decoded = decode_rows(encode_rows(x, row_class), row_class)
+    decoded = decode_rows(encode_rows(x, row_class, codebook=codebook), row_class, codebook)
     err = ((decoded - x[:, : row_class.dim].to(torch.float32)) ** 2).sum(dim=1)
     if row_class.dim < full_dim:
         err = err + (x[:, row_class.dim :].to(torch.float32) ** 2).sum(dim=1)

@@ -15,14 +15,21 @@ Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
     index.bounds / index.bases    int64 [R+1] / int32 [R]   runs: run-length encoded dense locator
     class.{k}.slab                uint8 [cap_k, row_bytes_k]   rows of class k (compression.layout)
     class.{k}.free                int32 [f_k]        free slots of class k
+    class.{k}.codebook            fp16 [m, 2**bits, dim/m]   product-quantization class k only
     rotation                      fp32 [D, D]        optional
     unknown.default               fp32 [D]           optional
     unknown.buckets               fp16 [K, D]        optional (hashed, qr, binary_hash)
     unknown.params                int64 [2]          optional (qr: [M, Q]; binary_hash: [S, k])
 
 Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``/``runs``),
-``classes`` (``[{"dim", "bits", "used"}]`` in class-index order), ``unknown`` (policy kind),
-``log_position`` (update-log position the file includes, or null), ``extra`` (free-form).
+``classes`` (``[{"dim", "bits", "used"}]`` in class-index order; a product-quantization class
+adds ``"kind": "pq"`` and ``"m"``, and then ``bits`` is its code width), ``unknown`` (policy
+kind), ``log_position`` (update-log position the file includes, or null), ``extra`` (free-form).
+
+Format versions: a file is written as version 1 unless it holds a PQ (codebook) class, which
+makes it version 2.  A version-1 reader would otherwise take a PQ class's ``(dim, bits)`` for a
+scalar class, so it must refuse the file, and it does: its version check names the newer
+version and says to upgrade.  This reader reads both; version-1 files load as before.
 
 The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added without a
 format version bump: they are new names, so a reader that predates them refuses such a file
@@ -50,7 +57,9 @@ from .layout import RowClass
 from .table import CompressedTable
 from .unknown import UnknownPolicy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # newest version this reader reads
+_PLAIN_VERSION = 1  # what a table without PQ classes is written as (readable by older readers)
+_PQ_VERSION = 2
 MANIFEST_KEY = "embserve.manifest"
 TABLE_SUFFIX = ".safetensors"
 
@@ -61,14 +70,30 @@ class TableFormatError(ValueError):
 
 def manifest_of(table: CompressedTable, log_position: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": _PQ_VERSION if any(rc.pq for rc in table.classes) else _PLAIN_VERSION,
         "dim": table.dim,
         "index": table.index.kind,
-        "classes": [{"dim": rc.dim, "bits": rc.bits, "used": u} for rc, u in zip(table.classes, table.used, strict=True)],
+        "classes": [_class_entry(rc, u) for rc, u in zip(table.classes, table.used, strict=True)],
         "unknown": table.unknown.kind,
         "log_position": log_position,
         "extra": extra or {},
     }
+
+
+def _class_entry(rc: RowClass, used: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"dim": rc.dim, "bits": rc.bits, "used": used}
+    if rc.pq:
+        entry.update(kind="pq", m=rc.m)
+    return entry
+
+
+def _class_of(entry: dict[str, Any]) -> RowClass:
+    kind = entry.get("kind", "scalar")
+    if kind == "pq":
+        return RowClass(int(entry["dim"]), int(entry["bits"]), int(entry["m"]))
+    if kind != "scalar":
+        raise ValueError(f"unknown row class kind {kind!r}")
+    return RowClass(int(entry["dim"]), int(entry["bits"]))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -146,7 +171,7 @@ def load_table(path: str | os.PathLike[str], device: torch.device | str = "cpu")
     manifest = read_manifest(path)
     tensors = load_file(str(path), device=str(device))
     try:
-        classes = [RowClass(int(c["dim"]), int(c["bits"])) for c in manifest["classes"]]
+        classes = [_class_of(c) for c in manifest["classes"]]
         used = [int(c["used"]) for c in manifest["classes"]]
         index = index_from_state(manifest["index"], tensors)
         table = CompressedTable(
@@ -158,6 +183,7 @@ def load_table(path: str | os.PathLike[str], device: torch.device | str = "cpu")
             free=[tensors[f"class.{k}.free"] for k in range(len(classes))],
             rotation=tensors.get("rotation"),
             unknown=UnknownPolicy.from_state(manifest["unknown"], tensors),
+            codebooks=[tensors[f"class.{k}.codebook"] if rc.pq else None for k, rc in enumerate(classes)],
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise TableFormatError(f"{path}: inconsistent table file ({exc})") from exc

@@ -6,6 +6,7 @@ Memory picture of one table (every byte of it is counted in :attr:`CompressedTab
                RunIndex: int64 bounds [R+1] + int32 bases [R] (class-grouped dense IDs)
     class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
                int32 free-slot stack [<= capacity_k]
+               fp16 codebook [m, 2**k, dim/m]          product-quantization classes only
     rotation   fp32 [D, D]                             only when some class has 0 < dim < D
 
 Rows of full-dimension classes are stored as they are; rows of truncated classes (0 < dim < D)
@@ -28,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from . import codecs
+from . import codecs, pq
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
 from .kernels import Decoder
 from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
@@ -108,6 +109,7 @@ class CompressedTable:
         rotation: torch.Tensor | None = None,
         unknown: UnknownPolicy | None = None,
         backend: Backend = "auto",
+        codebooks: list[torch.Tensor | None] | None = None,
     ) -> None:
         if not 0 < len(classes) <= MAX_CLASSES:
             raise ValueError(f"a table has 1..{MAX_CLASSES} row classes, got {len(classes)}")
@@ -119,6 +121,11 @@ class CompressedTable:
         for rc, slab in zip(classes, slabs, strict=True):
             if slab.dtype != torch.uint8 or slab.dim() != 2 or slab.shape[1] != rc.row_bytes:
                 raise ValueError(f"slab of {rc.label()} must be uint8 [capacity, {rc.row_bytes}]")
+        codebooks = [None if cb is None else cb.contiguous() for cb in codebooks] if codebooks is not None else [None] * len(classes)
+        if len(codebooks) != len(classes):
+            raise ValueError("one codebook entry (None for scalar classes) per row class")
+        for rc, cb in zip(classes, codebooks, strict=True):
+            pq.check_codebook(rc, cb)
         if rotation is not None and tuple(rotation.shape) != (dim, dim):
             raise ValueError(f"rotation must be [{dim}, {dim}]")
         for c, (slab, u) in enumerate(zip(slabs, used, strict=True)):
@@ -131,9 +138,12 @@ class CompressedTable:
         self.free = free if free is not None else [torch.empty(0, dtype=torch.int32, device=s.device) for s in slabs]
         self.index = index
         self.rotation = rotation
+        # fp16 [m, 2**k, dim/m] per PQ class, None for scalar classes; fixed once built (rows
+        # upserted later are assigned to the nearest existing centroids)
+        self.codebooks: list[torch.Tensor | None] = codebooks
         self.unknown = unknown if unknown is not None else UnknownPolicy("zero")
         self._check_locators()
-        self.decoder = Decoder(self.slabs, self.classes, backend, rotation)
+        self.decoder = Decoder(self.slabs, self.classes, backend, rotation, self.codebooks)
         # Writers hold this while they change slabs or the index; lookups take it too, so a
         # lookup sees a write batch all or nothing.  Decoding itself releases the GIL.
         self.lock = threading.RLock()
@@ -149,6 +159,7 @@ class CompressedTable:
         device: torch.device | str = "cpu",
         rotation: torch.Tensor | None = None,
         unknown: UnknownPolicy | None = None,
+        codebooks: list[torch.Tensor | None] | None = None,
     ) -> "CompressedTable":
         dev = torch.device(device)
         index: IdIndex
@@ -157,7 +168,7 @@ class CompressedTable:
         else:
             index = DenseIndex(torch.empty(0, dtype=torch.int32, device=dev))
         slabs = [torch.empty((0, rc.row_bytes), dtype=torch.uint8, device=dev) for rc in classes]
-        return cls(dim, classes, slabs, [0] * len(classes), index, rotation=rotation, unknown=unknown)
+        return cls(dim, classes, slabs, [0] * len(classes), index, rotation=rotation, unknown=unknown, codebooks=codebooks)
 
     def _check_locators(self) -> None:
         """Every locator must name a used slot of an existing class: the compiled decoder reads
@@ -297,7 +308,7 @@ class CompressedTable:
                 sel = _upload(torch.cat([stay, fresh]), self.device)
                 slots = torch.cat([(old_dev[sel[: stay.numel()]] & LOCATOR_SLOT_MASK).to(torch.int32), taken])
                 x = rows[sel] @ self.rotation if self.truncated(c) else rows[sel]  # type: ignore[operator]
-                encoded = codecs.encode_rows(x, self.classes[c])
+                encoded = codecs.encode_rows(x, self.classes[c], codebook=self.codebooks[c])
                 if encoded.shape[1]:
                     self.slabs[c].index_copy_(0, slots.to(torch.int64), encoded)  # one scatter per class
                 new_loc[sel[stay.numel() :]] = (c << LOCATOR_CLASS_SHIFT) | taken
@@ -350,6 +361,9 @@ class CompressedTable:
         for k, (slab, free) in enumerate(zip(self.slabs, self.free, strict=True)):
             out[f"class.{k}.slab"] = slab
             out[f"class.{k}.free"] = free
+            codebook = self.codebooks[k]
+            if codebook is not None:
+                out[f"class.{k}.codebook"] = codebook
         if self.rotation is not None:
             out["rotation"] = self.rotation
         out.update(self.unknown.state_tensors())
@@ -368,11 +382,17 @@ class CompressedTable:
         (moves and deletes free their slot), so this is O(1), not a walk over the index."""
         return [u - int(f.numel()) for u, f in zip(self.used, self.free, strict=True)]
 
+    def _class_bytes(self, k: int) -> int:
+        """Slab, free list and (PQ) codebook of class ``k``."""
+        codebook = self.codebooks[k]
+        extra = 0 if codebook is None else _stack_bytes(codebook)
+        return _stack_bytes(self.slabs[k]) + _stack_bytes(self.free[k]) + extra
+
     def stats(self) -> TableStats:
         with self.lock:
             rows = self.rows_per_class()
             classes = [
-                ClassStats(rc, rows[k], int(self.slabs[k].shape[0]), _stack_bytes(self.slabs[k]) + _stack_bytes(self.free[k]))
+                ClassStats(rc, rows[k], int(self.slabs[k].shape[0]), self._class_bytes(k))
                 for k, rc in enumerate(self.classes)
             ]
             index_bytes = self.index.nbytes
@@ -401,4 +421,5 @@ class CompressedTable:
             None if self.rotation is None else self.rotation.to(dev),
             self.unknown.to(dev),
             self.decoder.backend,  # type: ignore[arg-type]
+            [None if cb is None else cb.to(dev) for cb in self.codebooks],
         )

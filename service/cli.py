@@ -194,15 +194,16 @@ def compress_cmd(
     dims: Annotated[Optional[str], typer.Option(help="candidate dims, comma-separated (default D,D/2,D/4,D/8,0)")] = None,
     unknown: Annotated[str, typer.Option(help="unknown-ID policy: zero, default or hashed")] = "zero",
     groups: Annotated[int, typer.Option(help="frequency groups for the allocation")] = 64,
+    pq: Annotated[bool, typer.Option("--pq/--no-pq", help="also consider product-quantization (codebook) classes")] = False,
 ) -> None:
     """Compress a dense table into mixed (dim, bits) row classes within a memory budget."""
     with bad_input_exits("compress"):
-        _compress(input, output, frequencies, ids, tensor, ratio, budget_bytes, bits, dims, unknown, groups)
+        _compress(input, output, frequencies, ids, tensor, ratio, budget_bytes, bits, dims, unknown, groups, pq)
 
 
 def _compress(
     input: Path, output: Path, frequencies: Path | None, ids: Path | None, tensor: str | None, ratio: float | None,
-    budget_bytes: int | None, bits: str, dims: str | None, unknown: str, groups: int,
+    budget_bytes: int | None, bits: str, dims: str | None, unknown: str, groups: int, pq: bool = False,
 ) -> None:
     if (ratio is None) == (budget_bytes is None):
         raise BadInput("give exactly one of --ratio and --budget-bytes")
@@ -231,7 +232,7 @@ def _compress(
         task = progress.add_task("starting", total=1)
         table, report = compress(
             rows, freqs, budget_bytes=budget_bytes, ratio=ratio, ids=id_tensor, candidates=cands,
-            num_groups=groups, unknown=unknown,  # type: ignore[arg-type]
+            num_groups=groups, unknown=unknown, pq=pq,  # type: ignore[arg-type]
             stage=_stage_reporter(progress, task),
         )
     _refuse_all_pruned(table, report.budget_bytes, report.fixed_bytes)

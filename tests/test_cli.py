@@ -56,3 +56,18 @@ def test_inspect_rejects_non_tables(tmp_path: Path) -> None:
     (tmp_path / "x.safetensors").write_bytes(b"nope")
     result = runner.invoke(app, ["inspect", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 2
+
+
+def test_compress_with_pq_classes(tmp_path: Path) -> None:
+    freqs = zipf_frequencies(3000, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.randn(16, 16, generator=gen)[torch.randint(0, 16, (3000,), generator=gen)] + 0.1 * torch.randn(3000, 16, generator=gen)
+    np.save(tmp_path / "w.npy", rows.numpy())
+    np.save(tmp_path / "f.npy", freqs.numpy())
+    out = tmp_path / "t.safetensors"
+    result = runner.invoke(app, ["compress", str(tmp_path / "w.npy"), str(out), "--frequencies", str(tmp_path / "f.npy"), "--ratio", "6", "--pq", "--groups", "16"])
+    assert result.exit_code == 0, result.output
+    table, manifest = load_table(out)
+    assert table.nbytes <= 3000 * 16 * 4 / 6 and any(rc.pq for rc in table.classes)
+    assert manifest["format_version"] == 2 and any(c.get("kind") == "pq" for c in manifest["classes"])
+    assert "pq" in result.output  # the class summary names the PQ class

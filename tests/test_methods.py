@@ -14,6 +14,9 @@ from compression import BudgetTooSmall, RowClass, load_table, save_table
 from compression.kernels import COMPILED_AVAILABLE
 from compression.training.methods import (
     BinaryHashEmbedding,
+    CodebookEmbedding,
+    DPQEmbedding,
+    MGQEEmbedding,
     FIITEDEmbedding,
     FullEmbedding,
     HashingTrickEmbedding,
@@ -63,6 +66,9 @@ def _modules() -> dict[str, ServableEmbedding]:
         "bh_hybrid": _fit(HybridBinaryHashEmbedding.for_budget(N * D * 4 // 6, D, N)),
         "hashing": _fit(HashingTrickEmbedding.for_budget(N * D * 4 // 16, D, N)),
         "qr": _fit(QREmbedding.for_budget(N * D * 4 // 16, D, N)),
+        "dpq": _fit(DPQEmbedding(N, D, 4, 4)),
+        "mgqe": _fit(MGQEEmbedding(N, D, 2, FREQS, bits_head=6, bits_tail=3)),
+        "mgqe_pruned": _fit(CodebookEmbedding.for_budget(N, D, FREQS, N * D * 4 // 32)),
     }
 
 
@@ -328,3 +334,46 @@ def test_knapsack_with_run_index_reaches_high_ratios() -> None:
         table = post_training_table("knapsack", rows, FREQS, budget)
         assert table.nbytes <= budget
         assert table.index.nbytes <= 8 * 9 + 4 * 8  # a few runs, not 4 bytes per ID
+
+
+def test_codebook_modules_fit_their_budget_and_prune_only_the_rarest() -> None:
+    for ratio in (16, 32):
+        module = CodebookEmbedding.for_budget(N, D, FREQS, N * D * 4 // ratio)
+        table = module.export()
+        assert table.nbytes <= N * D * 4 // ratio
+        found = table.lookup(torch.arange(N)).found
+        assert bool(found[: module.num_coded].all()) and not bool(found[module.num_coded :].any())  # IDs are frequency-numbered
+        assert all(rc.pq or rc.dim == 0 for rc in table.classes)
+        assert module.pruned == (table.unknown.kind == "default")  # the rarest share one learned vector
+    trained = MODULES["mgqe_pruned"]
+    assert isinstance(trained, CodebookEmbedding) and trained.pruned
+    rare = torch.arange(trained.num_coded, N)
+    assert torch.equal(trained.export().lookup(rare).values, trained.default.detach().expand(rare.numel(), D))
+    assert float(trained.default.detach().abs().sum()) > 0  # trained, not left at zero
+
+
+def test_mgqe_rare_ids_use_only_the_first_centroids() -> None:
+    module = MODULES["mgqe"]
+    assert isinstance(module, CodebookEmbedding)
+    codes = module.codes()
+    tail = module.rank >= module.num_head
+    assert int(codes[tail].max()) < 2**module.tail_class.bits
+    assert int(codes[~tail].max()) >= 2**module.tail_class.bits  # the head does use the extra centroids
+    labels = [rc.label() for rc in module.export().classes]
+    assert labels == [f"d{D}pq2x6", f"d{D}pq2x3"]
+
+
+def test_dpq_training_moves_the_codebook_and_lowers_the_loss() -> None:
+    gen = torch.Generator().manual_seed(5)
+    target = torch.randn(N, D, generator=gen)
+    module = DPQEmbedding(N, D, 4, 4, seed=1)
+    start = module.codebook.detach().clone()
+    ids = torch.arange(N)
+    before = float((module(ids) - target).pow(2).mean().detach())
+    module.penalty()
+    _fit(module, steps=40, seed=5)
+    module.train()
+    after = float((module(ids) - target).pow(2).mean().detach())
+    module.penalty()
+    module.eval()
+    assert not torch.equal(module.codebook.detach(), start) and after < before

@@ -42,9 +42,15 @@ def triton_module() -> Any:
 
 
 def decode_reference(
-    out: torch.Tensor, loc: torch.Tensor, slabs: list[torch.Tensor], classes: list[RowClass], rotation: torch.Tensor | None = None
+    out: torch.Tensor,
+    loc: torch.Tensor,
+    slabs: list[torch.Tensor],
+    classes: list[RowClass],
+    rotation: torch.Tensor | None = None,
+    codebooks: list[torch.Tensor | None] | None = None,
 ) -> None:
-    """Per class: gather its rows, decode, and (truncated classes of a rotated table) rotate back."""
+    """Per class: gather its rows, decode (PQ classes: gather from the codebook), and
+    (truncated classes of a rotated table) rotate back."""
     out.zero_()
     width = out.shape[1]
     valid = loc >= 0
@@ -56,7 +62,7 @@ def decode_reference(
         if rows.numel() == 0:
             continue
         slots = (loc[rows] & LOCATOR_SLOT_MASK).to(torch.int64)
-        decoded = decode_rows(slabs[c][slots], rc)
+        decoded = decode_rows(slabs[c][slots], rc, None if codebooks is None else codebooks[c])
         if rotation is not None and rc.dim < width:
             out[rows] = decoded @ rotation[:, : rc.dim].T
         else:
@@ -98,10 +104,16 @@ class Decoder:
     addresses), so :meth:`refresh` must be called whenever a slab is reallocated."""
 
     def __init__(
-        self, slabs: list[torch.Tensor], classes: list[RowClass], backend: str = "auto", rotation: torch.Tensor | None = None
+        self,
+        slabs: list[torch.Tensor],
+        classes: list[RowClass],
+        backend: str = "auto",
+        rotation: torch.Tensor | None = None,
+        codebooks: list[torch.Tensor | None] | None = None,
     ) -> None:
         self._triton_args: Any = None
         self.classes = classes
+        self.codebooks = codebooks if codebooks is not None else [None] * len(classes)
         self.backend = backend
         self.rotation = rotation
         # R^T row-major: row k is the direction coordinate k of a truncated row contributes
@@ -117,7 +129,7 @@ class Decoder:
         self._triton_args = triton_module().class_args(slabs, self.classes, self.rotation) if self.path == "triton" else None
         if self.compiled and self.rotation is not None and self.rotation.shape[0] > cpu_c.MAX_ROTATED_DIM:
             self.compiled = False  # the C decoder's per-row scratch is bounded
-        self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t) if self.compiled else None
+        self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t, self.codebooks) if self.compiled else None
 
     @property
     def fills_unknown(self) -> bool:
@@ -136,7 +148,7 @@ class Decoder:
             return int((loc < 0).sum())
         if self._classes_c is not None:
             return cpu_c.lookup(out, loc, None, self._classes_c)[1]
-        decode_reference(out, loc, self.slabs, self.classes, self.rotation)
+        decode_reference(out, loc, self.slabs, self.classes, self.rotation, self.codebooks)
         return int((loc < 0).sum())
 
     def lookup(self, out: torch.Tensor, ids: torch.Tensor, index: IdIndex, unknown: Any = None) -> tuple[torch.Tensor, int]:

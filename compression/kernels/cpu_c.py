@@ -21,6 +21,9 @@ class _RowClassC(ctypes.Structure):
         ("dim", ctypes.c_int32),
         ("bits", ctypes.c_int32),
         ("rotation_t", ctypes.c_void_p),
+        ("pq_m", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+        ("codebook", ctypes.c_void_p),
     ]
 
 
@@ -82,9 +85,14 @@ _LIB = _load()
 AVAILABLE = _LIB is not None
 
 
-def class_array(slabs: list[torch.Tensor], classes: list[RowClass], rotation_t: torch.Tensor | None = None) -> ctypes.Array[_RowClassC]:
-    """The C view of a table's classes: slab addresses and shapes, padded to MAX_CLASSES, and
-    ``R^T`` for truncated classes of a rotated table.
+def class_array(
+    slabs: list[torch.Tensor],
+    classes: list[RowClass],
+    rotation_t: torch.Tensor | None = None,
+    codebooks: list[torch.Tensor | None] | None = None,
+) -> ctypes.Array[_RowClassC]:
+    """The C view of a table's classes: slab addresses and shapes, padded to MAX_CLASSES,
+    ``R^T`` for truncated classes of a rotated table, and the fp16 codebook of PQ classes.
 
     Valid until a slab is reallocated; tables rebuild it when they grow a slab."""
     arr = (_RowClassC * MAX_CLASSES)()
@@ -98,6 +106,12 @@ def class_array(slabs: list[torch.Tensor], classes: list[RowClass], rotation_t: 
         arr[k].bits = rc.bits
         if rotation_t is not None and 0 < rc.dim < (width or 0):
             arr[k].rotation_t = rotation_t.data_ptr()
+        if rc.pq:
+            codebook = None if codebooks is None else codebooks[k]
+            if codebook is None or codebook.dtype != torch.float16 or not codebook.is_contiguous() or codebook.device.type != "cpu":
+                raise ValueError(f"the compiled decoder needs a contiguous fp16 CPU codebook for {rc.label()}")
+            arr[k].pq_m = rc.m
+            arr[k].codebook = codebook.data_ptr()
     return arr
 
 

@@ -9,6 +9,10 @@
  *                stride = ceil(dim / (8 / bits)); code j sits in byte 4 + j % stride at
  *                bit offset (j / stride) * bits; x[j] = bias + scale * code[j]
  *
+ *   pq (m > 0)   m codes of `bits` bits, one little-endian bit stream    row_bytes = ceil(m * bits / 8)
+ *                (code j = bits j*bits.. of the row, bit b = bit b%8 of byte b/8); with
+ *                s = dim / m: x[j*s .. j*s+s) = codebook[j][code j][0..s), fp16 [m, 2**bits, s]
+ *
  * A locator is an int32: class in bits 28..30, slot in bits 0..27, -1 = no row (zeros).
  *
  * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread), and each chunk
@@ -51,6 +55,9 @@ typedef struct {
     int32_t dim;
     int32_t bits;
     const float *rotation_t; /* truncated class of a rotated table: R^T [width, width], else NULL */
+    int32_t pq_m;            /* > 0: product-quantization class of pq_m sub-vectors */
+    int32_t pad;
+    const uint16_t *codebook; /* pq: fp16 [pq_m, 2**bits, dim / pq_m] */
 } row_class_t;
 
 #define MAX_ROTATED_DIM 1024
@@ -134,6 +141,10 @@ __attribute__((target("avx2,fma"))) static inline void dequant_planes_avx2(const
 __attribute__((target("avx2,f16c"))) static inline void half_to_float_f16c(const uint8_t *src, int d, float *o) {
     int j = 0;
     for (; j + 8 <= d; j += 8) _mm256_storeu_ps(o + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * j))));
+    if (j + 4 <= d) { /* 4-coordinate PQ sub-vectors: one 128-bit conversion, not 4 table loads */
+        _mm_storeu_ps(o + j, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(src + 2 * j))));
+        j += 4;
+    }
     for (; j < d; j++) o[j] = load_half(src + 2 * j);
 }
 
@@ -198,6 +209,45 @@ static inline void decode_row(const uint8_t *restrict row, int bits, int d, int 
         }
     }
     if (d < width) memset(o + d, 0, (size_t)(width - d) * 4);
+}
+
+/* A product-quantization row: m gathers of s = d/m fp16 centroid coordinates (layout above).
+ * fp16 -> fp32 is exact both through the table and through F16C, so this matches the torch
+ * reference bit for bit. */
+static inline void decode_pq_row(const uint8_t *restrict row, const row_class_t *c, int width, float *restrict o) {
+    const int m = c->pq_m, bits = c->bits, d = c->dim, s = d / m, k = 1 << bits;
+    const int row_bytes = (int)c->row_bytes;
+    const uint32_t mask = (uint32_t)k - 1;
+    for (int j = 0; j < m; j++) {
+        uint32_t code;
+        if (bits == 8) { /* byte-aligned widths need no straddle check */
+            code = row[j];
+        } else if (bits == 4) {
+            code = (row[j >> 1] >> ((j & 1) << 2)) & 15u;
+        } else {
+            const int bit = j * bits, byte = bit >> 3;
+            uint32_t v = row[byte];
+            if (byte + 1 < row_bytes) v |= (uint32_t)row[byte + 1] << 8;
+            code = (v >> (bit & 7)) & mask;
+        }
+        const uint16_t *centroid = c->codebook + ((int64_t)j * k + code) * s;
+        float *restrict oj = o + (int64_t)j * s;
+#ifdef HAVE_X86_SIMD
+        if (use_avx2) {
+            half_to_float_f16c((const uint8_t *)centroid, s, oj);
+            continue;
+        }
+#endif
+        for (int t = 0; t < s; t++) oj[t] = f16_table[centroid[t]];
+    }
+    if (d < width) memset(o + d, 0, (size_t)(width - d) * 4);
+}
+
+static inline void decode_any(const uint8_t *restrict row, const row_class_t *c, int width, float *restrict o) {
+    if (c->pq_m > 0)
+        decode_pq_row(row, c, width, o);
+    else
+        decode_row(row, c->bits, c->dim, width, o);
 }
 
 /* How IDs become locators.  kind RESOLVED: the IDs already are locators (the caller resolved
@@ -329,7 +379,7 @@ static inline int64_t stage_decode(int64_t lo, int64_t hi, const row_class_t *cl
         if (c->rotation_t) {
             /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k */
             float y[MAX_ROTATED_DIM];
-            decode_row(row, c->bits, c->dim, c->dim, y);
+            decode_any(row, c, c->dim, y);
 #ifdef HAVE_X86_SIMD
             if (use_avx2) {
                 rotate_back_avx2(y, c->dim, c->rotation_t, width, o);
@@ -343,7 +393,7 @@ static inline int64_t stage_decode(int64_t lo, int64_t hi, const row_class_t *cl
                 for (int64_t j = 0; j < width; j++) o[j] += yk * rk[j];
             }
         } else {
-            decode_row(row, c->bits, c->dim, (int)width, o);
+            decode_any(row, c, (int)width, o);
         }
     }
     return unknown;

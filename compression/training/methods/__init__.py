@@ -14,10 +14,13 @@ method                      stores                                     exported 
 :class:`HybridBinaryHashEmbedding`  head rows + a BH table             rows + ``binary_hash``
 :class:`HashingTrickEmbedding`  ``K`` shared rows                      no rows + ``hashed``
 :class:`QREmbedding`        quotient + remainder rows                  no rows + ``qr``
+:class:`CodebookEmbedding`  per ID ``m`` codes + fp16 codebooks (DPQ,    PQ classes ``d{D}pq{m}x{k}``
+                            MGQE: more centroids for frequent IDs)
 ==========================  =========================================  ==========================
 """
 
 from .base import FullEmbedding, ServableEmbedding, codec_rounded, fp16_rounded, hash_only_table, rows_table, straight_through
+from .codebook import CodebookEmbedding, DPQEmbedding, MGQEEmbedding, codes_table
 from .binary_hash import BinaryHashEmbedding, HybridBinaryHashEmbedding
 from .fiited import FIITEDEmbedding
 from .hashing import HashingTrickEmbedding, QREmbedding
@@ -26,6 +29,10 @@ from .post_training import POST_TRAINING, post_training_table
 
 __all__ = [
     "BinaryHashEmbedding",
+    "CodebookEmbedding",
+    "DPQEmbedding",
+    "MGQEEmbedding",
+    "codes_table",
     "FIITEDEmbedding",
     "FullEmbedding",
     "HashingTrickEmbedding",

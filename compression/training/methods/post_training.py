@@ -15,7 +15,12 @@ quality benchmark and users call every post-training method the same way:
   dimension and rotation combined;
 * ``knapsack_model`` - ``knapsack_dims`` scored by what each choice does to the model
   (``group_error``, e.g. :func:`compression.training.sensitivity.output_error`) instead of by
-  frequency-weighted reconstruction error.
+  frequency-weighted reconstruction error;
+* ``pq`` - ``knapsack_dims`` plus product-quantization classes (frequency-weighted k-means
+  codebooks, :mod:`compression.pq_alloc`): per group the allocator may pick a codebook class,
+  and two PQ classes of different sizes can serve the frequent and the rare groups (MGQE's
+  shape, post-training);
+* ``pq_model`` - ``pq`` scored by ``group_error`` like ``knapsack_model``.
 
 IDs are ``0..N-1``; the index is the run-length encoded locator (``index="runs"``), which is
 cheap when the vocabulary is numbered by frequency.
@@ -30,7 +35,7 @@ from ...layout import RowClass
 from ...table import CompressedTable
 
 UNIFORM_BITS = {"fp16": 16, "int8": 8, "int4": 4, "int2": 2, "int1": 1}
-POST_TRAINING: tuple[str, ...] = (*UNIFORM_BITS, "uniform", "knapsack", "knapsack_dims", "knapsack_model")
+POST_TRAINING: tuple[str, ...] = (*UNIFORM_BITS, "uniform", "knapsack", "knapsack_dims", "knapsack_model", "pq", "pq_model")
 
 
 def post_training_table(
@@ -60,13 +65,13 @@ def post_training_table(
     if method == "knapsack":
         cands = candidate_classes(dim, dims=[dim, 0])
         return compress(rows, frequencies, budget_bytes=budget_bytes, candidates=cands, index=index, num_groups=num_groups)[0]
-    if method in ("knapsack_dims", "knapsack_model"):
-        if method == "knapsack_model" and group_error is None:
-            raise ValueError("knapsack_model needs a group_error (compression.training.sensitivity.output_error)")
+    if method in ("knapsack_dims", "knapsack_model", "pq", "pq_model"):
+        if method.endswith("_model") and group_error is None:
+            raise ValueError(f"{method} needs a group_error (compression.training.sensitivity.output_error)")
         dims = sorted({d for d in (dim, dim // 2, dim // 4, dim // 8, dim // 16, 1, 0) if 0 <= d <= dim}, reverse=True)
         cands = candidate_classes(dim, dims=dims)
         return compress(
             rows, frequencies, budget_bytes=budget_bytes, candidates=cands, index=index, num_groups=num_groups,
-            group_error=group_error if method == "knapsack_model" else None,
+            group_error=group_error if method.endswith("_model") else None, pq=method.startswith("pq"),
         )[0]
     raise ValueError(f"unknown post-training method {method!r}; one of {POST_TRAINING}")
