@@ -124,6 +124,11 @@ class Decoder:
         self.slabs = slabs
         device = slabs[0].device
         self.path = select_path(self.backend, device)
+        if self.path == "triton" and any(rc.pq for rc in self.classes):
+            # the Triton kernel has no codebook gather yet: PQ tables decode with the reference
+            if self.backend == "triton":
+                raise RuntimeError("the triton backend does not decode product-quantization classes yet")
+            self.path = "torch"
         self.compiled = self.path == "compiled"
         # the Triton launch's per-table arguments (typed slab views, class constants, R^T)
         self._triton_args = triton_module().class_args(slabs, self.classes, self.rotation) if self.path == "triton" else None
