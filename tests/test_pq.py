@@ -333,3 +333,13 @@ def test_service_places_upserted_rows_in_a_pq_class_and_snapshots_it(tmp_path: P
     loaded, manifest = load_table(tables / "emb.safetensors")
     assert manifest["format_version"] == 2 and torch.equal(loaded.codebooks[1], cb)  # type: ignore[arg-type]
     assert np.array_equal(loaded.lookup(torch.tensor(ids)).values.numpy(), expected)
+
+
+def test_triton_backend_refuses_pq_classes_instead_of_misreading_them() -> None:
+    """The Triton kernel has no codebook gather: asked for it, a PQ table says so; ``auto`` on a
+    CUDA device keeps such a table on the torch reference path."""
+    pytest.importorskip("triton")
+    table = _pq_table()
+    with pytest.raises(RuntimeError, match="product-quantization"):
+        table.backend = "triton"  # type: ignore[assignment]
+        table.lookup(torch.arange(10))
