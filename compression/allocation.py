@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from . import codecs
+from .hash_index import HashIndex, hash_index_bytes
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex, run_index_bytes
 from .kernels.cpu_c import FENCE
 from .layout import MAX_CLASSES, RowClass, encode_locator
@@ -53,6 +54,9 @@ GroupErrorFn = Callable[[int, torch.Tensor, torch.Tensor], float]
 # or the same locators run-length encoded (cheap when the vocabulary is numbered by frequency,
 # so that frequency groups are ID ranges).
 DenseKind = Literal["dense", "runs"]
+# How a table with explicit ``ids`` indexes them: "hash" (open addressing, the default; see
+# compression/hash_index.py) or "sorted" (the sorted-key KeyedIndex, still loadable and buildable)
+KeyedKind = Literal["hash", "sorted"]
 
 
 class BudgetTooSmall(ValueError):
@@ -231,10 +235,14 @@ def group_runs(groups: list[torch.Tensor], n: int) -> int:
 
 
 def _fixed_bytes(
-    n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int, runs: int | None = None
+    n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int, runs: int | None = None,
+    keyed_index: KeyedKind = "hash",
 ) -> int:
-    # keyed: int64 key + int32 locator per ID, plus the fence (every FENCE-th key, see index.py)
-    if keyed:
+    # hash: 12 bytes per slot of a power-of-two capacity (compression/hash_index.py); sorted:
+    # int64 key + int32 locator per ID, plus the fence (every FENCE-th key, see index.py)
+    if keyed and keyed_index == "hash":
+        index = hash_index_bytes(n)
+    elif keyed:
         index = n * 12 + 8 * -(-n // FENCE)
     elif runs is not None:
         index = run_index_bytes(runs)
@@ -257,11 +265,13 @@ def build_table(
     unknown: UnknownPolicy | None = None,
     progress: ProgressFn | None = None,
     index: DenseKind = "dense",
+    keyed_index: KeyedKind = "hash",
 ) -> CompressedTable:
     """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``.
 
     Slabs are sized exactly (no spare capacity); ``ids=None`` builds a table for IDs 0..N-1
-    with a :class:`DenseIndex`, or a :class:`RunIndex` when ``index="runs"``.  A row whose class
+    with a :class:`DenseIndex`, or a :class:`RunIndex` when ``index="runs"``; explicit ``ids`` get
+    a :class:`HashIndex` (``keyed_index="sorted"``: the sorted :class:`KeyedIndex`).  A row whose class
     is ``-1`` is left out (its ID has no row).
     """
     n, dim = rows.shape
@@ -287,7 +297,12 @@ def build_table(
     id_index: IdIndex
     if ids is not None:
         present = locator >= 0
-        id_index = KeyedIndex.build(ids[present], locator[present])
+        if keyed_index == "hash":
+            id_index = HashIndex.build(ids[present], locator[present])
+        elif keyed_index == "sorted":
+            id_index = KeyedIndex.build(ids[present], locator[present])
+        else:
+            raise ValueError(f"keyed_index must be 'hash' or 'sorted', got {keyed_index!r}")
     elif index == "runs":
         id_index = RunIndex.from_locator(locator)
     elif index == "dense":
@@ -312,6 +327,7 @@ def compress(
     progress: ProgressFn | None = None,
     index: DenseKind = "dense",
     group_error: GroupErrorFn | None = None,
+    keyed_index: KeyedKind = "hash",
 ) -> tuple[CompressedTable, CompressionReport]:
     """Compress a dense fp32 table into the cheapest-error mixed table within the budget.
 
@@ -377,7 +393,7 @@ def compress(
         runs = None if runs_bound is None else min(runs_bound, MAX_CLASSES)
         costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error)
         while True:
-            fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs)
+            fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs, keyed_index)
             try:
                 choice = solve_knapsack(costs.errors, costs.bytes, budget_bytes - fixed)
             except BudgetTooSmall:
@@ -401,7 +417,7 @@ def compress(
             variant = [variant[c] for c in sorted(keep)]
             costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error)
     if not plans:
-        smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, None if runs_bound is None else 1)
+        smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, None if runs_bound is None else 1, keyed_index)
         raise BudgetTooSmall(
             f"budget of {budget_bytes} bytes cannot hold {n} rows: the index and fallback alone take {smallest} bytes"
             " and the cheapest row classes need more than what is left"
@@ -417,11 +433,11 @@ def compress(
     policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights, num_buckets)
     table = build_table(
         rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=progress,
-        index=index,
+        index=index, keyed_index=keyed_index,
     )
     report = CompressionReport(
         budget_bytes=budget_bytes,
-        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs),
+        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs, keyed_index),
         rotation=rotated,
         estimated_error=err,
         group_sizes=[g.numel() for g in groups],
@@ -439,6 +455,7 @@ def compress_uniform(
     unknown: UnknownKind = "zero",
     frequencies: torch.Tensor | None = None,
     index: DenseKind = "dense",
+    keyed_index: KeyedKind = "hash",
 ) -> CompressedTable:
     """Every row in one class: the uniform-quantization baseline (FBGEMM-style INT8/INT4/...).
     With ``index="runs"`` a table of IDs 0..N-1 needs a single run (20 bytes) instead of 4N."""

@@ -9,8 +9,9 @@ File layout (safetensors, see https://github.com/huggingface/safetensors):
 
 Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
 
-    index.locator                 int32 [N]          dense and keyed tables
-    index.keys                    int64 [N]          keyed: sorted IDs
+    index.locator                 int32 [N]          dense and keyed tables; hash: int32 [cap]
+    index.keys                    int64 [N]          keyed: sorted IDs; hash: int64 [cap], INT64_MIN = free
+                                                     (layout and slot formula: compression/hash_index.py)
     index.delta_keys / _locator   int64 / int32      keyed: unmerged inserts
     index.bounds / index.bases    int64 [R+1] / int32 [R]   runs: run-length encoded dense locator
     class.{k}.slab                uint8 [cap_k, row_bytes_k]   rows of class k (compression.layout)
@@ -20,7 +21,7 @@ Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
     unknown.buckets               fp16 [K, D]        optional (hashed, qr, binary_hash)
     unknown.params                int64 [2]          optional (qr: [M, Q]; binary_hash: [S, k])
 
-Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``/``runs``),
+Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``/``runs``/``hash``),
 ``classes`` (``[{"dim", "bits", "used"}]`` in class-index order), ``unknown`` (policy kind),
 ``log_position`` (update-log position the file includes, or null), ``extra`` (free-form).
 
@@ -28,6 +29,11 @@ The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added 
 format version bump: they are new names, so a reader that predates them refuses such a file
 with a clear "inconsistent table file" error instead of misreading it, and every file it could
 read before reads the same.
+
+The ``hash`` index (open addressing, compression/hash_index.py) is written as format version 2:
+a reader of version 1 refuses such a file with "format version 2 is newer than this embserve
+reads (1); upgrade embserve".  Every other table is still written as version 1, so files an
+older reader could read stay readable by it, and this reader loads every version-1 file.
 
 Keeping the manifest inside the tensor file makes the write a single atomic rename: a crash
 leaves either the old file or the new one, never a table with a mismatched manifest.
@@ -50,7 +56,10 @@ from .layout import RowClass
 from .table import CompressedTable
 from .unknown import UnknownPolicy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this reader reads
+# the oldest version that can hold each index kind: a file is written with the smallest version
+# that holds it, so a table an older reader could read stays readable by it
+_INDEX_VERSIONS = {"hash": 2}
 MANIFEST_KEY = "embserve.manifest"
 TABLE_SUFFIX = ".safetensors"
 
@@ -61,7 +70,7 @@ class TableFormatError(ValueError):
 
 def manifest_of(table: CompressedTable, log_position: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": _INDEX_VERSIONS.get(table.index.kind, 1),
         "dim": table.dim,
         "index": table.index.kind,
         "classes": [{"dim": rc.dim, "bits": rc.bits, "used": u} for rc, u in zip(table.classes, table.used, strict=True)],

@@ -3,6 +3,7 @@
 Memory picture of one table (every byte of it is counted in :attr:`CompressedTable.nbytes`):
 
     index      DenseIndex: int32 locator [N]          KeyedIndex: int64 keys + int32 locator
+               HashIndex: int64 keys + int32 locator [cap], open addressing (compression.hash_index)
                RunIndex: int64 bounds [R+1] + int32 bases [R] (class-grouped dense IDs)
     class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
                int32 free-slot stack [<= capacity_k]
@@ -29,6 +30,7 @@ from typing import Literal
 import torch
 
 from . import codecs
+from .hash_index import HashIndex
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
 from .kernels import Decoder
 from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
@@ -143,7 +145,7 @@ class CompressedTable:
         dev = torch.device(device)
         index: IdIndex
         if keyed:
-            index = KeyedIndex(torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.int32, device=dev))
+            index = HashIndex.empty(device=dev)
         else:
             index = DenseIndex(torch.empty(0, dtype=torch.int32, device=dev))
         slabs = [torch.empty((0, rc.row_bytes), dtype=torch.uint8, device=dev) for rc in classes]
@@ -298,7 +300,9 @@ class CompressedTable:
                 self.used[c] = int(order.numel())
                 self.free[c] = torch.empty(0, dtype=torch.int32, device=self.device)
                 new_locs[order] = (c << LOCATOR_CLASS_SHIFT) | torch.arange(order.numel(), dtype=torch.int32, device=self.device)
-            if isinstance(self.index, KeyedIndex):
+            if isinstance(self.index, HashIndex):
+                self.index.assign(ids, new_locs)  # same keys, new slots: repointed in place
+            elif isinstance(self.index, KeyedIndex):
                 self.index = KeyedIndex.build(ids, new_locs)
             else:  # also drop the locator slack that doubling left past the highest live ID
                 size = int(ids.max()) + 1 if ids.numel() else 0
