@@ -20,10 +20,15 @@ Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
     unknown.default               fp32 [D]           optional
     unknown.buckets               fp16 [K, D]        optional (hashed, qr, binary_hash)
     unknown.params                int64 [2]          optional (qr: [M, Q]; binary_hash: [S, k])
+    lifecycle.counts              int32 [depth, width]   optional: admission / eviction counts
+    lifecycle.clock               int64 [2]          optional: [upserted rows, next halving]
+                                                     (compression/lifecycle.py; hash tables only)
 
 Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``/``runs``/``hash``),
 ``classes`` (``[{"dim", "bits", "used"}]`` in class-index order), ``unknown`` (policy kind),
-``log_position`` (update-log position the file includes, or null), ``extra`` (free-form).
+``lifecycle`` (null, or ``max_ids`` / ``admit_min_count`` / ``half_life_rows`` / sketch shape /
+``eviction_samples``), ``log_position`` (update-log position the file includes, or null),
+``extra`` (free-form).
 
 The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added without a
 format version bump: they are new names, so a reader that predates them refuses such a file
@@ -53,6 +58,7 @@ from safetensors.torch import load_file, save_file
 
 from .index import index_from_state
 from .layout import RowClass
+from .lifecycle import IdLifecycle
 from .table import CompressedTable
 from .unknown import UnknownPolicy
 
@@ -75,6 +81,7 @@ def manifest_of(table: CompressedTable, log_position: str | None = None, extra: 
         "index": table.index.kind,
         "classes": [{"dim": rc.dim, "bits": rc.bits, "used": u} for rc, u in zip(table.classes, table.used, strict=True)],
         "unknown": table.unknown.kind,
+        "lifecycle": None if table.lifecycle is None else table.lifecycle.config.as_dict(),
         "log_position": log_position,
         "extra": extra or {},
     }
@@ -167,6 +174,7 @@ def load_table(path: str | os.PathLike[str], device: torch.device | str = "cpu")
             free=[tensors[f"class.{k}.free"] for k in range(len(classes))],
             rotation=tensors.get("rotation"),
             unknown=UnknownPolicy.from_state(manifest["unknown"], tensors),
+            lifecycle=IdLifecycle.from_state(manifest["lifecycle"], tensors) if manifest.get("lifecycle") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise TableFormatError(f"{path}: inconsistent table file ({exc})") from exc

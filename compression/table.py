@@ -8,6 +8,7 @@ Memory picture of one table (every byte of it is counted in :attr:`CompressedTab
     class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
                int32 free-slot stack [<= capacity_k]
     rotation   fp32 [D, D]                             only when some class has 0 < dim < D
+    lifecycle  int32 [depth, width] counts + int64 [2]  keyed tables with max_ids / admission
 
 Rows of full-dimension classes are stored as they are; rows of truncated classes (0 < dim < D)
 are stored in the rotated basis ``y = x @ R`` and keep their first ``dim`` coordinates, so
@@ -33,6 +34,7 @@ from . import codecs
 from .hash_index import HashIndex
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
 from .kernels import Decoder
+from .lifecycle import IdLifecycle
 from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
 from .pooling import PoolingMode, pool_bags
 from .unknown import UnknownPolicy
@@ -100,6 +102,7 @@ class CompressedTable:
         rotation: torch.Tensor | None = None,
         unknown: UnknownPolicy | None = None,
         backend: Backend = "auto",
+        lifecycle: IdLifecycle | None = None,
     ) -> None:
         if not 0 < len(classes) <= MAX_CLASSES:
             raise ValueError(f"a table has 1..{MAX_CLASSES} row classes, got {len(classes)}")
@@ -124,6 +127,9 @@ class CompressedTable:
         self.index = index
         self.rotation = rotation
         self.unknown = unknown if unknown is not None else UnknownPolicy("zero")
+        if lifecycle is not None and not isinstance(index, HashIndex):
+            raise ValueError("max_ids and admission need a hash-indexed keyed table")
+        self.lifecycle = lifecycle  # admission and capacity (compression.lifecycle); saved with the table
         self._check_locators()
         self.decoder = Decoder(self.slabs, self.classes, backend, rotation)
         # Writers hold this while they change slabs or the index; lookups take it too, so a
@@ -323,6 +329,8 @@ class CompressedTable:
         if self.rotation is not None:
             out["rotation"] = self.rotation
         out.update(self.unknown.state_tensors())
+        if self.lifecycle is not None:
+            out.update(self.lifecycle.state_tensors())
         return out
 
     def held_tensors(self) -> dict[str, torch.Tensor]:
@@ -371,4 +379,5 @@ class CompressedTable:
             None if self.rotation is None else self.rotation.to(dev),
             self.unknown.to(dev),
             self.decoder.backend,  # type: ignore[arg-type]
+            self.lifecycle,  # its counts stay on CPU: the applier reads them there
         )

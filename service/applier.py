@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compression.hash_index import EMPTY as KEY_EMPTY
 from compression.layout import LOCATOR_CLASS_SHIFT
 from compression.policies import apply_decision
 from compression.storage import TABLE_SUFFIX, capture_state, write_state
@@ -57,6 +58,8 @@ def validate_batch(hosted: HostedTable, batch: UpdateBatch) -> None:
         raise RejectedEntry("vectors hold NaN or Inf")
     if table.index.positional and batch.upsert_ids.shape[0] and int(batch.upsert_ids.min()) < 0:
         raise RejectedEntry("a dense table takes only IDs >= 0")
+    if not table.index.positional and (batch.upsert_ids == KEY_EMPTY).any():
+        raise RejectedEntry("ID -2**63 cannot be stored in a keyed table (it marks free hash slots)")
 
 
 class Applier:
@@ -156,12 +159,22 @@ class Applier:
             return
         table = hosted.table
         ids = torch.from_numpy(batch.upsert_ids)
+        vectors = torch.from_numpy(batch.vectors)
         deletes = torch.from_numpy(batch.delete_ids)
+        filtered = evicted = 0
         with table.lock:  # one entry = one atomic change for lookups
+            if ids.numel() and table.lifecycle is not None:
+                # admission and capacity: a function of the log alone (compression/lifecycle.py)
+                gate = table.lifecycle.gate(table, ids)
+                ids, vectors, filtered, evicted = ids[gate.keep], vectors[gate.keep], gate.filtered, gate.evicted
             if ids.numel():
-                table.put(ids, torch.from_numpy(batch.vectors), self._classes_for(hosted, ids))
+                table.put(ids, vectors, self._classes_for(hosted, ids))
             removed = table.delete(deletes) if deletes.numel() else 0
             hosted.log_position = rec.position
+        if filtered:
+            self.metrics.updates_filtered.labels(hosted.name).inc(filtered)
+        if evicted:
+            self.metrics.evicted_ids.labels(hosted.name).inc(evicted)
         if ids.numel() and hosted.sketch is not None:
             hosted.sketch.add(ids)
         hosted.updates_since_decision += batch.size

@@ -45,6 +45,8 @@ class TableInfo(BaseModel):
     snapshot_position: str | None
     budget_bytes: int | None
     policy: dict[str, Any]
+    lifecycle: dict[str, Any] | None = None  # keyed tables: max_ids, admit_min_count, ... (compression/lifecycle.py)
+    index_slots: int | None = None  # hash index capacity (ids / index_slots = its load)
     loaded_at: float
 
 
@@ -79,6 +81,8 @@ def describe(hosted: HostedTable) -> TableInfo:
         snapshot_position=format_position(hosted.snapshot_position),
         budget_bytes=hosted.budget_bytes,
         policy=policy_config(hosted.policy),
+        lifecycle=None if table.lifecycle is None else table.lifecycle.config.as_dict(),
+        index_slots=getattr(table.index, "capacity", None),
         loaded_at=hosted.loaded_at,
     )
 
