@@ -30,6 +30,7 @@ from .metrics import ServiceMetrics
 from .registry import HostedTable, TableRegistry
 from .settings import Settings
 from .updatelog import LogRecord, MalformedEntry, Position, UpdateBatch, UpdateLog, format_position
+from .updatelog.trim_coordinator import coordinator_for
 
 log = logging.getLogger("embserve.applier")
 
@@ -80,6 +81,12 @@ class Applier:
         self._rng = np.random.default_rng()
         self._last_snapshot = time.monotonic()
         self.error: str | None = None
+        # replicas sharing a Redis stream trim it together (service/updatelog/trim_coordinator.py)
+        self.trim_coordinator = coordinator_for(log_, settings.replica_id, settings.replica_ttl_s, settings.port)
+        self._last_heartbeat = float("-inf")
+        if self.trim_coordinator is not None and self.trim_coordinator.missed(self.needed_position()):
+            log.error("entries after %s were trimmed from the stream while this replica was away: re-seed it from a fresh snapshot",
+                      format_position(self.needed_position()))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,6 +129,9 @@ class Applier:
         self._maybe_redecide()
         if time.monotonic() - self._last_snapshot >= self.settings.snapshot_interval_s:
             self.snapshot_all(only_dirty=True)
+        if self.trim_coordinator is not None and time.monotonic() - self._last_heartbeat >= self.settings.replica_ttl_s / 3:
+            self.trim_coordinator.heartbeat(self.needed_position())
+            self._last_heartbeat = time.monotonic()
         self._update_lag()
         return len(records)
 
@@ -315,9 +325,25 @@ class Applier:
         self._last_snapshot = time.monotonic()
         self.trim()
 
+    def needed_position(self) -> Position | None:
+        """The oldest log position this replica may still replay from: its oldest snapshot
+        (None: it needs the whole log)."""
+        kept = [self.tables.get(n) for n in self.tables.names()]
+        positions = [h.snapshot_position for h in kept if h is not None]
+        if None in positions:
+            return None
+        return min(positions) if positions else self.position  # type: ignore[type-var]
+
     def trim(self) -> int:
-        """Drop log entries every table's snapshot already holds.  Off with ``trim_log=false``:
-        replicas sharing one Redis stream must not trim behind each other's snapshots."""
+        """Drop log entries every table's snapshot already holds; on a Redis stream, only those
+        every live replica's snapshots hold.  Off with ``trim_log=false``."""
+        if self.trim_coordinator is not None:
+            needed = self.needed_position()
+            self._last_heartbeat = time.monotonic()
+            if not self.settings.trim_log:
+                self.trim_coordinator.heartbeat(needed)  # still hold the others back
+                return 0
+            return self.trim_coordinator.trim(needed)
         if not self.settings.trim_log:
             return 0
         kept = [self.tables.get(n) for n in self.tables.names()]
