@@ -16,6 +16,7 @@ from rich.table import Table as RichTable
 
 from compression import candidate_classes, compress, load_table, read_manifest, save_table
 from compression.allocation import BudgetTooSmall
+from compression.lifecycle import IdLifecycle, LifecycleConfig
 from compression.storage import TABLE_SUFFIX, TableFormatError
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies
 
@@ -93,10 +94,23 @@ def compress_cmd(
     dims: Annotated[Optional[str], typer.Option(help="candidate dims, comma-separated (default D,D/2,D/4,D/8,0)")] = None,
     unknown: Annotated[str, typer.Option(help="unknown-ID policy: zero, default or hashed")] = "zero",
     groups: Annotated[int, typer.Option(help="frequency groups for the allocation")] = 64,
+    keyed_index: Annotated[str, typer.Option(help="with --ids: hash (open addressing, updated in place) or sorted (fewer bytes, read-mostly)")] = "hash",
+    max_ids: Annotated[Optional[int], typer.Option(help="with --ids: most IDs the served table keeps; past it the least updated are evicted")] = None,
+    admit_min_count: Annotated[Optional[int], typer.Option(help="with --ids: upserts a new ID needs before it gets a row")] = None,
 ) -> None:
     """Compress a dense table into mixed (dim, bits) row classes within a memory budget."""
     if (ratio is None) == (budget_bytes is None):
         raise typer.BadParameter("give exactly one of --ratio and --budget-bytes")
+    if keyed_index not in ("hash", "sorted"):
+        raise typer.BadParameter("--keyed-index must be hash or sorted")
+    lifecycle = None
+    if max_ids is not None or admit_min_count is not None:
+        if ids is None or keyed_index != "hash":
+            raise typer.BadParameter("--max-ids and --admit-min-count need --ids and the hash index")
+        try:
+            lifecycle = LifecycleConfig(max_ids=max_ids, admit_min_count=admit_min_count or 0)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
     if unknown not in ("zero", "default", "hashed"):
         raise typer.BadParameter("--unknown must be zero, default or hashed")
     rows = _load_array(input, tensor).to(torch.float32)
@@ -111,12 +125,14 @@ def compress_cmd(
         try:
             table, report = compress(
                 rows, freqs, budget_bytes=budget_bytes, ratio=ratio, ids=id_tensor, candidates=cands,
-                num_groups=groups, unknown=unknown,  # type: ignore[arg-type]
+                num_groups=groups, unknown=unknown, keyed_index=keyed_index,  # type: ignore[arg-type]
                 progress=lambda done, total: progress.update(task, completed=done),
             )
         except (BudgetTooSmall, ValueError) as exc:
             console.print(f"[red]cannot compress:[/red] {exc}")
             raise typer.Exit(2) from exc
+    if lifecycle is not None:
+        table.lifecycle = IdLifecycle(lifecycle)
     save_table(table, output, extra={"source": input.name})
     elapsed = time.perf_counter() - started
     error = weighted_relative_error(rows, freqs if freqs is not None else torch.ones(rows.shape[0]), output) if id_tensor is None else None
@@ -191,6 +207,43 @@ def demo_cmd(
         console.print(f"the demo table exists: {path} (--rebuild to make it anew)")
     if serve:
         _serve(Settings(tables_dir=tables_dir, host=host, port=port))
+
+
+@app.command("capacity")
+def capacity_cmd(
+    table: Annotated[str, typer.Argument(help="keyed table on the server")],
+    url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8080",
+    max_ids: Annotated[Optional[int], typer.Option(help="most IDs with a row; the lowest counts are evicted past it")] = None,
+    unlimited: Annotated[bool, typer.Option(help="drop the max_ids limit")] = False,
+    admit_min_count: Annotated[Optional[int], typer.Option(help="upserts a new ID needs before it gets a row (0 = all)")] = None,
+    half_life_rows: Annotated[Optional[int], typer.Option(help="the counts halve every this many upserted rows")] = None,
+) -> None:
+    """Set a served keyed table's max_ids and admission count (admin API; token from EMBSERVE_TOKEN)."""
+    import json
+
+    import httpx
+
+    body = {k: v for k, v in dict(max_ids=max_ids, admit_min_count=admit_min_count, count_half_life_rows=half_life_rows).items() if v is not None}
+    if unlimited:
+        body["unlimited"] = True
+    if not body:
+        console.print("capacity: give --max-ids, --unlimited, --admit-min-count or --half-life-rows")
+        raise typer.Exit(2)
+    token = Settings().token
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+    try:
+        r = httpx.put(f"{url.rstrip('/')}/v1/admin/tables/{table}/capacity", json=body, headers=headers, timeout=30.0)
+    except httpx.HTTPError as exc:
+        console.print(f"capacity: {exc}")
+        raise typer.Exit(1) from None
+    if r.status_code != 200:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:200]
+        console.print(f"capacity: HTTP {r.status_code}: {message}")
+        raise typer.Exit(2)
+    print(json.dumps(r.json()))
 
 
 @app.command("probe")
