@@ -145,6 +145,12 @@ def main() -> None:
                 f"| {m} | {table.index.nbytes / 2**20:.1f} MiB | {d} | {statistics.median(rates[(m, d)]) / 1e6:.1f} | "
                 f"{statistics.median(ratios):.2f} | {min(ratios):.2f}..{max(ratios):.2f} |"
             )
+    hash_name = names[1]
+    verdicts = []
+    for d in streams:
+        ratio = statistics.median([a / b for a, b in zip(rates[(hash_name, d)], rates[(base, d)], strict=True)])
+        verdicts.append(f"{d} {ratio:.2f}x ({'met' if ratio >= 0.8 else 'NOT met'})")
+    lines += ["", f"Target: keyed (hash index) >= 0.80x dense at batch {args.batch}: " + "; ".join(verdicts) + "."]
     report = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
