@@ -214,6 +214,15 @@ def main() -> None:
                         if run.acked_rows >= args.rows:
                             stop.set()
 
+        head_ids = ids_of(np.arange(1, args.head + 1))
+
+        def write_head() -> None:
+            """Every head ID carries the current epoch's vector from here on (the stream alone
+            might not rewrite each of them before the next checkpoint)."""
+            body = encode_binary_updates(head_ids, vectors_of(head_ids, epoch[0]), np.zeros(0, dtype=np.int64))
+            r = client.post(f"/v1/tables/{TABLE}/updates", content=body, headers={"Content-Type": BINARY})
+            assert r.status_code == 200, r.text
+
         def check_head() -> None:
             # the epoch's writes are all acknowledged; wait until they are applied, then look
             r = client.post(f"/v1/tables/{TABLE}/updates", json={"delete_ids": [-1]})
@@ -237,6 +246,8 @@ def main() -> None:
             run.checks.append((time.monotonic() - started, int(found.sum()), exact, float(np.abs(got[found] - want[found]).max()) if found.any() else float("nan")))
             print(f"  t={run.checks[-1][0]:.0f}s head {args.head}: found {found.sum()}, exact to int8 {exact}", flush=True)
 
+        for _ in range(max(1, args.admit_min_count)):  # past the admission count
+            write_head()
         threads = [threading.Thread(target=writer, args=(k,), daemon=True) for k in range(args.writers)]
         sampling = threading.Thread(target=sampler, daemon=True)
         sampling.start()
@@ -250,6 +261,7 @@ def main() -> None:
                 barrier.wait()
                 check_head()
                 epoch[0] += 1
+                write_head()
                 pause.clear()
                 barrier.wait()
                 next_check = time.monotonic() + args.check_every

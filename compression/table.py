@@ -222,6 +222,9 @@ class CompressedTable:
         slab = self.slabs[c]
         if start + fresh > slab.shape[0]:
             capacity = min(MAX_SLOTS_PER_CLASS, max(start + fresh, 2 * slab.shape[0], 16))
+            if self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
+                # a table that evicts at max_ids never holds more rows: doubling must not overshoot it
+                capacity = min(capacity, max(start + fresh, self.lifecycle.config.max_ids))
             grown = torch.empty((capacity, slab.shape[1]), dtype=torch.uint8, device=slab.device)
             grown[:start] = slab[:start]
             self.slabs[c] = grown

@@ -59,6 +59,14 @@ def test_capacity_keeps_max_ids_and_evicts_the_cold_tail_not_the_head() -> None:
     assert torch.equal(head.values[:, 0], torch.arange(50, dtype=torch.float32))
 
 
+def test_slabs_do_not_grow_past_max_ids() -> None:
+    table = _table(max_ids=1000, half_life_rows=5000)
+    for ids in _stream(1, batches=30, size=300):
+        _apply(table, ids)
+    assert table.index.num_ids == 1000
+    assert table.slabs[0].shape[0] == 1000  # doubling would have stopped at 16 * 2**k >= 1000 rows: 1024+ (measured 2x overshoot at 1M)
+
+
 def test_admission_filters_ids_below_the_count() -> None:
     table = _table(admit_min_count=3)
     assert _apply(table, torch.tensor([7, 8])) == (2, 0)
