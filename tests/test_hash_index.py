@@ -16,16 +16,6 @@ from compression.kernels import cpu_c
 PATHS = ["torch"] + (["compiled"] if cpu_c.HASH_OPS_AVAILABLE else [])
 
 
-@pytest.fixture
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
-def _force(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    if path == "torch":
-        monkeypatch.setattr(cpu_c, "HASH_OPS_AVAILABLE", False)
-
-
 def check_invariants(index: HashIndex, model: dict[int, int]) -> None:
     keys, locs = index.live_items()
     assert dict(zip(keys.tolist(), locs.tolist(), strict=True)) == model

@@ -27,7 +27,6 @@ survive without a re-seed.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from typing import Any
@@ -35,8 +34,6 @@ from typing import Any
 import redis
 
 from .entry import Position, format_position, parse_position
-
-log = logging.getLogger("embserve.trim")
 
 _TRIM_SCRIPT = """
 local t = redis.call('TIME')
