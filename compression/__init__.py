@@ -4,6 +4,7 @@ Usable on its own (a notebook, a training job); the HTTP service in ``service`` 
 """
 
 from .allocation import BudgetTooSmall, CompressionReport, build_table, candidate_classes, compress, compress_uniform
+from .hash_index import HashIndex
 from .index import DenseIndex, KeyedIndex, RunIndex
 from .layout import RowClass
 from .pooling import pool_bags
@@ -17,6 +18,7 @@ __all__ = [
     "CompressionReport",
     "DenseIndex",
     "FORMAT_VERSION",
+    "HashIndex",
     "KeyedIndex",
     "LookupResult",
     "RowClass",

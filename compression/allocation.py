@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from . import codecs
+from .hash_index import HashIndex, hash_index_bytes
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex, run_index_bytes
 from .kernels.cpu_c import FENCE
 from .layout import MAX_CLASSES, RowClass, encode_locator
@@ -56,6 +57,9 @@ GroupErrorFn = Callable[[int, torch.Tensor, torch.Tensor], float]
 # or the same locators run-length encoded (cheap when the vocabulary is numbered by frequency,
 # so that frequency groups are ID ranges).
 DenseKind = Literal["dense", "runs"]
+# How a table with explicit ``ids`` indexes them: "hash" (open addressing, the default; see
+# compression/hash_index.py) or "sorted" (the sorted-key KeyedIndex, still loadable and buildable)
+KeyedKind = Literal["hash", "sorted"]
 
 
 class BudgetTooSmall(ValueError):
@@ -246,10 +250,14 @@ def group_runs(groups: list[torch.Tensor], n: int) -> int:
 
 
 def _fixed_bytes(
-    n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int, runs: int | None = None
+    n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int, runs: int | None = None,
+    keyed_index: KeyedKind = "hash",
 ) -> int:
-    # keyed: int64 key + int32 locator per ID, plus the fence (every FENCE-th key, see index.py)
-    if keyed:
+    # hash: 12 bytes per slot of a power-of-two capacity (compression/hash_index.py); sorted:
+    # int64 key + int32 locator per ID, plus the fence (every FENCE-th key, see index.py)
+    if keyed and keyed_index == "hash":
+        index = hash_index_bytes(n)
+    elif keyed:
         index = n * 12 + 8 * -(-n // FENCE)
     elif runs is not None:
         index = run_index_bytes(runs)
@@ -273,12 +281,14 @@ def build_table(
     progress: ProgressFn | None = None,
     index: DenseKind = "dense",
     codebooks: Sequence[torch.Tensor | None] | None = None,
+    keyed_index: KeyedKind = "hash",
 ) -> CompressedTable:
     """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``
     (a PQ class encodes against ``codebooks[class]``: nearest centroids).
 
     Slabs are sized exactly (no spare capacity); ``ids=None`` builds a table for IDs 0..N-1
-    with a :class:`DenseIndex`, or a :class:`RunIndex` when ``index="runs"``.  A row whose class
+    with a :class:`DenseIndex`, or a :class:`RunIndex` when ``index="runs"``; explicit ``ids`` get
+    a :class:`HashIndex` (``keyed_index="sorted"``: the sorted :class:`KeyedIndex`).  A row whose class
     is ``-1`` is left out (its ID has no row).
     """
     n, dim = rows.shape
@@ -305,7 +315,12 @@ def build_table(
     id_index: IdIndex
     if ids is not None:
         present = locator >= 0
-        id_index = KeyedIndex.build(ids[present], locator[present])
+        if keyed_index == "hash":
+            id_index = HashIndex.build(ids[present], locator[present])
+        elif keyed_index == "sorted":
+            id_index = KeyedIndex.build(ids[present], locator[present])
+        else:
+            raise ValueError(f"keyed_index must be 'hash' or 'sorted', got {keyed_index!r}")
     elif index == "runs":
         id_index = RunIndex.from_locator(locator)
     elif index == "dense":
@@ -332,6 +347,7 @@ def compress(
     group_error: GroupErrorFn | None = None,
     stage: StageFn | None = None,
     pq: bool | Sequence[RowClass] = False,
+    keyed_index: KeyedKind = "hash",
 ) -> tuple[CompressedTable, CompressionReport]:
     """Compress a dense fp32 table into the cheapest-error mixed table within the budget.
 
@@ -413,7 +429,7 @@ def compress(
                                progress=costing)
         first_costs.setdefault((rotated, tuple(variant)), costs)  # PQ plans reuse the unrotated full-dim costs
         while True:
-            fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs)
+            fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs, keyed_index)
             try:
                 choice = solve_knapsack(costs.errors, costs.bytes, budget_bytes - fixed)
             except BudgetTooSmall:
@@ -447,12 +463,12 @@ def compress(
         unrotated = full_dim + [rc for rc in reduced if rc.dim == 0]
         plans += pq_alloc.pq_plans(
             rows, weights, groups, unrotated, pq_classes, codebook_of, sample_per_group, budget_bytes,
-            lambda runs: _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, runs),
+            lambda runs: _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, runs, keyed_index),
             None if runs_bound is None else min(runs_bound, MAX_CLASSES), owner, group_error,
             scalar_costs=first_costs.get((False, tuple(unrotated))),
         )
     if not plans:
-        smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, None if runs_bound is None else 1)
+        smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, None if runs_bound is None else 1, keyed_index)
         raise BudgetTooSmall(
             f"budget of {budget_bytes} bytes cannot hold {n} rows: the index and fallback alone take {smallest} bytes"
             " and the cheapest row classes need more than what is left"
@@ -481,11 +497,12 @@ def compress(
 
     table = build_table(
         rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=encoded,
-        index=index, codebooks=codebooks,
+        index=index, codebooks=codebooks, keyed_index=keyed_index,
     )
     report = CompressionReport(
         budget_bytes=budget_bytes,
-        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs) + sum(rc.codebook_bytes for rc in table_classes),
+        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs, keyed_index)
+        + sum(rc.codebook_bytes for rc in table_classes),
         rotation=rotated,
         estimated_error=err,
         group_sizes=[g.numel() for g in groups],
@@ -503,6 +520,7 @@ def compress_uniform(
     unknown: UnknownKind = "zero",
     frequencies: torch.Tensor | None = None,
     index: DenseKind = "dense",
+    keyed_index: KeyedKind = "hash",
 ) -> CompressedTable:
     """Every row in one class: the uniform-quantization baseline (FBGEMM-style INT8/INT4/...).
     With ``index="runs"`` a table of IDs 0..N-1 needs a single run (20 bytes) instead of 4N."""

@@ -10,6 +10,8 @@ Two kinds:
   GPU), plus a small sorted *delta* part that takes inserts.  The delta is merged into the main
   part once it outgrows a fraction of it (LSM style), so an insert never re-sorts the whole
   index.  12.5 bytes per ID (8 key + 4 locator + 1/16 of a key for the fence).
+* :class:`compression.hash_index.HashIndex` - arbitrary int64 IDs in an open-addressing hash
+  table, updated in place: the default for new keyed tables (see its module).
 * :class:`RunIndex` - IDs are ``0..N-1`` *and* their locators come in runs (consecutive IDs in
   consecutive slots of one class), as they do when a trainer numbers its vocabulary by
   frequency and rows are laid out grouped by class: then the locator shrinks to the class
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .hash_index import HashIndex
 from .kernels import cpu_c
 from .layout import NO_ROW
 
@@ -381,4 +384,6 @@ def index_from_state(kind: str, tensors: dict[str, torch.Tensor]) -> IdIndex:
         return KeyedIndex.from_state(tensors)
     if kind == RunIndex.kind:
         return RunIndex.from_state(tensors)
+    if kind == HashIndex.kind:
+        return HashIndex.from_state(tensors)
     raise ValueError(f"unknown index kind {kind!r}")

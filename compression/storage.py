@@ -9,8 +9,9 @@ File layout (safetensors, see https://github.com/huggingface/safetensors):
 
 Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
 
-    index.locator                 int32 [N]          dense and keyed tables
-    index.keys                    int64 [N]          keyed: sorted IDs
+    index.locator                 int32 [N]          dense and keyed tables; hash: int32 [cap]
+    index.keys                    int64 [N]          keyed: sorted IDs; hash: int64 [cap], INT64_MIN = free
+                                                     (layout and slot formula: compression/hash_index.py)
     index.delta_keys / _locator   int64 / int32      keyed: unmerged inserts
     index.bounds / index.bases    int64 [R+1] / int32 [R]   runs: run-length encoded dense locator
     class.{k}.slab                uint8 [cap_k, row_bytes_k]   rows of class k (compression.layout)
@@ -20,21 +21,32 @@ Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
     unknown.default               fp32 [D]           optional
     unknown.buckets               fp16 [K, D]        optional (hashed, qr, binary_hash)
     unknown.params                int64 [2]          optional (qr: [M, Q]; binary_hash: [S, k])
+    lifecycle.counts              int32 [depth, width]   optional: admission / eviction counts
+    lifecycle.clock               int64 [2]          optional: [upserted rows, next halving]
+                                                     (compression/lifecycle.py; hash tables only)
 
-Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``/``runs``),
+Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``/``runs``/``hash``),
 ``classes`` (``[{"dim", "bits", "used"}]`` in class-index order; a product-quantization class
 adds ``"kind": "pq"`` and ``"m"``, and then ``bits`` is its code width), ``unknown`` (policy
-kind), ``log_position`` (update-log position the file includes, or null), ``extra`` (free-form).
+kind), ``lifecycle`` (null, or ``max_ids`` / ``admit_min_count`` / ``half_life_rows`` / sketch
+shape / ``eviction_samples``), ``log_position`` (update-log position the file includes, or
+null), ``extra`` (free-form).
 
-Format versions: a file is written as version 1 unless it holds a PQ (codebook) class, which
-makes it version 2.  A version-1 reader would otherwise take a PQ class's ``(dim, bits)`` for a
-scalar class, so it must refuse the file, and it does: its version check names the newer
-version and says to upgrade.  This reader reads both; version-1 files load as before.
+Format versions: a file is written with the smallest version that holds what it uses, so a
+table an older reader could read stays readable by it.  Version 2 adds PQ (codebook) classes
+and the ``hash`` index: a version-1 reader would take a PQ class's ``(dim, bits)`` for a scalar
+class, or not know the index, so it must refuse such a file, and it does: its version check
+names the newer version and says to upgrade.  This reader reads both.
 
 The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added without a
 format version bump: they are new names, so a reader that predates them refuses such a file
 with a clear "inconsistent table file" error instead of misreading it, and every file it could
 read before reads the same.
+
+The ``hash`` index (open addressing, compression/hash_index.py) is written as format version 2:
+a reader of version 1 refuses such a file with "format version 2 is newer than this embserve
+reads (1); upgrade embserve".  Every other table is still written as version 1, so files an
+older reader could read stay readable by it, and this reader loads every version-1 file.
 
 Keeping the manifest inside the tensor file makes the write a single atomic rename: a crash
 leaves either the old file or the new one, never a table with a mismatched manifest.
@@ -54,11 +66,14 @@ from safetensors.torch import load_file, save_file
 
 from .index import index_from_state
 from .layout import RowClass
+from .lifecycle import IdLifecycle
 from .table import CompressedTable
 from .unknown import UnknownPolicy
 
-FORMAT_VERSION = 2  # newest version this reader reads
-_PLAIN_VERSION = 1  # what a table without PQ classes is written as (readable by older readers)
+FORMAT_VERSION = 2  # the newest version this reader reads
+# the oldest version that can hold each feature: a file is written with the smallest version
+# that holds everything it uses, so a table an older reader could read stays readable by it
+_INDEX_VERSIONS = {"hash": 2}
 _PQ_VERSION = 2
 MANIFEST_KEY = "embserve.manifest"
 TABLE_SUFFIX = ".safetensors"
@@ -70,11 +85,12 @@ class TableFormatError(ValueError):
 
 def manifest_of(table: CompressedTable, log_position: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
-        "format_version": _PQ_VERSION if any(rc.pq for rc in table.classes) else _PLAIN_VERSION,
+        "format_version": max(_INDEX_VERSIONS.get(table.index.kind, 1), _PQ_VERSION if any(rc.pq for rc in table.classes) else 1),
         "dim": table.dim,
         "index": table.index.kind,
         "classes": [_class_entry(rc, u) for rc, u in zip(table.classes, table.used, strict=True)],
         "unknown": table.unknown.kind,
+        "lifecycle": None if table.lifecycle is None else table.lifecycle.config.as_dict(),
         "log_position": log_position,
         "extra": extra or {},
     }
@@ -184,6 +200,7 @@ def load_table(path: str | os.PathLike[str], device: torch.device | str = "cpu")
             rotation=tensors.get("rotation"),
             unknown=UnknownPolicy.from_state(manifest["unknown"], tensors),
             codebooks=[tensors[f"class.{k}.codebook"] if rc.pq else None for k, rc in enumerate(classes)],
+            lifecycle=IdLifecycle.from_state(manifest["lifecycle"], tensors) if manifest.get("lifecycle") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise TableFormatError(f"{path}: inconsistent table file ({exc})") from exc

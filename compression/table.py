@@ -3,11 +3,13 @@
 Memory picture of one table (every byte of it is counted in :attr:`CompressedTable.nbytes`):
 
     index      DenseIndex: int32 locator [N]          KeyedIndex: int64 keys + int32 locator
+               HashIndex: int64 keys + int32 locator [cap], open addressing (compression.hash_index)
                RunIndex: int64 bounds [R+1] + int32 bases [R] (class-grouped dense IDs)
     class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
                int32 free-slot stack [<= capacity_k]
                fp16 codebook [m, 2**k, dim/m]          product-quantization classes only
     rotation   fp32 [D, D]                             only when some class has 0 < dim < D
+    lifecycle  int32 [depth, width] counts + int64 [2]  keyed tables with max_ids / admission
 
 Rows of full-dimension classes are stored as they are; rows of truncated classes (0 < dim < D)
 are stored in the rotated basis ``y = x @ R`` and keep their first ``dim`` coordinates, so
@@ -30,8 +32,10 @@ from typing import Literal
 import torch
 
 from . import codecs, pq
+from .hash_index import HashIndex
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
 from .kernels import Decoder
+from .lifecycle import IdLifecycle
 from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
 from .pooling import PoolingMode, pool_bags, validate_offsets
 from .unknown import UnknownPolicy
@@ -110,6 +114,7 @@ class CompressedTable:
         unknown: UnknownPolicy | None = None,
         backend: Backend = "auto",
         codebooks: list[torch.Tensor | None] | None = None,
+        lifecycle: IdLifecycle | None = None,
     ) -> None:
         if not 0 < len(classes) <= MAX_CLASSES:
             raise ValueError(f"a table has 1..{MAX_CLASSES} row classes, got {len(classes)}")
@@ -142,6 +147,9 @@ class CompressedTable:
         # upserted later are assigned to the nearest existing centroids)
         self.codebooks: list[torch.Tensor | None] = codebooks
         self.unknown = unknown if unknown is not None else UnknownPolicy("zero")
+        if lifecycle is not None and not isinstance(index, HashIndex):
+            raise ValueError("max_ids and admission need a hash-indexed keyed table")
+        self.lifecycle = lifecycle  # admission and capacity (compression.lifecycle); saved with the table
         self._check_locators()
         self.decoder = Decoder(self.slabs, self.classes, backend, rotation, self.codebooks)
         # Writers hold this while they change slabs or the index; lookups take it too, so a
@@ -164,7 +172,7 @@ class CompressedTable:
         dev = torch.device(device)
         index: IdIndex
         if keyed:
-            index = KeyedIndex(torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.int32, device=dev))
+            index = HashIndex.empty(device=dev)
         else:
             index = DenseIndex(torch.empty(0, dtype=torch.int32, device=dev))
         slabs = [torch.empty((0, rc.row_bytes), dtype=torch.uint8, device=dev) for rc in classes]
@@ -251,6 +259,9 @@ class CompressedTable:
         slab = self.slabs[c]
         if start + fresh > slab.shape[0]:
             capacity = min(MAX_SLOTS_PER_CLASS, max(start + fresh, 2 * slab.shape[0], 16))
+            if self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
+                # a table that evicts at max_ids never holds more rows: doubling must not overshoot it
+                capacity = min(capacity, max(start + fresh, self.lifecycle.config.max_ids))
             grown = torch.empty((capacity, slab.shape[1]), dtype=torch.uint8, device=slab.device)
             grown[:start] = slab[:start]
             self.slabs[c] = grown
@@ -343,7 +354,9 @@ class CompressedTable:
                 self.used[c] = int(order.numel())
                 self.free[c] = torch.empty(0, dtype=torch.int32, device=self.device)
                 new_locs[order] = (c << LOCATOR_CLASS_SHIFT) | torch.arange(order.numel(), dtype=torch.int32, device=self.device)
-            if isinstance(self.index, KeyedIndex):
+            if isinstance(self.index, HashIndex):
+                self.index.assign(ids, new_locs)  # same keys, new slots: repointed in place
+            elif isinstance(self.index, KeyedIndex):
                 self.index = KeyedIndex.build(ids, new_locs)
             else:  # also drop the locator slack that doubling left past the highest live ID
                 size = int(ids.max()) + 1 if ids.numel() else 0
@@ -367,6 +380,8 @@ class CompressedTable:
         if self.rotation is not None:
             out["rotation"] = self.rotation
         out.update(self.unknown.state_tensors())
+        if self.lifecycle is not None:
+            out.update(self.lifecycle.state_tensors())
         return out
 
     def held_tensors(self) -> dict[str, torch.Tensor]:
@@ -422,4 +437,5 @@ class CompressedTable:
             self.unknown.to(dev),
             self.decoder.backend,  # type: ignore[arg-type]
             [None if cb is None else cb.to(dev) for cb in self.codebooks],
+            self.lifecycle,  # its counts stay on CPU: the applier reads them there
         )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from compression.allocation import BudgetTooSmall
+from compression.hash_index import EMPTY as KEY_EMPTY
 from compression.layout import LOCATOR_CLASS_SHIFT
 from compression.policies import apply_decision
 
@@ -30,6 +31,7 @@ from .registry import HostedTable, TableRegistry
 from .settings import Settings
 from .tablefiles import write_snapshot
 from .updatelog import LogRecord, MalformedEntry, Position, UpdateBatch, UpdateLog, format_position
+from .updatelog.trim_coordinator import coordinator_for
 
 log = logging.getLogger("embserve.applier")
 
@@ -61,6 +63,8 @@ def validate_batch(hosted: HostedTable, batch: UpdateBatch) -> None:
         raise RejectedEntry("vectors hold NaN or Inf")
     if table.index.positional and batch.upsert_ids.shape[0] and int(batch.upsert_ids.min()) < 0:
         raise RejectedEntry("a dense table takes only IDs >= 0")
+    if not table.index.positional and (batch.upsert_ids == KEY_EMPTY).any():
+        raise RejectedEntry("ID -2**63 cannot be stored in a keyed table (it marks free hash slots)")
 
 
 class Applier:
@@ -81,6 +85,12 @@ class Applier:
         self._rng = np.random.default_rng()
         self._last_snapshot = time.monotonic()
         self.error: str | None = None
+        # replicas sharing a Redis stream trim it together (service/updatelog/trim_coordinator.py)
+        self.trim_coordinator = coordinator_for(log_, settings.replica_id, settings.replica_ttl_s, settings.port)
+        self._last_heartbeat = float("-inf")
+        if self.trim_coordinator is not None and self.trim_coordinator.missed(self.needed_position()):
+            log.error("entries after %s were trimmed from the stream while this replica was away: re-seed it from a fresh snapshot",
+                      format_position(self.needed_position()))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,6 +133,9 @@ class Applier:
         self._maybe_redecide()
         if time.monotonic() - self._last_snapshot >= self.settings.snapshot_interval_s:
             self.snapshot_all(only_dirty=True)
+        if self.trim_coordinator is not None and time.monotonic() - self._last_heartbeat >= self.settings.replica_ttl_s / 3:
+            self.trim_coordinator.heartbeat(self.needed_position())
+            self._last_heartbeat = time.monotonic()
         self._update_lag()
         return len(records)
 
@@ -160,12 +173,22 @@ class Applier:
             return
         table = hosted.table
         ids = torch.from_numpy(batch.upsert_ids)
+        vectors = torch.from_numpy(batch.vectors)
         deletes = torch.from_numpy(batch.delete_ids)
+        filtered = evicted = 0
         with table.lock:  # one entry = one atomic change for lookups
+            if ids.numel() and table.lifecycle is not None:
+                # admission and capacity: a function of the log alone (compression/lifecycle.py)
+                gate = table.lifecycle.gate(table, ids)
+                ids, vectors, filtered, evicted = ids[gate.keep], vectors[gate.keep], gate.filtered, gate.evicted
             if ids.numel():
-                table.put(ids, torch.from_numpy(batch.vectors), self._classes_for(hosted, ids))
+                table.put(ids, vectors, self._classes_for(hosted, ids))
             removed = table.delete(deletes) if deletes.numel() else 0
             hosted.log_position = rec.position
+        if filtered:
+            self.metrics.updates_filtered.labels(hosted.name).inc(filtered)
+        if evicted:
+            self.metrics.evicted_ids.labels(hosted.name).inc(evicted)
         if ids.numel() and hosted.sketch is not None:
             hosted.sketch.add(ids)
         hosted.updates_since_decision += batch.size
@@ -324,9 +347,25 @@ class Applier:
         self._last_snapshot = time.monotonic()
         self.trim()
 
+    def needed_position(self) -> Position | None:
+        """The oldest log position this replica may still replay from: its oldest snapshot
+        (None: it needs the whole log)."""
+        kept = [self.tables.get(n) for n in self.tables.names()]
+        positions = [h.snapshot_position for h in kept if h is not None]
+        if None in positions:
+            return None
+        return min(positions) if positions else self.position  # type: ignore[type-var]
+
     def trim(self) -> int:
-        """Drop log entries every table's snapshot already holds.  Off with ``trim_log=false``:
-        replicas sharing one Redis stream must not trim behind each other's snapshots."""
+        """Drop log entries every table's snapshot already holds; on a Redis stream, only those
+        every live replica's snapshots hold.  Off with ``trim_log=false``."""
+        if self.trim_coordinator is not None:
+            needed = self.needed_position()
+            self._last_heartbeat = time.monotonic()
+            if not self.settings.trim_log:
+                self.trim_coordinator.heartbeat(needed)  # still hold the others back
+                return 0
+            return self.trim_coordinator.trim(needed)
         if not self.settings.trim_log:
             return 0
         kept = [self.tables.get(n) for n in self.tables.names()]

@@ -20,6 +20,7 @@ from rich.table import Table as RichTable
 from compression import candidate_classes, compress, load_table, read_manifest, save_table
 from compression.allocation import BudgetTooSmall
 from compression.layout import SUPPORTED_BITS, RowClass
+from compression.lifecycle import IdLifecycle, LifecycleConfig
 from compression.storage import TABLE_SUFFIX, TableFormatError
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies
 from compression.table import CompressedTable
@@ -195,20 +196,31 @@ def compress_cmd(
     unknown: Annotated[str, typer.Option(help="unknown-ID policy: zero, default or hashed")] = "zero",
     groups: Annotated[int, typer.Option(help="frequency groups for the allocation")] = 64,
     pq: Annotated[bool, typer.Option("--pq/--no-pq", help="also consider product-quantization (codebook) classes")] = False,
+    keyed_index: Annotated[str, typer.Option(help="with --ids: hash (open addressing, updated in place) or sorted (fewer bytes, read-mostly)")] = "hash",
+    max_ids: Annotated[Optional[int], typer.Option(help="with --ids: most IDs the served table keeps; past it the least updated are evicted")] = None,
+    admit_min_count: Annotated[Optional[int], typer.Option(help="with --ids: upserts a new ID needs before it gets a row")] = None,
 ) -> None:
     """Compress a dense table into mixed (dim, bits) row classes within a memory budget."""
     with bad_input_exits("compress"):
-        _compress(input, output, frequencies, ids, tensor, ratio, budget_bytes, bits, dims, unknown, groups, pq)
+        _compress(input, output, frequencies, ids, tensor, ratio, budget_bytes, bits, dims, unknown, groups, pq, keyed_index, max_ids, admit_min_count)
 
 
 def _compress(
     input: Path, output: Path, frequencies: Path | None, ids: Path | None, tensor: str | None, ratio: float | None,
     budget_bytes: int | None, bits: str, dims: str | None, unknown: str, groups: int, pq: bool = False,
+    keyed_index: str = "hash", max_ids: int | None = None, admit_min_count: int | None = None,
 ) -> None:
     if (ratio is None) == (budget_bytes is None):
         raise BadInput("give exactly one of --ratio and --budget-bytes")
     if (ratio is not None and not ratio > 0) or (budget_bytes is not None and budget_bytes <= 0):
         raise BadInput("--ratio and --budget-bytes must be positive")
+    if keyed_index not in ("hash", "sorted"):
+        raise BadInput(f"--keyed-index {keyed_index!r}: must be hash or sorted")
+    lifecycle = None
+    if max_ids is not None or admit_min_count is not None:
+        if ids is None or keyed_index != "hash":
+            raise BadInput("--max-ids and --admit-min-count need --ids and the hash index")
+        lifecycle = LifecycleConfig(max_ids=max_ids, admit_min_count=admit_min_count or 0)  # ValueError: one line, exit 2
     if unknown not in ("zero", "default", "hashed"):
         raise BadInput(f"--unknown {unknown!r}: must be zero, default or hashed")
     if groups < 1:
@@ -232,10 +244,12 @@ def _compress(
         task = progress.add_task("starting", total=1)
         table, report = compress(
             rows, freqs, budget_bytes=budget_bytes, ratio=ratio, ids=id_tensor, candidates=cands,
-            num_groups=groups, unknown=unknown, pq=pq,  # type: ignore[arg-type]
+            num_groups=groups, unknown=unknown, pq=pq, keyed_index=keyed_index,  # type: ignore[arg-type]
             stage=_stage_reporter(progress, task),
         )
     _refuse_all_pruned(table, report.budget_bytes, report.fixed_bytes)
+    if lifecycle is not None:
+        table.lifecycle = IdLifecycle(lifecycle)
     save_table(table, output, extra={"source": input.name})
     elapsed = time.perf_counter() - started
     error = weighted_relative_error(rows, freqs if freqs is not None else torch.ones(rows.shape[0]), output) if id_tensor is None else None
@@ -330,6 +344,41 @@ def _build_demo(path: Path, name: str, rows: int, dim: int, ratio: float) -> Non
     save_table(table, path, extra={"source": "embserve demo", "rows": rows, "dim": dim, "ratio": ratio})
     console.print(f"built in {time.perf_counter() - started:.1f} s")
     _summary(path)
+@app.command("capacity")
+def capacity_cmd(
+    table: Annotated[str, typer.Argument(help="keyed table on the server")],
+    url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8080",
+    max_ids: Annotated[Optional[int], typer.Option(help="most IDs with a row; the lowest counts are evicted past it")] = None,
+    unlimited: Annotated[bool, typer.Option(help="drop the max_ids limit")] = False,
+    admit_min_count: Annotated[Optional[int], typer.Option(help="upserts a new ID needs before it gets a row (0 = all)")] = None,
+    half_life_rows: Annotated[Optional[int], typer.Option(help="the counts halve every this many upserted rows")] = None,
+) -> None:
+    """Set a served keyed table's max_ids and admission count (admin API; token from EMBSERVE_TOKEN)."""
+    import json
+
+    import httpx
+
+    body = {k: v for k, v in dict(max_ids=max_ids, admit_min_count=admit_min_count, count_half_life_rows=half_life_rows).items() if v is not None}
+    if unlimited:
+        body["unlimited"] = True
+    if not body:
+        console.print("capacity: give --max-ids, --unlimited, --admit-min-count or --half-life-rows")
+        raise typer.Exit(2)
+    token = Settings().token
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+    try:
+        r = httpx.put(f"{url.rstrip('/')}/v1/admin/tables/{table}/capacity", json=body, headers=headers, timeout=30.0)
+    except httpx.HTTPError as exc:
+        console.print(f"capacity: {exc}")
+        raise typer.Exit(1) from None
+    if r.status_code != 200:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:200]
+        console.print(f"capacity: HTTP {r.status_code}: {message}")
+        raise typer.Exit(2)
+    print(json.dumps(r.json()))
 
 
 @app.command("probe")

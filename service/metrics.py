@@ -39,6 +39,8 @@ class TableCollector(Collector):
             "embserve_table_over_budget", "1 when the policy cannot fit the table's rows in its budget (served over it)", labels=["table"]
         )
         snapshot_age = GaugeMetricFamily("embserve_table_snapshot_age_seconds", "Seconds since the table's last snapshot", labels=["table"])
+        index_slots = GaugeMetricFamily("embserve_table_index_slots", "Slots of a hash-indexed table's index (held IDs / slots = its load)", labels=["table"])
+        max_ids = GaugeMetricFamily("embserve_table_max_ids", "Capacity of a keyed table in IDs (embserve_table_ids / this = occupancy)", labels=["table"])
         now = time.time()
         for name in self.tables.names():
             hosted = self.tables.get(name)
@@ -58,7 +60,13 @@ class TableCollector(Collector):
                 over_budget.add_metric([name], 0.0 if hosted.over_budget is None else 1.0)
             if hosted.snapshot_at is not None:
                 snapshot_age.add_metric([name], now - hosted.snapshot_at)
-        yield from (nbytes, ids, ratio, bpp, rows, class_bytes, index_bytes, budget, over_budget, snapshot_age)
+            capacity = getattr(hosted.table.index, "capacity", None)
+            if capacity is not None:
+                index_slots.add_metric([name], capacity)
+            lifecycle = hosted.table.lifecycle
+            if lifecycle is not None and lifecycle.config.max_ids is not None:
+                max_ids.add_metric([name], lifecycle.config.max_ids)
+        yield from (nbytes, ids, ratio, bpp, rows, class_bytes, index_bytes, budget, over_budget, snapshot_age, index_slots, max_ids)
 
 
 class ServiceMetrics:
@@ -89,6 +97,12 @@ class ServiceMetrics:
         self.updates_appended = Counter("embserve_updates_appended_total", "Update requests acknowledged (durably in the log)", ["table"], registry=self.registry)
         self.log_lag_entries = Gauge("embserve_update_log_lag_entries", "Log entries not applied yet", registry=self.registry)
         self.log_lag_seconds = Gauge("embserve_update_log_lag_seconds", "Age of the oldest unapplied log entry", registry=self.registry)
+        self.evicted_ids = Counter(
+            "embserve_evicted_ids_total", "IDs evicted from a keyed table at its max_ids (lowest decayed counts first)", ["table"], registry=self.registry
+        )
+        self.updates_filtered = Counter(
+            "embserve_updates_filtered_total", "Upserted rows not stored: their ID is below the table's admission count", ["table"], registry=self.registry
+        )
         self.resize_events = Counter("embserve_resize_events_total", "Class re-decisions by the dimension policy", ["table"], registry=self.registry)
         self.rows_moved = Counter("embserve_rows_moved_total", "Rows moved into a row class by re-decisions", ["table", "row_class"], registry=self.registry)
         self.registry.register(TableCollector(tables))

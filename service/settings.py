@@ -48,7 +48,13 @@ class Settings(BaseSettings):
     log_path: Path | None = Field(None, description="SQLite update log file (default: <tables_dir>/updates.sqlite3)")
     max_updates_per_request: int = Field(100_000, ge=1, description="upserted + deleted IDs in one update request")
     wait_timeout_s: float = Field(10.0, gt=0, description="longest an update request with wait=true waits to be applied")
-    trim_log: bool = Field(True, description="drop log entries behind the snapshots; false where several replicas share one stream")
+    trim_log: bool = Field(
+        True, description="drop log entries behind the snapshots (Redis: behind the oldest snapshot over live replicas)"
+    )
+    replica_id: str | None = Field(None, description="this replica's name in the shared stream's trim records (default host:port)")
+    replica_ttl_s: float = Field(
+        600.0, gt=0, description="a replica silent this long stops holding the shared stream's trimming back"
+    )
     snapshot_interval_s: float = Field(300.0, gt=0, description="snapshot changed tables this often")
     segment_updates: int = Field(100_000, ge=1, description="re-decide classes after this many updated rows")
     segment_seconds: float = Field(60.0, gt=0, description="... or after this many seconds with updates")

@@ -71,12 +71,16 @@ def test_rotation_recovers_low_rank_tables_under_truncation() -> None:
 def test_keyed_tables_pay_for_their_keys(zipf_rows) -> None:  # type: ignore[no-untyped-def]
     rows, freqs = zipf_rows
     ids = torch.arange(rows.shape[0]) * 1_000_003 - 77
-    keyed, _ = compress(rows, freqs, ratio=8, ids=ids)
+    keyed, _ = compress(rows, freqs, ratio=8, ids=ids, keyed_index="sorted")
     dense, _ = compress(rows, freqs, ratio=8)
     assert keyed.nbytes <= rows.numel() * 4 / 8
     n = rows.shape[0]
     assert keyed.stats().index_bytes == 12 * n + 8 * -(-n // FENCE)  # key + locator per ID, plus the fence
     assert dense.stats().index_bytes == 4 * n
+    hashed, _ = compress(rows, freqs, ratio=4, ids=ids)  # the default: 12 B per slot of a power-of-two capacity
+    assert hashed.nbytes <= rows.numel() * 4 / 4
+    assert hashed.stats().index_bytes == 12 * 32768 and hashed.index.kind == "hash"  # 20000 IDs at load <= 0.7
+    assert bool(hashed.lookup(ids[:10]).found.all())
     res = keyed.lookup(ids[:10])
     assert bool(res.found.all())
     assert not bool(keyed.lookup(torch.tensor([5])).found.any())

@@ -71,3 +71,28 @@ def test_compress_with_pq_classes(tmp_path: Path) -> None:
     assert table.nbytes <= 3000 * 16 * 4 / 6 and any(rc.pq for rc in table.classes)
     assert manifest["format_version"] == 2 and any(c.get("kind") == "pq" for c in manifest["classes"])
     assert "pq" in result.output  # the class summary names the PQ class
+
+
+def test_compress_keyed_with_capacity_and_set_it_on_a_server(tmp_path: Path) -> None:
+    from tests.test_e2e import serving
+
+    rows = torch.randn(3000, 16)
+    np.save(tmp_path / "w.npy", rows.numpy())
+    np.save(tmp_path / "ids.npy", (np.arange(3000, dtype=np.int64) * 7_919 - 10**12))
+    out = tmp_path / "tables" / "k.safetensors"
+    out.parent.mkdir()
+    args = ["compress", str(tmp_path / "w.npy"), str(out), "--ids", str(tmp_path / "ids.npy"), "--ratio", "1.2"]
+    result = runner.invoke(app, [*args, "--max-ids", "5000", "--admit-min-count", "2"])
+    assert result.exit_code == 0, result.output
+    table, manifest = load_table(out)
+    assert manifest["index"] == "hash" and manifest["lifecycle"]["max_ids"] == 5000 and manifest["lifecycle"]["admit_min_count"] == 2
+    bad = runner.invoke(app, [*args, "--keyed-index", "btree"])
+    assert bad.exit_code == 2 and "hash or sorted" in bad.output
+    bad = runner.invoke(app, [*args, "--keyed-index", "sorted", "--max-ids", "10"])
+    assert bad.exit_code == 2
+    with serving(out.parent, {}) as base:
+        result = runner.invoke(app, ["capacity", "k", "--url", base, "--max-ids", "100"])
+        assert result.exit_code == 0, result.output
+        assert '"max_ids": 100' in result.output
+        result = runner.invoke(app, ["capacity", "nope", "--url", base, "--max-ids", "100"])
+        assert result.exit_code == 2 and "HTTP 404" in result.output

@@ -16,7 +16,7 @@ from compression import storage
 def test_round_trip_is_bit_exact(tmp_path: Path, mixed_table: CompressedTable) -> None:
     path = save_table(mixed_table, tmp_path / "t.safetensors", log_position="17-0")
     loaded, manifest = load_table(path)
-    assert manifest["log_position"] == "17-0" and manifest["format_version"] == 1  # no PQ class: still readable by version-1 readers
+    assert manifest["log_position"] == "17-0" and manifest["format_version"] == 1  # dense, no PQ class: still readable by version-1 readers
     before, after = mixed_table.state_tensors(), loaded.state_tensors()
     assert before.keys() == after.keys()
     for name in before:
@@ -97,3 +97,19 @@ def test_corrupt_locators_are_refused_at_load(tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={storage.MANIFEST_KEY: json.dumps(read_manifest(path))})
     with pytest.raises(TableFormatError, match="row class"):
         load_table(path)
+
+
+def test_hash_indexed_tables_are_version_2_and_an_older_reader_refuses_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table = CompressedTable.empty(4, [RowClass(4, 32)], keyed=True)
+    table.put(torch.tensor([5, -(2**62)]), torch.randn(2, 4), 0)
+    path = save_table(table, tmp_path / "h.safetensors")
+    assert read_manifest(path)["format_version"] == 2 == FORMAT_VERSION
+    loaded, manifest = load_table(path)
+    assert manifest["index"] == "hash" and torch.equal(loaded.lookup(torch.tensor([5, -(2**62), 6])).values, table.lookup(torch.tensor([5, -(2**62), 6])).values)
+    sorted_table = CompressedTable.empty(4, [RowClass(4, 32)], keyed=False)
+    sorted_table.put(torch.tensor([1]), torch.randn(1, 4), 0)
+    old_path = save_table(sorted_table, tmp_path / "d.safetensors")
+    monkeypatch.setattr(storage, "FORMAT_VERSION", 1)  # what a reader from before the hash index does
+    with pytest.raises(TableFormatError, match="format version 2 is newer than this embserve reads"):
+        load_table(path)
+    load_table(old_path)  # files without the new kind stay readable by it

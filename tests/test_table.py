@@ -161,6 +161,7 @@ def test_put_rejects_bad_rows() -> None:
 
 def test_slabs_grow_by_doubling_and_inserts_survive_index_merges() -> None:
     table = CompressedTable.empty(4, [RowClass(4, 8)], keyed=True)
+    table.index = KeyedIndex(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int32))  # the sorted index, still supported
     all_ids = torch.randperm(1_000_000)[:20_000] - 500_000
     rows = torch.randn(20_000, 4)
     for start in range(0, 20_000, 1000):

@@ -44,7 +44,7 @@ class _IndexC(ctypes.Structure):
     ]
 
 
-INDEX_RESOLVED, INDEX_DENSE, INDEX_KEYED = 0, 1, 2
+INDEX_RESOLVED, INDEX_DENSE, INDEX_KEYED, INDEX_HASH = 0, 1, 2, 3
 FENCE = 16  # must match decode.c; 16 keys = 2 cache lines per run, fence = N/16 keys
 _RESOLVED = _IndexC(kind=INDEX_RESOLVED)
 
@@ -64,6 +64,11 @@ def keyed_index(keys: torch.Tensor, locator: torch.Tensor, fence: torch.Tensor, 
     )
 
 
+def hash_index(keys: torch.Tensor, locator: torch.Tensor) -> _IndexC:
+    """View of an open-addressing :class:`compression.hash_index.HashIndex` (``n`` = capacity)."""
+    return _IndexC(kind=INDEX_HASH, locator=_ptr(locator), n=keys.numel(), keys=_ptr(keys))
+
+
 def _load() -> ctypes.CDLL | None:
     here = Path(__file__).parent
     for path in sorted(here.glob("_decode*.so")) + sorted(here.glob("_decode*.pyd")):
@@ -76,13 +81,57 @@ def _load() -> ctypes.CDLL | None:
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
         ]
+        _declare_hash_ops(lib)
         lib.embserve_init()
         return lib
     return None
 
 
+def _declare_hash_ops(lib: ctypes.CDLL) -> None:
+    """Signatures of hashindex.c (built into the same library; a library built before it
+    existed lacks them, and the hash index then takes its torch path)."""
+    if not hasattr(lib, "embserve_hash_upsert"):
+        return
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.embserve_hash_find.restype = None
+    lib.embserve_hash_find.argtypes = [p, p, i64, p, i64, p]
+    lib.embserve_hash_upsert.restype = i64
+    lib.embserve_hash_upsert.argtypes = [p, p, i64, p, p, i64]
+    lib.embserve_hash_delete.restype = i64
+    lib.embserve_hash_delete.argtypes = [p, p, i64, p, i64, p]
+    lib.embserve_hash_rehash.restype = None
+    lib.embserve_hash_rehash.argtypes = [p, p, i64, p, p, i64]
+
+
 _LIB = _load()
 AVAILABLE = _LIB is not None
+HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hash_upsert")
+
+
+def hash_find(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    assert _LIB is not None
+    out = torch.empty(ids.numel(), dtype=torch.int32)
+    _LIB.embserve_hash_find(keys.data_ptr(), locator.data_ptr(), keys.numel(), ids.data_ptr(), ids.numel(), out.data_ptr())
+    return out
+
+
+def hash_upsert(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> int:
+    """Upsert in place; returns how many keys were new.  The caller guarantees room."""
+    assert _LIB is not None
+    return int(_LIB.embserve_hash_upsert(keys.data_ptr(), locator.data_ptr(), keys.numel(), ids.data_ptr(), locs.data_ptr(), ids.numel()))
+
+
+def hash_delete(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Delete in place (backward shift); returns how many were held and their old locators."""
+    assert _LIB is not None
+    old = torch.empty(ids.numel(), dtype=torch.int32)
+    removed = _LIB.embserve_hash_delete(keys.data_ptr(), locator.data_ptr(), keys.numel(), ids.data_ptr(), ids.numel(), old.data_ptr())
+    return int(removed), old
+
+
+def hash_rehash(old_keys: torch.Tensor, old_locator: torch.Tensor, keys: torch.Tensor, locator: torch.Tensor) -> None:
+    assert _LIB is not None
+    _LIB.embserve_hash_rehash(old_keys.data_ptr(), old_locator.data_ptr(), old_keys.numel(), keys.data_ptr(), locator.data_ptr(), keys.numel())
 
 
 def class_array(

@@ -12,6 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from compression import CompressedTable, RowClass
 from compression.allocation import BudgetTooSmall
+from compression.hash_index import MAX_CAPACITY, MAX_LOAD
+from compression.lifecycle import IdLifecycle, LifecycleConfig
 from compression.unknown import UnknownPolicy
 
 from ..errors import ApiError
@@ -23,6 +25,8 @@ from ..updatelog import format_position
 from .tables import TableInfo, describe
 from .updates import log_unavailable
 
+
+MAX_IDS_LIMIT = int(MAX_CAPACITY * MAX_LOAD)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_writer)])
 
@@ -58,6 +62,42 @@ class CreateTable(BaseModel):
     unknown: Literal["zero"] = "zero"
     budget_bytes: int | None = Field(None, ge=1)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    max_ids: int | None = Field(None, ge=1, le=MAX_IDS_LIMIT, description="keyed: most IDs with a row; past it the lowest counts are evicted")
+    admit_min_count: int | None = Field(None, ge=1, description="keyed: upserts an ID needs (decayed count) before it gets a row")
+    count_half_life_rows: int | None = Field(None, ge=1, description="keyed: admission/eviction counts halve every this many upserted rows")
+    count_sketch_width: int | None = Field(None, ge=16, le=1 << 26, description="keyed: columns of the admission/eviction count sketch (x4 rows x 4 bytes)")
+
+    def lifecycle(self) -> LifecycleConfig | None:
+        return lifecycle_config(None, self.max_ids, self.admit_min_count, self.count_half_life_rows, self.count_sketch_width)
+
+
+class SetCapacity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_ids: int | None = Field(None, ge=1, le=MAX_IDS_LIMIT, description="most IDs with a row (omit: unchanged)")
+    admit_min_count: int | None = Field(None, ge=0, description="upserts before an ID gets a row; 0 = admit all (omit: unchanged)")
+    count_half_life_rows: int | None = Field(None, ge=1, description="counts halve every this many upserted rows (omit: unchanged)")
+    unlimited: bool = Field(False, description="drop max_ids (no capacity limit)")
+
+
+def lifecycle_config(
+    base: LifecycleConfig | None, max_ids: int | None, admit: int | None, half_life: int | None, width: int | None = None, unlimited: bool = False
+) -> LifecycleConfig | None:
+    """The new admission/capacity settings, or None when the table needs none."""
+    cfg = base or LifecycleConfig()
+    changes: dict[str, Any] = {}
+    if max_ids is not None or unlimited:
+        changes["max_ids"] = None if unlimited else max_ids
+    if admit is not None:
+        changes["admit_min_count"] = admit
+    if half_life is not None:
+        changes["half_life_rows"] = half_life
+    if width is not None:
+        changes["sketch_width"] = width
+    cfg = LifecycleConfig(**{**cfg.as_dict(), **changes})
+    if base is None and cfg.max_ids is None and cfg.admit_min_count <= 1:
+        return None
+    return cfg
 
     @field_validator("name")
     @classmethod
@@ -104,7 +144,11 @@ def _create_table(body: CreateTable, state: AppState) -> TableInfo:
         for rc in classes:
             if rc.dim > body.dim:
                 raise ValueError(f"class {rc.label()} is wider than dim {body.dim}")
+        lifecycle = body.lifecycle()
+        if lifecycle is not None and body.index != "keyed":
+            raise ValueError("max_ids and admit_min_count apply to keyed tables only")
         table = CompressedTable.empty(body.dim, classes, keyed=body.index == "keyed", device=state.tables.device, unknown=UnknownPolicy(body.unknown))
+        table.lifecycle = None if lifecycle is None else IdLifecycle(lifecycle)
     except ValueError as exc:
         raise ApiError(422, "invalid_request", str(exc)) from exc
     # The new table starts at the log's end, not at the applier's position: entries still
@@ -182,3 +226,29 @@ async def snapshot(name: str = Path(..., pattern=TABLE_NAME_PATTERN), state: App
     except state.update_log.unavailable as exc:  # type: ignore[union-attr]
         raise log_unavailable(exc) from exc  # the file is written; the trim runs again later
     return {"log_position": format_position(position), "trimmed_entries": trimmed}
+
+
+@router.put("/tables/{name}/capacity", summary="Set a keyed table's max_ids and admission count")
+def set_capacity(body: SetCapacity, name: str = Path(..., pattern=TABLE_NAME_PATTERN), state: AppState = Depends(get_state)) -> dict[str, Any]:
+    """The change takes effect at the table's current log position and is snapshotted at once
+    (the snapshot includes every entry applied under the new settings): a restart replays later
+    entries under the settings they were applied with (eviction and admission stay functions of
+    the log)."""
+    hosted = _hosted(state, name)
+    applier = _applier(state)
+    table = hosted.table
+    if table.index.kind != "hash":
+        raise ApiError(422, "invalid_request", f"table {name!r} has a {table.index.kind} index; capacity and admission need a hash-indexed keyed table")
+    with table.lock:
+        base = table.lifecycle.config if table.lifecycle is not None else None
+        try:
+            cfg = lifecycle_config(base, body.max_ids, body.admit_min_count, body.count_half_life_rows, unlimited=body.unlimited)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from exc
+        if cfg is not None:
+            table.lifecycle = IdLifecycle(cfg) if table.lifecycle is None else table.lifecycle.reconfigured(cfg)
+        hosted.dirty = True
+    # outside the table lock: a snapshot takes the snapshot lock, then the table lock (tablefiles.py);
+    # entries applied in between ran under the new settings and the snapshot includes them
+    applier.snapshot(hosted)
+    return {"lifecycle": None if table.lifecycle is None else table.lifecycle.config.as_dict(), "ids": table.index.num_ids}

@@ -46,6 +46,8 @@ class TableInfo(BaseModel):
     budget_bytes: int | None
     over_budget: str | None = None  # why the policy cannot fit the rows in budget_bytes; None = fits
     policy: dict[str, Any]
+    lifecycle: dict[str, Any] | None = None  # keyed tables: max_ids, admit_min_count, ... (compression/lifecycle.py)
+    index_slots: int | None = None  # hash index capacity (ids / index_slots = its load)
     loaded_at: float
 
 
@@ -81,6 +83,8 @@ def describe(hosted: HostedTable) -> TableInfo:
         budget_bytes=hosted.budget_bytes,
         over_budget=hosted.over_budget,
         policy=policy_config(hosted.policy),
+        lifecycle=None if table.lifecycle is None else table.lifecycle.config.as_dict(),
+        index_slots=getattr(table.index, "capacity", None),
         loaded_at=hosted.loaded_at,
     )
 

@@ -14,6 +14,8 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from compression.hash_index import EMPTY as KEY_EMPTY
+
 from .. import budget
 from ..errors import ApiError, parse_json_body
 from ..registry import TABLE_NAME_PATTERN
@@ -95,6 +97,8 @@ def handle_update(state: AppState, name: str, body: bytes, content_type: str, wa
         raise ApiError(422, "not_finite", "vectors hold NaN or Inf")
     if table.index.positional and ids.shape[0] and int(ids.min()) < 0:
         raise ApiError(422, "invalid_request", "a table indexed by position (dense or runs) takes only IDs >= 0")
+    if not table.index.positional and (bool((ids == KEY_EMPTY).any()) or bool((deletes == KEY_EMPTY).any())):
+        raise ApiError(422, "invalid_request", "ID -9223372036854775808 (-2**63) is reserved: it marks free slots of the hash index")
     why = budget.refusal(hosted, ids, deletes)
     if why is not None:
         raise ApiError(422, "budget_too_small", why)

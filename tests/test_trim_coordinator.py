@@ -1,0 +1,88 @@
+"""Coordinated trimming of a shared Redis stream (real redis-server): the stream is trimmed
+behind the oldest snapshot over live replicas only; a replica quiet past the TTL stops holding
+it back and learns, when it comes back, that it missed entries.  And two in-process servers
+on one stream: a snapshot-and-trim on one never drops what the other still needs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from service.updatelog import UpdateBatch, open_log
+from service.updatelog.trim_coordinator import ReplicaTrimCoordinator
+
+LOOPBACK = ("127.0.0.1", 50000)
+
+
+def _entry() -> UpdateBatch:
+    return UpdateBatch("t", np.array([1], dtype=np.int64), np.ones((1, 2), dtype=np.float32), np.zeros(0, dtype=np.int64))
+
+
+def test_trims_behind_the_slowest_live_replica_only(redis_url: str, tmp_path: Path) -> None:
+    stream = f"trim:{uuid.uuid4().hex}"
+    log = open_log(redis_url, tmp_path / "x", stream)
+    positions = [log.append(_entry()) for _ in range(10)]
+    client = redis.Redis.from_url(redis_url)
+    a = ReplicaTrimCoordinator(client, stream, "a", ttl_s=60)
+    b = ReplicaTrimCoordinator(client, stream, "b", ttl_s=0.3)
+    b.heartbeat(positions[2])
+    assert a.trim(positions[7]) == 3  # entries 0..2: behind b's snapshot too
+    assert log.count_after(None) == 7
+    assert set(a.replicas()) == {"a", "b"} and a.replicas()["b"]["position"] == positions[2]
+    c = ReplicaTrimCoordinator(client, stream, "c", ttl_s=60)
+    c.heartbeat(None)  # a replica without a snapshot holds the whole stream
+    assert a.trim(positions[9]) == 0
+    c.leave()
+    # b goes quiet: once its record expires (Redis's clock), it no longer holds the stream back
+    deadline = time.monotonic() + 10
+    trimmed = 0
+    while trimmed == 0 and time.monotonic() < deadline:
+        trimmed = a.trim(positions[7])
+    assert trimmed == 5 and log.count_after(None) == 2 and "b" not in a.replicas()
+    assert b.missed(positions[2]) and not a.missed(positions[7])
+    log.close()
+    client.close()
+
+
+@pytest.fixture
+def two_replicas(redis_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    stream = f"trim2:{uuid.uuid4().hex}"
+    apps = []
+    for name in ("r1", "r2"):
+        settings = Settings(
+            tables_dir=tmp_path / name, redis_url=redis_url, redis_stream=stream, replica_id=name,
+            segment_seconds=3600, segment_updates=10**9, snapshot_interval_s=3600,
+        )
+        client = TestClient(create_app(settings), client=LOOPBACK)
+        client.__enter__()
+        apps.append(client)
+    yield apps
+    for client in apps:
+        client.__exit__(None, None, None)
+
+
+def test_replicas_on_one_stream_never_trim_what_another_needs(two_replicas) -> None:  # type: ignore[no-untyped-def]
+    r1, r2 = two_replicas
+    for client in (r1, r2):
+        assert client.post("/v1/admin/tables", json={"name": "emb", "dim": 2, "classes": ["d2b32"]}).status_code == 201
+    for k in range(5):
+        r = r1.post("/v1/tables/emb/updates?wait=true", json={"upsert_ids": [k], "vectors": [[k, k]]})
+        assert r.status_code == 200
+    state2 = r2.app.state.embserve  # type: ignore[attr-defined]
+    assert state2.applier.wait_for(state2.applier.log.last_position(), 10)
+    r2_needs = state2.applier.needed_position()  # r2's snapshot is from before the five updates
+    # r1 snapshots everything and trims: r2's older snapshot keeps the five entries alive
+    assert r1.post("/v1/admin/tables/emb/snapshot").json()["trimmed_entries"] == 0
+    assert state2.applier.log.count_after(r2_needs) == 5
+    # r2 snapshots and trims too: now every live replica holds them, and they go
+    assert r2.post("/v1/admin/tables/emb/snapshot").json()["trimmed_entries"] == 5
+    values = r2.post("/v1/lookup", json={"lookups": [{"table": "emb", "ids": [4]}]}).json()["results"][0]["embeddings"]
+    assert values == [[4.0, 4.0]]
