@@ -76,10 +76,17 @@ def make_table(
     rows = torch.randn(n, dim, generator=gen)
     cls = torch.randint(0, len(classes), (n,), generator=gen)
     rotation = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0].float().contiguous() if rotated else None
-    ids = torch.randperm(10 * n, generator=gen)[:n] * 7 - 3 * n if index == "keyed" else None
+    ids = torch.randperm(10 * n, generator=gen)[:n] * 7 - 3 * n if index in ("keyed", "hash") else None
     if index == "runs":
         cls = torch.sort(cls).values  # class-grouped rows, as exported tables are: few runs
-    table = build_table(rows, cls, classes, ids=ids, rotation=rotation, unknown=policy(unknown, dim, gen), index="runs" if index == "runs" else "dense")
+    table = build_table(
+        rows, cls, classes, ids=ids, rotation=rotation, unknown=policy(unknown, dim, gen), index="runs" if index == "runs" else "dense",
+        keyed_index="sorted" if index == "keyed" else "hash",
+    )
+    if index == "hash":  # the real HashIndex: inserts after the build and backward-shift deletes
+        table.put(torch.arange(5) * 1_000_003 + 11, torch.randn(5, dim, generator=gen), torch.arange(5) % len(classes))
+        table.delete(ids[:3])
+        assert table.index.kind == "hash"
     if index == "keyed":
         extra = torch.arange(5) * 1_000_003 + 11
         table.put(extra, torch.randn(5, dim, generator=gen), torch.arange(5) % len(classes))
@@ -136,7 +143,7 @@ def configs(draw: st.DrawFn) -> dict:  # type: ignore[type-arg]
         "dim": dim,
         "classes": classes,
         "n": draw(st.integers(1, 120)),
-        "index": draw(st.sampled_from(["dense", "runs", "keyed"])),
+        "index": draw(st.sampled_from(["dense", "runs", "keyed", "hash"])),
         "rotated": draw(st.booleans()) and dim > 1,
         "unknown": draw(st.sampled_from(["zero", "default", "hashed", "qr", "binary_hash"])),
         "dtype": draw(st.sampled_from(DTYPES)),
@@ -286,7 +293,7 @@ def test_auto_picks_triton_only_for_cuda() -> None:
 
 def test_keyed_index_without_delta_and_empty_index() -> None:
     classes = [RowClass(4, 8)]
-    table = build_table(torch.randn(10, 4), torch.zeros(10, dtype=torch.int64), classes, ids=torch.arange(10) * 5).to(DEVICE)
+    table = build_table(torch.randn(10, 4), torch.zeros(10, dtype=torch.int64), classes, ids=torch.arange(10) * 5, keyed_index="sorted").to(DEVICE)
     table.backend = "triton"
     assert isinstance(table.index, KeyedIndex) and table.index.delta_keys.numel() == 0
     ids = torch.tensor([0, 5, 7, 45, 50, -5], device=DEVICE)
