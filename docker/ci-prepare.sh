@@ -127,6 +127,7 @@ if [ ! -f "$wheels/.complete" ]; then
 fi
 rm -f docker/wheelhouse/*.whl
 cp -l "$wheels"/*.whl docker/wheelhouse/ 2>/dev/null || cp "$wheels"/*.whl docker/wheelhouse/
-# images left dangling by earlier builds
-docker image prune -f >/dev/null 2>&1 || true
+# images left dangling by builds of older code, after three days: the recent ones are the classic
+# builder's cache (the build stage, the torch layer), which a warm run needs
+docker image prune -f --filter until=72h >/dev/null 2>&1 || true
 log "ready: $(docker version --format 'engine {{.Server.Version}}'), $(docker compose version --short | sed 's/^/compose /'), $BASE_IMAGE (Python $image_python), $(ls docker/wheelhouse/*.whl | wc -l) wheels"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -77,6 +78,7 @@ class Stack:
     acked: dict[int, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     next_id: int = DEMO_ROWS  # new IDs: the demo table holds 0 .. DEMO_ROWS-1
+    volumes: set[str] = field(default_factory=set)
 
     def compose(self, *args: str, timeout: float = 600.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = ["docker", "compose", "-p", self.project]
@@ -97,6 +99,15 @@ class Stack:
         out = _run(["docker", "inspect", self.container(service)], timeout=30)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)[0]
+
+    def note_volumes(self) -> None:
+        """Remembers the unnamed volumes (the image's VOLUME) of this project's containers:
+        ``down --volumes`` removes those of the containers it removes, not of containers that an
+        earlier ``down`` removed, so the teardown removes them by name."""
+        ids = _run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}"], timeout=30).stdout.split()
+        if ids:
+            for c in json.loads(_run(["docker", "inspect", *ids], timeout=30).stdout):
+                self.volumes |= {m["Name"] for m in c["Mounts"] if m["Type"] == "volume" and re.fullmatch(r"[0-9a-f]{64}", m["Name"])}
 
     def logs(self) -> str:
         return self.compose("logs", "--no-color", "--tail", "40", timeout=60, check=False).stdout[-8000:]
@@ -184,7 +195,11 @@ def stack() -> Iterator[Stack]:
         yield stack
     finally:
         _dump_timings(stack)
+        stack.note_volumes()
         stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", timeout=300, check=False)
+        leftover = [v for v in stack.volumes if _run(["docker", "volume", "inspect", v], timeout=30).returncode == 0]
+        if leftover:
+            _run(["docker", "volume", "rm", "--force", *leftover], timeout=120)
 
 
 def test_both_replicas_serve_lookups(stack: Stack) -> None:
@@ -263,6 +278,7 @@ def test_down_and_up_keeps_every_acknowledged_update(stack: Stack) -> None:
     stack.update(1, 16, wait=False)
     stack.update(2, 16, wait=False)
     started = time.monotonic()
+    stack.note_volumes()
     stack.compose("down", "--timeout", "30")  # keeps the named volumes: Redis's AOF and the seed
     stack.compose("up", "-d", "--no-build", timeout=900)
     stack.wait_ready(1)
