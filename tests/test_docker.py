@@ -213,7 +213,7 @@ def test_both_replicas_serve_lookups(stack: Stack) -> None:
 
 def test_an_update_through_one_is_visible_on_both(stack: Stack) -> None:
     ids = stack.update(1, 32, wait=True)
-    got, found = stack.lookup(1, ids)  # wait=true: read-your-writes on the replica that took it
+    _, found = stack.lookup(1, ids)  # wait=true: read-your-writes on the replica that took it
     assert found.all()
     stack.wait_converged(2)
     stack.update(2, 32, wait=False)  # and the other way round
