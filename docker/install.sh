@@ -8,7 +8,8 @@
 #   bash docker/install.sh load       + locust for loadtest/
 #
 # Environment: TORCH_SPEC (default torch==2.13.0), TORCH_INDEX_URL (a wheel index, e.g. the CPU
-# or CUDA index of download.pytorch.org), EMBSERVE_EDITABLE=0 (plain install, for images).
+# or CUDA index of download.pytorch.org), EMBSERVE_EDITABLE=0 (plain install, for images),
+# EMBSERVE_TORCH_ONLY=1 (torch alone).
 #
 # torch is pinned first, on its own: an unpinned torch pulls a multi-GB CUDA build.  Set
 # TORCH_INDEX_URL to a CPU wheel index where PyPI would hand out a CUDA build (Docker CPU image).
@@ -24,12 +25,18 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
     python -m pip install --quiet "$TORCH_SPEC"
 fi
+# EMBSERVE_TORCH_ONLY=1: stop here (the images install torch in a layer of its own, before the
+# source is copied, so that a change to the code does not reinstall it)
+[ "${EMBSERVE_TORCH_ONLY:-0}" = "1" ] && exit 0
 # editable for development and CI (EMBSERVE_EDITABLE=1, the default); images set 0 for a plain install
 EDITABLE_FLAG="-e"
 [ "${EMBSERVE_EDITABLE:-1}" = "0" ] && EDITABLE_FLAG=""
 TARGET="."
 [ -n "$EXTRAS" ] && TARGET=".[$EXTRAS]"
 python -m pip install --quiet $EDITABLE_FLAG "$TARGET"
+# from outside the source tree: there, `import compression` would find the uninstalled sources
+# (no compiled decoder) instead of what a plain install put in site-packages
+cd /
 python - <<'PY'
 from compression.kernels import COMPILED_AVAILABLE
 import torch

@@ -90,3 +90,49 @@ def test_rules_and_dashboard_query_exported_metrics() -> None:
             assert name in recorded or name in exported or base in exported, f"{name} in {expr!r} is not exported"
     config = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
     assert config["scrape_configs"][0]["dns_sd_configs"][0]["names"] == ["embserve"]
+
+
+def test_volume_mount_points_belong_to_the_service_user() -> None:
+    # A new volume takes the owner of the folder it covers; a folder the image lacks is created
+    # for root, and the service (uid 10001) could then write neither seeds nor snapshots.
+    seed_targets = {v.split(":")[1] for s in COMPOSE["services"].values() for v in s.get("volumes", []) if v.startswith("seed:")}
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        volumes = re.findall(r'^VOLUME \["([^"]+)"\]', text, re.M)
+        owned = re.search(r"install -d -o embserve -g embserve ([^\n\\]+)", text)
+        assert owned, f"{dockerfile.name}: no folder made for the embserve user"
+        assert set(volumes) | seed_targets <= set(owned.group(1).split()), f"{dockerfile.name}: {owned.group(1)}"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Reads compose's merge tags (!reset, !override) as the plain values they carry."""
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(
+        _tag, lambda loader, node: loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)
+    )
+
+
+def test_offline_override_runs_every_service_on_loopback() -> None:
+    offline = yaml.load((ROOT / "docker-compose.offline.yml").read_text(), Loader=_ComposeLoader)  # noqa: S506 (a safe loader)
+    services = offline["services"]
+    assert services["grafana"]["profiles"] == ["grafana"]  # no Debian package: not started offline
+    replicas = [name for name in services if name.startswith("embserve")]
+    assert replicas == ["embserve", "embserve-2"]
+    for name in ("redis", "seed", "prometheus", *replicas):
+        assert services[name]["network_mode"] == "host", name
+    ports = {services[r]["environment"]["EMBSERVE_PORT"] for r in replicas}
+    assert len(ports) == 2 and all(services[r]["environment"]["EMBSERVE_HOST"] == "127.0.0.1" for r in replicas)
+    assert all(services[r]["deploy"]["replicas"] == 1 for r in replicas)
+    assert "--bind" in services["redis"]["command"] and "127.0.0.1" in services["redis"]["command"]
+    assert any(a.startswith("--web.listen-address=127.0.0.1:") for a in services["prometheus"]["command"])
+    config = yaml.safe_load(offline["configs"]["prometheus-host"]["content"])
+    assert set(config["scrape_configs"][0]["static_configs"][0]["targets"]) == {f"127.0.0.1:{p}" for p in ports}
+    build = services["embserve"]["build"]
+    assert build["args"]["PIP_OFFLINE"] == "1" and build["network"] == "host"
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert all(f"ARG {arg}" in dockerfile for arg in build["args"])
+    for name in ("redis", "prometheus"):
+        b = services[name]["build"]
+        assert (ROOT / b["context"] / b["dockerfile"]).is_file()
