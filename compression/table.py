@@ -180,15 +180,21 @@ class CompressedTable:
         self.decoder.backend = value
         self.decoder.refresh(self.slabs)
 
-    def lookup(self, ids: torch.Tensor) -> LookupResult:
-        """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row."""
+    def lookup(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> LookupResult:
+        """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row.
+
+        ``out``: a float32 ``[n, D]`` contiguous tensor on the table's device to decode into (a
+        view of a response buffer, so the service sends the rows without copying them)."""
         # each torch op costs microseconds; at batch 1 they are the whole bill, so skip the no-ops
-        if ids.dtype != torch.int64 or ids.device != self.device:
-            ids = ids.to(device=self.device, dtype=torch.int64)
+        device = self.slabs[0].device
+        if ids.dtype is not torch.int64 or ids.device != device:
+            ids = ids.to(device=device, dtype=torch.int64)
         if ids.dim() != 1:
             ids = ids.reshape(-1)
+        if out is not None and (out.dtype is not torch.float32 or out.shape != (ids.shape[0], self.dim) or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous float32 [{ids.shape[0]}, {self.dim}] tensor")
         with self.lock:
-            values = torch.empty((ids.shape[0], self.dim), dtype=torch.float32, device=self.device)
+            values = torch.empty(ids.shape[0], self.dim, dtype=torch.float32, device=device) if out is None else out
             loc, num_unknown = self.decoder.lookup(values, ids, self.index)
         if num_unknown:
             self.unknown.fill(values, ids, loc < 0)
