@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -135,14 +134,16 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
         state.applier = Applier(state.update_log, tables, state.metrics, settings)
         state.applier.start()  # replays the log from the tables' positions; /readyz waits for it
         tables.ready = True
-        # Everything loaded so far (torch, FastAPI, the tables' Python objects) lives as long as
-        # the process: move it out of the cyclic GC's generations, so the collections that a
-        # request's allocations trigger stop walking a heap of millions of objects each time.
-        gc.collect()
-        gc.freeze()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from . import grpc_v2  # grpcio only when the endpoint is on
+
+            grpc_server = await grpc_v2.start(state)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2.0)
             state.applier.stop()
             state.applier.snapshot_all(only_dirty=True)  # a clean stop leaves nothing to replay
             state.update_log.close()

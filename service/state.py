@@ -23,6 +23,7 @@ class AppState:
     metrics: ServiceMetrics
     update_log: UpdateLog | None = None
     applier: "Applier | None" = None
+    grpc_port: int | None = None  # where the v2 gRPC endpoint listens, once started
 
 
 async def get_state(request: Request) -> AppState:

@@ -18,7 +18,7 @@ from ..errors import ApiError
 from ..registry import TABLE_NAME_PATTERN, HostedTable
 from ..security import require_reader
 from ..state import AppState, get_state
-from ..v2wire import HEADER_LENGTH, ID_DTYPES, encode_infer_response, parse_infer_request
+from ..v2wire import EMBEDDING_DATATYPES, HEADER_LENGTH, ID_DTYPES, encode_infer_response, parse_infer_request
 from ..wire import ParsedLookup
 from .lookup import check_limits, run_lookups
 
@@ -130,7 +130,7 @@ def _infer(state: AppState, name: str, version: str | None, body: bytes, header_
     _hosted(state, name, version)
     request = parse_infer_request(body, header_length)
     ids = request.ids
-    lookup = ParsedLookup(name, ids.reshape(-1), request.offsets, request.pooling)  # type: ignore[arg-type]
+    lookup = ParsedLookup(name, ids.reshape(-1), request.offsets, request.pooling, EMBEDDING_DATATYPES[request.datatype])  # type: ignore[arg-type]
     try:
         check_limits(state, [lookup])
     except ApiError as exc:
