@@ -268,9 +268,15 @@ def main() -> None:
         if args.compare_servers:
             other, other_base, _ = start_server(folder, {"EMBSERVE_HTTP_SERVER": "uvicorn" if default_http_server() == "granian" else "granian"})
         redis_proc, redis_url = start_redis(folder, durable=False)
-        procs = [p for p in (server, other, redis_proc) if p is not None]
+        floor_port = free_port()
+        floor = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", _BENCH, "noop_asgi:app", "--port", str(floor_port), "--log-level", "warning", "--no-access-log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        procs = [p for p in (server, other, redis_proc, floor) if p is not None]
         try:
             wait_http(f"{base}/readyz", server)
+            wait_http(f"http://127.0.0.1:{floor_port}/", floor, method="POST")
             if other is not None:
                 wait_http(f"{other_base}/readyz", other)
             print("loading Redis ...", flush=True)
@@ -291,6 +297,7 @@ def main() -> None:
                 "service JSON": (lambda ids: json_client.lookup(TABLE, ids), server.pid),
                 "service v2 gRPC (tritonclient)": (grpc_call, server.pid),
                 "Redis MGET + decode": (redis_fetcher(redis_url, args.dim), redis_proc.pid),
+                "HTTP floor: uvicorn + no-op ASGI app": (raw_poster(floor_port), floor.pid),
                 "in-process compressed": (lambda ids: in_process.lookup(torch.from_numpy(ids)).values, None),
                 "in-process fp32 gather": (lambda ids: F.embedding(torch.from_numpy(ids), dense), None),
             }
@@ -349,6 +356,34 @@ def default_http_server() -> str:
     from service.settings import Settings
 
     return str(Settings.model_fields["http_server"].default)
+
+
+def raw_poster(port: int) -> Callable[[np.ndarray], bytes]:
+    """The service's binary request, POSTed with ``http.client`` (what EmbeddingClient uses) to
+    the no-op app: the HTTP cost alone, on both sides."""
+    import http.client
+
+    from service.wire import BINARY_REQUEST_TYPE, BINARY_RESPONSE_TYPE, ParsedLookup, encode_binary_request
+
+    local = threading.local()
+
+    def post(ids: np.ndarray) -> bytes:
+        body = encode_binary_request([ParsedLookup(TABLE, ids, None, "none")])
+        for attempt in (0, 1):
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("POST", "/v1/lookup", body=body, headers={"content-type": BINARY_REQUEST_TYPE, "accept": BINARY_RESPONSE_TYPE})
+                return conn.getresponse().read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()  # an idle keep-alive connection the server closed: once more on a new one
+                local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    return post
 
 
 def grpc_fetcher(url: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -441,6 +476,12 @@ def render(args: argparse.Namespace, cells: dict[tuple[str, int], Cell], open_ro
                 lines.append(f"- batch {batch}: {other} / {binary_path}: IDs/s {r.fmt()}, server CPU per request {cpu.fmt()}")
     if (binary_path, 1) in cells:
         targets.insert(0, target_line("server CPU per batch-1 binary lookup", cells[(binary_path, 1)].spread("server_cpu_us"), 40, at_least=False, digits=0, unit=" us"))
+        floor_path = "HTTP floor: uvicorn + no-op ASGI app"
+        if (floor_path, 1) in cells:
+            floor_cpu = cells[(floor_path, 1)].spread("server_cpu_us")
+            over = ratio([m.server_cpu_us for m in cells[(binary_path, 1)].rounds], [m.server_cpu_us for m in cells[(floor_path, 1)].rounds])
+            targets.insert(1, f"  - for scale, same rounds: uvicorn answering the same request with a no-op ASGI app costs "
+                              f"**{floor_cpu.fmt(0, ' us')}** of server CPU; the service costs {over.fmt()} that")
     big = max(batch_sizes)
     open_p99 = next((p99 for name, _, _, p99, _ in open_rows if name == binary_path), float("nan"))
     mem = info["used_memory"] / server_table_bytes

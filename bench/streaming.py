@@ -48,13 +48,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0, method: str = "GET") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("process exited")
         try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
+            if httpx.request(method, url, timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass

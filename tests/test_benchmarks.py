@@ -81,7 +81,7 @@ def test_service_bench_fast(tmp_path: Path) -> None:
     _run(["bench/service.py", "--fast", "--out", str(out)])
     report = out.read_text()
     assert "smoke mode" in report and "round-robin" in report
-    for path in ("service binary (", "service binary, fp16 values", "service v2 gRPC (tritonclient)", "Redis MGET + decode"):
+    for path in ("service binary (", "service binary, fp16 values", "service v2 gRPC (tritonclient)", "Redis MGET + decode", "HTTP floor"):
         assert path in report
     assert "server CPU per batch-1 binary lookup" in report
 
