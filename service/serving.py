@@ -37,6 +37,10 @@ def _run_uvicorn(app: Any, settings: Settings) -> None:
 
 
 def _run_granian(app: Any, settings: Settings) -> None:
+    try:
+        import granian  # noqa: F401 - the bench extra
+    except ImportError:
+        raise SystemExit("EMBSERVE_HTTP_SERVER=granian needs granian installed (pip install 'embserve[bench]')") from None
     from granian.constants import HTTPModes, Interfaces
     from granian.log import LogLevels
     from granian.server.embed import Server
