@@ -42,6 +42,12 @@ def _frame_name(frame: str) -> str:
     return f"{func} ({file})" if file else func
 
 
+# frames every sample of the serving thread passes through (process start-up, CLI, event loop
+# runner): they say nothing about where a request's time goes, so the inclusive table skips them
+_SCAFFOLD_FILES = {"core.py", "main.py", "_compat.py", "runners.py", "server.py", "<frozen runpy>", "cli.py", "serving.py",
+                   "base_events.py", "events.py", "threading.py"}
+
+
 def summarize(raw: Path, top: int = 18) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
     """(samples, inclusive shares, self shares) of the stacks in py-spy's collapsed ``raw`` output."""
     inclusive: collections.Counter[str] = collections.Counter()
@@ -57,6 +63,9 @@ def summarize(raw: Path, top: int = 18) -> tuple[int, list[tuple[str, float]], l
         for name in set(frames):
             inclusive[name] += count
         own[frames[-1]] += count
+    for name in list(inclusive):
+        if name.rsplit(" (", 1)[-1].rstrip(")") in _SCAFFOLD_FILES:
+            del inclusive[name]
     share = lambda c: [(name, n / total) for name, n in c.most_common(top)]  # noqa: E731
     return total, share(inclusive), share(own)
 
@@ -112,7 +121,9 @@ def main() -> None:
         "",
         f"`py-spy record --rate 500` on `embserve serve` for {args.seconds:g} s while {args.threads} client threads sent "
         f"batch-1 binary lookups ({sum(sent) / elapsed:,.0f} requests/s); {samples:,} samples of the server's threads "
-        "(idle threads included: an event loop waiting in `select` is a sample too).",
+        "(py-spy skips idle threads; the event loop's own C code - epoll, socket reads - shows as `Runner.run`). "
+        "A C function's time is charged to the Python line that called it: `RequestResponseCycle.send` is uvicorn "
+        "writing the response (header and body: two socket writes) plus its own header handling.",
         "",
         "| frame (inclusive) | share of samples |",
         "|---|---|",

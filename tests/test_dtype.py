@@ -157,3 +157,15 @@ def test_codec_round_trip(results: list[tuple[int, int, str, int]]) -> None:
         assert found.tolist() == want_found.tolist() and unknown == want_unknown
     if not wide:
         assert struct.unpack_from("<4s", buf)[0] == b"EMR1"
+
+
+def test_lookup_decodes_into_the_given_buffer(mixed_table: CompressedTable) -> None:
+    wanted = torch.tensor([0, 3, 19_999, 555_555], dtype=torch.int64)
+    out = torch.full((4, mixed_table.dim), float("nan"))
+    result = mixed_table.lookup(wanted, out)
+    assert result.values.data_ptr() == out.data_ptr() and result.num_unknown == 1
+    torch.testing.assert_close(out, mixed_table.lookup(wanted).values, rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        mixed_table.lookup(wanted, torch.empty(3, mixed_table.dim))
+    with pytest.raises(ValueError):
+        mixed_table.lookup(wanted, torch.empty(4, mixed_table.dim, dtype=torch.float16))
