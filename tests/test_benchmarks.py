@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # appended: bench/service.py must not shadow the service package
 
 from interleave import Spread, ratio, run_rounds, target_line  # noqa: E402
 
