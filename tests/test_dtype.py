@@ -169,3 +169,15 @@ def test_lookup_decodes_into_the_given_buffer(mixed_table: CompressedTable) -> N
         mixed_table.lookup(wanted, torch.empty(3, mixed_table.dim))
     with pytest.raises(ValueError):
         mixed_table.lookup(wanted, torch.empty(4, mixed_table.dim, dtype=torch.float16))
+
+
+def test_the_route_handler_sends_a_big_answer_without_copying(client: TestClient) -> None:
+    """Answers past 64 KiB leave as the bytearray they were decoded into; the FastAPI route's
+    Response must take that too (the fast path usually answers first)."""
+    from service.routers.lookup import handle_lookup
+
+    state = client.app.state.embserve  # type: ignore[attr-defined]
+    body = encode_binary_request([ParsedLookup("items", np.arange(1000, dtype=np.int64), None, "none")])
+    response = handle_lookup(state, body, BINARY_REQUEST_TYPE, True)
+    (values, found, unknown), = decode_binary_response(bytes(response.body))
+    assert values.shape == (1000, 16) and found.all() and unknown == 0

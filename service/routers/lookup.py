@@ -232,7 +232,7 @@ def encode_json(outputs: list[LookupOutput]) -> bytes:
 
 def handle_lookup(state: AppState, body: bytes, content_type: str, binary: bool, default_dtype: DType | None = None) -> Response:
     payload, media_type = answer_bytes(state, body, content_type, binary, default_dtype)
-    return Response(payload, media_type=media_type)
+    return Response(memoryview(payload), media_type=media_type)  # a big answer is a bytearray: no copy
 
 
 def answer_bytes(state: AppState, body: bytes, content_type: str, binary: bool, default_dtype: DType | None = None) -> tuple[bytes, str]:
