@@ -177,7 +177,7 @@ def test_the_route_handler_sends_a_big_answer_without_copying(client: TestClient
     from service.routers.lookup import handle_lookup
 
     state = client.app.state.embserve  # type: ignore[attr-defined]
-    body = encode_binary_request([ParsedLookup("items", np.arange(1000, dtype=np.int64), None, "none")])
+    body = encode_binary_request([ParsedLookup("items", np.arange(2000, dtype=np.int64) % 1000, None, "none")])  # 128 KiB of values
     response = handle_lookup(state, body, BINARY_REQUEST_TYPE, True)
     (values, found, unknown), = decode_binary_response(bytes(response.body))
-    assert values.shape == (1000, 16) and found.all() and unknown == 0
+    assert isinstance(response.body, memoryview) and values.shape == (2000, 16) and found.all() and unknown == 0
