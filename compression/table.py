@@ -209,17 +209,25 @@ class CompressedTable:
         self.decoder.backend = value
         self.decoder.refresh(self.slabs)
 
-    def lookup(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> LookupResult:
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> LookupResult:
         """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row.
-        ``dtype`` (fp32, fp16, bf16): the Triton path writes it directly, others cast."""
+
+        ``dtype`` (fp32, fp16, bf16): the Triton path writes it directly, others cast.
+        ``out``: a float32 ``[n, D]`` contiguous tensor on the table's device to decode into (a
+        view of a response buffer, so the service sends the rows without copying them)."""
         # each torch op costs microseconds; at batch 1 they are the whole bill, so skip the no-ops
-        if ids.dtype != torch.int64 or ids.device != self.device:
-            ids = ids.to(device=self.device, dtype=torch.int64)
+        device = self.slabs[0].device
+        if ids.dtype is not torch.int64 or ids.device != device:
+            ids = ids.to(device=device, dtype=torch.int64)
         if ids.dim() != 1:
             ids = ids.reshape(-1)
+        if out is not None and (out.dtype is not torch.float32 or out.shape != (ids.shape[0], self.dim) or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous float32 [{ids.shape[0]}, {self.dim}] tensor")
+        if out is not None and dtype is not torch.float32:
+            raise ValueError("out is for float32 answers; other dtypes are returned")
         with self.lock:
-            direct = self.decoder.writes(dtype)
-            values = torch.empty((ids.shape[0], self.dim), dtype=dtype if direct else torch.float32, device=self.device)
+            direct = out is None and self.decoder.writes(dtype)
+            values = torch.empty((ids.shape[0], self.dim), dtype=dtype if direct else torch.float32, device=device) if out is None else out
             loc, num_unknown = self.decoder.lookup(values, ids, self.index, self.unknown)
         if num_unknown and not self.decoder.fills_unknown:
             self.unknown.fill(values, ids, loc < 0)

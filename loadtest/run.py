@@ -2,6 +2,7 @@
 
     python loadtest/run.py --seconds 60                  # starts `embserve demo` on a free port
     python loadtest/run.py --host http://127.0.0.1:8080  # an already running service
+    python loadtest/run.py --fast --out /tmp/load        # smoke run: 20k-row demo, 3 s, 2 users
 
 Bounded in time (``--seconds``) and, unless ``--allow-remote``, to loopback hosts: a load test
 pointed at someone else's service by mistake should fail, not run.  Output in ``--out``:
@@ -96,10 +97,10 @@ def plot(out: Path) -> None:
 
 def summary(stats: list[dict[str, str]], args: argparse.Namespace, host: str, demo: bool) -> str:
     lines = [
-        "# Load test: embserve under Locust",
+        "# Load test: embserve under Locust" + (" (smoke mode: --fast, numbers mean nothing)" if args.fast else ""),
         "",
         f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.seconds} s, {args.users} ranking users"
-        f"{' + 1 update writer' if args.writer else ''}, against {'`embserve demo` (1M x 64, 8x)' if demo else host}.",
+        f"{' + 1 update writer' if args.writer else ''}, against {f'`embserve demo` ({args.demo_rows:,} x 64, 8x)' if demo else host}.",
         f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}; Locust and the service share it.",
         "",
         "| request | requests | failures | req/s | IDs/s | p50 ms | p95 ms | p99 ms | max ms |",
@@ -131,8 +132,12 @@ def main() -> None:
     parser.add_argument("--table", default=None, help="load only this table (default: all)")
     parser.add_argument("--demo-dir", type=Path, default=Path("tables"), help="tables folder for the demo service")
     parser.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
+    parser.add_argument("--demo-rows", type=int, default=1_000_000, help="IDs in the demo table it builds")
+    parser.add_argument("--fast", action="store_true", help="smoke run: a 20k-row demo table, 3 s, 2 users (tests/test_benchmarks.py)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    if args.fast:
+        args.seconds, args.users, args.spawn_rate, args.demo_rows = 3, 2, 2.0, 20_000
     if not 1 <= args.seconds <= 3600:
         parser.error("--seconds must be within 1..3600")
     if args.table:
@@ -145,7 +150,8 @@ def main() -> None:
         port = free_port()
         host = f"http://127.0.0.1:{port}"
         demo = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "demo", "--tables-dir", str(args.demo_dir), "--port", str(port)],
+            [sys.executable, "-m", "service.cli", "demo", "--tables-dir", str(args.demo_dir), "--port", str(port),
+             "--rows", str(args.demo_rows)],
             cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
     elif urlsplit(host).hostname not in LOOPBACK and not args.allow_remote:

@@ -98,6 +98,21 @@ class RequestMetricsMiddleware:
                 m.http_errors.labels(template, str(status)).inc()
 
 
+class EmbservApp(FastAPI):
+    """FastAPI with one layer in front of Starlette's whole middleware stack (error handling
+    included): the lookup fast path, which answers ``POST /v1/lookup`` itself and hands every
+    other request to the stack."""
+
+    outermost: tuple[type, dict[str, Any]] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if self.outermost is None:
+            return stack
+        cls, options = self.outermost
+        return cls(stack, **options)  # type: ignore[no-any-return]
+
+
 def create_app(settings: Settings | None = None, registry: TableRegistry | None = None) -> FastAPI:
     """Build the app.  With ``registry`` given, its tables are served as they are; otherwise the
     tables folder is loaded at start-up."""
@@ -121,14 +136,21 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
         state.applier = Applier(state.update_log, tables, state.metrics, settings)
         state.applier.start()  # replays the log from the tables' positions; /readyz waits for it
         tables.ready = True
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from . import grpc_v2  # grpcio only when the endpoint is on
+
+            grpc_server = await grpc_v2.start(state)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2.0)
             state.applier.stop()
             state.applier.snapshot_all(only_dirty=True)  # a clean stop leaves nothing to replay
             state.update_log.close()
 
-    app = FastAPI(
+    app = EmbservApp(
         title="embserve",
         version=__version__,
         summary="Compressed embedding tables over HTTP",
@@ -146,7 +168,7 @@ def create_app(settings: Settings | None = None, registry: TableRegistry | None 
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(lookup.LookupFastPath, state=state)  # innermost: limits and metrics still wrap it
+    app.outermost = (lookup.LookupFastPath, {"state": state})  # does its own limits, auth, errors and metrics
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, state=state)
     return app

@@ -292,16 +292,15 @@ def serve_cmd(
 
 
 def _serve(settings: Settings) -> None:
-    import uvicorn
-
     from .app import create_app
+    from .serving import run
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.token is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
         logging.getLogger("embserve").warning(
             "no write token (EMBSERVE_TOKEN / EMBSERVE_TOKEN_FILE): updates and admin calls are refused from anywhere but loopback"
         )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    run(create_app(settings), settings)
 
 
 @app.command("demo")

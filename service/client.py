@@ -32,6 +32,8 @@ from .wire import (
     BINARY_REQUEST_TYPE,
     BINARY_RESPONSE_TYPE,
     BINARY_UPDATE_TYPE,
+    DTYPE_CODES,
+    DType,
     ParsedLookup,
     decode_binary_response,
     encode_binary_request,
@@ -54,7 +56,9 @@ class EmbservError(Exception):
 
 @dataclass
 class Embeddings:
-    values: np.ndarray  # float32 [n, dim] ([bags, dim] when pooled); read-only view of the response
+    # float32 [n, dim] ([bags, dim] when pooled), read-only view of the response; float16 with
+    # dtype="f16"; with dtype="bf16" float32 holding the bf16-rounded values (numpy has no bf16)
+    values: np.ndarray
     found: np.ndarray  # bool [n]: the table holds the ID
     unknown: int  # IDs filled by the table's unknown-ID policy
 
@@ -81,6 +85,7 @@ def _lookup_request(lookups: Sequence[ParsedLookup], binary: bool) -> tuple[byte
         "lookups": [
             {"table": item.table, "ids": item.ids.tolist(), "pooling": item.pooling}
             | ({"offsets": item.offsets.tolist()} if item.offsets is not None else {})
+            | ({"dtype": item.dtype} if item.dtype is not None else {})
             for item in lookups
         ]
     }
@@ -98,28 +103,31 @@ def _raise_for(status: int, content: bytes) -> None:
     raise EmbservError(status, code, message)
 
 
-def _lookup_answer(status: int, content: bytes, binary: bool) -> list[Embeddings]:
+def _lookup_answer(status: int, content: bytes, binary: bool, dtypes: Sequence[str | None]) -> list[Embeddings]:
     _raise_for(status, content)
     if binary:
         return [Embeddings(values, found, unknown) for values, found, unknown in decode_binary_response(content)]
     out = []
-    for r in orjson.loads(content)["results"]:
-        values = np.asarray(r["embeddings"], dtype=np.float32).reshape(r["shape"])
+    for r, dtype in zip(orjson.loads(content)["results"], dtypes, strict=True):
+        values = np.asarray(r["embeddings"], dtype=np.float16 if dtype == "f16" else np.float32).reshape(r["shape"])
         out.append(Embeddings(values, np.asarray(r["found"], dtype=bool), int(r["unknown"])))
     return out
 
 
-def _as_lookups(specs: Mapping[str, Any] | Sequence[LookupSpec]) -> list[ParsedLookup]:
+def _as_lookups(specs: Mapping[str, Any] | Sequence[LookupSpec], dtype: DType | None) -> list[ParsedLookup]:
     pairs = specs.items() if isinstance(specs, Mapping) else specs
-    return [ParsedLookup(table, np.asarray(ids, dtype=np.int64).reshape(-1), None, "none") for table, ids in pairs]
+    return [ParsedLookup(table, np.asarray(ids, dtype=np.int64).reshape(-1), None, "none", dtype) for table, ids in pairs]
 
 
-def _one(table: str, ids: Any, offsets: Any, pooling: Pooling) -> ParsedLookup:
+def _one(table: str, ids: Any, offsets: Any, pooling: Pooling, dtype: DType | None) -> ParsedLookup:
+    if dtype is not None and dtype not in DTYPE_CODES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CODES)}, not {dtype!r}")
     return ParsedLookup(
         table,
         np.asarray(ids, dtype=np.int64).reshape(-1),
         None if offsets is None else np.asarray(offsets, dtype=np.int64).reshape(-1),
         pooling,
+        dtype,
     )
 
 
@@ -147,7 +155,13 @@ class EmbeddingClient:
     connection.  Built on the standard library's ``http.client``, which took a quarter of the
     client CPU of httpx per request here (bench/service.py reports client CPU per request)."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0, binary: bool = True) -> None:
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0, binary: bool = True,
+                 dtype: DType | None = None) -> None:
+        """``dtype``: precision of the values the service sends (f32 default; f16 or bf16 halve
+        the bytes), for every lookup that does not name its own."""
+        if dtype is not None and dtype not in DTYPE_CODES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CODES)}, not {dtype!r}")
+        self.dtype = dtype
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"base_url must be http(s)://host[:port], not {base_url!r}")
@@ -194,16 +208,16 @@ class EmbeddingClient:
                 raise
         raise AssertionError("unreachable")
 
-    def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none") -> Embeddings:
-        return self._lookup([_one(table, ids, offsets, pooling)])[0]
+    def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none", dtype: DType | None = None) -> Embeddings:
+        return self._lookup([_one(table, ids, offsets, pooling, dtype or self.dtype)])[0]
 
-    def lookup_many(self, specs: Mapping[str, Any] | Sequence[LookupSpec]) -> list[Embeddings]:
+    def lookup_many(self, specs: Mapping[str, Any] | Sequence[LookupSpec], *, dtype: DType | None = None) -> list[Embeddings]:
         """Several tables in one request (one round trip), answers in request order."""
-        return self._lookup(_as_lookups(specs))
+        return self._lookup(_as_lookups(specs, dtype or self.dtype))
 
     def _lookup(self, lookups: list[ParsedLookup]) -> list[Embeddings]:
         body, headers = _lookup_request(lookups, self.binary)
-        return _lookup_answer(*self._request("POST", "/v1/lookup", body, headers), self.binary)
+        return _lookup_answer(*self._request("POST", "/v1/lookup", body, headers), self.binary, [item.dtype for item in lookups])
 
     def update(self, table: str, *, upsert_ids: Any = None, vectors: Any = None, delete_ids: Any = None, wait: bool = False) -> UpdateAck:
         body = _update_request(upsert_ids, vectors, delete_ids)
@@ -240,20 +254,24 @@ class AsyncEmbeddingClient:
     """asyncio client (httpx) with the same methods as :class:`EmbeddingClient`."""
 
     def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0, binary: bool = True,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, dtype: DType | None = None) -> None:
+        if dtype is not None and dtype not in DTYPE_CODES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CODES)}, not {dtype!r}")
+        self.dtype = dtype
         self.binary = binary
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(token), timeout=timeout, limits=_limits(max_connections))
 
-    async def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none") -> Embeddings:
-        return (await self._lookup([_one(table, ids, offsets, pooling)]))[0]
+    async def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none",
+                     dtype: DType | None = None) -> Embeddings:
+        return (await self._lookup([_one(table, ids, offsets, pooling, dtype or self.dtype)]))[0]
 
-    async def lookup_many(self, specs: Mapping[str, Any] | Sequence[LookupSpec]) -> list[Embeddings]:
-        return await self._lookup(_as_lookups(specs))
+    async def lookup_many(self, specs: Mapping[str, Any] | Sequence[LookupSpec], *, dtype: DType | None = None) -> list[Embeddings]:
+        return await self._lookup(_as_lookups(specs, dtype or self.dtype))
 
     async def _lookup(self, lookups: list[ParsedLookup]) -> list[Embeddings]:
         body, headers = _lookup_request(lookups, self.binary)
         response = await self._http.post("/v1/lookup", content=body, headers=headers)
-        return _lookup_answer(response.status_code, response.content, self.binary)
+        return _lookup_answer(response.status_code, response.content, self.binary, [item.dtype for item in lookups])
 
     async def update(self, table: str, *, upsert_ids: Any = None, vectors: Any = None, delete_ids: Any = None,
                      wait: bool = False) -> UpdateAck:

@@ -32,13 +32,17 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_response(
-    status: int, code: str, message: str, details: list[Any] | None = None, headers: dict[str, str] | None = None
-) -> Response:
+def error_body(status: int, code: str, message: str, details: list[Any] | None = None) -> bytes:
     body: dict[str, Any] = {"status": status, "code": code, "message": message}
     if details:
         body["details"] = details
-    return Response(orjson.dumps({"error": body}), status_code=status, media_type="application/json", headers=headers)
+    return orjson.dumps({"error": body})
+
+
+def error_response(
+    status: int, code: str, message: str, details: list[Any] | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(error_body(status, code, message, details), status_code=status, media_type="application/json", headers=headers)
 
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",

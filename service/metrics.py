@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -106,3 +107,14 @@ class ServiceMetrics:
         self.resize_events = Counter("embserve_resize_events_total", "Class re-decisions by the dimension policy", ["table"], registry=self.registry)
         self.rows_moved = Counter("embserve_rows_moved_total", "Rows moved into a row class by re-decisions", ["table", "row_class"], registry=self.registry)
         self.registry.register(TableCollector(tables))
+        self._table_children: dict[str, tuple[Any, Any, Any]] = {}
+
+    def table_children(self, table: str) -> tuple[Any, Any, Any]:
+        """``(lookup latency, IDs looked up, unknown IDs)`` children of one table, cached:
+        ``labels()`` takes a lock and builds a key, microseconds a batch-1 request should not pay."""
+        children = self._table_children.get(table)
+        if children is None:
+            children = self._table_children[table] = (
+                self.lookup_latency.labels(table), self.lookup_ids.labels(table), self.unknown_ids.labels(table)
+            )
+        return children

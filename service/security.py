@@ -29,7 +29,10 @@ from .state import AppState, get_state
 
 
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+    return _bearer_value(request.headers.get("authorization"))
+
+
+def _bearer_value(header: str | None) -> str | None:
     if header is None:
         return None
     scheme, _, given = header.partition(" ")
@@ -75,10 +78,16 @@ async def require_writer(request: Request, state: AppState = Depends(get_state))
 
 async def require_reader(request: Request, state: AppState = Depends(get_state)) -> None:
     """FastAPI dependency for lookups and metadata: open unless a read token is configured."""
+    check_reader(state, request.headers.get("authorization"))
+
+
+def check_reader(state: AppState, authorization: str | None) -> None:
+    """The read check on a raw ``Authorization`` value: the lookup fast path and the gRPC
+    endpoint (metadata ``authorization``) call it without a Request object."""
     read_token = state.settings.read_token
     if read_token is None:
         return
-    given = _bearer(request)
+    given = _bearer_value(authorization)
     if given is None:
         raise _unauthorized("reads need 'Authorization: Bearer <token>'")
     if not _matches(given, read_token, state.settings.token):

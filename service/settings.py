@@ -4,6 +4,7 @@ by CLI flags.  The README's configuration table lists every field."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,7 +32,13 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         1, ge=1, description="intra-op threads for torch and the decoder; 1 = concurrency across requests, not inside one"
     )
-    log_level: str = Field("info", description="uvicorn log level")
+    log_level: str = Field("info", description="HTTP server log level")
+    http_server: Literal["uvicorn", "granian"] = Field(
+        "uvicorn", description="HTTP server the service runs under (service/serving.py; the faster one measured is the default)"
+    )
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="port of the KServe v2 gRPC endpoint, in the same process (unset = no gRPC)"
+    )
     batch_window_us: int | None = Field(
         None, ge=0, le=1_000_000,
         description="merge concurrent lookups of a table arriving within this many microseconds into one decode; 0 = off; unset = 0 on CPU, 200 on a GPU",

@@ -25,6 +25,7 @@ class AppState:
     update_log: UpdateLog | None = None
     applier: "Applier | None" = None
     batching: "LookupBatching | None" = None  # unpooled lookups go through it (service/batching.py)
+    grpc_port: int | None = None  # where the v2 gRPC endpoint listens, once started
 
 
 async def get_state(request: Request) -> AppState:

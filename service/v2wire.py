@@ -4,7 +4,8 @@ A table is served as a *model* of the same name, version ``1``:
 
     inputs   ids        INT64 (or INT32/UINT32/UINT64)  any shape S (usually [n] or [n, 1])
              offsets    INT64 [B]        optional; with parameter "pooling": "sum" | "mean"
-    outputs  embeddings FP32  S + [dim]  ([B, dim] when pooled)
+    outputs  embeddings FP32  S + [dim]  ([B, dim] when pooled); FP16 or BF16 when the request's
+                                     parameter "embeddings_datatype" says so (half the bytes)
              found      BOOL  S          the table holds the ID (else the unknown-ID policy filled it)
 
 JSON tensors carry ``data`` as a flat row-major list (nested lists are accepted too).
@@ -37,6 +38,30 @@ HEADER_LENGTH = "inference-header-content-length"
 # datatype -> little-endian numpy dtype; the ID types we accept
 ID_DTYPES: dict[str, str] = {"INT64": "<i8", "INT32": "<i4", "UINT32": "<u4", "UINT64": "<u8"}
 OUTPUT_NAMES = ("embeddings", "found")
+# the protocol's datatype of the embeddings output -> the service's dtype name
+EMBEDDING_DATATYPES: dict[str, str] = {"FP32": "f32", "FP16": "f16", "BF16": "bf16"}
+
+
+def embedding_array(values: np.ndarray, datatype: str) -> np.ndarray:
+    """The embeddings output as a little-endian array of its wire dtype.  BF16 arrives as
+    float32 holding bf16-rounded values (numpy has no bf16), so its upper 16 bits are the
+    value, exactly."""
+    if datatype == "BF16":
+        return (np.ascontiguousarray(values, dtype="<f4").view("<u4") >> 16).astype("<u2")
+    return np.ascontiguousarray(values, dtype="<f2" if datatype == "FP16" else "<f4")
+
+
+def embedding_bytes(values: np.ndarray, datatype: str) -> bytes:
+    """Raw little-endian bytes of the embeddings output (see :func:`embedding_array`)."""
+    return embedding_array(values, datatype).tobytes()
+
+
+def embeddings_datatype(params: dict[str, Any]) -> str:
+    """The request parameter ``embeddings_datatype`` (FP32 default, FP16, BF16)."""
+    datatype = params.get("embeddings_datatype", "FP32")
+    if datatype not in EMBEDDING_DATATYPES:
+        raise _bad(f"parameter 'embeddings_datatype' must be one of {', '.join(EMBEDDING_DATATYPES)}, not {datatype!r}")
+    return str(datatype)
 
 
 def _bad(message: str) -> ApiError:
@@ -53,6 +78,7 @@ class InferRequest:
     pooling: str
     outputs: list[str]
     binary: dict[str, bool] = field(default_factory=dict)
+    datatype: str = "FP32"  # of the embeddings output
 
 
 def _shape(entry: dict[str, Any], name: str) -> list[int]:
@@ -187,22 +213,23 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     request_id = head.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _bad("'id' must be a string")
-    return InferRequest(request_id, tensors["ids"], offsets, pooling, outputs, binary)
+    return InferRequest(request_id, tensors["ids"], offsets, pooling, outputs, binary, embeddings_datatype(params))
 
 
 def infer_response_parts(
     model: str, request: InferRequest, embeddings: np.ndarray, found: np.ndarray
 ) -> tuple[list[bytes | np.ndarray], int | None]:
     """The response body as buffers in order (JSON header, then each binary output's array,
-    not copied) and, when any output is binary, the length of the JSON header."""
-    tensors = {"embeddings": (embeddings, "FP32", "<f4"), "found": (found, "BOOL", "u1")}
+    not copied where the values already have the wire dtype) and, when any output is binary,
+    the length of the JSON header."""
+    tensors = {"embeddings": (embeddings, request.datatype), "found": (found, "BOOL")}
     head_outputs: list[dict[str, Any]] = []
     blobs: list[np.ndarray] = []
     for name in request.outputs:
-        values, datatype, dtype = tensors[name]
+        values, datatype = tensors[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
         if request.binary.get(name):
-            blob = np.ascontiguousarray(values, dtype=dtype)
+            blob = embedding_array(values, datatype) if name == "embeddings" else np.ascontiguousarray(values, dtype="u1")
             entry["parameters"] = {"binary_data_size": blob.nbytes}
             blobs.append(blob)
         else:

@@ -8,7 +8,8 @@ Binary request (``Content-Type: application/x-embserve-lookup``)::
     T times:
       u16      L         table name length in bytes
       u8       pooling   0 = none, 1 = sum, 2 = mean
-      u8       reserved  must be 0
+      u8       dtype     values in the answer: 0 = the default (f32, or the Accept header's
+                         ``dtype=`` parameter), 1 = f32, 2 = f16, 3 = bf16
       u32      n         number of IDs
       u32      B         number of bag offsets (0 when pooling is none)
       L bytes            table name, UTF-8
@@ -25,8 +26,23 @@ Binary response (``Accept: application/x-embserve-tensor``, or ``application/oct
       u32      n         number of IDs looked up
       u32      unknown   how many of them the table does not hold
       rows x dim f32     embeddings, row-major
-      n x u8             found flag per ID (1 = the table holds it)
+      n x u8             per-ID status: 0 = the table does not hold the ID, anything else =
+                         it does (1 = found; readers must accept other non-zero codes)
       0-3 bytes          zero padding to a multiple of 4
+
+When any lookup asked for 16-bit values the answer is ``EMR2`` instead, which differs only in
+one more header field per result and the width of the values::
+
+    magic      4 bytes   b"EMR2"
+    u32        T
+    T times:
+      u32 rows | u32 dim | u32 n | u32 unknown
+      u32      dtype     1 = f32, 2 = f16 (IEEE half), 3 = bf16 (upper half of an f32)
+      rows x dim values  4 or 2 bytes each, little-endian, row-major
+      n x u8             per-ID status, as in EMR1
+      0-3 bytes          zero padding: the result ends at a multiple of 4
+
+An all-f32 answer is always ``EMR1``, byte for byte what it was before dtypes existed.
 
 JSON responses carry the same fields (see :class:`LookupResponse`).
 
@@ -61,11 +77,17 @@ RESPONSE_MAGIC = b"EMR1"
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+RESPONSE_MAGIC_16 = b"EMR2"
 Pooling = Literal["none", "sum", "mean"]
+DType = Literal["f32", "f16", "bf16"]
 _POOLING_CODES: dict[int, Pooling] = {0: "none", 1: "sum", 2: "mean"}
+DTYPE_CODES: dict[str, int] = {"f32": 1, "f16": 2, "bf16": 3}  # 0 on the wire = the request's default
+_DTYPE_NAMES: dict[int, DType] = {1: "f32", 2: "f16", 3: "bf16"}
+DTYPE_ITEMSIZE: dict[str, int] = {"f32": 4, "f16": 2, "bf16": 2}
 _HEAD = struct.Struct("<4sI")
 _ENTRY = struct.Struct("<HBBII")
 _RESULT = struct.Struct("<IIII")
+_RESULT_16 = struct.Struct("<IIIII")
 _UPDATE_HEAD = struct.Struct("<4sIII")
 
 
@@ -80,6 +102,9 @@ class LookupItem(BaseModel):
     ids: list[Int64] = Field(..., description="int64 IDs to look up")
     offsets: list[Int64] | None = Field(None, description="bag start offsets; needs pooling sum or mean")
     pooling: Pooling = Field("none", description="pool each bag's rows: none, sum or mean")
+    dtype: DType | None = Field(
+        None, description="precision of the returned values: f32 (default), f16 or bf16 (rounded to nearest; half the bytes in binary answers)"
+    )
 
 
 class LookupRequest(BaseModel):
@@ -108,6 +133,7 @@ class ParsedLookup:
     ids: np.ndarray  # int64 [n]
     offsets: np.ndarray | None  # int64 [B]
     pooling: Pooling
+    dtype: DType | None = None  # None = the request's default (f32 unless the Accept header says otherwise)
 
 
 def parse_binary_request(body: bytes) -> list[ParsedLookup]:
@@ -123,10 +149,12 @@ def parse_binary_request(body: bytes) -> list[ParsedLookup]:
     for _ in range(count):
         if pos + _ENTRY.size > len(body):
             raise WireError("binary body ends inside a lookup header")
-        name_len, pooling_code, reserved, n_ids, n_offsets = _ENTRY.unpack_from(body, pos)
+        name_len, pooling_code, dtype_code, n_ids, n_offsets = _ENTRY.unpack_from(body, pos)
         pos += _ENTRY.size
-        if reserved != 0 or pooling_code not in _POOLING_CODES:
-            raise WireError("bad pooling code or reserved byte in a lookup header")
+        if pooling_code not in _POOLING_CODES:
+            raise WireError(f"bad pooling code {pooling_code} in a lookup header")
+        if dtype_code != 0 and dtype_code not in _DTYPE_NAMES:
+            raise WireError(f"bad dtype code {dtype_code} in a lookup header (0 default, 1 f32, 2 f16, 3 bf16)")
         end = pos + name_len + 8 * (n_ids + n_offsets)
         if end > len(body):
             raise WireError("binary body is shorter than its lookup headers declare")
@@ -141,7 +169,7 @@ def parse_binary_request(body: bytes) -> list[ParsedLookup]:
         if n_offsets:
             offsets = np.frombuffer(body, dtype="<i8", count=n_offsets, offset=pos).astype(np.int64, copy=True)
             pos += 8 * n_offsets
-        out.append(ParsedLookup(name, ids, offsets, _POOLING_CODES[pooling_code]))
+        out.append(ParsedLookup(name, ids, offsets, _POOLING_CODES[pooling_code], _DTYPE_NAMES.get(dtype_code)))
     if pos != len(body):
         raise WireError(f"{len(body) - pos} trailing bytes after the last lookup")
     return out
@@ -154,7 +182,8 @@ def encode_binary_request(lookups: list[ParsedLookup]) -> bytes:
     for item in lookups:
         name = item.table.encode("utf-8")
         offsets = item.offsets if item.offsets is not None else np.empty(0, dtype=np.int64)
-        parts.append(_ENTRY.pack(len(name), codes[item.pooling], 0, len(item.ids), len(offsets)))
+        dtype_code = DTYPE_CODES[item.dtype] if item.dtype is not None else 0
+        parts.append(_ENTRY.pack(len(name), codes[item.pooling], dtype_code, len(item.ids), len(offsets)))
         parts.append(name)
         parts.append(np.ascontiguousarray(item.ids, dtype="<i8").tobytes())
         parts.append(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
@@ -187,20 +216,66 @@ def encode_binary_response(results: list[LookupOutput]) -> bytes:
     return b"".join(binary_response_parts(results))  # numpy arrays join through the buffer protocol
 
 
+def binary_response_size(shapes: list[tuple[int, int, int, str]]) -> int:
+    """Bytes of the binary answer for results ``(rows, dim, n, dtype)``: the writer allocates
+    this once and decodes every table's rows straight into it."""
+    wide = any(dtype != "f32" for _, _, _, dtype in shapes)
+    head = _RESULT_16.size if wide else _RESULT.size
+    total = _HEAD.size
+    for rows, dim, n, dtype in shapes:
+        payload = DTYPE_ITEMSIZE[dtype] * rows * dim + n
+        total += head + payload + (-payload % 4)
+    return total
+
+
+def write_response_head(buf: bytearray, count: int, wide: bool) -> int:
+    """Write the answer's magic and count; returns where the first result starts."""
+    _HEAD.pack_into(buf, 0, RESPONSE_MAGIC_16 if wide else RESPONSE_MAGIC, count)
+    return _HEAD.size
+
+
+def write_result_head(buf: bytearray, pos: int, rows: int, dim: int, n: int, unknown: int, dtype: str, wide: bool) -> int:
+    """Write one result's header at ``pos``; returns where its values start."""
+    if wide:
+        _RESULT_16.pack_into(buf, pos, rows, dim, n, unknown, DTYPE_CODES[dtype])
+        return pos + _RESULT_16.size
+    _RESULT.pack_into(buf, pos, rows, dim, n, unknown)
+    return pos + _RESULT.size
+
+
 def decode_binary_response(body: bytes) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Client side of :func:`encode_binary_response`: ``[(values, found, unknown), ...]``."""
+    """Client side of the binary answer (EMR1 or EMR2): ``[(values, found, unknown), ...]``.
+
+    ``values`` is a read-only view of ``body``: float32, float16, or - for bf16, which numpy
+    lacks - float32 widened from the bf16 bits (exact).  ``found`` is ``status != 0``."""
     magic, count = _HEAD.unpack_from(body, 0)
-    if magic != RESPONSE_MAGIC:
-        raise WireError("response does not start with b'EMR1'")
+    if magic not in (RESPONSE_MAGIC, RESPONSE_MAGIC_16):
+        raise WireError("response does not start with b'EMR1' or b'EMR2'")
+    wide = magic == RESPONSE_MAGIC_16
     pos = _HEAD.size
     out = []
     for _ in range(count):
-        rows, dim, n, unknown = _RESULT.unpack_from(body, pos)
-        pos += _RESULT.size
-        values = np.frombuffer(body, dtype="<f4", count=rows * dim, offset=pos).reshape(rows, dim)
-        pos += 4 * rows * dim
-        found = np.frombuffer(body, dtype=np.uint8, count=n, offset=pos).astype(bool)
-        pos += n + (-n % 4)
+        if wide:
+            rows, dim, n, unknown, code = _RESULT_16.unpack_from(body, pos)
+            pos += _RESULT_16.size
+            if code not in _DTYPE_NAMES:
+                raise WireError(f"unknown dtype code {code} in the response")
+            dtype = _DTYPE_NAMES[code]
+        else:
+            rows, dim, n, unknown = _RESULT.unpack_from(body, pos)
+            pos += _RESULT.size
+            dtype = "f32"
+        if dtype == "f32":
+            values = np.frombuffer(body, dtype="<f4", count=rows * dim, offset=pos).reshape(rows, dim)
+        elif dtype == "f16":
+            values = np.frombuffer(body, dtype="<f2", count=rows * dim, offset=pos).reshape(rows, dim)
+        else:
+            bits = np.frombuffer(body, dtype="<u2", count=rows * dim, offset=pos).astype(np.uint32) << 16
+            values = bits.view(np.float32).reshape(rows, dim)
+        payload = DTYPE_ITEMSIZE[dtype] * rows * dim + n
+        pos += DTYPE_ITEMSIZE[dtype] * rows * dim
+        found = np.frombuffer(body, dtype=np.uint8, count=n, offset=pos) != 0
+        pos += n + (-payload % 4)
         out.append((values, found, unknown))
     return out
 

@@ -170,13 +170,14 @@ def lookup(out: torch.Tensor, ids: torch.Tensor, index: _IndexC | None, classes_
     many of them are ``-1`` (no row)."""
     assert _LIB is not None
     n, width = out.shape
-    if ids.dtype != torch.int64 or not ids.is_contiguous():
+    if ids.dtype is not torch.int64 or not ids.is_contiguous():
         ids = ids.to(torch.int64).contiguous()
     loc = torch.empty(n, dtype=torch.int32)
     threads = torch.get_num_threads() if n >= PARALLEL_MIN_ROWS else 1
+    # ctypes.byref, not addressof: no int -> c_void_p conversion on a path that runs per request
     rc = _LIB.embserve_lookup(
-        ids.data_ptr(), n, ctypes.addressof(index if index is not None else _RESOLVED),
-        ctypes.addressof(classes_c), MAX_CLASSES, out.data_ptr(), width, loc.data_ptr(), threads,
+        ids.data_ptr(), n, ctypes.byref(index if index is not None else _RESOLVED),
+        ctypes.byref(classes_c), MAX_CLASSES, out.data_ptr(), width, loc.data_ptr(), threads,
     )
     if rc < 0:
         raise RuntimeError("compiled decoder rejected its arguments")

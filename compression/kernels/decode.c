@@ -467,6 +467,9 @@ int64_t embserve_lookup(const int64_t *ids, int64_t n, const index_t *index, con
         return -1;
     int64_t chunks = threads > 1 ? threads : 1;
     if (chunks > 1 && n < chunks * 4 * BLOCK) chunks = 1;
+    /* one chunk: no OpenMP region at all (entering one, even with if(0), costs about a
+       microsecond: the whole bill of a batch-1 lookup) */
+    if (chunks == 1) return run_range(0, n, ids, index, classes, out, width, loc_out);
     const int64_t per = ((n + chunks - 1) / chunks + BLOCK - 1) / BLOCK * BLOCK;
     int64_t unknown = 0;
 #ifdef _OPENMP

@@ -9,8 +9,10 @@ was looked up (the counters do not move either)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import orjson
@@ -21,27 +23,33 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from compression.pooling import validate_offsets
+from compression.table import LookupResult
 
 from ..buffered import SLICE_BYTES, STREAM_MIN_BYTES, BufferResponse
-from ..errors import ApiError, error_response, parse_json_body
+from ..errors import ApiError, error_body, parse_json_body
 from ..response_size import JSON_BYTES_PER_VALUE, check_lookup_response
-from ..security import require_reader
+from ..security import check_reader, require_reader
 from ..state import AppState
 from ..wire import (
     BINARY_REQUEST_TYPE,
     BINARY_RESPONSE_TYPE,
+    DTYPE_CODES,
+    DTYPE_ITEMSIZE,
     OCTET_STREAM,
+    DType,
     LookupOutput,
     LookupRequest,
     LookupResponse,
     ParsedLookup,
     WireError,
-    binary_response_parts,
-    encode_binary_response,
+    binary_response_size,
     parse_binary_request,
+    write_response_head,
+    write_result_head,
 )
 
 router = APIRouter(prefix="/v1", tags=["lookup"])
+log = logging.getLogger("embserve")
 
 # The handler reads the raw body (two content types), so FastAPI cannot infer the schema; we
 # declare it here and add the models to the OpenAPI components in add_openapi_components().
@@ -74,6 +82,22 @@ def wants_binary(accept: str | None) -> bool:
     return BINARY_RESPONSE_TYPE in kinds or OCTET_STREAM in kinds
 
 
+def accept_dtype(accept: str | None) -> DType | None:
+    """The ``dtype=`` parameter of the Accept header (``application/x-embserve-tensor; dtype=f16``,
+    also honoured with application/json): the values' precision for lookups that name none."""
+    if not accept or "dtype" not in accept:
+        return None
+    for part in accept.split(","):
+        for param in part.split(";")[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "dtype":
+                value = value.strip().strip('"').lower()
+                if value not in DTYPE_CODES:
+                    raise ApiError(406, "not_acceptable", f"Accept dtype must be one of {', '.join(DTYPE_CODES)}, not {value!r}")
+                return value  # type: ignore[return-value]
+    return None
+
+
 def parse_body(body: bytes, content_type: str) -> list[ParsedLookup]:
     if content_type == BINARY_REQUEST_TYPE:
         try:
@@ -89,6 +113,7 @@ def parse_body(body: bytes, content_type: str) -> list[ParsedLookup]:
             np.asarray(item.ids, dtype=np.int64).reshape(-1),
             None if item.offsets is None else np.asarray(item.offsets, dtype=np.int64).reshape(-1),
             item.pooling,
+            item.dtype,
         )
         for item in request.lookups
     ]
@@ -117,30 +142,96 @@ def check_limits(state: AppState, lookups: list[ParsedLookup]) -> None:
                 raise ApiError(422, "invalid_request", f"lookups[{k}]: {exc}") from exc
 
 
-def run_lookups(state: AppState, lookups: list[ParsedLookup]) -> list[LookupOutput]:
-    metrics = state.metrics
+def batching_on(state: AppState) -> bool:
+    """Cross-request batching is on (merging needs requests answered on worker threads)."""
+    return state.batching is not None and state.batching.enabled
+
+
+def lookup_one(state: AppState, item: ParsedLookup, out: torch.Tensor | None = None) -> LookupResult:
+    """One table lookup with its metrics and frequency feed; ``out`` (float32 ``[n, D]``, no
+    pooling) is where the rows are decoded to: a view of the response buffer."""
+    hosted = state.tables.get(item.table)
+    assert hosted is not None  # checked in check_limits
+    ids = torch.from_numpy(item.ids)
+    started = time.perf_counter()
+    if item.pooling == "none":
+        if batching_on(state):
+            # merged with concurrent lookups of the table (service/batching.py): the rows come
+            # back in the merged answer, so they are copied into ``out``
+            result = state.batching.lookup(item.table, hosted.table, item.ids)  # type: ignore[union-attr]
+            if out is not None:
+                out.copy_(result.values)
+                result = LookupResult(out, result.locators, result.num_unknown)
+        else:
+            result = hosted.table.lookup(ids, out=out)
+    else:
+        assert item.offsets is not None
+        result = hosted.table.lookup_bags(ids, torch.from_numpy(item.offsets), item.pooling)
+    latency, counted, unknown = state.metrics.table_children(item.table)
+    latency.observe(time.perf_counter() - started)
+    counted.inc(int(ids.shape[0]))
+    if state.applier is not None:
+        state.applier.record_lookup(item.table, item.ids)  # frequencies, fed off the request path
+    if result.num_unknown:
+        unknown.inc(result.num_unknown)
+    return result
+
+
+def _as_dtype(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """Values for a JSON answer at the asked precision (bf16, which numpy lacks, as the exact
+    float32 of the rounded value)."""
+    if dtype == "f16":
+        return values.cpu().to(torch.float16).numpy()
+    if dtype == "bf16":
+        return values.cpu().to(torch.bfloat16).to(torch.float32).numpy()
+    return values.cpu().numpy()
+
+
+def run_lookups(state: AppState, lookups: list[ParsedLookup], default_dtype: DType | None = None) -> list[LookupOutput]:
     outputs = []
     for item in lookups:
-        hosted = state.tables.get(item.table)
-        assert hosted is not None  # checked in check_limits
-        ids = torch.from_numpy(item.ids)
-        started = time.perf_counter()
-        if item.pooling == "none":
-            # merged with concurrent lookups of the table when batching is on (service/batching.py)
-            result = state.batching.lookup(item.table, hosted.table, item.ids) if state.batching else hosted.table.lookup(ids)
-        else:
-            assert item.offsets is not None
-            result = hosted.table.lookup_bags(ids, torch.from_numpy(item.offsets), item.pooling)
-        metrics.lookup_latency.labels(item.table).observe(time.perf_counter() - started)
-        metrics.lookup_ids.labels(item.table).inc(int(ids.shape[0]))
-        if state.applier is not None:
-            state.applier.record_lookup(item.table, item.ids)  # frequencies, fed off the request path
-        if result.num_unknown:
-            metrics.unknown_ids.labels(item.table).inc(result.num_unknown)
+        result = lookup_one(state, item)
         # found flags in numpy: one torch op costs more than the whole comparison at ranking batch sizes
         found = result.locators.cpu().numpy() >= 0
-        outputs.append(LookupOutput(item.table, result.values.cpu().numpy(), found, result.num_unknown))
+        values = _as_dtype(result.values, item.dtype or default_dtype or "f32")
+        outputs.append(LookupOutput(item.table, values, found, result.num_unknown))
     return outputs
+
+
+def lookup_binary(state: AppState, lookups: list[ParsedLookup], default_dtype: DType | None = None) -> bytes:
+    """Run the lookups and answer in the binary format, decoding every table's rows straight
+    into the one response buffer (f32; 16-bit values are converted into it in one pass)."""
+    dtypes = [item.dtype or default_dtype or "f32" for item in lookups]
+    dims = [state.tables.get(item.table).table.dim for item in lookups]  # type: ignore[union-attr]
+    shapes = [
+        (int(item.ids.shape[0]) if item.pooling == "none" else int(item.offsets.shape[0]), dim, int(item.ids.shape[0]), dtype)  # type: ignore[union-attr]
+        for item, dim, dtype in zip(lookups, dims, dtypes, strict=True)
+    ]
+    wide = any(dtype != "f32" for dtype in dtypes)
+    buf = bytearray(binary_response_size(shapes))
+    pos = write_response_head(buf, len(lookups), wide)
+    for item, (rows, dim, n, dtype) in zip(lookups, shapes, strict=True):
+        head = pos
+        pos = write_result_head(buf, head, rows, dim, n, 0, dtype, wide)
+        count = rows * dim
+        view = torch.frombuffer(buf, dtype=_TORCH_DTYPES[dtype], count=count, offset=pos).view(rows, dim) if count else None
+        direct = view is not None and dtype == "f32" and item.pooling == "none"
+        result = lookup_one(state, item, view if direct else None)
+        if view is not None and not direct:
+            view.copy_(result.values)  # the one pass that converts (or the pooled rows)
+        if result.num_unknown:
+            write_result_head(buf, head, rows, dim, n, result.num_unknown, dtype, wide)
+        pos += DTYPE_ITEMSIZE[dtype] * count
+        if n:
+            np.greater_equal(result.locators.numpy(), 0, out=np.frombuffer(buf, dtype=np.bool_, count=n, offset=pos))
+        pos += n + (-(DTYPE_ITEMSIZE[dtype] * count + n) % 4)
+    return bytes(buf) if len(buf) < _COPY_BELOW else buf  # type: ignore[return-value]
+
+
+_TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# small answers go out as bytes (what every server writes fastest); big ones as the bytearray
+# itself, so the rows are never copied after decoding
+_COPY_BELOW = 64 * 1024
 
 
 def encode_json(outputs: list[LookupOutput]) -> bytes:
@@ -172,18 +263,34 @@ def encode_json_parts(outputs: list[LookupOutput]) -> Iterator[bytes]:
     yield b"]}"
 
 
-def handle_lookup(state: AppState, body: bytes, content_type: str, binary: bool) -> Response:
+# An answer: one buffer (a big binary one is the bytearray the rows were decoded into), or the
+# parts of a large JSON answer, encoded lazily as the socket drains.
+Answer = bytes | bytearray | Iterator[bytes]
+
+
+def is_large(payload: Answer) -> bool:
+    """Sent in slices (service/buffered.py) rather than in one ``send``."""
+    return not isinstance(payload, (bytes, bytearray)) or len(payload) > STREAM_MIN_BYTES
+
+
+def handle_lookup(state: AppState, body: bytes, content_type: str, binary: bool, default_dtype: DType | None = None) -> Response:
+    payload, media_type = answer_bytes(state, body, content_type, binary, default_dtype)
+    if is_large(payload):
+        return BufferResponse([payload] if isinstance(payload, (bytes, bytearray)) else payload, media_type)
+    return Response(memoryview(payload), media_type=media_type)
+
+
+def answer_bytes(state: AppState, body: bytes, content_type: str, binary: bool, default_dtype: DType | None = None) -> tuple[Answer, str]:
+    """The whole lookup, body in, answer out: what both the route and the fast path run."""
     lookups = parse_body(body, content_type)
     check_limits(state, lookups)
     estimate = check_lookup_response(state, lookups, binary)  # 413 before any row is decoded
-    outputs = run_lookups(state, lookups)
-    if estimate > STREAM_MIN_BYTES:  # large: sent in slices, never joined (service/buffered.py)
-        if binary:
-            return BufferResponse(binary_response_parts(outputs), BINARY_RESPONSE_TYPE)
-        return BufferResponse(encode_json_parts(outputs), "application/json")
     if binary:
-        return Response(encode_binary_response(outputs), media_type=BINARY_RESPONSE_TYPE)
-    return Response(encode_json(outputs), media_type="application/json")
+        return lookup_binary(state, lookups, default_dtype), BINARY_RESPONSE_TYPE
+    outputs = run_lookups(state, lookups, default_dtype)
+    if estimate > STREAM_MIN_BYTES:  # large: encoded a slice of rows at a time as it is sent
+        return encode_json_parts(outputs), "application/json"
+    return encode_json(outputs), "application/json"
 
 
 @router.post(
@@ -210,20 +317,23 @@ async def answer_lookup(state: AppState, request: Request) -> Response:
     await require_reader(request, state)
     body = await request.body()
     content_type = _media_type(request.headers.get("content-type"))
-    binary = wants_binary(request.headers.get("accept"))
-    batching = state.batching is not None and state.batching.enabled  # merging needs concurrent threads
-    if len(body) <= state.settings.inline_max_body_bytes and not batching:
-        return handle_lookup(state, body, content_type, binary)  # cheaper than a thread hop (~0.3 ms)
-    return await run_in_threadpool(handle_lookup, state, body, content_type, binary)
+    accept = request.headers.get("accept")
+    binary = wants_binary(accept)
+    dtype = accept_dtype(accept)
+    if len(body) <= state.settings.inline_max_body_bytes and not batching_on(state):
+        return handle_lookup(state, body, content_type, binary, dtype)  # cheaper than a thread hop (~0.3 ms)
+    return await run_in_threadpool(handle_lookup, state, body, content_type, binary, dtype)
 
 
 class LookupFastPath:
-    """ASGI middleware that answers ``POST /v1/lookup`` itself.
+    """Outermost ASGI layer: answers ``POST /v1/lookup`` itself, before Starlette's stack.
 
-    FastAPI's routing, request handling and exception middleware cost ~0.25 ms a request on
-    the reference VM, more than a whole batch-1 lookup.  This sits inside the body-size and
-    metrics middlewares (so limits and ``embserve_http_*`` still apply, under the route's own
-    template) and answers with the same function and the same error shape as the route."""
+    A batch-1 lookup is a few microseconds of decoding; FastAPI's routing, Starlette's error
+    and exception middlewares, the Request/Response objects and prometheus' ``labels()`` calls
+    were most of its server CPU (bench/results/profile_batch1.md).  So this layer does, for this
+    one route, what those layers do - body-size limit (413), read-token check (401/403), the
+    same error JSON, ``embserve_http_*`` metrics under the route's template, a 500 that hides
+    internals - with nothing else in between.  Every other request passes through untouched."""
 
     PATH = "/v1/lookup"
 
@@ -231,14 +341,87 @@ class LookupFastPath:
         self.app = app
         self.state = state
         self.route = next((r for r in router.routes if getattr(r, "path", None) == self.PATH), None)
+        metrics = state.metrics
+        self._latency = metrics.http_latency.labels(self.PATH, "POST")
+        self._requests: dict[int, Any] = {}  # status -> counter child, cached: labels() costs microseconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.PATH:
+        if scope["type"] != "http" or scope["path"] != self.PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        scope["route"] = self.route  # what RequestMetricsMiddleware labels the request with
+        started = time.perf_counter()
+        scope["route"] = self.route
+        status = 200
+        extra: list[tuple[bytes, bytes]] = []
         try:
-            response = await answer_lookup(self.state, Request(scope, receive))
+            headers = dict(scope["headers"])
+            payload, media_type = await self._answer(headers, receive)
         except ApiError as exc:
-            response = error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
-        await response(scope, receive, send)
+            status, payload, media_type = exc.status, error_body(exc.status, exc.code, exc.message, exc.details), "application/json"
+            extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+        except Exception:  # noqa: BLE001 - an answer that says nothing about the internals, as for every route
+            log.exception("unhandled error on POST %s", self.PATH)
+            status, payload, media_type = 500, error_body(500, "internal", "internal server error"), "application/json"
+        if status == 200 and is_large(payload):
+            # sent in slices as the socket drains: the answer never exists twice (service/buffered.py)
+            parts = [payload] if isinstance(payload, (bytes, bytearray)) else payload
+            await BufferResponse(parts, media_type)(scope, receive, send)
+        else:
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", media_type.encode()), (b"content-length", str(len(payload)).encode()), *extra]})
+            await send({"type": "http.response.body", "body": payload})
+        counter = self._requests.get(status)
+        if counter is None:
+            counter = self._requests[status] = self.state.metrics.http_requests.labels(self.PATH, "POST", str(status))
+        counter.inc()
+        self._latency.observe(time.perf_counter() - started)
+        if status >= 400:
+            self.state.metrics.http_errors.labels(self.PATH, str(status)).inc()
+
+    async def _answer(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[Answer, str]:
+        state = self.state
+        limit = state.settings.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                size = -1
+            if size < 0:
+                raise ApiError(400, "bad_request", "bad Content-Length")
+            if size > limit:
+                raise ApiError(413, "too_large", f"body over the {limit}-byte limit")
+        authorization = headers.get(b"authorization")
+        check_reader(state, None if authorization is None else authorization.decode("latin-1"))
+        body = await _read_body(receive, limit)
+        content_type = _media_type(headers.get(b"content-type", b"").decode("latin-1"))
+        accept = headers.get(b"accept", b"").decode("latin-1")
+        binary = wants_binary(accept)
+        dtype = accept_dtype(accept)
+        if len(body) <= state.settings.inline_max_body_bytes and not batching_on(state):
+            return answer_bytes(state, body, content_type, binary, dtype)  # cheaper than a thread hop (~0.3 ms)
+        return await run_in_threadpool(answer_bytes, state, body, content_type, binary, dtype)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes even when no Content-Length said so."""
+    message = await receive()
+    body = message.get("body", b"")
+    if len(body) > limit:
+        raise ApiError(413, "too_large", f"body over the {limit}-byte limit")
+    if not message.get("more_body", False):
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "bad_request", "client disconnected")
+        return body
+    chunks = [body]
+    seen = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "bad_request", "client disconnected")
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise ApiError(413, "too_large", f"body over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)

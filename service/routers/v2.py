@@ -20,7 +20,7 @@ from ..registry import TABLE_NAME_PATTERN, HostedTable
 from ..response_size import check_infer_response
 from ..security import require_reader
 from ..state import AppState, get_state
-from ..v2wire import HEADER_LENGTH, ID_DTYPES, infer_response_parts, parse_infer_request
+from ..v2wire import EMBEDDING_DATATYPES, HEADER_LENGTH, ID_DTYPES, infer_response_parts, parse_infer_request
 from ..wire import ParsedLookup
 from .lookup import check_limits, run_lookups
 
@@ -132,7 +132,7 @@ def _infer(state: AppState, name: str, version: str | None, body: bytes, header_
     hosted = _hosted(state, name, version)
     request = parse_infer_request(body, header_length)
     ids = request.ids
-    lookup = ParsedLookup(name, ids.reshape(-1), request.offsets, request.pooling)  # type: ignore[arg-type]
+    lookup = ParsedLookup(name, ids.reshape(-1), request.offsets, request.pooling, EMBEDDING_DATATYPES[request.datatype])  # type: ignore[arg-type]
     try:
         check_limits(state, [lookup])
     except ApiError as exc:

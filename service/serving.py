@@ -1,0 +1,73 @@
+"""Run the app under an HTTP server, in this process: ``uvicorn`` or ``granian`` (setting
+``EMBSERVE_HTTP_SERVER``).
+
+Both run the app's lifespan on this process's event loop, so everything the lifespan starts
+(update applier, the v2 gRPC server on ``EMBSERVE_GRPC_PORT``) shares the process, and SIGTERM
+or SIGINT is a clean stop (the lifespan's shutdown snapshots changed tables).
+
+Why two: the HTTP server's own per-request work is most of a batch-1 lookup's server CPU.
+granian parses HTTP and writes responses in Rust; uvicorn (httptools + uvloop) does part of
+that in Python.  ``bench/service.py --compare-servers`` measures both, interleaved, in one
+run; the default is the one that measured faster (bench/results/service.md).  granian runs in
+its embedded mode (one worker, on our loop), which its authors call experimental, so uvicorn
+stays one setting away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from .settings import Settings
+
+
+def run(app: Any, settings: Settings) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT."""
+    if settings.http_server == "granian":
+        _run_granian(app, settings)
+    else:
+        _run_uvicorn(app, settings)
+
+
+def _run_uvicorn(app: Any, settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+
+
+def _run_granian(app: Any, settings: Settings) -> None:
+    try:
+        import granian  # noqa: F401 - the bench extra
+    except ImportError:
+        raise SystemExit("EMBSERVE_HTTP_SERVER=granian needs granian installed (pip install 'embserve[bench]')") from None
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:  # uvloop is optional; asyncio's loop works, a little slower
+        loop_factory = asyncio.new_event_loop
+    level = settings.log_level.lower()
+    server = Server(
+        app,
+        address=settings.host,
+        port=settings.port,
+        interface=Interfaces.ASGI,
+        http=HTTPModes.http1,
+        websockets=False,
+        log_level=LogLevels(level) if level in LogLevels.__members__.values() else LogLevels.info,
+        log_access=False,
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
+        await server.serve()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())

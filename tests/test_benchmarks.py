@@ -1,0 +1,125 @@
+"""Every benchmark runs in the suite in its quick mode (``--fast``): a benchmark that crashes
+cannot back a committed number.  Each one runs end to end against real parts (server processes,
+Redis, Locust) on a tiny table, and must write its report with the interleaved verdict lines.
+The interleaving helper itself is checked on synthetic numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "bench"))  # appended: bench/service.py must not shadow the service package
+
+from interleave import Spread, ratio, run_rounds, target_line  # noqa: E402
+
+
+def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+# ---------------------------------------------------------------- the helper
+
+
+def test_rounds_are_round_robin_with_a_rotating_start() -> None:
+    calls: list[str] = []
+
+    def measure(name: str):  # type: ignore[no-untyped-def]
+        return lambda: calls.append(name) or float(len(calls))
+
+    out = run_rounds({"a": measure("a"), "b": measure("b"), "c": measure("c")}, 3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [len(v) for v in out.values()] == [3, 3, 3]
+
+
+def test_ratio_is_the_median_of_same_round_ratios() -> None:
+    # drift that doubles every round cancels within a round: every same-round ratio is 2
+    fast = [2.0, 4.0, 8.0, 16.0, 32.0]
+    slow = [1.0, 2.0, 4.0, 8.0, 16.0]
+    r = ratio(fast, slow)
+    assert (r.median, r.lo, r.hi) == (2.0, 2.0, 2.0)
+
+
+def test_a_target_is_met_only_when_the_whole_spread_clears_it() -> None:
+    assert Spread.of([1.3, 1.25, 1.4]).verdict(1.2) == "met"
+    assert Spread.of([1.3, 1.1, 1.4]).verdict(1.2).startswith("not shown")
+    assert Spread.of([1.0, 1.1, 1.15]).verdict(1.2) == "missed"
+    assert Spread.of([30.0, 35.0, 39.0]).verdict(40, at_least=False) == "met"
+    assert Spread.of([30.0, 45.0]).verdict(40, at_least=False).startswith("not shown")
+    line = target_line("x vs y", Spread.of([1.3, 1.25, 1.4]), 1.2)
+    assert "1.30x (1.25..1.40)" in line and line.endswith("met")
+
+
+# ---------------------------------------------------------------- the benchmarks, quick mode
+
+pytestmark_e2e = pytest.mark.e2e
+
+
+@pytestmark_e2e
+def test_lookup_bench_fast(tmp_path: Path) -> None:
+    out = tmp_path / "lookup.md"
+    _run(["bench/lookup.py", "--fast", "--out", str(out)])
+    report = out.read_text()
+    assert "smoke mode" in report and "interleaved rounds" in report
+    assert "## Targets (issue 13)" in report and "Per-call overhead at batch 1" in report
+    assert "(" in report and ".." in report  # spreads are printed
+
+
+@pytestmark_e2e
+def test_service_bench_fast(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    out = tmp_path / "service.md"
+    try:
+        import granian  # noqa: F401
+        compare = ["--compare-servers"]  # the service under granian too: the other server choice keeps working
+    except ImportError:
+        compare = []
+    _run(["bench/service.py", "--fast", "--out", str(out), *compare])
+    report = out.read_text()
+    if compare:
+        assert "service binary (granian)" in report
+    assert "smoke mode" in report and "round-robin" in report
+    for path in ("service binary (", "service binary, fp16 values", "service v2 gRPC (tritonclient)", "Redis MGET + decode", "HTTP floor"):
+        assert path in report
+    assert "server CPU per batch-1 binary lookup" in report
+
+
+@pytestmark_e2e
+def test_streaming_bench_fast(tmp_path: Path) -> None:
+    """It used to crash at the end of its first log (a local Event shadowed the module's stop())."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    out = tmp_path / "streaming.md"
+    _run(["bench/streaming.py", "--fast", "--out", str(out)])
+    report = out.read_text()
+    assert "| sqlite |" in report and "| redis |" in report
+
+
+@pytestmark_e2e
+def test_streaming_quality_bench_fast(tmp_path: Path) -> None:
+    out = tmp_path / "streaming_quality.md"
+    _run(["bench/streaming_quality.py", "--fast", "--out", str(out)])
+    report = out.read_text()
+    assert "smoke mode" in report
+    for policy in ("| fp32 |", "| scall |", "| knapsack |", "| uniform |"):
+        assert policy in report
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytestmark_e2e
+def test_loadtest_fast(tmp_path: Path) -> None:
+    if importlib.util.find_spec("locust") is None:  # not imported here: locust monkey-patches ssl on import
+        pytest.skip("locust (the load extra) is not installed")
+    _run(["loadtest/run.py", "--fast", "--demo-dir", str(tmp_path / "tables"), "--out", str(tmp_path / "out")])
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "smoke mode" in summary and "| request | requests | failures |" in summary  # rows: as many as the loaded host allowed

@@ -1,0 +1,125 @@
+"""KServe v2 over gRPC, end to end: a real `embserve serve` process with ``EMBSERVE_GRPC_PORT``
+set, called by an unmodified ``tritonclient.grpc`` client; the same tables, tokens, limits and
+error meanings as HTTP.  The Python client's ``dtype=`` is checked against the same server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compression import compress, save_table
+from compression.synthetic import synthetic_table, zipf_frequencies
+from service.client import EmbeddingClient, EmbservError
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from test_e2e import free_port, wait_ready  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+TOKEN = "read-token-0123456789abcdef"
+HEADERS = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(HTTP base URL, gRPC address) of one real server with a read token and a 100-ID limit."""
+    folder = tmp_path_factory.mktemp("grpc")
+    freqs = zipf_frequencies(2000, seed=4)
+    table, _ = compress(synthetic_table(2000, 16, freqs, seed=4), freqs, ratio=6)
+    (folder / "tables").mkdir()
+    save_table(table, folder / "tables" / "items.safetensors")
+    port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "EMBSERVE_TABLES_DIR": str(folder / "tables"), "EMBSERVE_PORT": str(port), "EMBSERVE_GRPC_PORT": str(grpc_port),
+           "EMBSERVE_READ_TOKEN": TOKEN, "EMBSERVE_MAX_IDS_PER_REQUEST": "100", "EMBSERVE_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        yield base, f"127.0.0.1:{grpc_port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def ids_input(values: np.ndarray, datatype: str = "INT64"):  # type: ignore[no-untyped-def]
+    tensor = grpcclient.InferInput("ids", list(values.shape), datatype)
+    tensor.set_data_from_numpy(values)
+    return tensor
+
+
+def status_of(call) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    return str(info.value.status())
+
+
+def test_health_and_metadata(server: tuple[str, str]) -> None:
+    client = grpcclient.InferenceServerClient(server[1])
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("items", headers=HEADERS)
+    meta = client.get_model_metadata("items", headers=HEADERS, as_json=True)
+    assert meta["versions"] == ["1"] and meta["outputs"][0]["shape"] == ["-1", "16"]
+    assert client.get_server_metadata().name == "embserve"
+
+
+def test_infer_matches_the_http_answer(server: tuple[str, str]) -> None:
+    base, address = server
+    wanted = np.array([[0], [5], [1999], [123456]], dtype=np.int64)  # [n, 1], one unknown
+    client = grpcclient.InferenceServerClient(address)
+    result = client.infer("items", [ids_input(wanted)], headers=HEADERS)
+    embeddings, found = result.as_numpy("embeddings"), result.as_numpy("found")
+    assert embeddings.shape == (4, 1, 16) and found.tolist() == [[True], [True], [True], [False]]
+    with EmbeddingClient(base, token=TOKEN) as http:
+        expected = http.lookup("items", wanted.reshape(-1)).values
+        np.testing.assert_array_equal(embeddings.reshape(4, 16), expected)
+        # the same rows at 16 bits, over both protocols and both precisions
+        for datatype, dtype, torch_dtype in (("FP16", "f16", torch.float16), ("BF16", "bf16", torch.bfloat16)):
+            half = client.infer("items", [ids_input(wanted)], headers=HEADERS, parameters={"embeddings_datatype": datatype})
+            rounded = torch.from_numpy(expected.copy()).to(torch_dtype).float().numpy()
+            np.testing.assert_array_equal(half.as_numpy("embeddings").astype(np.float32).reshape(4, 16), rounded)
+            np.testing.assert_array_equal(np.asarray(http.lookup("items", wanted.reshape(-1), dtype=dtype).values, np.float32), rounded)  # type: ignore[arg-type]
+        uint = client.infer("items", [ids_input(np.array([5, 6], dtype=np.uint32), "UINT32")], headers=HEADERS)
+        np.testing.assert_array_equal(uint.as_numpy("embeddings"), http.lookup("items", [5, 6]).values)
+
+
+def test_pooled_bags(server: tuple[str, str]) -> None:
+    client = grpcclient.InferenceServerClient(server[1])
+    wanted = np.array([1, 2, 3, 4], dtype=np.int64)
+    offsets = grpcclient.InferInput("offsets", [2], "INT64")
+    offsets.set_data_from_numpy(np.array([0, 1], dtype=np.int64))
+    pooled = client.infer("items", [ids_input(wanted), offsets], headers=HEADERS, parameters={"pooling": "sum"}).as_numpy("embeddings")
+    rows = client.infer("items", [ids_input(wanted)], headers=HEADERS).as_numpy("embeddings")
+    np.testing.assert_allclose(pooled, np.stack([rows[0], rows[1:].sum(0)]), rtol=1e-6, atol=1e-6)
+
+
+def test_tokens_limits_and_errors_have_their_grpc_codes(server: tuple[str, str]) -> None:
+    client = grpcclient.InferenceServerClient(server[1])
+    one = [ids_input(np.array([1], dtype=np.int64))]
+    assert status_of(lambda: client.infer("items", one)) == "StatusCode.UNAUTHENTICATED"
+    assert status_of(lambda: client.infer("items", one, headers={"authorization": "Bearer wrong-token-0123456789"})) == "StatusCode.PERMISSION_DENIED"
+    assert status_of(lambda: client.get_model_metadata("items")) == "StatusCode.UNAUTHENTICATED"
+    assert status_of(lambda: client.infer("nope", one, headers=HEADERS)) == "StatusCode.NOT_FOUND"
+    assert status_of(lambda: client.infer("items", one, model_version="7", headers=HEADERS)) == "StatusCode.NOT_FOUND"
+    too_many = [ids_input(np.arange(150, dtype=np.int64))]
+    assert status_of(lambda: client.infer("items", too_many, headers=HEADERS)) == "StatusCode.RESOURCE_EXHAUSTED"
+    floats = grpcclient.InferInput("ids", [1], "FP32")
+    floats.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    assert status_of(lambda: client.infer("items", [floats], headers=HEADERS)) == "StatusCode.INVALID_ARGUMENT"
+    bad_dtype = {"embeddings_datatype": "INT8"}
+    assert status_of(lambda: client.infer("items", one, headers=HEADERS, parameters=bad_dtype)) == "StatusCode.INVALID_ARGUMENT"
+    # the same limit on HTTP, for comparison: 413
+    with EmbeddingClient(server[0], token=TOKEN) as http, pytest.raises(EmbservError) as info:
+        http.lookup("items", np.arange(150))
+    assert info.value.status == 413
