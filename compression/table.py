@@ -209,7 +209,7 @@ class CompressedTable:
         self.decoder.backend = value
         self.decoder.refresh(self.slabs)
 
-    def lookup(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> LookupResult:
+    def lookup(self, ids: torch.Tensor, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> LookupResult:
         """Decode the rows of ``ids`` (int64 ``[n]``); unknown IDs get the fallback row.
 
         ``dtype`` (fp32, fp16, bf16): the Triton path writes it directly, others cast.
