@@ -70,6 +70,13 @@ class CreateTable(BaseModel):
     def lifecycle(self) -> LifecycleConfig | None:
         return lifecycle_config(None, self.max_ids, self.admit_min_count, self.count_half_life_rows, self.count_sketch_width)
 
+    @field_validator("name")
+    @classmethod
+    def _no_dot_dot(cls, name: str) -> str:
+        if not valid_table_name(name):
+            raise ValueError(f"a table name matches {TABLE_NAME_PATTERN} and holds no '..'")
+        return name
+
 
 class SetCapacity(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -98,13 +105,6 @@ def lifecycle_config(
     if base is None and cfg.max_ids is None and cfg.admit_min_count <= 1:
         return None
     return cfg
-
-    @field_validator("name")
-    @classmethod
-    def _no_dot_dot(cls, name: str) -> str:
-        if not valid_table_name(name):
-            raise ValueError(f"a table name matches {TABLE_NAME_PATTERN} and holds no '..'")
-        return name
 
 
 class SetPolicy(BaseModel):
