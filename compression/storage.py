@@ -15,14 +15,18 @@ Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
     index.bounds / index.bases    int64 [R+1] / int32 [R]   runs: run-length encoded dense locator
     class.{k}.slab                uint8 [cap_k, row_bytes_k]   rows of class k (compression.layout)
     class.{k}.free                int32 [f_k]        free slots of class k
-    rotation                      fp32 [D, D]        optional
+    rotation                      fp16 [D, K]        optional: the first K columns of the orthogonal
+                                                     rotation, K = widest truncated class (older
+                                                     files: fp32 [D, D], still read; narrowed on load)
     unknown.default               fp32 [D]           optional
     unknown.buckets               fp16 [K, D]        optional (hashed, qr, binary_hash)
     unknown.params                int64 [2]          optional (qr: [M, Q]; binary_hash: [S, k])
 
 Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keyed``/``runs``),
 ``classes`` (``[{"dim", "bits", "used"}]`` in class-index order), ``unknown`` (policy kind),
-``log_position`` (update-log position the file includes, or null), ``extra`` (free-form).
+``log_position`` (update-log position the file includes, or null), ``objective`` (what the
+allocator minimized: ``l2`` or ``cosine``; null or absent for tables built otherwise),
+``extra`` (free-form).
 
 The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added without a
 format version bump: they are new names, so a reader that predates them refuses such a file
@@ -66,6 +70,7 @@ def manifest_of(table: CompressedTable, log_position: str | None = None, extra: 
         "index": table.index.kind,
         "classes": [{"dim": rc.dim, "bits": rc.bits, "used": u} for rc, u in zip(table.classes, table.used, strict=True)],
         "unknown": table.unknown.kind,
+        "objective": table.objective,
         "log_position": log_position,
         "extra": extra or {},
     }
@@ -159,6 +164,7 @@ def load_table(path: str | os.PathLike[str], device: torch.device | str = "cpu")
             rotation=tensors.get("rotation"),
             unknown=UnknownPolicy.from_state(manifest["unknown"], tensors),
         )
+        table.objective = manifest.get("objective")
     except (KeyError, TypeError, ValueError) as exc:
         raise TableFormatError(f"{path}: inconsistent table file ({exc})") from exc
     return table, manifest

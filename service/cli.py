@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
 
 from compression import candidate_classes, compress, load_table, read_manifest, save_table
-from compression.allocation import BudgetTooSmall
+from compression.allocation import OBJECTIVES, BudgetTooSmall
 from compression.storage import TABLE_SUFFIX, TableFormatError
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies
 
@@ -93,12 +93,18 @@ def compress_cmd(
     dims: Annotated[Optional[str], typer.Option(help="candidate dims, comma-separated (default D,D/2,D/4,D/8,0)")] = None,
     unknown: Annotated[str, typer.Option(help="unknown-ID policy: zero, default or hashed")] = "zero",
     groups: Annotated[int, typer.Option(help="frequency groups for the allocation")] = 64,
+    index: Annotated[str, typer.Option(help="ID index: auto (cheapest that serves the IDs), dense, runs or keyed")] = "auto",
+    objective: Annotated[str, typer.Option(help="what to minimize: l2 (rankers) or cosine (retrieval; per-row relative error)")] = "l2",
 ) -> None:
     """Compress a dense table into mixed (dim, bits) row classes within a memory budget."""
     if (ratio is None) == (budget_bytes is None):
         raise typer.BadParameter("give exactly one of --ratio and --budget-bytes")
     if unknown not in ("zero", "default", "hashed"):
         raise typer.BadParameter("--unknown must be zero, default or hashed")
+    if index not in ("auto", "dense", "runs", "keyed"):
+        raise typer.BadParameter("--index must be auto, dense, runs or keyed")
+    if objective not in OBJECTIVES:
+        raise typer.BadParameter(f"--objective must be one of {', '.join(OBJECTIVES)}")
     rows = _load_array(input, tensor).to(torch.float32)
     if rows.dim() != 2:
         raise typer.BadParameter(f"{input}: expected a 2-D table, got shape {list(rows.shape)}")
@@ -111,7 +117,7 @@ def compress_cmd(
         try:
             table, report = compress(
                 rows, freqs, budget_bytes=budget_bytes, ratio=ratio, ids=id_tensor, candidates=cands,
-                num_groups=groups, unknown=unknown,  # type: ignore[arg-type]
+                num_groups=groups, unknown=unknown, index=index, objective=objective,  # type: ignore[arg-type]
                 progress=lambda done, total: progress.update(task, completed=done),
             )
         except (BudgetTooSmall, ValueError) as exc:
@@ -121,7 +127,7 @@ def compress_cmd(
     elapsed = time.perf_counter() - started
     error = weighted_relative_error(rows, freqs if freqs is not None else torch.ones(rows.shape[0]), output) if id_tensor is None else None
     _summary(output, elapsed, error)
-    console.print(f"budget {report.budget_bytes:,} B; wrote {output}")
+    console.print(f"budget {report.budget_bytes:,} B; plan {report.plan}, index {report.index}, objective {report.objective}; wrote {output}")
 
 
 @app.command("inspect")

@@ -5,7 +5,10 @@ A table is served as a *model* of the same name, version ``1``:
     inputs   ids        INT64 (or INT32/UINT32/UINT64)  any shape S (usually [n] or [n, 1])
              offsets    INT64 [B]        optional; with parameter "pooling": "sum" | "mean"
     outputs  embeddings FP32  S + [dim]  ([B, dim] when pooled)
-             found      BOOL  S          the table holds the ID (else the unknown-ID policy filled it)
+             found      BOOL  S          the table served the ID's own row (else the unknown-ID
+                                             policy filled it: an unknown ID, or a pruned row)
+    response parameters.pruned  int          how many IDs had a pruned (dim-0) row, filled by
+                                             the unknown-ID policy (always present)
 
 JSON tensors carry ``data`` as a flat row-major list (nested lists are accepted too).
 
@@ -191,7 +194,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def encode_infer_response(
-    model: str, request: InferRequest, embeddings: np.ndarray, found: np.ndarray
+    model: str, request: InferRequest, embeddings: np.ndarray, found: np.ndarray, pruned: int = 0
 ) -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the length of its JSON header."""
     tensors = {"embeddings": (embeddings, "FP32", "<f4"), "found": (found, "BOOL", "u1")}
@@ -207,7 +210,7 @@ def encode_infer_response(
         else:
             entry["data"] = values.reshape(-1)
         head_outputs.append(entry)
-    head: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": head_outputs}
+    head: dict[str, Any] = {"model_name": model, "model_version": "1", "parameters": {"pruned": pruned}, "outputs": head_outputs}
     if request.request_id is not None:
         head["id"] = request.request_id
     json_part = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)

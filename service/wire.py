@@ -25,10 +25,15 @@ Binary response (``Accept: application/x-embserve-tensor``, or ``application/oct
       u32      n         number of IDs looked up
       u32      unknown   how many of them the table does not hold
       rows x dim f32     embeddings, row-major
-      n x u8             found flag per ID (1 = the table holds it)
+      n x u8             status per ID: 0 = unknown (the table has no row: the unknown-ID
+                         policy filled it), 1 = found, 2 = pruned (the table keeps the ID
+                         but stored no row for it, a dim-0 class; the unknown-ID policy
+                         filled it).  Before pruned rows existed this byte was a found flag;
+                         ``byte == 1`` still means found.
       0-3 bytes          zero padding to a multiple of 4
 
-JSON responses carry the same fields (see :class:`LookupResponse`).
+JSON responses carry the same fields (see :class:`LookupResponse`): ``found`` per ID (true only
+for status 1), ``unknown`` and ``pruned`` counts.
 
 Binary update body (``POST /v1/tables/{name}/updates``, ``Content-Type: application/x-embserve-updates``)::
 
@@ -94,6 +99,7 @@ class LookupResultModel(BaseModel):
     embeddings: list[list[float]]
     found: list[bool]
     unknown: int
+    pruned: int = Field(0, description="IDs whose row was pruned (dim 0) and filled by the unknown-ID policy")
 
 
 class LookupResponse(BaseModel):
@@ -167,6 +173,11 @@ class LookupOutput:
     values: np.ndarray  # float32 [rows, D]
     found: np.ndarray  # bool [n]
     unknown: int
+    pruned: int = 0
+    status: np.ndarray | None = None  # uint8 [n] (0 unknown, 1 found, 2 pruned); None: found as 0/1
+
+
+STATUS_UNKNOWN, STATUS_FOUND, STATUS_PRUNED = 0, 1, 2
 
 
 def encode_binary_response(results: list[LookupOutput]) -> bytes:
@@ -176,13 +187,19 @@ def encode_binary_response(results: list[LookupOutput]) -> bytes:
         n = r.found.shape[0]
         parts.append(_RESULT.pack(rows, dim, n, r.unknown))
         parts.append(np.ascontiguousarray(r.values, dtype="<f4").tobytes())
-        parts.append(r.found.astype(np.uint8).tobytes())
+        parts.append((r.status if r.status is not None else r.found.astype(np.uint8)).tobytes())
         parts.append(b"\0" * (-n % 4))
     return b"".join(parts)
 
 
 def decode_binary_response(body: bytes) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Client side of :func:`encode_binary_response`: ``[(values, found, unknown), ...]``."""
+    """Client side of :func:`encode_binary_response`: ``[(values, found, unknown), ...]``
+    (``found`` = status 1; :func:`decode_binary_statuses` keeps the status bytes)."""
+    return [(values, status == STATUS_FOUND, unknown) for values, status, unknown in decode_binary_statuses(body)]
+
+
+def decode_binary_statuses(body: bytes) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Client side of :func:`encode_binary_response`: ``[(values, status uint8, unknown), ...]``."""
     magic, count = _HEAD.unpack_from(body, 0)
     if magic != RESPONSE_MAGIC:
         raise WireError("response does not start with b'EMR1'")
@@ -193,9 +210,9 @@ def decode_binary_response(body: bytes) -> list[tuple[np.ndarray, np.ndarray, in
         pos += _RESULT.size
         values = np.frombuffer(body, dtype="<f4", count=rows * dim, offset=pos).reshape(rows, dim)
         pos += 4 * rows * dim
-        found = np.frombuffer(body, dtype=np.uint8, count=n, offset=pos).astype(bool)
+        status = np.frombuffer(body, dtype=np.uint8, count=n, offset=pos)
         pos += n + (-n % 4)
-        out.append((values, found, unknown))
+        out.append((values, status, unknown))
     return out
 
 

@@ -28,6 +28,7 @@ from ..wire import (
     BINARY_REQUEST_TYPE,
     BINARY_RESPONSE_TYPE,
     OCTET_STREAM,
+    STATUS_PRUNED,
     LookupOutput,
     LookupRequest,
     LookupResponse,
@@ -134,7 +135,13 @@ def run_lookups(state: AppState, lookups: list[ParsedLookup]) -> list[LookupOutp
             metrics.unknown_ids.labels(item.table).inc(result.num_unknown)
         # found flags in numpy: one torch op costs more than the whole comparison at ranking batch sizes
         found = result.locators.cpu().numpy() >= 0
-        outputs.append(LookupOutput(item.table, result.values.cpu().numpy(), found, result.num_unknown))
+        status = None
+        if result.pruned is not None:  # only tables with a pruned (dim-0) class
+            pruned = result.pruned.cpu().numpy()
+            found &= ~pruned
+            status = found.astype(np.uint8)
+            status[pruned] = STATUS_PRUNED
+        outputs.append(LookupOutput(item.table, result.values.cpu().numpy(), found, result.num_unknown, result.num_pruned, status))
     return outputs
 
 
@@ -142,7 +149,10 @@ def encode_json(outputs: list[LookupOutput]) -> bytes:
     return orjson.dumps(
         {
             "results": [
-                {"table": o.table, "shape": list(o.values.shape), "embeddings": o.values, "found": o.found, "unknown": o.unknown}
+                {
+                    "table": o.table, "shape": list(o.values.shape), "embeddings": o.values, "found": o.found,
+                    "unknown": o.unknown, "pruned": o.pruned,
+                }
                 for o in outputs
             ]
         },

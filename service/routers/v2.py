@@ -139,7 +139,7 @@ def _infer(state: AppState, name: str, version: str | None, body: bytes, header_
     dim = output.values.shape[1]
     embeddings = output.values if request.pooling != "none" else output.values.reshape(*ids.shape, dim)
     found = output.found.reshape(ids.shape)
-    payload, json_length = encode_infer_response(name, request, embeddings, found)
+    payload, json_length = encode_infer_response(name, request, embeddings, found, output.pruned)
     if json_length is None:
         return Response(payload, media_type="application/json")
     return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)})
