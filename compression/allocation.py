@@ -35,8 +35,8 @@ rows that use the group's IDs), which is what matters when pruning rare rows to 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -47,6 +47,9 @@ from .layout import MAX_CLASSES, RowClass, encode_locator
 from .rotation import rotation_bytes, stored_rotation, weighted_pca_rotation
 from .table import CompressedTable
 from .unknown import UnknownKind, UnknownPolicy, build_unknown_policy
+
+if TYPE_CHECKING:
+    from .knn import TrafficSample
 
 DEFAULT_BITS: tuple[int, ...] = (32, 16, 8, 4, 2, 1)
 _ENCODE_CHUNK = 1 << 16
@@ -64,8 +67,8 @@ DenseKind = Literal["dense", "runs"]
 IndexKind = Literal["auto", "dense", "runs", "keyed"]
 INDEX_KINDS: tuple[str, ...] = ("dense", "runs", "keyed")
 # What the allocator minimizes (see objective_weights).
-Objective = Literal["l2", "cosine"]
-OBJECTIVES: tuple[str, ...] = ("l2", "cosine")
+Objective = Literal["l2", "cosine", "knn"]
+OBJECTIVES: tuple[str, ...] = ("l2", "cosine", "knn")
 
 
 class BudgetTooSmall(ValueError):
@@ -201,6 +204,25 @@ def served_rows(x: torch.Tensor, row_class: RowClass, rotation: torch.Tensor | N
     return out
 
 
+def _costs_from(
+    rows: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    groups: list[torch.Tensor],
+    classes: list[RowClass],
+    rotation: torch.Tensor | None,
+    group_error: GroupErrorFn,
+) -> GroupCosts:
+    errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
+    for g, grp in enumerate(groups):
+        x = (rows[grp] if isinstance(rows, torch.Tensor) else rows(grp)).to(torch.float32)
+        for c, rc in enumerate(classes):
+            approx = served_rows(x, rc, rotation)
+            err = float(group_error(g, grp, approx)) if bool(torch.isfinite(approx).all()) else float("inf")
+            errors[g, c] = err if err == err else float("inf")  # NaN -> unusable
+    sizes = [g.numel() for g in groups]
+    nbytes = torch.tensor([[n * rc.row_bytes for rc in classes] for n in sizes], dtype=torch.int64)
+    return GroupCosts(sizes, errors, nbytes)
+
+
 def solve_knapsack(errors: torch.Tensor, nbytes: torch.Tensor, budget: int) -> list[int]:
     """Pick one class per group (row) with total bytes <= ``budget``, low total error."""
     num_groups = errors.shape[0]
@@ -255,6 +277,8 @@ class CompressionReport:
     plan: str = "knapsack"
     # every plan that fit, as (name, index kind, estimated error, bytes): what the pick beat
     candidates: list[tuple[str, str, float, int]] = field(default_factory=list)
+    # objective "knn": the chosen plan's recall@10 estimated on held-out sampled traffic
+    estimated_recall: float | None = None
 
 
 # ---------------------------------------------------------------------------- index bytes
@@ -329,7 +353,7 @@ def objective_weights(rows: torch.Tensor, frequencies: torch.Tensor, objective: 
     f = frequencies.to(torch.float64) + 1e-9  # an ID never seen still costs a little error
     if objective == "l2":
         return f
-    if objective == "cosine":
+    if objective in ("cosine", "knn"):  # knn: compress() adds neighbour traffic (compression.knn)
         norms = (rows.to(torch.float64) ** 2).sum(dim=1)
         floor = float(norms.mean()) * 1e-6 + 1e-30
         return f / norms.clamp(min=floor)
@@ -561,13 +585,14 @@ def build_table(
     rotation: torch.Tensor | None = None,
     unknown: UnknownPolicy | None = None,
     progress: ProgressFn | None = None,
-    index: str = "dense",
+    index: str | None = None,
 ) -> CompressedTable:
     """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``.
 
     Slabs are sized exactly (no spare capacity).  ``index``: ``dense`` / ``runs`` (a locator per
     ID, plain or run-length encoded; with ``ids`` the locator spans ``0..max(ids)``) or
-    ``keyed`` (sorted keys; ``ids=None`` means IDs 0..N-1).  A row whose class is ``-1`` is
+    ``keyed`` (sorted keys; ``ids=None`` means IDs 0..N-1); default ``keyed`` with ``ids``,
+    else ``dense``.  A row whose class is ``-1`` is
     left out (its ID has no row).  Within a class, slots follow ascending ID, so a run of
     consecutive IDs in one class is one run of the run-length index.  ``rotation`` is stored
     as its first K columns in fp16 (K = the widest truncated class), and encoding uses exactly
@@ -600,6 +625,8 @@ def build_table(
         slabs.append(slab)
         used.append(members.numel())
     id_index: IdIndex
+    if index is None:
+        index = "keyed" if ids is not None else "dense"
     if index == "keyed":
         present = locator >= 0
         keys = ids if ids is not None else torch.arange(n, dtype=torch.int64)
@@ -626,6 +653,54 @@ def _fallback_fn(policy: UnknownPolicy, ids: torch.Tensor | None, dim: int) -> C
         default = policy.default
         return lambda pos: default.to(torch.float32).expand(pos.numel(), dim)
     return lambda pos: policy.rows(pos if ids is None else ids[pos])
+
+
+def _reweighted(costs: GroupCosts, new: torch.Tensor, old: torch.Tensor, groups: list[torch.Tensor]) -> GroupCosts:
+    """The same sampled errors under other per-row weights (no re-encoding)."""
+    assert costs.sample_rank is not None and costs.sample_errors is not None and costs.sample_scale is not None
+    order = torch.cat(groups)
+    positions = order[costs.sample_rank]
+    factor = (new[positions] / old[positions].clamp(min=1e-300)).to(torch.float64)
+    per_row = costs.sample_errors * factor[:, None]
+    owner = torch.bucketize(costs.sample_rank, torch.tensor([g.numel() for g in groups]).cumsum(0), right=True)
+    errors = torch.zeros_like(costs.errors).index_add_(0, owner, per_row * costs.sample_scale[:, None])
+    return GroupCosts(costs.sizes, errors, costs.bytes, costs.sample_rank, per_row, costs.sample_scale)
+
+
+def _judge(
+    plans: list[Plan], ctx: PlanContext, traffic: "TrafficSample", rows: torch.Tensor, rotation: torch.Tensor | None,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> dict[int, float]:
+    """Estimated recall of every plan (by ``id(plan)``); served rows are computed once per
+    column for the positions the judge reads."""
+    pos = traffic.positions()
+    x = rows[pos].to(torch.float32)
+    cache: dict[int, torch.Tensor] = {}
+
+    def column(c: int) -> torch.Tensor:
+        if c not in cache:
+            rc = ctx.classes[c]
+            if rc.dim == 0:
+                cache[c] = fallback(pos).to(torch.float32) if fallback is not None else torch.zeros_like(x)
+            else:
+                cache[c] = served_rows(x, rc, rotation if ctx.rotated[c] else None)
+        return cache[c]
+
+    where = torch.full((ctx.n,), -1, dtype=torch.int64)
+    where[pos] = torch.arange(pos.numel())
+    scores: dict[int, float] = {}
+    seen: dict[tuple[tuple[int, int], ...], float] = {}
+    for plan in plans:
+        key = tuple(plan.segments)
+        if key not in seen:
+            cls = ctx.class_by_position(plan.segments)[pos]
+            served = torch.empty_like(x)
+            for c in torch.unique(cls).tolist():
+                mask = cls == c
+                served[mask] = column(c)[mask]
+            seen[key] = traffic.recall(lambda p, served=served: served[where[p]])
+        scores[id(plan)] = seen[key]
+    return scores
 
 
 def compress(
@@ -712,7 +787,14 @@ def compress(
     cands = candidates if candidates is not None else candidate_classes(dim)
     order = torch.argsort(freqs, descending=True, stable=True)
     groups = frequency_groups(order, num_groups)
-    weights = objective_weights(rows, freqs, objective)
+    traffic = None
+    if objective == "knn":
+        from .knn import TrafficSample
+
+        traffic = TrafficSample(rows, freqs)
+        weights = traffic.row_weights()
+    else:
+        weights = objective_weights(rows, freqs, objective)
     policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), freqs + 1e-9, num_buckets)
     other = fallback_bytes(unknown, dim, num_buckets)
 
@@ -730,8 +812,21 @@ def compress(
     )
     ctx = PlanContext(n, dim, budget_bytes, groups, costs, columns, rotated, kinds, order, ids, max(span, 0), other)
     plans: list[Plan] = []
-    for builder in plan_builders if plan_builders is not None else PLAN_BUILDERS:
+    builders = plan_builders if plan_builders is not None else PLAN_BUILDERS
+    for builder in builders:
         plans.extend(builder(ctx))
+    judged: dict[int, float] = {}
+    if traffic is not None:
+        # the cosine-weighted knapsack too (reweighting the same sample), then every plan is
+        # judged by the recall it gives on held-out sampled traffic
+        cos_ctx = replace(ctx, costs=_reweighted(costs, objective_weights(rows, freqs, "cosine"), weights, groups))
+        for builder in builders:
+            if builder is knapsack_plans:
+                for plan in builder(cos_ctx):
+                    plan.name += " (cosine weights)"
+                    plan.error = ctx.error_of(plan.segments)
+                    plans.append(plan)
+        judged = _judge(plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim))
     if not plans:
         one_class = ctx.runs_of([(n, 0)]) if "runs" in kinds else 0
         smallest = min(ctx.fixed_bytes([], kind, one_class) for kind in kinds)
@@ -739,7 +834,10 @@ def compress(
             f"budget of {budget_bytes} bytes cannot hold {n} rows: the index and fallback alone take {smallest} bytes,"
             " and what is left would prune every row (a table that serves only its unknown-ID policy)"
         )
-    best = min(plans, key=lambda p: (p.error, p.nbytes))
+    if judged:
+        best = max(plans, key=lambda p: (judged[id(p)], -p.error, -p.nbytes))
+    else:
+        best = min(plans, key=lambda p: (p.error, p.nbytes))
     table_columns = best.columns
     remap = {c: k for k, c in enumerate(table_columns)}
     table_classes = [columns[c] for c in table_columns]
@@ -766,6 +864,7 @@ def compress(
         objective=objective,
         plan=best.name,
         candidates=[(p.name, p.index, p.error, p.nbytes) for p in plans],
+        estimated_recall=judged.get(id(best)),
     )
     table.objective = objective
     if table.nbytes > budget_bytes:  # the accounting above is exact; this guards against drift
@@ -779,7 +878,7 @@ def compress_uniform(
     ids: torch.Tensor | None = None,
     unknown: UnknownKind = "zero",
     frequencies: torch.Tensor | None = None,
-    index: str = "dense",
+    index: str | None = None,
 ) -> CompressedTable:
     """Every row in one class: the uniform-quantization baseline (FBGEMM-style INT8/INT4/...).
     With ``index="runs"`` a table of IDs 0..N-1 needs a single run (20 bytes) instead of 4N."""
@@ -788,6 +887,4 @@ def compress_uniform(
         raise ValueError("a uniform table keeps every coordinate; use compress() for dimension reduction")
     weights = torch.ones(n, dtype=torch.float64) if frequencies is None else frequencies.to(torch.float64)
     policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights)
-    if ids is not None and index != "keyed":
-        index = "keyed"  # explicit IDs: the historical behaviour of this helper
     return build_table(rows, torch.zeros(n, dtype=torch.int64), [row_class], ids=ids, unknown=policy, index=index)

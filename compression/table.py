@@ -408,7 +408,7 @@ class CompressedTable:
 
     def to(self, device: torch.device | str) -> "CompressedTable":
         dev = torch.device(device)
-        return CompressedTable(
+        moved = CompressedTable(
             self.dim,
             self.classes,
             [s.to(dev) for s in self.slabs],
@@ -419,3 +419,5 @@ class CompressedTable:
             self.unknown.to(dev),
             self.decoder.backend,  # type: ignore[arg-type]
         )
+        moved.objective = self.objective
+        return moved

@@ -96,20 +96,20 @@ def _simple_plans(rows: torch.Tensor, freqs: torch.Tensor, budget: int):  # type
             if fits:
                 yield f"top-{k} {rc.label()}", min(fits, key=lambda t: t.nbytes)
                 break
-            k -= 1
+            k = int(k * 0.9)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("numbered_by_frequency", [True, False])
 def test_allocator_never_loses_to_a_simple_plan_on_its_objective(objective: str, numbered_by_frequency: bool) -> None:
-    n, dim = 1200, 16
+    n, dim = 600, 8
     if numbered_by_frequency:
         rows, freqs = _by_frequency(n, dim, seed=5)
     else:
         freqs = zipf_frequencies(n, seed=6)
         rows = synthetic_table(n, dim, freqs, seed=6)
     rows[::7] *= 3.0  # norms that vary: the two objectives disagree
-    for ratio in (3, 8, 24, 48):
+    for ratio in (3, 12, 40):
         budget = n * dim * 4 // ratio
         table, _ = compress(rows, freqs, budget_bytes=budget, objective=objective)  # type: ignore[arg-type]
         assert table.nbytes <= budget
