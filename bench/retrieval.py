@@ -2,7 +2,7 @@
 and faiss PQ, at equal bytes.
 
     python bench/retrieval.py                 # MovieLens items + 1M x 64 clustered table -> bench/results/retrieval.md
-    python bench/retrieval.py --fast --out /tmp/r   # smoke test (a test runs it): small tables, 3 ratios
+    python bench/retrieval.py --fast --out /tmp/r   # smoke test (a test runs it): a 2,000-row clustered table, 2 ratios
 
 Protocol:
 
@@ -50,7 +50,7 @@ from compression import RowClass, build_table, compress, compress_uniform  # noq
 from compression.allocation import BudgetTooSmall  # noqa: E402
 
 RATIOS = (4, 8, 16, 32, 64, 128)
-FAST_RATIOS = (4, 16, 64)
+FAST_RATIOS = (8, 32)
 K = 10
 
 
@@ -378,9 +378,9 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fast", action="store_true", help="small tables, 3 ratios, few queries (seconds)")
-    ap.add_argument("--rows", type=int, default=None, help="rows of the clustered table (default 1M; 20k with --fast)")
-    ap.add_argument("--queries", type=int, default=None, help="query IDs per table (default 500; 100 with --fast)")
+    ap.add_argument("--fast", action="store_true", help="smoke run: the clustered table only, 2,000 rows, 2 ratios, 50 queries")
+    ap.add_argument("--rows", type=int, default=None, help="rows of the clustered table (default 1M; 2,000 with --fast)")
+    ap.add_argument("--queries", type=int, default=None, help="query IDs per table (default 500; 50 with --fast)")
     ap.add_argument("--no-movielens", action="store_true", help="skip the MovieLens table (no dataset download)")
     ap.add_argument("--skip", default="", help="comma-separated method names to leave out (e.g. 'embserve l2')")
     ap.add_argument("--ratios", default=None, help="comma-separated ratios (default 4..128; 4,16,64 with --fast)")
@@ -389,10 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios = tuple(int(x) for x in args.ratios.split(",")) if args.ratios else (FAST_RATIOS if args.fast else RATIOS)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     methods = [m for m in METHODS if m.name not in skip]
-    rows_n = args.rows or (20_000 if args.fast else 1_000_000)
-    queries = args.queries or (100 if args.fast else 500)
+    rows_n = args.rows or (2000 if args.fast else 1_000_000)
+    queries = args.queries or (50 if args.fast else 500)
     started = time.perf_counter()
-    tables = [] if args.no_movielens else [movielens_items(epochs=10 if args.fast else 60)]
+    tables = [] if (args.no_movielens or args.fast) else [movielens_items()]
     tables.append(clustered_table(rows_n))
     rows = run(tables, ratios, queries, methods, lambda s: print(s, flush=True))
     recommended = "embserve knn"
