@@ -2,7 +2,7 @@
 and faiss PQ, at equal bytes.
 
     python bench/retrieval.py                 # MovieLens items + 1M x 64 clustered table -> bench/results/retrieval.md
-    python bench/retrieval.py --fast --out /tmp/r   # smoke test (a test runs it): a 2,000-row clustered table, 2 ratios
+    python bench/retrieval.py --fast --out /tmp/r   # smoke test (a test runs it): a 1,000-row clustered table, 2 ratios
 
 Protocol:
 
@@ -378,10 +378,11 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fast", action="store_true", help="smoke run: the clustered table only, 2,000 rows, 2 ratios, 50 queries")
-    ap.add_argument("--rows", type=int, default=None, help="rows of the clustered table (default 1M; 2,000 with --fast)")
+    ap.add_argument("--fast", action="store_true", help="smoke run: the clustered table only, 1,000 rows, 2 ratios, 50 queries")
+    ap.add_argument("--rows", type=int, default=None, help="rows of the clustered table (default 1M; 1,000 with --fast)")
     ap.add_argument("--queries", type=int, default=None, help="query IDs per table (default 500; 50 with --fast)")
     ap.add_argument("--no-movielens", action="store_true", help="skip the MovieLens table (no dataset download)")
+    ap.add_argument("--epochs", type=int, default=60, help="matrix-factorization epochs for the MovieLens item vectors")
     ap.add_argument("--skip", default="", help="comma-separated method names to leave out (e.g. 'embserve l2')")
     ap.add_argument("--ratios", default=None, help="comma-separated ratios (default 4..128; 4,16,64 with --fast)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -389,14 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     ratios = tuple(int(x) for x in args.ratios.split(",")) if args.ratios else (FAST_RATIOS if args.fast else RATIOS)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     methods = [m for m in METHODS if m.name not in skip]
-    rows_n = args.rows or (2000 if args.fast else 1_000_000)
+    rows_n = args.rows or (1000 if args.fast else 1_000_000)
     queries = args.queries or (50 if args.fast else 500)
     started = time.perf_counter()
-    tables = [] if (args.no_movielens or args.fast) else [movielens_items()]
+    tables = [] if (args.no_movielens or args.fast) else [movielens_items(epochs=args.epochs)]
     tables.append(clustered_table(rows_n))
     rows = run(tables, ratios, queries, methods, lambda s: print(s, flush=True))
     recommended = "embserve knn"
     text = report(rows, ratios, machine(), time.perf_counter() - started, recommended)
+    text += "\nCommand: `python bench/retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "retrieval.md").write_text(text)
     print(text)

@@ -100,9 +100,11 @@ class TrafficSample:
         s_scores = s_scores.masked_fill(clash, -float("inf"))
         others = max(self.n - self.k - 1, 0)
         w_s = others / max(self.sample.numel(), 1)
-        scores = torch.cat([t_scores, s_scores], dim=1)
-        weights = torch.cat([torch.ones_like(t_scores), torch.full_like(s_scores, w_s)], dim=1)
-        is_true = torch.cat([torch.ones_like(t_scores), torch.zeros_like(s_scores)], dim=1)
+        # intruders first: on a tie (e.g. pruned rows, all scoring 0) the stable sort ranks the
+        # true neighbour last - no credit for a neighbour that cannot be told apart
+        scores = torch.cat([s_scores, t_scores], dim=1)
+        weights = torch.cat([torch.full_like(s_scores, w_s), torch.ones_like(t_scores)], dim=1)
+        is_true = torch.cat([torch.zeros_like(s_scores), torch.ones_like(t_scores)], dim=1)
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         w_sorted = torch.gather(weights, 1, order)
         hit_sorted = torch.gather(is_true, 1, order)
