@@ -11,12 +11,20 @@ precision search, extended with per-group dimension).
    of error saved per byte while they fit.  This is the Lagrangian solution, plus a greedy fill.
 4. The bytes that do not depend on the choice - index, rotation, unknown-ID fallback - are
    taken off the budget first, so the built table's :attr:`nbytes` is within the budget.
+   Each index kind is charged its real bytes (a run-length index: the runs the plan implies,
+   re-solved with a larger reservation when the plan needs more), and ``index="auto"`` tries
+   every kind that can serve the IDs.
 
 Dimension candidates below ``D`` are evaluated in a frequency-weighted PCA basis
 (:mod:`compression.rotation`), full-dimension ones on the rows as they are (that is how each is
-stored, see :mod:`compression.table`).  Up to three plans are solved - full dimension only; all
-candidates with the rotation's bytes reserved; all candidates truncated in the stored basis
-(no rotation: for tables trained with a dimension mask) - and the one with least error is built.
+stored, see :mod:`compression.table`).  The rotation costs ``D x K`` fp16 bytes, ``K`` the widest
+truncated class, so the knapsack is solved once per ``K`` with that reserved; and once with
+truncation in the stored basis (no rotation: for tables trained with a dimension mask).
+
+These knapsack plans compete with the simple plans a user could write by hand - every uniform
+width, keep-top-K at every width (:data:`PLAN_BUILDERS`) - on the same estimated objective,
+and the least-error plan is built: the allocator never loses to a simpler plan on its own
+objective (up to sampling error of the estimate; exact when every row is sampled).
 
 The error of a (group, class) pair is, by default, the frequency-weighted squared
 reconstruction error above; a caller can pass ``group_error`` to score it instead by what it
@@ -27,8 +35,8 @@ rows that use the group's IDs), which is what matters when pruning rare rows to 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -37,17 +45,19 @@ from .hash_index import HashIndex, hash_index_bytes
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex, run_index_bytes
 from .kernels.cpu_c import FENCE
 from .layout import MAX_CLASSES, RowClass, encode_locator
-from .rotation import weighted_pca_rotation
+from .rotation import rotation_bytes, stored_rotation, weighted_pca_rotation
 from .table import CompressedTable
 from .unknown import UnknownKind, UnknownPolicy, build_unknown_policy
+
+if TYPE_CHECKING:
+    from .knn import TrafficSample
 
 DEFAULT_BITS: tuple[int, ...] = (32, 16, 8, 4, 2, 1)
 _ENCODE_CHUNK = 1 << 16
 _HEAD_GROUP_MIN = 256
 
 ProgressFn = Callable[[int, int], None]
-# (what compress() is doing, units done, units in all): every phase reports, so a progress bar
-# moves through cost estimation (most of the time on large tables), not only through encoding
+# (phase, done, total): what compress() is doing now, for a progress bar over every phase
 StageFn = Callable[[str, int, int], None]
 # (group index, row positions of the whole group, the group's rows as a class would serve them,
 # in original coordinates) -> the error of serving them so, e.g. how far a model's outputs move
@@ -57,9 +67,14 @@ GroupErrorFn = Callable[[int, torch.Tensor, torch.Tensor], float]
 # or the same locators run-length encoded (cheap when the vocabulary is numbered by frequency,
 # so that frequency groups are ID ranges).
 DenseKind = Literal["dense", "runs"]
-# How a table with explicit ``ids`` indexes them: "hash" (open addressing, the default; see
+IndexKind = Literal["auto", "dense", "runs", "keyed"]
+INDEX_KINDS: tuple[str, ...] = ("dense", "runs", "keyed")
+# How a keyed table indexes its IDs: "hash" (open addressing, the default; see
 # compression/hash_index.py) or "sorted" (the sorted-key KeyedIndex, still loadable and buildable)
 KeyedKind = Literal["hash", "sorted"]
+# What the allocator minimizes (see objective_weights).
+Objective = Literal["l2", "cosine", "knn"]
+OBJECTIVES: tuple[str, ...] = ("l2", "cosine", "knn")
 
 
 class BudgetTooSmall(ValueError):
@@ -94,6 +109,29 @@ class GroupCosts:
     sizes: list[int]
     errors: torch.Tensor  # [G, C] float64 estimated weighted squared error
     bytes: torch.Tensor  # [G, C] int64 exact row bytes
+    # The sample behind ``errors`` (absent when a GroupErrorFn scored whole groups): each sampled
+    # row's rank in the frequency order, its weighted error per class, and the factor that scales
+    # it up to its group.  Plans that cut a group in two (keep-top-K) are scored from these.
+    sample_rank: torch.Tensor | None = None  # int64 [S]
+    sample_errors: torch.Tensor | None = None  # float64 [S, C]
+    sample_scale: torch.Tensor | None = None  # float64 [S]
+
+
+def _row_errors(
+    x: torch.Tensor, x_rotated: torch.Tensor | None, rc: RowClass, dim: int, fallback: torch.Tensor | None,
+    rotation: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row squared error of serving rows ``x`` from class ``rc``.  ``x_rotated`` is ``x`` in
+    the rotated basis (first ``K`` coordinates) for a truncated class of a rotated table; a
+    dim-0 row is served by the unknown-ID policy, whose rows are ``fallback`` (zero if None)."""
+    if rc.dim == 0:
+        return ((x if fallback is None else x - fallback) ** 2).sum(dim=1)
+    if x_rotated is not None and rotation is not None and rc.dim < dim:
+        y = x_rotated[:, : rc.dim]
+        decoded = codecs.decode_rows(codecs.encode_rows(y, rc), rc)
+        # rotated back exactly as a lookup does (the fp16 columns are not exactly orthonormal)
+        return ((decoded @ rotation[:, : rc.dim].T - x) ** 2).sum(dim=1)
+    return codecs.reconstruction_error(x, rc, dim, codebook)
 
 
 def estimate_costs(
@@ -105,13 +143,20 @@ def estimate_costs(
     rotation: torch.Tensor | None = None,
     seed: int = 0,
     group_error: GroupErrorFn | None = None,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rotated: Sequence[bool] | None = None,
     progress: ProgressFn | None = None,
     codebooks: dict[RowClass, torch.Tensor] | None = None,
 ) -> GroupCosts:
     """Per (group, class): estimated weighted squared error and exact bytes.  ``rows`` is the
     table, or a function returning the rows at given positions (a live table decodes only the
     sampled rows).  With ``group_error`` every group is served whole through each class and the
-    function scores it (no sampling).  PQ classes encode against ``codebooks[class]``.
+    function scores it (no sampling).
+
+    ``rotation`` (``[D, K]``, any float dtype) is the basis truncated classes are stored in;
+    ``rotated[c]`` says per class whether it uses it (default: every truncated class does when
+    a rotation is given).  ``fallback(positions)`` gives the unknown-ID policy's rows, which is
+    what a dim-0 class serves (default zeros).  PQ classes encode against ``codebooks[class]``.
     ``progress(done, total)`` is told after each class (each group with ``group_error``)."""
     codebooks = codebooks or {}
     if group_error is not None:
@@ -120,46 +165,57 @@ def estimate_costs(
     picks, scales = [], []
     for g in groups:
         if g.numel() <= sample_per_group:
-            pick = g
+            pick = torch.arange(g.numel())
         else:
-            pick = g[torch.randperm(g.numel(), generator=gen)[:sample_per_group]]
+            pick = torch.sort(torch.randperm(g.numel(), generator=gen)[:sample_per_group]).values
         picks.append(pick)
         scales.append(g.numel() / pick.numel())
-    sample = torch.cat(picks)
+    rank_start = torch.tensor([0] + [g.numel() for g in groups]).cumsum(0)
+    sample_rank = torch.cat([rank_start[k] + p for k, p in enumerate(picks)])
+    sample = torch.cat([g[p] for g, p in zip(groups, picks)])
     x = (rows[sample] if isinstance(rows, torch.Tensor) else rows(sample)).to(torch.float32)
     dim = x.shape[1]
-    x_rotated = x @ rotation if rotation is not None else x
+    # the rotation as a table stores it (fp16), so the estimate is what the table will serve
+    rot = None if rotation is None else rotation.to(torch.float16).to(torch.float32)
+    x_rotated = x @ rot if rot is not None else None
+    fb = None if fallback is None else fallback(sample).to(torch.float32)
     w = weights[sample].to(torch.float64)
-    owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([p.numel() for p in picks]))
-    errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
+    counts = torch.tensor([p.numel() for p in picks])
+    owner = torch.repeat_interleave(torch.arange(len(groups)), counts)
+    scale = torch.repeat_interleave(torch.tensor(scales, dtype=torch.float64), counts)
+    per_row = torch.zeros((sample.numel(), len(classes)), dtype=torch.float64)
     for c, rc in enumerate(classes):
-        source = x_rotated if 0 < rc.dim < dim else x  # the basis the class stores
-        err = codecs.reconstruction_error(source, rc, dim, codebooks.get(rc)).to(torch.float64)
+        use_rot = x_rotated is not None and 0 < rc.dim < dim and (rotated is None or rotated[c])
+        err = _row_errors(x, x_rotated if use_rot else None, rc, dim, fb, rot, codebooks.get(rc)).to(torch.float64)
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
-        errors[:, c].index_add_(0, owner, w * err)
+        per_row[:, c] = w * err
         if progress is not None:
             progress(c + 1, len(classes))
-    errors *= torch.tensor(scales, dtype=torch.float64)[:, None]
+    errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
+    errors.index_add_(0, owner, per_row * scale[:, None])
     sizes = [g.numel() for g in groups]
     nbytes = torch.tensor([[n * rc.row_bytes for rc in classes] for n in sizes], dtype=torch.int64)
-    return GroupCosts(sizes, errors, nbytes)
+    return GroupCosts(sizes, errors, nbytes, sample_rank, per_row, scale)
 
 
 def served_rows(
     x: torch.Tensor, row_class: RowClass, rotation: torch.Tensor | None = None, codebook: torch.Tensor | None = None
 ) -> torch.Tensor:
     """What a table serves for rows ``x`` stored in ``row_class``: encoded, decoded, zero-padded,
-    and rotated back for a truncated class of a rotated table (exactly the lookup's arithmetic)."""
+    and rotated back for a truncated class of a rotated table (exactly the lookup's arithmetic;
+    a dim-0 row is zeros here, the unknown-ID policy's row in a table)."""
     n, dim = x.shape
     out = torch.zeros((n, dim), dtype=torch.float32)
     if row_class.dim == 0:
         return out
     truncated = rotation is not None and row_class.dim < dim
-    source = x.to(torch.float32) @ rotation if truncated else x.to(torch.float32)  # type: ignore[operator]
-    decoded = codecs.decode_rows(codecs.encode_rows(source, row_class, codebook=codebook), row_class, codebook)
     if truncated:
-        return decoded @ rotation[:, : row_class.dim].T  # type: ignore[index]
-    out[:, : row_class.dim] = decoded
+        assert rotation is not None
+        cols = stored_rotation(rotation, row_class.dim).to(torch.float32)
+        decoded = codecs.decode_rows(codecs.encode_rows(x.to(torch.float32) @ cols, row_class), row_class)
+        return decoded @ cols.T
+    encoded = codecs.encode_rows(x.to(torch.float32), row_class, codebook=codebook)
+    out[:, : row_class.dim] = codecs.decode_rows(encoded, row_class, codebook)
     return out
 
 
@@ -169,9 +225,10 @@ def _costs_from(
     classes: list[RowClass],
     rotation: torch.Tensor | None,
     group_error: GroupErrorFn,
-    codebooks: dict[RowClass, torch.Tensor],
+    codebooks: dict[RowClass, torch.Tensor] | None = None,
     progress: ProgressFn | None = None,
 ) -> GroupCosts:
+    codebooks = codebooks or {}
     errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
     for g, grp in enumerate(groups):
         x = (rows[grp] if isinstance(rows, torch.Tensor) else rows(grp)).to(torch.float32)
@@ -235,6 +292,47 @@ class CompressionReport:
     estimated_error: float
     group_sizes: list[int] = field(default_factory=list)
     group_classes: list[str] = field(default_factory=list)
+    index: str = "dense"
+    objective: str = "l2"
+    plan: str = "knapsack"
+    # every plan that fit, as (name, index kind, estimated error, bytes): what the pick beat
+    candidates: list[tuple[str, str, float, int]] = field(default_factory=list)
+    # objective "knn": the chosen plan's recall@10 estimated on held-out sampled traffic
+    estimated_recall: float | None = None
+
+
+# ---------------------------------------------------------------------------- index bytes
+
+
+def index_bytes(kind: str, n: int, span: int, runs: int) -> int:
+    """Bytes of an index of ``kind`` over ``n`` IDs, IDs ``< span`` for the positional kinds
+    (``dense``: one int32 locator per ID in ``0..span-1``; ``runs``: ``runs`` runs;
+    ``keyed``: int64 key + int32 locator per ID plus the fence, every FENCE-th key; ``hash``:
+    12 bytes per slot of the power-of-two open-addressing index, compression/hash_index.py)."""
+    if kind == "hash":
+        return hash_index_bytes(n)
+    if kind == "keyed":
+        return n * 12 + 8 * -(-n // FENCE)
+    if kind == "dense":
+        return 4 * span
+    if kind == "runs":
+        return run_index_bytes(runs)
+    raise ValueError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
+
+
+def count_runs(class_by_position: torch.Tensor, ids: torch.Tensor | None) -> int:
+    """Runs of a :class:`RunIndex` over rows whose class is ``class_by_position`` (positions in
+    ascending ID order; slots are handed out in that order, so consecutive IDs of one class
+    have consecutive slots).  ``ids`` (sorted) adds the runs of missing IDs between them."""
+    n = class_by_position.numel()
+    if n == 0:
+        return 0
+    changes = class_by_position[1:] != class_by_position[:-1]
+    if ids is None:
+        return 1 + int(changes.sum())
+    gaps = ids[1:] != ids[:-1] + 1
+    # a gap ends the run before it, adds a run of "no row", and starts a new one
+    return 1 + int((changes & ~gaps).sum()) + 2 * int(gaps.sum()) + (1 if int(ids[0]) > 0 else 0)
 
 
 def group_runs(groups: list[torch.Tensor], n: int) -> int:
@@ -249,26 +347,268 @@ def group_runs(groups: list[torch.Tensor], n: int) -> int:
     return 1 + int((owner[1:] != owner[:-1]).sum())
 
 
-def _fixed_bytes(
-    n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int, runs: int | None = None,
-    keyed_index: KeyedKind = "hash",
-) -> int:
-    # hash: 12 bytes per slot of a power-of-two capacity (compression/hash_index.py); sorted:
-    # int64 key + int32 locator per ID, plus the fence (every FENCE-th key, see index.py)
-    if keyed and keyed_index == "hash":
-        index = hash_index_bytes(n)
-    elif keyed:
-        index = n * 12 + 8 * -(-n // FENCE)
-    elif runs is not None:
-        index = run_index_bytes(runs)
-    else:
-        index = n * 4
-    rot = dim * dim * 4 if rotation else 0
+def fallback_bytes(unknown: UnknownKind, dim: int, num_buckets: int) -> int:
     costs = {"zero": 0, "default": dim * 4, "hashed": num_buckets * dim * 2}
     if unknown not in costs:
         raise ValueError(f"compress() builds the zero, default or hashed fallback; {unknown!r} is trained (compression.training.methods)")
-    unk = costs[unknown]
-    return index + rot + unk
+    return costs[unknown]
+
+
+def _fixed_bytes(
+    n: int, dim: int, keyed: bool, rotation: bool, unknown: UnknownKind, num_buckets: int, runs: int | None = None
+) -> int:
+    """Index + full fp32 rotation + fallback: the accounting of tables built before rotations
+    were stored as fp16 columns (kept for callers that size a table by hand)."""
+    kind = "keyed" if keyed else ("runs" if runs is not None else "dense")
+    return index_bytes(kind, n, n, runs or 0) + (dim * dim * 4 if rotation else 0) + fallback_bytes(unknown, dim, num_buckets)
+
+
+# ---------------------------------------------------------------------------- objectives
+
+
+def objective_weights(rows: torch.Tensor, frequencies: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Per-row weight of the squared error the allocator minimizes.
+
+    ``l2``: the row's traffic (frequency-weighted squared error: what a ranker's dot products
+    see).  ``cosine``: traffic over the row's squared norm, i.e. each row's error relative to
+    its own length - what cosine / normalized dot-product retrieval sees, where a short row
+    matters as much as a long one."""
+    f = frequencies.to(torch.float64) + 1e-9  # an ID never seen still costs a little error
+    if objective == "l2":
+        return f
+    if objective in ("cosine", "knn"):  # knn: compress() adds neighbour traffic (compression.knn)
+        norms = (rows.to(torch.float64) ** 2).sum(dim=1)
+        floor = float(norms.mean()) * 1e-6 + 1e-30
+        return f / norms.clamp(min=floor)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+# ---------------------------------------------------------------------------- plans
+
+
+@dataclass
+class Plan:
+    """One way to store the table: the rows in frequency order, cut into ``segments`` of
+    ``(row count, column of the cost matrix)``, and the index that serves them."""
+
+    name: str
+    segments: list[tuple[int, int]]
+    index: str
+    runs: int
+    columns: list[int]  # cost-matrix columns the plan uses, in table class order
+    error: float
+    nbytes: int
+
+
+@dataclass
+class PlanContext:
+    """What a plan builder sees: the cost matrix over every candidate column, and how to price
+    and score a plan.  Column ``c`` is class ``classes[c]``, stored rotated when ``rotated[c]``."""
+
+    n: int
+    dim: int
+    budget: int
+    groups: list[torch.Tensor]
+    costs: GroupCosts
+    classes: list[RowClass]
+    rotated: list[bool]
+    index_kinds: list[str]
+    order: torch.Tensor  # row positions by descending frequency
+    ids: torch.Tensor | None  # sorted IDs of the positions, None for 0..N-1
+    span: int
+    other_bytes: int  # fallback
+
+    def fixed_bytes(self, columns: Sequence[int], index: str, runs: int) -> int:
+        """Index + rotation columns + fallback + the codebooks of the PQ classes used."""
+        widest = max((self.classes[c].dim for c in columns if self.rotated[c]), default=0)
+        books = sum(self.classes[c].codebook_bytes for c in columns)
+        return index_bytes(index, self.n, self.span, runs) + rotation_bytes(self.dim, widest) + self.other_bytes + books
+
+    def class_by_position(self, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        by_rank = torch.repeat_interleave(
+            torch.tensor([c for _, c in segments], dtype=torch.int64), torch.tensor([k for k, _ in segments], dtype=torch.int64)
+        )
+        out = torch.empty(self.n, dtype=torch.int64)
+        out[self.order] = by_rank
+        return out
+
+    def runs_of(self, segments: Sequence[tuple[int, int]]) -> int:
+        return count_runs(self.class_by_position(segments), self.ids)
+
+    def error_of(self, segments: Sequence[tuple[int, int]]) -> float:
+        """Estimated objective of a plan: per group from the cost matrix, and for a group that
+        a segment boundary cuts, from its sampled rows on either side (by count when only
+        whole-group scores exist)."""
+        costs = self.costs
+        total = 0.0
+        bounds = [0]
+        for g in self.groups:
+            bounds.append(bounds[-1] + g.numel())
+        seg_start = 0
+        pieces: list[list[tuple[int, int, int]]] = [[] for _ in self.groups]  # (from rank, to rank, column)
+        g = 0
+        for seg_len, seg_col in segments:
+            lo, hi = seg_start, seg_start + seg_len
+            while g < len(self.groups) and bounds[g] < hi:
+                a, b = max(lo, bounds[g]), min(hi, bounds[g + 1])
+                if b > a:
+                    pieces[g].append((a, b, seg_col))
+                if bounds[g + 1] <= hi:
+                    g += 1
+                else:
+                    break
+            seg_start = hi
+        for g, parts in enumerate(pieces):
+            if len(parts) == 1:
+                total += float(costs.errors[g, parts[0][2]])
+                continue
+            if costs.sample_rank is not None and costs.sample_errors is not None and costs.sample_scale is not None:
+                for a, b, col in parts:
+                    inside = (costs.sample_rank >= a) & (costs.sample_rank < b)
+                    total += float((costs.sample_errors[inside, col] * costs.sample_scale[inside]).sum())
+            else:
+                size = bounds[g + 1] - bounds[g]
+                total += sum(float(costs.errors[g, col]) * (b - a) / size for a, b, col in parts)
+        return total
+
+    def make(self, name: str, segments: list[tuple[int, int]], index: str | None = None) -> "Plan | None":
+        """Price ``segments`` with the cheapest allowed index (or ``index``); None if over budget,
+        if it holds more classes than a table can, or if it prunes every row."""
+        segments = [(k, c) for k, c in segments if k > 0]
+        columns = sorted({c for _, c in segments})
+        if len(columns) > MAX_CLASSES or all(self.classes[c].dim == 0 for c in columns):
+            return None
+        row_bytes = sum(k * self.classes[c].row_bytes for k, c in segments)
+        best: Plan | None = None
+        for kind in [index] if index is not None else self.index_kinds:
+            runs = self.runs_of(segments) if kind == "runs" else 0
+            total = row_bytes + self.fixed_bytes(columns, kind, runs)
+            if total <= self.budget and (best is None or total < best.nbytes):
+                best = Plan(name, segments, kind, runs, columns, 0.0, total)
+        if best is not None:
+            best.error = self.error_of(segments)
+        return best
+
+
+PlanBuilder = Callable[[PlanContext], list[Plan]]
+
+
+def knapsack_plans(ctx: PlanContext) -> list[Plan]:
+    """Per-group classes by the multiple-choice knapsack, for every index kind and basis:
+    full-dimension classes only; with rotated truncated classes up to each width ``K`` (the
+    rotation's ``D x K`` fp16 bytes reserved); with truncation in the stored basis."""
+    dim = ctx.dim
+    full = [c for c, rc in enumerate(ctx.classes) if (rc.dim == dim or rc.dim == 0) and not rc.pq]
+    rot_widths = sorted({ctx.classes[c].dim for c in range(len(ctx.classes)) if ctx.rotated[c]}, reverse=True)
+    variants: list[list[int]] = []
+    if any(ctx.classes[c].dim == dim for c in full):
+        variants.append(full)
+    for k in rot_widths:
+        variants.append(full + [c for c in range(len(ctx.classes)) if ctx.rotated[c] and ctx.classes[c].dim <= k])
+    plain_trunc = [c for c, rc in enumerate(ctx.classes) if 0 < rc.dim < dim and not ctx.rotated[c] and not rc.pq]
+    if plain_trunc:
+        variants.append(full + plain_trunc)
+    # codebook classes, MGQE-style: one PQ class, or two (frequent groups take the richer one),
+    # next to the scalar full-dimension classes; each reserves its codebook
+    pq_cols = [c for c, rc in enumerate(ctx.classes) if rc.pq]
+    for i, p in enumerate(pq_cols):
+        variants.append(full + [p])
+        for q in pq_cols[i + 1 :]:
+            variants.append(full + [p, q])
+    plans: list[Plan] = []
+    for kind in ctx.index_kinds:
+        for variant in variants:
+            plan = _solve_variant(ctx, variant, kind)
+            if plan is not None:
+                plans.append(plan)
+    return plans
+
+
+def _solve_variant(ctx: PlanContext, variant: list[int], kind: str) -> Plan | None:
+    variant = list(variant)
+    widest = max((ctx.classes[c].dim for c in variant if ctx.rotated[c]), default=0)
+    # run-length index: reserve for a few runs first (adjacent groups of one class share a run),
+    # more if the solution needs them
+    runs = min(len(ctx.groups), MAX_CLASSES) if kind == "runs" else 0
+    for _ in range(8):
+        # every PQ class of the variant reserves its codebook up front (make() prices what is used)
+        books = sum(ctx.classes[c].codebook_bytes for c in variant)
+        fixed = index_bytes(kind, ctx.n, ctx.span, runs) + rotation_bytes(ctx.dim, widest) + ctx.other_bytes + books
+        sub_err, sub_bytes = ctx.costs.errors[:, variant], ctx.costs.bytes[:, variant]
+        try:
+            choice = solve_knapsack(sub_err, sub_bytes, ctx.budget - fixed)
+        except BudgetTooSmall:
+            return None
+        segments = [(ctx.costs.sizes[g], variant[c]) for g, c in enumerate(choice)]
+        used = sorted({c for _, c in segments})
+        if len(used) > MAX_CLASSES:
+            # too many distinct classes: keep the ones holding the most rows and solve again
+            rows_in = {c: 0 for c in used}
+            for k, c in segments:
+                rows_in[c] += k
+            variant = sorted(sorted(used, key=lambda c: -rows_in[c])[:MAX_CLASSES])
+            continue
+        if kind == "runs":
+            actual = ctx.runs_of(segments)
+            if actual > runs:
+                runs = actual
+                continue
+        return ctx.make("knapsack", segments, kind)
+    return None
+
+
+def uniform_plans(ctx: PlanContext) -> list[Plan]:
+    """Every row in one full-dimension class (FBGEMM-style uniform quantization), per width."""
+    plans = []
+    for c, rc in enumerate(ctx.classes):
+        if rc.dim == ctx.dim:
+            plan = ctx.make(f"uniform {rc.label()}", [(ctx.n, c)])
+            if plan is not None:
+                plans.append(plan)
+    return plans
+
+
+def keep_top_plans(ctx: PlanContext) -> list[Plan]:
+    """The ``K`` most frequent rows in one full-dimension class, the rest pruned (served by the
+    unknown-ID policy), with the largest ``K`` that fits: one plan per width."""
+    zero = next((c for c, rc in enumerate(ctx.classes) if rc.dim == 0), None)
+    if zero is None:
+        return []
+    plans = []
+    for c, rc in enumerate(ctx.classes):
+        if rc.dim != ctx.dim:
+            continue
+        best: Plan | None = None
+        for kind in ctx.index_kinds:
+            runs_guess = 2 if ctx.ids is None else 0
+            fixed = ctx.fixed_bytes([c], kind, runs_guess)
+            k = min(ctx.n - 1, max(0, (ctx.budget - fixed) // max(rc.row_bytes, 1)))
+            plan = ctx.make(f"top-K {rc.label()}", [(k, c), (ctx.n - k, zero)], kind) if k > 0 else None
+            if plan is None and k > 1 and kind == "runs":
+                # IDs not numbered by frequency: more runs than guessed; the largest K that fits
+                lo, hi = 0, k
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if ctx.make("probe", [(mid, c), (ctx.n - mid, zero)], kind) is not None:
+                        lo = mid
+                    else:
+                        hi = mid
+                plan = ctx.make(f"top-K {rc.label()}", [(lo, c), (ctx.n - lo, zero)], kind) if lo > 0 else None
+            if plan is not None and (best is None or (plan.segments[0][0], -plan.nbytes) > (best.segments[0][0], -best.nbytes)):
+                best = plan
+        if best is not None:
+            plans.append(best)
+    return plans
+
+
+# The plans the allocator weighs against each other; the best estimated objective wins.  The
+# simple plans are here so that the allocator can never lose to one of them on its own
+# objective.  Another family of row classes (e.g. product-quantization codebooks) plugs in as
+# one more builder.
+PLAN_BUILDERS: list[PlanBuilder] = [knapsack_plans, uniform_plans, keep_top_plans]
+
+
+# ---------------------------------------------------------------------------- building
 
 
 def build_table(
@@ -279,31 +619,42 @@ def build_table(
     rotation: torch.Tensor | None = None,
     unknown: UnknownPolicy | None = None,
     progress: ProgressFn | None = None,
-    index: DenseKind = "dense",
+    index: str | None = None,
     codebooks: Sequence[torch.Tensor | None] | None = None,
     keyed_index: KeyedKind = "hash",
 ) -> CompressedTable:
     """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``
     (a PQ class encodes against ``codebooks[class]``: nearest centroids).
 
-    Slabs are sized exactly (no spare capacity); ``ids=None`` builds a table for IDs 0..N-1
-    with a :class:`DenseIndex`, or a :class:`RunIndex` when ``index="runs"``; explicit ``ids`` get
-    a :class:`HashIndex` (``keyed_index="sorted"``: the sorted :class:`KeyedIndex`).  A row whose class
-    is ``-1`` is left out (its ID has no row).
+    Slabs are sized exactly (no spare capacity).  ``index``: ``dense`` / ``runs`` (a locator per
+    ID, plain or run-length encoded; with ``ids`` the locator spans ``0..max(ids)``) or
+    ``keyed`` (``ids=None`` means IDs 0..N-1; a :class:`HashIndex`, or with
+    ``keyed_index="sorted"`` the sorted :class:`KeyedIndex`) or ``hash`` / ``sorted`` by name;
+    default ``keyed`` with ``ids``, else ``dense``.  A row whose class is ``-1`` is
+    left out (its ID has no row).  Within a class, slots follow ascending ID, so a run of
+    consecutive IDs in one class is one run of the run-length index.  ``rotation`` is stored
+    as its first K columns in fp16 (K = the widest truncated class), and encoding uses exactly
+    that, so what is stored is what decodes.
     """
     n, dim = rows.shape
-    slabs, used = [], []
+    widest = max((rc.dim for rc in classes if 0 < rc.dim < dim), default=0)
+    kept_rotation = stored_rotation(rotation, widest) if (rotation is not None and widest) else None
+    rot32 = None if kept_rotation is None else kept_rotation.to(torch.float32)
+    id_order = torch.argsort(ids, stable=True) if ids is not None else None
     books = list(codebooks) if codebooks is not None else [None] * len(classes)
+    slabs, used = [], []
     locator = torch.full((n,), -1, dtype=torch.int32)
     done = 0
     for c, rc in enumerate(classes):
         members = torch.nonzero(row_class_of == c).flatten()
+        if id_order is not None:
+            members = members[torch.argsort(ids[members], stable=True)]  # type: ignore[index]
         slab = torch.empty((members.numel(), rc.row_bytes), dtype=torch.uint8)
         for start in range(0, members.numel(), _ENCODE_CHUNK):
             part = members[start : start + _ENCODE_CHUNK]
             x = rows[part].to(torch.float32)
-            if rotation is not None and 0 < rc.dim < dim:
-                x = x @ rotation  # truncated classes store the rotated basis
+            if rot32 is not None and 0 < rc.dim < dim:
+                x = x @ rot32[:, : rc.dim]  # truncated classes store the rotated basis
             if rc.row_bytes:
                 slab[start : start + part.numel()] = codecs.encode_rows(x, rc, codebook=books[c])
             done += part.numel()
@@ -313,21 +664,86 @@ def build_table(
         slabs.append(slab)
         used.append(members.numel())
     id_index: IdIndex
-    if ids is not None:
-        present = locator >= 0
-        if keyed_index == "hash":
-            id_index = HashIndex.build(ids[present], locator[present])
-        elif keyed_index == "sorted":
-            id_index = KeyedIndex.build(ids[present], locator[present])
-        else:
+    if index is None:
+        index = "keyed" if ids is not None else "dense"
+    if index == "keyed":
+        if keyed_index not in ("hash", "sorted"):
             raise ValueError(f"keyed_index must be 'hash' or 'sorted', got {keyed_index!r}")
-    elif index == "runs":
-        id_index = RunIndex.from_locator(locator)
-    elif index == "dense":
-        id_index = DenseIndex(locator)
+        index = keyed_index
+    if index in ("hash", "sorted"):
+        present = locator >= 0
+        keys = ids if ids is not None else torch.arange(n, dtype=torch.int64)
+        id_index = HashIndex.build(keys[present], locator[present]) if index == "hash" else KeyedIndex.build(keys[present], locator[present])
+    elif index in ("dense", "runs"):
+        if ids is not None:
+            if n and int(ids.min()) < 0:
+                raise ValueError("a dense or run index needs IDs >= 0")
+            dense = torch.full((int(ids.max()) + 1 if n else 0,), -1, dtype=torch.int32)
+            dense[ids] = locator
+            locator = dense
+        id_index = RunIndex.from_locator(locator) if index == "runs" else DenseIndex(locator)
     else:
-        raise ValueError(f"index must be 'dense' or 'runs', got {index!r}")
-    return CompressedTable(dim, classes, slabs, used, id_index, rotation=rotation, unknown=unknown, codebooks=books)
+        raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
+    return CompressedTable(dim, classes, slabs, used, id_index, rotation=kept_rotation, unknown=unknown, codebooks=books)
+
+
+def _fallback_fn(policy: UnknownPolicy, ids: torch.Tensor | None, dim: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The rows the unknown-ID policy serves for given row positions (None: zeros)."""
+    if policy.kind == "zero":
+        return None
+    if policy.kind == "default":
+        assert policy.default is not None
+        default = policy.default
+        return lambda pos: default.to(torch.float32).expand(pos.numel(), dim)
+    return lambda pos: policy.rows(pos if ids is None else ids[pos])
+
+
+def _reweighted(costs: GroupCosts, new: torch.Tensor, old: torch.Tensor, groups: list[torch.Tensor]) -> GroupCosts:
+    """The same sampled errors under other per-row weights (no re-encoding)."""
+    assert costs.sample_rank is not None and costs.sample_errors is not None and costs.sample_scale is not None
+    order = torch.cat(groups)
+    positions = order[costs.sample_rank]
+    factor = (new[positions] / old[positions].clamp(min=1e-300)).to(torch.float64)
+    per_row = costs.sample_errors * factor[:, None]
+    owner = torch.bucketize(costs.sample_rank, torch.tensor([g.numel() for g in groups]).cumsum(0), right=True)
+    errors = torch.zeros_like(costs.errors).index_add_(0, owner, per_row * costs.sample_scale[:, None])
+    return GroupCosts(costs.sizes, errors, costs.bytes, costs.sample_rank, per_row, costs.sample_scale)
+
+
+def _judge(
+    plans: list[Plan], ctx: PlanContext, traffic: "TrafficSample", rows: torch.Tensor, rotation: torch.Tensor | None,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> dict[int, float]:
+    """Estimated recall of every plan (by ``id(plan)``); served rows are computed once per
+    column for the positions the judge reads."""
+    pos = traffic.positions()
+    x = rows[pos].to(torch.float32)
+    cache: dict[int, torch.Tensor] = {}
+
+    def column(c: int) -> torch.Tensor:
+        if c not in cache:
+            rc = ctx.classes[c]
+            if rc.dim == 0:
+                cache[c] = fallback(pos).to(torch.float32) if fallback is not None else torch.zeros_like(x)
+            else:
+                cache[c] = served_rows(x, rc, rotation if ctx.rotated[c] else None)
+        return cache[c]
+
+    where = torch.full((ctx.n,), -1, dtype=torch.int64)
+    where[pos] = torch.arange(pos.numel())
+    scores: dict[int, float] = {}
+    seen: dict[tuple[tuple[int, int], ...], float] = {}
+    for plan in plans:
+        key = tuple(plan.segments)
+        if key not in seen:
+            cls = ctx.class_by_position(plan.segments)[pos]
+            served = torch.empty_like(x)
+            for c in torch.unique(cls).tolist():
+                mask = cls == c
+                served[mask] = column(c)[mask]
+            seen[key] = traffic.recall(lambda p, served=served: served[where[p]])
+        scores[id(plan)] = seen[key]
+    return scores
 
 
 def compress(
@@ -343,27 +759,41 @@ def compress(
     num_buckets: int = 1024,
     allow_rotation: bool = True,
     progress: ProgressFn | None = None,
-    index: DenseKind = "dense",
+    index: IndexKind = "auto",
     group_error: GroupErrorFn | None = None,
+    objective: Objective = "l2",
+    plan_builders: Sequence[PlanBuilder] | None = None,
     stage: StageFn | None = None,
     pq: bool | Sequence[RowClass] = False,
     keyed_index: KeyedKind = "hash",
 ) -> tuple[CompressedTable, CompressionReport]:
-    """Compress a dense fp32 table into the cheapest-error mixed table within the budget.
+    """Compress a dense fp32 table into the least-error table within the budget.
 
     ``budget_bytes`` counts everything the table holds (index, rows, rotation, fallback);
     ``ratio`` sets it to ``N * D * 4 / ratio`` instead.  ``frequencies`` default to uniform.
-    ``index="runs"`` (IDs 0..N-1 only) stores the locators run-length encoded: the budget then
-    reserves 12 bytes per run of consecutive IDs in one frequency group, which is the number of
-    groups when the vocabulary is numbered by descending frequency (and up to N otherwise).
-    ``group_error`` replaces the frequency-weighted reconstruction error by the caller's measure
-    of what serving a group through a class costs (see :data:`GroupErrorFn`).
-    ``progress(done, n)`` follows the encoding of rows; ``stage(what, done, total)`` follows
-    every phase (see :data:`StageFn`).
+
+    ``index``: ``auto`` (default) prices every index that can serve the IDs - ``dense`` (4 B per
+    ID in ``0..max ID``), ``runs`` (12 B per run of consecutive IDs in one class: a handful for
+    a vocabulary numbered by frequency), ``keyed`` (12 B per ID + fence) - and each plan takes
+    the cheapest; ``dense`` / ``runs`` need IDs >= 0.  ``objective``: ``l2`` minimizes the
+    traffic-weighted squared error (rankers), ``cosine`` the traffic-weighted squared error
+    relative to each row's squared norm (retrieval by cosine / normalized dot product).
+    ``group_error`` replaces the error by the caller's measure of what serving a group through a
+    class costs (see :data:`GroupErrorFn`).
+
+    Candidate plans come from ``plan_builders`` (default :data:`PLAN_BUILDERS`: the knapsack over
+    frequency groups, every uniform width, keep-top-K at every width); the one with the least
+    estimated objective is built.  Pruned (dim-0) rows are served by the unknown-ID policy,
+    and their error is scored against its rows.  A plan that prunes every row is never taken:
+    :class:`BudgetTooSmall` says so instead.
+
     ``pq=True`` adds product-quantization classes (:func:`compression.pq_alloc.pq_candidates`;
-    or pass the PQ classes to consider, here or among ``candidates``): per frequency group the
-    allocator may then pick a codebook class, each with its own k-means codebook, next to the
-    ``(dim, bits)`` classes (:mod:`compression.pq_alloc`).
+    or pass the PQ classes to consider, here or among ``candidates``): each gets a
+    frequency-weighted k-means codebook, and the knapsack may give frequency groups one or two
+    of them next to the ``(dim, bits)`` classes (MGQE-style), their codebooks counted.
+    ``keyed_index``: how a keyed table indexes its IDs (``hash``, the default, or ``sorted``).
+    ``progress(done, n)`` follows the encoding of rows; ``stage(what, done, total)`` follows
+    every phase.
     """
     if rows.dim() != 2:
         raise ValueError("rows must be a 2-D [N, D] table")
@@ -378,116 +808,119 @@ def compress(
             raise ValueError("ratio must be positive")
         budget_bytes = int(n * dim * 4 / ratio)
     assert budget_bytes is not None
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if index not in ("auto", *INDEX_KINDS):
+        raise ValueError(f"index must be auto or one of {INDEX_KINDS}, got {index!r}")
     freqs = torch.ones(n, dtype=torch.float64) if frequencies is None else frequencies.to(torch.float64).reshape(-1)
     if freqs.numel() != n or bool((freqs < 0).any()) or not bool(torch.isfinite(freqs).all()):
         raise ValueError("frequencies must be N finite non-negative numbers")
+    span = n
     if ids is not None:
         ids = ids.to(torch.int64).reshape(-1)
         if ids.numel() != n:
             raise ValueError("ids must have one entry per row")
-    keyed = ids is not None
-    if index not in ("dense", "runs"):
-        raise ValueError(f"index must be 'dense' or 'runs', got {index!r}")
+        by_id = torch.argsort(ids, stable=True)
+        sorted_ids = ids[by_id]
+        if n > 1 and not bool((sorted_ids[1:] != sorted_ids[:-1]).all()):
+            raise ValueError("IDs must be unique")
+        # work in ascending ID order: positions then follow IDs, which is what runs count
+        rows, freqs, ids = rows[by_id], freqs[by_id], sorted_ids
+        if n and int(ids[0]) >= 0 and int(ids[-1]) < 2**31:
+            span = int(ids[-1]) + 1
+        else:
+            span = -1  # a positional index cannot hold these IDs
+        if n and int(ids[0]) == 0 and int(ids[-1]) == n - 1:
+            ids = None  # exactly 0..N-1: a plain positional table
+    if index == "auto":
+        kinds = ["dense", "runs", "keyed"] if span >= 0 else ["keyed"]
+    else:
+        if index != "keyed" and span < 0:
+            raise ValueError(f"index {index!r} needs IDs in 0..2^31-1; use keyed (or auto)")
+        kinds = [index]
+    if keyed_index not in ("hash", "sorted"):
+        raise ValueError(f"keyed_index must be 'hash' or 'sorted', got {keyed_index!r}")
+    kinds = [("hash" if k == "keyed" and keyed_index == "hash" else k) for k in kinds]
+
+    def tell(what: str) -> ProgressFn:
+        return (lambda done, total: stage(what, done, total)) if stage is not None else (lambda done, total: None)
+
     cands = candidates if candidates is not None else candidate_classes(dim)
     pq_classes = [rc for rc in cands if rc.pq] + ([] if isinstance(pq, bool) else list(pq))
     cands = [rc for rc in cands if not rc.pq]
     order = torch.argsort(freqs, descending=True, stable=True)
     groups = frequency_groups(order, num_groups)
-    runs_bound = group_runs(groups, n) if (index == "runs" and not keyed) else None
-    owner = None
-    if runs_bound is not None:
-        owner = torch.empty(n, dtype=torch.int64)
-        for g, grp in enumerate(groups):
-            owner[grp] = g
-    weights = freqs + 1e-9  # an ID never seen still costs a little error
+    traffic = None
+    if objective == "knn":
+        from .knn import TrafficSample
 
-    def tell(what: str) -> ProgressFn:
-        return (lambda done, total: stage(what, done, total)) if stage is not None else (lambda done, total: None)
+        traffic = TrafficSample(rows, freqs)
+        weights = traffic.row_weights()
+    else:
+        weights = objective_weights(rows, freqs, objective)
+    policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), freqs + 1e-9, num_buckets)
+    other = fallback_bytes(unknown, dim, num_buckets)
 
-    plans: list[tuple[float, bool, list[RowClass], list[int], int | None]] = []
-    full_dim = [rc for rc in cands if rc.dim == dim]
-    reduced = [rc for rc in cands if rc.dim < dim]
+    # cost matrix columns: every candidate as stored plainly, plus the truncated ones rotated
+    reduced = [rc for rc in cands if 0 < rc.dim < dim]
     tell("rotation (weighted PCA)")(0, 1)
     rotation = weighted_pca_rotation(rows, weights) if (allow_rotation and reduced) else None
-    variants: list[tuple[bool, list[RowClass]]] = []
-    if full_dim:
-        variants.append((False, full_dim + ([rc for rc in reduced if rc.dim == 0])))
-    if rotation is not None:
-        variants.append((True, cands))
-    if any(0 < rc.dim < dim for rc in reduced) or not full_dim:
-        # truncation in the stored basis: right for tables trained with a dimension mask
-        # (nested / FIITED-style), whose leading coordinates already carry the most
-        variants.append((False, cands))
-    first_costs: dict[tuple[bool, tuple[RowClass, ...]], GroupCosts] = {}
-    for k, (rotated, variant) in enumerate(variants):
-        variant = list(variant)
-        costing = tell(f"estimating costs ({k + 1}/{len(variants)})")
-        # run-length index: reserve for a few runs first (adjacent groups of one class share a
-        # run, and frequency-ordered choices change class only a few times), more if needed
-        runs = None if runs_bound is None else min(runs_bound, MAX_CLASSES)
-        costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error,
-                               progress=costing)
-        first_costs.setdefault((rotated, tuple(variant)), costs)  # PQ plans reuse the unrotated full-dim costs
-        while True:
-            fixed = _fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs, keyed_index)
-            try:
-                choice = solve_knapsack(costs.errors, costs.bytes, budget_bytes - fixed)
-            except BudgetTooSmall:
-                break
-            used = sorted(set(choice))
-            if runs is not None and owner is not None:
-                by_id = torch.tensor(choice, dtype=torch.int64)[owner]
-                actual = 1 + int((by_id[1:] != by_id[:-1]).sum()) if n else 0
-                if actual > runs:
-                    runs = actual
-                    continue
-            if len(used) <= MAX_CLASSES:
-                err = float(sum(costs.errors[g, c] for g, c in enumerate(choice)))
-                plans.append((err, rotated, variant, choice, runs))
-                break
-            # too many distinct classes: keep the ones holding the most rows and solve again
-            rows_in = {c: 0 for c in used}
-            for g, c in enumerate(choice):
-                rows_in[c] += costs.sizes[g]
-            keep = sorted(used, key=lambda c: -rows_in[c])[:MAX_CLASSES]
-            variant = [variant[c] for c in sorted(keep)]
-            costs = estimate_costs(rows, weights, groups, variant, sample_per_group, rotation if rotated else None, group_error=group_error,
-                                   progress=costing)
     codebook_of: dict[RowClass, torch.Tensor] = {}
     if pq is True or pq_classes:
-        tell("product-quantization codebooks")(0, 1)
         from . import pq_alloc  # builds on this module
 
+        tell("product-quantization codebooks")(0, 1)
         pq_classes = pq_classes or pq_alloc.pq_candidates(dim, budget_bytes, n)
         codebook_of = pq_alloc.train_candidate_codebooks(rows, weights, pq_classes)
-        unrotated = full_dim + [rc for rc in reduced if rc.dim == 0]
-        plans += pq_alloc.pq_plans(
-            rows, weights, groups, unrotated, pq_classes, codebook_of, sample_per_group, budget_bytes,
-            lambda runs: _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, runs, keyed_index),
-            None if runs_bound is None else min(runs_bound, MAX_CLASSES), owner, group_error,
-            scalar_costs=first_costs.get((False, tuple(unrotated))),
-        )
+    columns: list[RowClass] = [rc for rc in cands] + list(pq_classes)
+    rotated = [False] * len(columns)
+    if rotation is not None:
+        columns += reduced
+        rotated += [True] * len(reduced)
+    costs = estimate_costs(
+        rows, weights, groups, columns, sample_per_group, rotation, group_error=group_error,
+        fallback=_fallback_fn(policy, ids, dim), rotated=rotated, progress=tell("estimating costs"), codebooks=codebook_of,
+    )
+    tell("weighing plans")(0, 1)
+    ctx = PlanContext(n, dim, budget_bytes, groups, costs, columns, rotated, kinds, order, ids, max(span, 0), other)
+    plans: list[Plan] = []
+    builders = plan_builders if plan_builders is not None else PLAN_BUILDERS
+    for builder in builders:
+        plans.extend(builder(ctx))
+    judged: dict[int, float] = {}
+    if traffic is not None:
+        # the cosine-weighted knapsack too (reweighting the same sample), then every plan is
+        # judged by the recall it gives on held-out sampled traffic
+        cos_ctx = replace(ctx, costs=_reweighted(costs, objective_weights(rows, freqs, "cosine"), weights, groups))
+        for builder in builders:
+            if builder is knapsack_plans:
+                for plan in builder(cos_ctx):
+                    plan.name += " (cosine weights)"
+                    plan.error = ctx.error_of(plan.segments)
+                    plans.append(plan)
+        judged = _judge(plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim))
     if not plans:
-        smallest = _fixed_bytes(n, dim, keyed, False, unknown, num_buckets, None if runs_bound is None else 1, keyed_index)
+        one_class = ctx.runs_of([(n, 0)]) if "runs" in kinds else 0
+        smallest = min(ctx.fixed_bytes([], kind, one_class) for kind in kinds)
         raise BudgetTooSmall(
-            f"budget of {budget_bytes} bytes cannot hold {n} rows: the index and fallback alone take {smallest} bytes"
-            " and the cheapest row classes need more than what is left"
+            f"budget of {budget_bytes} bytes cannot hold {n} rows: the index and fallback alone take {smallest} bytes,"
+            " and what is left would prune every row (a table that serves only its unknown-ID policy)"
         )
-    err, rotated, variant, choice, runs = min(plans, key=lambda p: p[0])
-    used_classes = sorted(set(choice))
-    remap = {c: k for k, c in enumerate(used_classes)}
-    table_classes = [variant[c] for c in used_classes]
-    rotated = rotated and any(0 < rc.dim < dim for rc in table_classes)  # no truncated row, no rotation
-    row_class_of = torch.empty(n, dtype=torch.int64)
-    for g, grp in enumerate(groups):
-        row_class_of[grp] = remap[choice[g]]
-    tell("unknown-ID fallback")(0, 1)
-    policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights, num_buckets)
-    codebooks = None
+    if judged:
+        best = max(plans, key=lambda p: (judged[id(p)], -p.error, -p.nbytes))
+    else:
+        best = min(plans, key=lambda p: (p.error, p.nbytes))
+    table_columns = best.columns
+    remap = {c: k for k, c in enumerate(table_columns)}
+    table_classes = [columns[c] for c in table_columns]
+    uses_rotation = any(rotated[c] for c in table_columns)
+    class_by_position = ctx.class_by_position(best.segments)
+    row_class_of = torch.tensor([remap.get(c, -1) for c in range(len(columns))], dtype=torch.int64)[class_by_position]
+    books = None
     if any(rc.pq for rc in table_classes):
         from .pq_alloc import refine_codebooks
 
-        codebooks = refine_codebooks(rows, weights, row_class_of, table_classes, codebook_of)
+        books = refine_codebooks(rows, weights, row_class_of, table_classes, codebook_of)
     encoding = tell("encoding rows")
 
     def encoded(done: int, total: int) -> None:
@@ -496,20 +929,30 @@ def compress(
             progress(done, total)
 
     table = build_table(
-        rows, row_class_of, table_classes, ids=ids, rotation=rotation if rotated else None, unknown=policy, progress=encoded,
-        index=index, codebooks=codebooks, keyed_index=keyed_index,
+        rows, row_class_of, table_classes, ids=ids, rotation=rotation if uses_rotation else None, unknown=policy,
+        progress=encoded, index=best.index, codebooks=books, keyed_index=keyed_index,
     )
+    col_of_group = []
+    rank = 0
+    for g in groups:
+        col_of_group.append(int(class_by_position[order[rank]]))
+        rank += g.numel()
     report = CompressionReport(
         budget_bytes=budget_bytes,
-        fixed_bytes=_fixed_bytes(n, dim, keyed, rotated, unknown, num_buckets, runs, keyed_index)
-        + sum(rc.codebook_bytes for rc in table_classes),
-        rotation=rotated,
-        estimated_error=err,
+        fixed_bytes=ctx.fixed_bytes(table_columns, best.index, best.runs),
+        rotation=uses_rotation,
+        estimated_error=best.error,
         group_sizes=[g.numel() for g in groups],
-        group_classes=[variant[c].label() for c in choice],
+        group_classes=[columns[c].label() for c in col_of_group],
+        index=best.index,
+        objective=objective,
+        plan=best.name,
+        candidates=[(p.name, p.index, p.error, p.nbytes) for p in plans],
+        estimated_recall=judged.get(id(best)),
     )
+    table.objective = objective
     if table.nbytes > budget_bytes:  # the accounting above is exact; this guards against drift
-        raise AssertionError(f"built table holds {table.nbytes} bytes, over the budget of {budget_bytes}")
+        raise AssertionError(f"built table holds {table.nbytes} bytes, over the budget of {budget_bytes} (plan {best.name}, {best.nbytes})")
     return table, report
 
 
@@ -519,8 +962,7 @@ def compress_uniform(
     ids: torch.Tensor | None = None,
     unknown: UnknownKind = "zero",
     frequencies: torch.Tensor | None = None,
-    index: DenseKind = "dense",
-    keyed_index: KeyedKind = "hash",
+    index: str | None = None,
 ) -> CompressedTable:
     """Every row in one class: the uniform-quantization baseline (FBGEMM-style INT8/INT4/...).
     With ``index="runs"`` a table of IDs 0..N-1 needs a single run (20 bytes) instead of 4N."""

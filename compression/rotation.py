@@ -25,3 +25,14 @@ def weighted_pca_rotation(rows: torch.Tensor, weights: torch.Tensor, max_rows: i
     eigvals, eigvecs = torch.linalg.eigh(moment)
     order = torch.argsort(eigvals, descending=True)
     return eigvecs[:, order].to(torch.float32).contiguous()
+
+
+def stored_rotation(rotation: torch.Tensor, columns: int) -> torch.Tensor:
+    """What a table keeps of ``rotation``: its first ``columns`` columns in fp16 (the ones the
+    widest truncated class reads; the rest are never used)."""
+    return rotation[:, :columns].to(torch.float16).contiguous()
+
+
+def rotation_bytes(dim: int, columns: int) -> int:
+    """Bytes of :func:`stored_rotation` for a ``[dim, columns]`` rotation."""
+    return 2 * dim * columns

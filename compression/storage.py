@@ -17,7 +17,9 @@ Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
     class.{k}.slab                uint8 [cap_k, row_bytes_k]   rows of class k (compression.layout)
     class.{k}.free                int32 [f_k]        free slots of class k
     class.{k}.codebook            fp16 [m, 2**bits, dim/m]   product-quantization class k only
-    rotation                      fp32 [D, D]        optional
+    rotation                      fp16 [D, K]        optional: the first K columns of the orthogonal
+                                                     rotation, K = widest truncated class (older
+                                                     files: fp32 [D, D], still read; narrowed on load)
     unknown.default               fp32 [D]           optional
     unknown.buckets               fp16 [K, D]        optional (hashed, qr, binary_hash)
     unknown.params                int64 [2]          optional (qr: [M, Q]; binary_hash: [S, k])
@@ -30,12 +32,14 @@ Manifest (JSON object): ``format_version``, ``dim``, ``index`` (``dense``/``keye
 adds ``"kind": "pq"`` and ``"m"``, and then ``bits`` is its code width), ``unknown`` (policy
 kind), ``lifecycle`` (null, or ``max_ids`` / ``admit_min_count`` / ``half_life_rows`` / sketch
 shape / ``eviction_samples``), ``log_position`` (update-log position the file includes, or
-null), ``extra`` (free-form).
+null), ``objective`` (what the allocator minimized: ``l2``, ``cosine`` or ``knn``; null or
+absent for tables built otherwise), ``extra`` (free-form).
 
 Format versions: a file is written with the smallest version that holds what it uses, so a
-table an older reader could read stays readable by it.  Version 2 adds PQ (codebook) classes
-and the ``hash`` index: a version-1 reader would take a PQ class's ``(dim, bits)`` for a scalar
-class, or not know the index, so it must refuse such a file, and it does: its version check
+table an older reader could read stays readable by it.  Version 2 adds PQ (codebook) classes,
+the ``hash`` index and the fp16 ``[D, K]`` rotation: a version-1 reader would take a PQ class's
+``(dim, bits)`` for a scalar class, not know the index, or read the rotation as fp32 ``[D, D]``,
+so it must refuse such a file, and it does: its version check
 names the newer version and says to upgrade.  This reader reads both.
 
 The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added without a
@@ -75,6 +79,7 @@ FORMAT_VERSION = 2  # the newest version this reader reads
 # that holds everything it uses, so a table an older reader could read stays readable by it
 _INDEX_VERSIONS = {"hash": 2}
 _PQ_VERSION = 2
+_ROTATION_VERSION = 2  # fp16 [D, K]; a version-1 reader expects fp32 [D, D]
 MANIFEST_KEY = "embserve.manifest"
 TABLE_SUFFIX = ".safetensors"
 
@@ -85,12 +90,17 @@ class TableFormatError(ValueError):
 
 def manifest_of(table: CompressedTable, log_position: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
-        "format_version": max(_INDEX_VERSIONS.get(table.index.kind, 1), _PQ_VERSION if any(rc.pq for rc in table.classes) else 1),
+        "format_version": max(
+            _INDEX_VERSIONS.get(table.index.kind, 1),
+            _PQ_VERSION if any(rc.pq for rc in table.classes) else 1,
+            _ROTATION_VERSION if table.rotation is not None else 1,
+        ),
         "dim": table.dim,
         "index": table.index.kind,
         "classes": [_class_entry(rc, u) for rc, u in zip(table.classes, table.used, strict=True)],
         "unknown": table.unknown.kind,
         "lifecycle": None if table.lifecycle is None else table.lifecycle.config.as_dict(),
+        "objective": table.objective,
         "log_position": log_position,
         "extra": extra or {},
     }
@@ -202,6 +212,7 @@ def load_table(path: str | os.PathLike[str], device: torch.device | str = "cpu")
             codebooks=[tensors[f"class.{k}.codebook"] if rc.pq else None for k, rc in enumerate(classes)],
             lifecycle=IdLifecycle.from_state(manifest["lifecycle"], tensors) if manifest.get("lifecycle") else None,
         )
+        table.objective = manifest.get("objective")
     except (KeyError, TypeError, ValueError) as exc:
         raise TableFormatError(f"{path}: inconsistent table file ({exc})") from exc
     return table, manifest

@@ -8,13 +8,17 @@ Memory picture of one table (every byte of it is counted in :attr:`CompressedTab
     class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
                int32 free-slot stack [<= capacity_k]
                fp16 codebook [m, 2**k, dim/m]          product-quantization classes only
-    rotation   fp32 [D, D]                             only when some class has 0 < dim < D
+    rotation   fp16 [D, K]  (K = widest truncated class; older files: fp32 [D, D])
+                                                       only when some class has 0 < dim < D
     lifecycle  int32 [depth, width] counts + int64 [2]  keyed tables with max_ids / admission
 
 Rows of full-dimension classes are stored as they are; rows of truncated classes (0 < dim < D)
 are stored in the rotated basis ``y = x @ R`` and keep their first ``dim`` coordinates, so
 decoding them is ``y[:dim] @ R[:, :dim]^T`` - ``dim * D`` multiply-adds per row, paid only by
-the rows that were truncated (rotating every row would cost ``D * D`` each).
+the rows that were truncated (rotating every row would cost ``D * D`` each).  Only the first
+``K`` columns of ``R`` are ever read (``K`` = the widest truncated class), so only those are
+stored, in fp16: at D = 384 and K = 192 that is 147 KB instead of the 590 KB of a full fp32
+``R``, which matters when the whole budget is a few MB.
     unknown    by policy: fp32 [D] default, fp16 [K, D] hash buckets, or the fp16 tables of a
                QR / binary-code hash embedding (compression.unknown)
 
@@ -43,16 +47,33 @@ from .unknown import UnknownPolicy
 Backend = Literal["auto", "torch", "compiled", "triton"]
 
 
+# Per-ID lookup status, as the binary wire format carries it (service.wire).
+STATUS_UNKNOWN, STATUS_FOUND, STATUS_PRUNED = 0, 1, 2
+
+
 @dataclass
 class LookupResult:
     values: torch.Tensor  # [n, D], or [bags, D] when pooled; float32 unless a dtype was asked for
     locators: torch.Tensor  # int32 [n], -1 where the ID has no row
     num_unknown: int
+    # bool [n]: the ID's row was pruned (a dim-0 class: stored nothing) and the unknown-ID
+    # policy served it, like an unknown ID; None when the table has no dim-0 class
+    pruned: torch.Tensor | None = None
+    num_pruned: int = 0
 
     @property
     def found(self) -> torch.Tensor:
-        """bool [n]: the ID has a row in the table (a pruned dim-0 row counts as found)."""
-        return self.locators >= 0
+        """bool [n]: the table served the ID's own row (not unknown, not pruned)."""
+        found = self.locators >= 0
+        return found if self.pruned is None else found & ~self.pruned
+
+    @property
+    def status(self) -> torch.Tensor:
+        """uint8 [n]: 0 = unknown, 1 = found, 2 = pruned (served by the unknown-ID policy)."""
+        status = (self.locators >= 0).to(torch.uint8)
+        if self.pruned is not None:
+            status[self.pruned] = STATUS_PRUNED
+        return status
 
 
 @dataclass
@@ -131,8 +152,12 @@ class CompressedTable:
             raise ValueError("one codebook entry (None for scalar classes) per row class")
         for rc, cb in zip(classes, codebooks, strict=True):
             pq.check_codebook(rc, cb)
-        if rotation is not None and tuple(rotation.shape) != (dim, dim):
-            raise ValueError(f"rotation must be [{dim}, {dim}]")
+        if rotation is not None:
+            widest = max((rc.dim for rc in classes if 0 < rc.dim < dim), default=0)
+            if rotation.dim() != 2 or rotation.shape[0] != dim or not widest <= rotation.shape[1] <= dim:
+                raise ValueError(f"rotation must be [{dim}, K] with {widest} <= K <= {dim}")
+            if rotation.dtype not in (torch.float16, torch.float32):
+                raise ValueError("rotation must be fp16 (or fp32, as older files hold it)")
         for c, (slab, u) in enumerate(zip(slabs, used, strict=True)):
             if not 0 <= u <= slab.shape[0]:
                 raise ValueError(f"class {classes[c].label()}: {u} slots used of a {slab.shape[0]}-row slab")
@@ -142,6 +167,11 @@ class CompressedTable:
         self.used = list(used)
         self.free = free if free is not None else [torch.empty(0, dtype=torch.int32, device=s.device) for s in slabs]
         self.index = index
+        if rotation is not None:
+            # keep only the columns a truncated class reads, in fp16 (an old file's fp32 [D, D]
+            # is narrowed here: what the process holds, and writes back, is the new form)
+            widest = max((rc.dim for rc in classes if 0 < rc.dim < dim), default=0)
+            rotation = rotation[:, :widest].to(torch.float16).contiguous() if widest else None
         self.rotation = rotation
         # fp16 [m, 2**k, dim/m] per PQ class, None for scalar classes; fixed once built (rows
         # upserted later are assigned to the nearest existing centroids)
@@ -150,8 +180,16 @@ class CompressedTable:
         if lifecycle is not None and not isinstance(index, HashIndex):
             raise ValueError("max_ids and admission need a hash-indexed keyed table")
         self.lifecycle = lifecycle  # admission and capacity (compression.lifecycle); saved with the table
+        # what the allocator minimized when it built the table ("l2" / "cosine" / "knn"), kept in
+        # the manifest so a rebuild can use the same; None when built otherwise
+        self.objective: str | None = None
         self._check_locators()
         self.decoder = Decoder(self.slabs, self.classes, backend, rotation, self.codebooks)
+        # which class indices are pruned (dim 0), looked up by locator; None when none is
+        self._pruned_classes: torch.Tensor | None = None
+        if any(rc.dim == 0 for rc in self.classes):
+            flags = [rc.dim == 0 for rc in self.classes] + [False] * (MAX_CLASSES - len(self.classes))
+            self._pruned_classes = torch.tensor(flags, dtype=torch.bool, device=self.device)
         # Writers hold this while they change slabs or the index; lookups take it too, so a
         # lookup sees a write batch all or nothing.  Decoding itself releases the GIL.
         self.lock = threading.RLock()
@@ -229,16 +267,23 @@ class CompressedTable:
             direct = out is None and self.decoder.writes(dtype)
             values = torch.empty((ids.shape[0], self.dim), dtype=dtype if direct else torch.float32, device=device) if out is None else out
             loc, num_unknown = self.decoder.lookup(values, ids, self.index, self.unknown)
-        if num_unknown and not self.decoder.fills_unknown:
-            self.unknown.fill(values, ids, loc < 0)
+        pruned, num_pruned = None, 0
+        if self._pruned_classes is not None:
+            # a dim-0 row stores nothing: the decoders wrote zeros, the unknown-ID policy serves it
+            pruned = (loc >= 0) & self._pruned_classes[(loc >> LOCATOR_CLASS_SHIFT).clamp(min=0).long()]
+            num_pruned = int(pruned.sum())
+        fill_unknown = bool(num_unknown) and not self.decoder.fills_unknown
+        if fill_unknown or num_pruned:
+            mask = (loc < 0) if fill_unknown else torch.zeros_like(loc, dtype=torch.bool)
+            self.unknown.fill(values, ids, mask if pruned is None else mask | pruned)
         if values.dtype != dtype:
             values = values.to(dtype)
-        return LookupResult(values, loc, num_unknown)
+        return LookupResult(values, loc, num_unknown, pruned, num_pruned)
 
     def lookup_bags(self, ids: torch.Tensor, offsets: torch.Tensor, mode: PoolingMode, dtype: torch.dtype = torch.float32) -> LookupResult:
         """Pool rows into bags given by ``offsets`` (start of each bag, like ``nn.EmbeddingBag``).
         On the Triton path decode and pooling are one launch."""
-        if self.decoder.fused_pooling:
+        if self.decoder.fused_pooling and self._pruned_classes is None:  # pruned rows need the fallback, per row
             if mode not in ("sum", "mean"):
                 raise ValueError(f"pooling must be one of ('sum', 'mean'), got {mode!r}")
             ids = ids.to(device=self.device, dtype=torch.int64).reshape(-1)
@@ -250,7 +295,9 @@ class CompressedTable:
             return LookupResult(values, loc, num_unknown)
         result = self.lookup(ids)
         pooled = pool_bags(result.values, offsets.to(result.values.device), mode)
-        return LookupResult(pooled if pooled.dtype == dtype else pooled.to(dtype), result.locators, result.num_unknown)
+        return LookupResult(
+            pooled if pooled.dtype == dtype else pooled.to(dtype), result.locators, result.num_unknown, result.pruned, result.num_pruned,
+        )
 
     # ------------------------------------------------------------------ writes
 
@@ -286,6 +333,11 @@ class CompressedTable:
         for c in torch.unique(cls).tolist():
             slots = (locators[cls == c] & LOCATOR_SLOT_MASK).to(torch.int32)
             self.free[c] = torch.cat([self.free[c], _upload(slots, self.free[c].device)])
+
+    def rotation_columns(self, k: int) -> torch.Tensor:
+        """The first ``k`` columns of the rotation as fp32 ``[D, k]`` (what encoding multiplies by)."""
+        assert self.rotation is not None
+        return self.rotation[:, :k].to(torch.float32)
 
     def truncated(self, c: int) -> bool:
         """Class ``c`` keeps some but not all coordinates, so it stores rows in the rotated basis."""
@@ -326,7 +378,7 @@ class CompressedTable:
                 taken = self._take_slots(c, int(fresh.numel()))  # on the device, sized on the host
                 sel = _upload(torch.cat([stay, fresh]), self.device)
                 slots = torch.cat([(old_dev[sel[: stay.numel()]] & LOCATOR_SLOT_MASK).to(torch.int32), taken])
-                x = rows[sel] @ self.rotation if self.truncated(c) else rows[sel]  # type: ignore[operator]
+                x = rows[sel] @ self.rotation_columns(self.classes[c].dim) if self.truncated(c) else rows[sel]
                 encoded = codecs.encode_rows(x, self.classes[c], codebook=self.codebooks[c])
                 if encoded.shape[1]:
                     self.slabs[c].index_copy_(0, slots.to(torch.int64), encoded)  # one scatter per class
@@ -434,7 +486,7 @@ class CompressedTable:
 
     def to(self, device: torch.device | str) -> "CompressedTable":
         dev = torch.device(device)
-        return CompressedTable(
+        moved = CompressedTable(
             self.dim,
             self.classes,
             [s.to(dev) for s in self.slabs],
@@ -447,3 +499,5 @@ class CompressedTable:
             [None if cb is None else cb.to(dev) for cb in self.codebooks],
             self.lifecycle,  # its counts stay on CPU: the applier reads them there
         )
+        moved.objective = self.objective
+        return moved

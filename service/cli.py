@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table as RichTable
 
 from compression import candidate_classes, compress, load_table, read_manifest, save_table
-from compression.allocation import BudgetTooSmall
+from compression.allocation import OBJECTIVES, BudgetTooSmall
 from compression.layout import SUPPORTED_BITS, RowClass
 from compression.lifecycle import IdLifecycle, LifecycleConfig
 from compression.storage import TABLE_SUFFIX, TableFormatError
@@ -199,16 +199,18 @@ def compress_cmd(
     keyed_index: Annotated[str, typer.Option(help="with --ids: hash (open addressing, updated in place) or sorted (fewer bytes, read-mostly)")] = "hash",
     max_ids: Annotated[Optional[int], typer.Option(help="with --ids: most IDs the served table keeps; past it the least updated are evicted")] = None,
     admit_min_count: Annotated[Optional[int], typer.Option(help="with --ids: upserts a new ID needs before it gets a row")] = None,
+    index: Annotated[str, typer.Option(help="ID index: auto (cheapest that serves the IDs), dense, runs or keyed")] = "auto",
+    objective: Annotated[str, typer.Option(help="what to minimize: l2 (rankers), cosine (per-row relative error) or knn (retrieval: recall on sampled traffic)")] = "l2",
 ) -> None:
     """Compress a dense table into mixed (dim, bits) row classes within a memory budget."""
     with bad_input_exits("compress"):
-        _compress(input, output, frequencies, ids, tensor, ratio, budget_bytes, bits, dims, unknown, groups, pq, keyed_index, max_ids, admit_min_count)
+        _compress(input, output, frequencies, ids, tensor, ratio, budget_bytes, bits, dims, unknown, groups, pq, keyed_index, max_ids, admit_min_count, index, objective)
 
 
 def _compress(
     input: Path, output: Path, frequencies: Path | None, ids: Path | None, tensor: str | None, ratio: float | None,
     budget_bytes: int | None, bits: str, dims: str | None, unknown: str, groups: int, pq: bool = False,
-    keyed_index: str = "hash", max_ids: int | None = None, admit_min_count: int | None = None,
+    keyed_index: str = "hash", max_ids: int | None = None, admit_min_count: int | None = None, index: str = "auto", objective: str = "l2",
 ) -> None:
     if (ratio is None) == (budget_bytes is None):
         raise BadInput("give exactly one of --ratio and --budget-bytes")
@@ -223,6 +225,10 @@ def _compress(
         lifecycle = LifecycleConfig(max_ids=max_ids, admit_min_count=admit_min_count or 0)  # ValueError: one line, exit 2
     if unknown not in ("zero", "default", "hashed"):
         raise BadInput(f"--unknown {unknown!r}: must be zero, default or hashed")
+    if index not in ("auto", "dense", "runs", "keyed"):
+        raise BadInput(f"--index {index!r}: must be auto, dense, runs or keyed")
+    if objective not in OBJECTIVES:
+        raise BadInput(f"--objective {objective!r}: must be one of {', '.join(OBJECTIVES)}")
     if groups < 1:
         raise BadInput(f"--groups {groups}: must be at least 1")
     if output.suffix != TABLE_SUFFIX or output.is_dir():
@@ -245,6 +251,7 @@ def _compress(
         table, report = compress(
             rows, freqs, budget_bytes=budget_bytes, ratio=ratio, ids=id_tensor, candidates=cands,
             num_groups=groups, unknown=unknown, pq=pq, keyed_index=keyed_index,  # type: ignore[arg-type]
+            index=index, objective=objective,  # type: ignore[arg-type]
             stage=_stage_reporter(progress, task),
         )
     _refuse_all_pruned(table, report.budget_bytes, report.fixed_bytes)
@@ -254,7 +261,7 @@ def _compress(
     elapsed = time.perf_counter() - started
     error = weighted_relative_error(rows, freqs if freqs is not None else torch.ones(rows.shape[0]), output) if id_tensor is None else None
     _summary(output, elapsed, error)
-    console.print(f"budget {report.budget_bytes:,} B; wrote {output}")
+    console.print(f"budget {report.budget_bytes:,} B; plan {report.plan}, index {report.index}, objective {report.objective}; wrote {output}")
 
 
 @app.command("inspect")

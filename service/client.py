@@ -35,7 +35,9 @@ from .wire import (
     DTYPE_CODES,
     DType,
     ParsedLookup,
-    decode_binary_response,
+    STATUS_FOUND,
+    STATUS_PRUNED,
+    decode_binary_statuses,
     encode_binary_request,
     encode_binary_updates,
 )
@@ -59,8 +61,12 @@ class Embeddings:
     # float32 [n, dim] ([bags, dim] when pooled), read-only view of the response; float16 with
     # dtype="f16"; with dtype="bf16" float32 holding the bf16-rounded values (numpy has no bf16)
     values: np.ndarray
-    found: np.ndarray  # bool [n]: the table holds the ID
-    unknown: int  # IDs filled by the table's unknown-ID policy
+    found: np.ndarray  # bool [n]: the table served the ID's own row
+    unknown: int  # IDs the table does not hold (filled by its unknown-ID policy)
+    # uint8 [n]: 0 = unknown, 1 = found, 2 = pruned (the ID's row was pruned to dim 0 and the
+    # unknown-ID policy filled it); pruned: how many IDs had status 2
+    status: np.ndarray | None = None
+    pruned: int = 0
 
 
 @dataclass
@@ -106,11 +112,17 @@ def _raise_for(status: int, content: bytes) -> None:
 def _lookup_answer(status: int, content: bytes, binary: bool, dtypes: Sequence[str | None]) -> list[Embeddings]:
     _raise_for(status, content)
     if binary:
-        return [Embeddings(values, found, unknown) for values, found, unknown in decode_binary_response(content)]
+        return [
+            Embeddings(values, status == STATUS_FOUND, unknown, status, int((status == STATUS_PRUNED).sum()))
+            for values, status, unknown in decode_binary_statuses(content)
+        ]
     out = []
     for r, dtype in zip(orjson.loads(content)["results"], dtypes, strict=True):
         values = np.asarray(r["embeddings"], dtype=np.float16 if dtype == "f16" else np.float32).reshape(r["shape"])
-        out.append(Embeddings(values, np.asarray(r["found"], dtype=bool), int(r["unknown"])))
+        found = np.asarray(r["found"], dtype=bool)
+        pruned = int(r.get("pruned", 0))
+        # JSON carries counts, not per-ID statuses: unknown and pruned IDs both read found=false
+        out.append(Embeddings(values, found, int(r["unknown"]), None, pruned))
     return out
 
 

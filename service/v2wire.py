@@ -6,7 +6,10 @@ A table is served as a *model* of the same name, version ``1``:
              offsets    INT64 [B]        optional; with parameter "pooling": "sum" | "mean"
     outputs  embeddings FP32  S + [dim]  ([B, dim] when pooled); FP16 or BF16 when the request's
                                      parameter "embeddings_datatype" says so (half the bytes)
-             found      BOOL  S          the table holds the ID (else the unknown-ID policy filled it)
+             found      BOOL  S          the table served the ID's own row (else the unknown-ID
+                                             policy filled it: an unknown ID, or a pruned row)
+    response parameters.pruned  int          how many IDs had a pruned (dim-0) row, filled by
+                                             the unknown-ID policy (always present)
 
 JSON tensors carry ``data`` as a flat row-major list (nested lists are accepted too).
 
@@ -217,7 +220,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def infer_response_parts(
-    model: str, request: InferRequest, embeddings: np.ndarray, found: np.ndarray
+    model: str, request: InferRequest, embeddings: np.ndarray, found: np.ndarray, pruned: int = 0
 ) -> tuple[list[bytes | np.ndarray], int | None]:
     """The response body as buffers in order (JSON header, then each binary output's array,
     not copied where the values already have the wire dtype) and, when any output is binary,
@@ -235,7 +238,7 @@ def infer_response_parts(
         else:
             entry["data"] = values.reshape(-1)
         head_outputs.append(entry)
-    head: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": head_outputs}
+    head: dict[str, Any] = {"model_name": model, "model_version": "1", "parameters": {"pruned": pruned}, "outputs": head_outputs}
     if request.request_id is not None:
         head["id"] = request.request_id
     json_part = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)

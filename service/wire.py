@@ -26,8 +26,11 @@ Binary response (``Accept: application/x-embserve-tensor``, or ``application/oct
       u32      n         number of IDs looked up
       u32      unknown   how many of them the table does not hold
       rows x dim f32     embeddings, row-major
-      n x u8             per-ID status: 0 = the table does not hold the ID, anything else =
-                         it does (1 = found; readers must accept other non-zero codes)
+      n x u8             status per ID: 0 = unknown (the table has no row: the unknown-ID
+                         policy filled it), 1 = found, 2 = pruned (the table keeps the ID
+                         but stored no row for it, a dim-0 class; the unknown-ID policy
+                         filled it).  Before pruned rows existed this byte was a found flag;
+                         ``byte == 1`` still means found.
       0-3 bytes          zero padding to a multiple of 4
 
 When any lookup asked for 16-bit values the answer is ``EMR2`` instead, which differs only in
@@ -39,12 +42,13 @@ one more header field per result and the width of the values::
       u32 rows | u32 dim | u32 n | u32 unknown
       u32      dtype     1 = f32, 2 = f16 (IEEE half), 3 = bf16 (upper half of an f32)
       rows x dim values  4 or 2 bytes each, little-endian, row-major
-      n x u8             per-ID status, as in EMR1
+      n x u8             status per ID, as in EMR1
       0-3 bytes          zero padding: the result ends at a multiple of 4
 
 An all-f32 answer is always ``EMR1``, byte for byte what it was before dtypes existed.
 
-JSON responses carry the same fields (see :class:`LookupResponse`).
+JSON responses carry the same fields (see :class:`LookupResponse`): ``found`` per ID (true only
+for status 1), ``unknown`` and ``pruned`` counts.
 
 Binary update body (``POST /v1/tables/{name}/updates``, ``Content-Type: application/x-embserve-updates``)::
 
@@ -119,6 +123,7 @@ class LookupResultModel(BaseModel):
     embeddings: list[list[float]]
     found: list[bool]
     unknown: int
+    pruned: int = Field(0, description="IDs whose row was pruned (dim 0) and filled by the unknown-ID policy")
 
 
 class LookupResponse(BaseModel):
@@ -196,6 +201,11 @@ class LookupOutput:
     values: np.ndarray  # float32 [rows, D]
     found: np.ndarray  # bool [n]
     unknown: int
+    pruned: int = 0
+    status: np.ndarray | None = None  # uint8 [n] (0 unknown, 1 found, 2 pruned); None: found as 0/1
+
+
+STATUS_UNKNOWN, STATUS_FOUND, STATUS_PRUNED = 0, 1, 2
 
 
 def binary_response_parts(results: list[LookupOutput]) -> list[bytes | np.ndarray]:
@@ -207,7 +217,7 @@ def binary_response_parts(results: list[LookupOutput]) -> list[bytes | np.ndarra
         n = r.found.shape[0]
         parts.append(_RESULT.pack(rows, dim, n, r.unknown))
         parts.append(np.ascontiguousarray(r.values, dtype="<f4"))
-        parts.append(r.found.astype(np.uint8))
+        parts.append(r.status if r.status is not None else r.found.astype(np.uint8))
         parts.append(b"\0" * (-n % 4))
     return parts
 
@@ -244,10 +254,16 @@ def write_result_head(buf: bytearray, pos: int, rows: int, dim: int, n: int, unk
 
 
 def decode_binary_response(body: bytes) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Client side of the binary answer (EMR1 or EMR2): ``[(values, found, unknown), ...]``.
+    """Client side of the binary answer (EMR1 or EMR2): ``[(values, found, unknown), ...]``
+    (``found`` = status 1; :func:`decode_binary_statuses` keeps the status bytes).
 
     ``values`` is a read-only view of ``body``: float32, float16, or - for bf16, which numpy
-    lacks - float32 widened from the bf16 bits (exact).  ``found`` is ``status != 0``."""
+    lacks - float32 widened from the bf16 bits (exact)."""
+    return [(values, status == STATUS_FOUND, unknown) for values, status, unknown in decode_binary_statuses(body)]
+
+
+def decode_binary_statuses(body: bytes) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Client side of the binary answer: ``[(values, status uint8, unknown), ...]``."""
     magic, count = _HEAD.unpack_from(body, 0)
     if magic not in (RESPONSE_MAGIC, RESPONSE_MAGIC_16):
         raise WireError("response does not start with b'EMR1' or b'EMR2'")
@@ -274,9 +290,9 @@ def decode_binary_response(body: bytes) -> list[tuple[np.ndarray, np.ndarray, in
             values = bits.view(np.float32).reshape(rows, dim)
         payload = DTYPE_ITEMSIZE[dtype] * rows * dim + n
         pos += DTYPE_ITEMSIZE[dtype] * rows * dim
-        found = np.frombuffer(body, dtype=np.uint8, count=n, offset=pos) != 0
+        status = np.frombuffer(body, dtype=np.uint8, count=n, offset=pos)
         pos += n + (-payload % 4)
-        out.append((values, found, unknown))
+        out.append((values, status, unknown))
     return out
 
 

@@ -47,9 +47,26 @@ def test_compress_keyed_with_unknown_policy(tmp_path: Path) -> None:
 
 def test_compress_reports_impossible_budgets(tmp_path: Path) -> None:
     np.save(tmp_path / "w.npy", np.ones((100, 8), dtype=np.float32))
-    result = runner.invoke(app, ["compress", str(tmp_path / "w.npy"), str(tmp_path / "o.safetensors"), "--budget-bytes", "100"])
+    # 25 bytes: a one-run index fits, not one row - the table would prune every row
+    result = runner.invoke(app, ["compress", str(tmp_path / "w.npy"), str(tmp_path / "o.safetensors"), "--budget-bytes", "25"])
     assert result.exit_code == 2
+    assert "prune every row" in result.output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_compress_index_and_objective_options(tmp_path: Path) -> None:
+    freqs = torch.sort(zipf_frequencies(3000, seed=3), descending=True).values
+    np.save(tmp_path / "w.npy", synthetic_table(3000, 16, freqs, seed=3).numpy())
+    np.save(tmp_path / "f.npy", freqs.numpy())
+    out = tmp_path / "r.safetensors"
+    args = ["compress", str(tmp_path / "w.npy"), str(out), "--frequencies", str(tmp_path / "f.npy"), "--ratio", "64"]
+    assert runner.invoke(app, [*args, "--index", "dense"]).exit_code == 2  # a dense locator alone is 4x the budget
+    result = runner.invoke(app, [*args, "--objective", "cosine"])
+    assert result.exit_code == 0, result.output
+    table, manifest = load_table(out)
+    assert manifest["index"] == "runs" and manifest["objective"] == "cosine"
+    for bad in (["--index", "hash"], ["--objective", "dot"]):
+        assert runner.invoke(app, [*args, *bad]).exit_code == 2
 
 
 def test_inspect_rejects_non_tables(tmp_path: Path) -> None:

@@ -227,7 +227,8 @@ def test_mpe_pruned_groups_decode_to_zero_and_rare_groups_go_first() -> None:
     assert bits[0] >= bits[-1] and bits[-1] == 0  # group 0 = most frequent
     pruned = torch.nonzero(mpe.choice[mpe.group_of] == mpe.bits.index(0)).flatten()
     table = mpe.export()
-    assert bool((table.lookup(pruned).values == 0).all()) and bool(table.lookup(pruned).found.all())
+    res = table.lookup(pruned)  # held, but pruned: served by the (zero) unknown-ID policy
+    assert bool((res.values == 0).all()) and bool((res.status == 2).all())
 
 
 def test_mpe_search_pushes_expected_bytes_toward_the_budget() -> None:
@@ -236,8 +237,10 @@ def test_mpe_search_pushes_expected_bytes_toward_the_budget() -> None:
     start = float(tight.expected_bytes().detach())
     assert start > tight.budget_bytes and start < loose.budget_bytes
     lam0 = tight.lam
-    _fit(tight, steps=30)
-    _fit(loose, steps=30)
+    # 40 steps: with the clipping codec the fake-quantized rows fit the target a little better,
+    # so the task term resists the byte penalty a little longer
+    _fit(tight, steps=40)
+    _fit(loose, steps=40)
     assert tight.lam > lam0 > loose.lam  # the multiplier follows the sign of (expected - budget)
     assert float(tight.expected_bytes().detach()) < 0.8 * start  # the penalty pulls widths down
     assert float(loose.expected_bytes().detach()) > start  # the task pulls them up when bytes are left

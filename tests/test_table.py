@@ -39,7 +39,10 @@ def test_lookup_matches_per_class_decoding(keyed: bool, backend: str) -> None:
     result = table.lookup(query)
     expected = torch.stack([_expected(rows[p : p + 1], CLASSES[int(cls[p])], 16)[0] for p in query_pos.tolist()])
     assert torch.equal(result.values, expected)
-    assert bool(result.found.all()) and result.num_unknown == 0
+    # a dim-0 row stores nothing: it is reported pruned (and served by the unknown-ID policy)
+    pruned = torch.tensor([CLASSES[int(cls[p])].dim == 0 for p in query_pos.tolist()])
+    assert torch.equal(result.found, ~pruned) and result.num_unknown == 0
+    assert result.num_pruned == int(pruned.sum()) > 0
 
 
 @pytest.mark.skipif(not COMPILED_AVAILABLE, reason="compiled decoder not built")
@@ -59,7 +62,8 @@ def test_compiled_and_reference_paths_agree_bit_for_bit(keyed: bool, n_query: in
     ref = table.lookup(query)
     assert torch.equal(fast.values, ref.values)
     assert torch.equal(fast.locators, ref.locators)
-    assert fast.num_unknown == ref.num_unknown == int((~ref.found).sum())
+    assert fast.num_unknown == ref.num_unknown == int((ref.locators < 0).sum())
+    assert fast.num_pruned == ref.num_pruned and torch.equal(fast.status, ref.status)
 
 
 def test_unknown_ids_are_reported_and_filled_by_policy() -> None:
@@ -181,7 +185,7 @@ def test_reported_bytes_match_the_tensors_held(mixed_table: CompressedTable) -> 
     assert mixed_table.nbytes == sum(storages.values())
     stats = mixed_table.stats()
     assert stats.nbytes == stats.index_bytes + stats.row_bytes + stats.other_bytes
-    assert stats.other_bytes == mixed_table.unknown.nbytes + (0 if mixed_table.rotation is None else mixed_table.rotation.numel() * 4)
+    assert stats.other_bytes == mixed_table.unknown.nbytes + (0 if mixed_table.rotation is None else mixed_table.rotation.numel() * mixed_table.rotation.element_size())
 
 
 def test_bag_pooling_matches_manual_sums() -> None:
@@ -238,12 +242,13 @@ def test_truncated_rows_live_in_the_rotated_basis_and_decode_back(backend: str) 
     assert torch.equal(table.slabs[0].view(torch.float32).reshape(-1, 32)[0], rows[0])
     got = table.lookup(torch.arange(400)).values
     keep = cls != 2
-    assert torch.allclose(got[keep], rows[keep], atol=1e-4)
+    # the rotation is stored in fp16: truncated rows come back within its rounding (~1e-3 relative)
+    assert torch.allclose(got[keep], rows[keep], rtol=2e-3, atol=5e-3)
     assert torch.equal(got[~keep], torch.zeros(int((~keep).sum()), 32))
     new = torch.randn(3, 4) @ torch.randn(4, 32)
     new = new @ rotation[:, :4] @ rotation[:, :4].T  # inside the span the rotation keeps
     table.put(torch.tensor([1000, 1001, 1002]), new, 1)
-    assert torch.allclose(table.lookup(torch.tensor([1000, 1001, 1002])).values, new, atol=1e-4)
+    assert torch.allclose(table.lookup(torch.tensor([1000, 1001, 1002])).values, new, rtol=2e-3, atol=5e-3)
 
 
 @pytest.mark.skipif(not COMPILED_AVAILABLE, reason="compiled decoder not built")

@@ -64,7 +64,7 @@ def decode_reference(
         slots = (loc[rows] & LOCATOR_SLOT_MASK).to(torch.int64)
         decoded = decode_rows(slabs[c][slots], rc, None if codebooks is None else codebooks[c])
         if rotation is not None and rc.dim < width:
-            out[rows] = decoded @ rotation[:, : rc.dim].T
+            out[rows] = decoded @ rotation[:, : rc.dim].to(torch.float32).T
         else:
             out[rows, : rc.dim] = decoded
 
@@ -116,8 +116,10 @@ class Decoder:
         self.codebooks = codebooks if codebooks is not None else [None] * len(classes)
         self.backend = backend
         self.rotation = rotation
-        # R^T row-major: row k is the direction coordinate k of a truncated row contributes
-        self._rotation_t = None if rotation is None else rotation.T.contiguous()
+        # R^T row-major, fp16 (what the C decoder reads; an fp32 rotation of an old file is
+        # narrowed, which is how it will be written next time): row k is the direction
+        # coordinate k of a truncated row contributes
+        self._rotation_t = None if rotation is None else rotation.T.to(torch.float16).contiguous()
         self.refresh(slabs)
 
     def refresh(self, slabs: list[torch.Tensor]) -> None:
@@ -132,7 +134,7 @@ class Decoder:
         self.compiled = self.path == "compiled"
         # the Triton launch's per-table arguments (typed slab views, class constants, R^T)
         self._triton_args = triton_module().class_args(slabs, self.classes, self.rotation) if self.path == "triton" else None
-        if self.compiled and self.rotation is not None and self.rotation.shape[0] > cpu_c.MAX_ROTATED_DIM:
+        if self.compiled and self.rotation is not None and self.rotation.shape[1] > cpu_c.MAX_ROTATED_DIM:
             self.compiled = False  # the C decoder's per-row scratch is bounded
         self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t, self.codebooks) if self.compiled else None
 

@@ -141,11 +141,14 @@ def class_array(
     codebooks: list[torch.Tensor | None] | None = None,
 ) -> ctypes.Array[_RowClassC]:
     """The C view of a table's classes: slab addresses and shapes, padded to MAX_CLASSES,
-    ``R^T`` for truncated classes of a rotated table, and the fp16 codebook of PQ classes.
+    ``R^T`` (fp16 ``[K, D]``) for truncated classes of a rotated table, and the fp16 codebook
+    of PQ classes.
 
     Valid until a slab is reallocated; tables rebuild it when they grow a slab."""
     arr = (_RowClassC * MAX_CLASSES)()
-    width = None if rotation_t is None else rotation_t.shape[0]
+    width = None if rotation_t is None else rotation_t.shape[1]
+    if rotation_t is not None and rotation_t.dtype != torch.float16:
+        raise ValueError("the compiled decoder reads the rotation as fp16")
     for k, (slab, rc) in enumerate(zip(slabs, classes, strict=True)):
         if slab.device.type != "cpu" or not slab.is_contiguous():
             raise ValueError("the compiled decoder needs contiguous CPU slabs")

@@ -54,7 +54,7 @@ typedef struct {
     int64_t row_bytes;
     int32_t dim;
     int32_t bits;
-    const float *rotation_t; /* truncated class of a rotated table: R^T [width, width], else NULL */
+    const uint16_t *rotation_t; /* truncated class of a rotated table: fp16 R^T [K, width] (K >= dim), else NULL */
     int32_t pq_m;            /* > 0: product-quantization class of pq_m sub-vectors */
     int32_t pad;
     const uint16_t *codebook; /* pq: fp16 [pq_m, 2**bits, dim / pq_m] */
@@ -150,22 +150,23 @@ __attribute__((target("avx2,f16c"))) static inline void half_to_float_f16c(const
 
 /* x = sum_k y[k] * R^T[k, :] with the output held in registers, 64 floats (8 accumulators) at a
    time: each R^T row is streamed once per 64 outputs and no partial sum goes back to memory. */
-__attribute__((target("avx2,fma"))) static inline void rotate_back_avx2(const float *y, int d, const float *rot_t,
-                                                                         int64_t width, float *o) {
+__attribute__((target("avx2,fma,f16c"))) static inline void rotate_back_avx2(const float *y, int d, const uint16_t *rot_t,
+                                                                             int64_t width, float *o) {
     int64_t j0 = 0;
     for (; j0 + 64 <= width; j0 += 64) {
         __m256 acc[8];
         for (int a = 0; a < 8; a++) acc[a] = _mm256_setzero_ps();
         for (int k = 0; k < d; k++) {
             const __m256 yk = _mm256_set1_ps(y[k]);
-            const float *rk = rot_t + (int64_t)k * width + j0;
-            for (int a = 0; a < 8; a++) acc[a] = _mm256_fmadd_ps(yk, _mm256_loadu_ps(rk + 8 * a), acc[a]);
+            const uint16_t *rk = rot_t + (int64_t)k * width + j0;
+            for (int a = 0; a < 8; a++)
+                acc[a] = _mm256_fmadd_ps(yk, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rk + 8 * a))), acc[a]);
         }
         for (int a = 0; a < 8; a++) _mm256_storeu_ps(o + j0 + 8 * a, acc[a]);
     }
     for (int64_t j = j0; j < width; j++) {
         float sum = 0.0f;
-        for (int k = 0; k < d; k++) sum += y[k] * rot_t[(int64_t)k * width + j];
+        for (int k = 0; k < d; k++) sum += y[k] * f16_table[rot_t[(int64_t)k * width + j]];
         o[j] = sum;
     }
 }
@@ -408,7 +409,8 @@ static inline int64_t stage_decode(int64_t lo, int64_t hi, const row_class_t *cl
         }
         const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
         if (c->rotation_t) {
-            /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k */
+            /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k
+               (R^T is fp16: widened on load, F16C on x86) */
             float y[MAX_ROTATED_DIM];
             decode_any(row, c, c->dim, y);
 #ifdef HAVE_X86_SIMD
@@ -420,8 +422,8 @@ static inline int64_t stage_decode(int64_t lo, int64_t hi, const row_class_t *cl
             memset(o, 0, (size_t)width * 4);
             for (int k = 0; k < c->dim; k++) {
                 const float yk = y[k];
-                const float *restrict rk = c->rotation_t + (int64_t)k * width;
-                for (int64_t j = 0; j < width; j++) o[j] += yk * rk[j];
+                const uint16_t *restrict rk = c->rotation_t + (int64_t)k * width;
+                for (int64_t j = 0; j < width; j++) o[j] += yk * f16_table[rk[j]];
             }
         } else {
             decode_any(row, c, (int)width, o);

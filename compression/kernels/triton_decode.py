@@ -514,7 +514,7 @@ def class_args(slabs: list[torch.Tensor], classes: list[RowClass], rotation: tor
     while len(views) < MAX_CLASSES:
         views.append(_arg(None, device, torch.uint8))
         specs.append(0)
-    rot_t = _arg(None, device, torch.float32) if rotation is None else rotation.T.contiguous()
+    rot_t = _arg(None, device, torch.float32) if rotation is None else rotation.T.to(torch.float32).contiguous()  # fp16 [D, K] -> fp32 R^T [K, D]
     return ClassArgs(tuple(views), tuple(specs), rot_t, tuple(classes))
 
 

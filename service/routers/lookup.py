@@ -37,6 +37,7 @@ from ..wire import (
     DTYPE_ITEMSIZE,
     OCTET_STREAM,
     DType,
+    STATUS_PRUNED,
     LookupOutput,
     LookupRequest,
     LookupResponse,
@@ -193,8 +194,14 @@ def run_lookups(state: AppState, lookups: list[ParsedLookup], default_dtype: DTy
         result = lookup_one(state, item)
         # found flags in numpy: one torch op costs more than the whole comparison at ranking batch sizes
         found = result.locators.cpu().numpy() >= 0
+        status = None
+        if result.pruned is not None:  # only tables with a pruned (dim-0) class
+            pruned = result.pruned.cpu().numpy()
+            found &= ~pruned
+            status = found.astype(np.uint8)
+            status[pruned] = STATUS_PRUNED
         values = _as_dtype(result.values, item.dtype or default_dtype or "f32")
-        outputs.append(LookupOutput(item.table, values, found, result.num_unknown))
+        outputs.append(LookupOutput(item.table, values, found, result.num_unknown, result.num_pruned, status))
     return outputs
 
 
@@ -223,7 +230,10 @@ def lookup_binary(state: AppState, lookups: list[ParsedLookup], default_dtype: D
             write_result_head(buf, head, rows, dim, n, result.num_unknown, dtype, wide)
         pos += DTYPE_ITEMSIZE[dtype] * count
         if n:
-            np.greater_equal(result.locators.numpy(), 0, out=np.frombuffer(buf, dtype=np.bool_, count=n, offset=pos))
+            status = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
+            np.greater_equal(result.locators.numpy(), 0, out=status.view(np.bool_))  # 1 found, 0 unknown
+            if result.pruned is not None and result.num_pruned:
+                status[result.pruned.cpu().numpy()] = STATUS_PRUNED
         pos += n + (-(DTYPE_ITEMSIZE[dtype] * count + n) % 4)
     return bytes(buf) if len(buf) < _COPY_BELOW else buf  # type: ignore[return-value]
 
@@ -238,7 +248,10 @@ def encode_json(outputs: list[LookupOutput]) -> bytes:
     return orjson.dumps(
         {
             "results": [
-                {"table": o.table, "shape": list(o.values.shape), "embeddings": o.values, "found": o.found, "unknown": o.unknown}
+                {
+                    "table": o.table, "shape": list(o.values.shape), "embeddings": o.values, "found": o.found,
+                    "unknown": o.unknown, "pruned": o.pruned,
+                }
                 for o in outputs
             ]
         },

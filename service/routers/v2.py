@@ -143,7 +143,7 @@ def _infer(state: AppState, name: str, version: str | None, body: bytes, header_
     dim = output.values.shape[1]
     embeddings = output.values if request.pooling != "none" else output.values.reshape(*ids.shape, dim)
     found = output.found.reshape(ids.shape)
-    parts, json_length = infer_response_parts(name, request, embeddings, found)
+    parts, json_length = infer_response_parts(name, request, embeddings, found, output.pruned)
     headers = None if json_length is None else {"Inference-Header-Content-Length": str(json_length)}
     media_type = "application/json" if json_length is None else "application/octet-stream"
     if estimate > STREAM_MIN_BYTES:  # large: sent in slices, never joined (service/buffered.py)
