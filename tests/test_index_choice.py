@@ -38,7 +38,7 @@ def test_auto_index_takes_runs_for_a_frequency_numbered_table_and_reaches_64x() 
     # at 3x every kind fits; auto's table holds no more index bytes than any forced kind
     auto, _ = compress(rows, freqs, ratio=3)
     for kind in ("dense", "runs", "keyed"):
-        forced, rep = compress(rows, freqs, ratio=3, index=kind)  # type: ignore[arg-type]
+        forced, rep = compress(rows, freqs, ratio=3, index=kind, keyed_index="sorted")  # type: ignore[arg-type]
         assert rep.index == kind and forced.index.kind == kind
         assert forced.nbytes <= 4000 * 16 * 4 / 3
         assert auto.stats().index_bytes <= forced.stats().index_bytes
@@ -47,7 +47,7 @@ def test_auto_index_takes_runs_for_a_frequency_numbered_table_and_reaches_64x() 
 def test_auto_index_over_sparse_ids_is_keyed_and_exact() -> None:
     rows = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
     ids = torch.randperm(500, generator=torch.Generator().manual_seed(1)) * 7919 + 3
-    table, report = compress(rows, None, ratio=1.5, ids=ids)  # keys cost 12.5 B per ID of the 21 B per row
+    table, report = compress(rows, None, ratio=1.5, ids=ids, keyed_index="sorted")  # keys cost 12.5 B per ID of the 21 B per row
     assert report.index == "keyed" and isinstance(table.index, KeyedIndex)
     got = table.lookup(ids).values
     assert float(((got - rows) ** 2).sum() / (rows**2).sum()) < 0.02
@@ -225,3 +225,14 @@ def test_traffic_sample_estimates_recall_of_what_is_served() -> None:
     assert ts.recall(lambda p: noisy[p]) == pytest.approx(exact, abs=0.03)
     table, report = compress(rows, freqs, ratio=12, objective="knn")
     assert table.objective == "knn" and report.estimated_recall is not None and 0 < report.estimated_recall <= 1
+
+
+def test_keyed_tables_take_the_hash_index_by_default_and_pay_for_its_slots() -> None:
+    rows = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.randperm(500, generator=torch.Generator().manual_seed(1)) * 7919 - 10**9  # negative too: keyed only
+    table, report = compress(rows, None, ratio=1.2, ids=ids)
+    assert report.index == "hash" and table.index.kind == "hash"
+    assert table.stats().index_bytes == index_bytes("hash", 500, 0, 0)
+    assert table.nbytes <= 500 * 8 * 4 / 1.2
+    got = table.lookup(ids).values
+    assert float(((got - rows) ** 2).sum() / (rows**2).sum()) < 0.02
