@@ -156,11 +156,12 @@ class UnknownPolicy:
         rows = torch.nonzero(unknown).flatten()
         if rows.numel() == 0:
             return
+        # values may be fp16 / bf16 (the Triton path writes the asked dtype): cast, rounding once
         if self.kind == "default":
             assert self.default is not None
-            values[rows] = self.default.to(values.device)
+            values[rows] = self.default.to(values.device, values.dtype)
         else:
-            values[rows] = self.rows(ids[rows])
+            values[rows] = self.rows(ids[rows]).to(values.dtype)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -23,7 +23,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 from compression import RowClass, build_table  # noqa: E402
 from compression.index import KeyedIndex, RunIndex  # noqa: E402
 from compression.kernels import select_path, triton_module  # noqa: E402
-from compression.layout import SUPPORTED_BITS  # noqa: E402
+from compression.layout import LOCATOR_CLASS_SHIFT, SUPPORTED_BITS  # noqa: E402
 from compression.pooling import pool_bags  # noqa: E402
 from compression.table import CompressedTable  # noqa: E402
 from compression.unknown import UnknownPolicy  # noqa: E402
@@ -80,8 +80,8 @@ def make_table(
     if index == "runs":
         cls = torch.sort(cls).values  # class-grouped rows, as exported tables are: few runs
     table = build_table(
-        rows, cls, classes, ids=ids, rotation=rotation, unknown=policy(unknown, dim, gen), index="runs" if index == "runs" else "dense",
-        keyed_index="sorted" if index == "keyed" else "hash",
+        rows, cls, classes, ids=ids, rotation=rotation, unknown=policy(unknown, dim, gen),
+        index={"runs": "runs", "dense": "dense", "keyed": "sorted", "hash": "hash"}[index],
     )
     if index == "hash":  # the real HashIndex: inserts after the build and backward-shift deletes
         table.put(torch.arange(5) * 1_000_003 + 11, torch.randn(5, dim, generator=gen), torch.arange(5) % len(classes))
@@ -115,6 +115,14 @@ def reference(table: CompressedTable, ids: torch.Tensor):  # type: ignore[no-unt
         return table.lookup(ids)
     finally:
         table.backend = "triton"
+
+
+def serve_pruned(table: CompressedTable, out: torch.Tensor, ids: torch.Tensor, loc: torch.Tensor) -> None:
+    """What :meth:`CompressedTable.lookup` adds after a raw kernel launch: pruned (dim-0) rows
+    get the unknown-ID policy's row (the kernel writes zeros for them)."""
+    if table._pruned_classes is not None:
+        pruned = (loc >= 0) & table._pruned_classes[(loc >> LOCATOR_CLASS_SHIFT).clamp(min=0).long()]
+        table.unknown.fill(out, ids, pruned)
 
 
 def assert_values(got: torch.Tensor, want: torch.Tensor, exact: bool) -> None:
@@ -210,6 +218,7 @@ def test_hash_probe_matches_reference(cfg: dict, batch: int, load: float) -> Non
     want = reference(table, ids)
     out = torch.empty((batch, cfg["dim"]), dtype=cfg["dtype"], device=DEVICE)
     loc = td.lookup(out, ids, view, td.class_args(table.slabs, table.classes, table.rotation), table.unknown)
+    serve_pruned(table, out, ids, loc)
     assert torch.equal(loc.cpu(), want.locators.cpu())
     assert_values(out, want.values.to(cfg["dtype"]), exact_for(cfg))
 
@@ -225,6 +234,7 @@ def test_per_class_quantized_path_matches_reference(cfg: dict, batch: int) -> No
     out = torch.empty((batch, cfg["dim"]), dtype=cfg["dtype"], device=DEVICE)
     cargs = td.class_args(table.slabs, table.classes, table.rotation)
     loc = td.lookup(out, ids, table.index, cargs, table.unknown, generic=False)
+    serve_pruned(table, out, ids, loc)
     assert torch.equal(loc.cpu(), want.locators.cpu())
     assert_values(out, want.values.to(cfg["dtype"]), exact_for(cfg))
 
