@@ -64,9 +64,10 @@ BAD_INPUTS = [
     ([], "give exactly one of --ratio and --budget-bytes"),
     (["--ratio", "-2"], "must be positive"),
     (["--ratio", "8", "--unknown", "nope"], "--unknown 'nope': must be zero, default or hashed"),
-    (["--budget-bytes", "100"], "cannot hold 400 rows"),
-    # 16 x: the budget is exactly the dense index (4 bytes an ID): every row would be pruned
-    (["--ratio", "16"], "every row would be pruned (served as zeros)"),
+    (["--budget-bytes", "20"], "cannot hold 400 rows"),  # not even a one-run index and one row
+    # 16 x on a dense index: the budget is exactly the index (4 bytes an ID), so every row would
+    # be pruned (index auto takes a run-length index there and fits rows)
+    (["--ratio", "16", "--index", "dense"], "would prune every row"),
     (["!", "{d}/w.npy", "{d}/out", "--ratio", "8"], "give a file name ending in .safetensors"),
 ]
 

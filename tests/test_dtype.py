@@ -116,13 +116,14 @@ def test_bad_dtypes_are_refused(client: TestClient) -> None:
     assert r.status_code == 406 and r.json()["error"]["code"] == "not_acceptable"
 
 
-def test_a_decoder_reads_any_non_zero_status_as_found() -> None:
-    """The per-ID byte is a status (other codes than 1 may come, e.g. 2 = pruned): non-zero = held."""
+def test_a_decoder_reads_only_status_1_as_found() -> None:
+    """The per-ID byte is a status: 0 unknown, 1 found, 2 pruned (the unknown-ID policy served
+    the row), so only 1 reads as found."""
     body = bytearray(encode_binary_response([LookupOutput("t", np.zeros((3, 2), np.float32), np.array([True, False, True]), 1)]))
     status_at = 8 + 16 + 3 * 2 * 4
     body[status_at + 2] = 2
     (_, found, _), = decode_binary_response(bytes(body))
-    assert found.tolist() == [True, False, True]
+    assert found.tolist() == [True, False, False]
 
 
 _result = st.tuples(st.integers(0, 5), st.integers(1, 7), st.sampled_from(["f32", "f16", "bf16"]), st.integers(0, 2**32 - 1))
@@ -150,7 +151,7 @@ def test_codec_round_trip(results: list[tuple[int, int, str, int]]) -> None:
         status = rng.integers(0, 3, n).astype(np.uint8)
         buf[pos : pos + n] = status.tobytes()
         pos += n + (-(len(raw) + n) % 4)
-        written.append((stored.float().numpy(), status != 0, unknown))
+        written.append((stored.float().numpy(), status == 1, unknown))
     assert pos == len(buf)
     for (values, found, unknown), (want_values, want_found, want_unknown) in zip(decode_binary_response(bytes(buf)), written, strict=True):
         np.testing.assert_array_equal(np.asarray(values, dtype=np.float32), want_values)

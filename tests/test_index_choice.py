@@ -228,11 +228,11 @@ def test_traffic_sample_estimates_recall_of_what_is_served() -> None:
 
 
 def test_keyed_tables_take_the_hash_index_by_default_and_pay_for_its_slots() -> None:
-    rows = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    rows = torch.randn(500, 32, generator=torch.Generator().manual_seed(0))
     ids = torch.randperm(500, generator=torch.Generator().manual_seed(1)) * 7919 - 10**9  # negative too: keyed only
-    table, report = compress(rows, None, ratio=1.2, ids=ids)
+    table, report = compress(rows, None, ratio=2, ids=ids)  # 1024 slots x 12 B of the 32 KB budget
     assert report.index == "hash" and table.index.kind == "hash"
     assert table.stats().index_bytes == index_bytes("hash", 500, 0, 0)
-    assert table.nbytes <= 500 * 8 * 4 / 1.2
+    assert table.nbytes <= 500 * 32 * 4 / 2
     got = table.lookup(ids).values
     assert float(((got - rows) ** 2).sum() / (rows**2).sum()) < 0.02

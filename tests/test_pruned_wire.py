@@ -57,7 +57,7 @@ def test_json_reports_pruned_ids_and_serves_the_policy_row(client: TestClient) -
     expected = client.policy.rows(torch.tensor([60, 1000, 99])).numpy()  # type: ignore[attr-defined]
     assert np.allclose(np.asarray(res["embeddings"][1:], dtype=np.float32), expected)
     assert np.allclose(res["embeddings"][0], ROWS[3].numpy())
-    (emb,) = _lookup_answer(200, r.content, binary=False)
+    (emb,) = _lookup_answer(200, r.content, binary=False, dtypes=[None])
     assert emb.pruned == 2 and emb.found.tolist() == [True, False, False, False]
 
 
@@ -69,7 +69,7 @@ def test_binary_status_byte_says_unknown_found_or_pruned(client: TestClient) -> 
     assert status.tolist() == [1, 2, 0, 2] and unknown == 1
     ((_, found, _),) = decode_binary_response(r.content)
     assert found.tolist() == [True, False, False, False]
-    (emb,) = _lookup_answer(200, r.content, binary=True)
+    (emb,) = _lookup_answer(200, r.content, binary=True, dtypes=[None])
     assert emb.status is not None and emb.status.tolist() == [1, 2, 0, 2]
     assert emb.pruned == 2 and emb.found.tolist() == [True, False, False, False]
 

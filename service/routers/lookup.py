@@ -272,7 +272,10 @@ def encode_json_parts(outputs: list[LookupOutput]) -> Iterator[bytes]:
             # a row slice of a C-contiguous array is contiguous: orjson serializes it as nested lists
             rows_json = orjson.dumps(values[start : start + step], option=orjson.OPT_SERIALIZE_NUMPY)
             yield (b"," if start else b"") + rows_json[1:-1]
-        yield b'],"found":' + orjson.dumps(o.found, option=orjson.OPT_SERIALIZE_NUMPY) + b',"unknown":' + orjson.dumps(o.unknown) + b"}"
+        yield (
+            b'],"found":' + orjson.dumps(o.found, option=orjson.OPT_SERIALIZE_NUMPY) + b',"unknown":' + orjson.dumps(o.unknown)
+            + b',"pruned":' + orjson.dumps(o.pruned) + b"}"
+        )
     yield b"]}"
 
 
