@@ -122,7 +122,8 @@ def _class_of(entry: dict[str, Any]) -> RowClass:
     return RowClass(int(entry["dim"]), int(entry["bits"]))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (the folder's entry, not only the file's bytes)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -155,7 +156,7 @@ def write_state(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

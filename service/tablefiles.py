@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compression.storage import TABLE_SUFFIX, capture_state, write_state
+from compression.storage import TABLE_SUFFIX, capture_state, fsync_dir, write_state
 
 from .updatelog import Position, format_position
 
@@ -87,7 +87,7 @@ def drop(tables: TableRegistry, hosted: HostedTable, folder: Path, position: Pos
         path = table_path(folder, hosted.name)
         if path.exists():
             path.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     return True
 
 
@@ -137,7 +137,7 @@ def clean_folder(folder: Path) -> list[str]:
             path.unlink()
             removed.append(path.name)
     if removed:
-        _fsync_dir(folder)
+        fsync_dir(folder)
     return sorted(removed)
 
 
@@ -148,12 +148,5 @@ def _write_json(path: Path, data: object) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

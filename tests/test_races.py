@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,22 +22,9 @@ import compression.storage as storage
 from compression.storage import read_manifest
 from service.settings import Settings
 from service.updatelog import UpdateBatch, format_position
-from tests.test_streaming import create, lookup, start, upsert
+from tests.test_streaming import create, lookup, settings, start, upsert  # noqa: F401 - settings: both logs, as a fixture
 
 GATE_DEADLINE_S = 2.0  # how long a held snapshot waits for the racing call before going on
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    return Settings(
-        tables_dir=tmp_path / "tables",
-        redis_url=redis_url,
-        redis_stream=f"race:{uuid.uuid4().hex}",
-        segment_seconds=3600,
-        segment_updates=10**9,
-        snapshot_interval_s=3600,
-    )
 
 
 class WriteGate:
