@@ -329,18 +329,24 @@ def test_a_lookup_sees_a_write_batch_whole() -> None:
     table = build_table(torch.zeros(32, 8), ids % 2, classes).to(DEVICE)
     table.backend = "triton"
     stop = threading.Event()
+    wrote = threading.Event()  # set after each finished batch: the reader waits for a new one
 
     def write() -> None:
         k = 0
         while not stop.is_set():
             k += 1
             table.put(ids, torch.full((32, 8), float(k)), ids % 2)
+            wrote.set()
 
     writer = threading.Thread(target=write)
     writer.start()
     try:
         seen = set()
         for _ in range(6):
+            # A batch finished since the last lookup, so each lookup sees a newer value (the
+            # writer keeps going while the lookup runs, which is the race under test).
+            assert wrote.wait(timeout=60)
+            wrote.clear()
             values = table.lookup(ids.to(DEVICE)).values.cpu()
             assert bool((values == values[0, 0]).all()), values[:, 0]
             seen.add(float(values[0, 0]))
