@@ -194,12 +194,15 @@ class CodebookEmbedding(ServableEmbedding):
         **kwargs: object,
     ) -> "CodebookEmbedding":
         """The configuration that fits ``budget_bytes`` coding the most IDs, then with the longest
-        tail codes (most IDs are in the tail), then with the most code bits in all.  DPQ (``mgqe=False``): one width ``k`` in ``{8, 6, 5, 4, 3, 2}``; MGQE:
+        tail codes (most IDs are in the tail), then with the most code bits in all.  DPQ (``mgqe=False``): one width ``k`` in ``{8, 6, 5, 4, 3, 2, 1}``; MGQE:
         ``(k_head, k_tail)`` in ``{(8, 4), (6, 4), (6, 3), (5, 3), (4, 2), (4, 3), (8, 6)}`` with at
         least the ``head_fraction`` most frequent IDs at ``k_head`` - more when the budget has
         bytes left once every ID is coded - or, when that codes fewer IDs, one width like DPQ.  Assumes a frequency-numbered vocabulary for the index
         estimate (3 runs); the export's real index is checked against the budget."""
-        single = [(k, k) for k in (8, 6, 5, 4, 3, 2)]
+        # 1-bit codes: at the highest ratios a byte per ID is all there is, and 8 sub-spaces of 2
+        # centroids code more IDs in it than 4 of 4 (a smaller codebook): MovieLens at 1/128,
+        # 1,562 vs 1,498 IDs coded, test AUC -3.34% vs -4.51% (bench/results/quality.md)
+        single = [(k, k) for k in (8, 6, 5, 4, 3, 2, 1)]
         widths = [(8, 4), (6, 4), (6, 3), (5, 3), (4, 2), (4, 3), (8, 6), *single] if mgqe else single
         index_bytes = min(run_index_bytes(3), 4 * num_ids)
         best: tuple[tuple[int, int, int, int], dict[str, int]] | None = None
