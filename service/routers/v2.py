@@ -21,7 +21,7 @@ from ..response_size import check_infer_response
 from ..security import require_reader
 from ..state import AppState, get_state
 from ..v2wire import EMBEDDING_DATATYPES, HEADER_LENGTH, ID_DTYPES, infer_response_parts, parse_infer_request
-from ..wire import ParsedLookup
+from ..wire import DTYPE_ITEMSIZE, ParsedLookup
 from .lookup import check_limits, run_lookups
 
 router = APIRouter(prefix="/v2", tags=["v2 inference protocol"])
@@ -138,7 +138,9 @@ def _infer(state: AppState, name: str, version: str | None, body: bytes, header_
     except ApiError as exc:
         raise ApiError(exc.status if exc.status == 413 else 400, exc.code, exc.message) from None
     bags = None if request.offsets is None else int(request.offsets.shape[0])
-    estimate = check_infer_response(state, hosted.table.dim, int(ids.size), bags, request.pooling, request.binary)
+    estimate = check_infer_response(
+        state, hosted.table.dim, int(ids.size), bags, request.pooling, request.binary, DTYPE_ITEMSIZE[EMBEDDING_DATATYPES[request.datatype]]
+    )
     output = run_lookups(state, [lookup])[0]
     dim = output.values.shape[1]
     embeddings = output.values if request.pooling != "none" else output.values.reshape(*ids.shape, dim)
