@@ -85,6 +85,11 @@ class ServiceMetrics:
             "embserve_http_request_duration_seconds", "HTTP request latency by route", ["route", "method"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.http_fast_path = Counter(
+            "embserve_http_fast_path_requests_total",
+            "Lookups answered in the HTTP protocol, below ASGI (service/fasthttp.py); also counted in embserve_http_requests_total",
+            registry=self.registry,
+        )
         self.lookup_latency = Histogram(
             "embserve_lookup_duration_seconds", "Time to look up and decode one table's IDs", ["table"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
