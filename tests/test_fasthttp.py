@@ -282,3 +282,22 @@ def test_a_client_gone_mid_body_is_counted_the_same(servers: tuple[str, str]) ->
             assert time.monotonic() < deadline, f"{base} did not count the abandoned request"
             time.sleep(0.02)
         assert lookup_metrics(base).get(key, 0.0) == before + 1
+
+
+def test_a_request_arriving_in_pieces_is_answered_the_same(servers: tuple[str, str]) -> None:
+    fast, _ = servers
+    request = binary_post([1, 2, 3])
+    head_end = request.index(b"\r\n\r\n") + 4
+    pieces = [request[:20], request[20:head_end], request[head_end : head_end + 7], request[head_end + 7 :]]
+    before = fast_count(fast)
+    answers = []
+    for base in servers:
+        conn = Conn(base)
+        for piece in pieces:  # separate writes: the server may see each in its own read
+            conn.send(piece)
+        answers.append(conn.response())
+        conn.send(request)  # and the connection is still good for the next one
+        answers.append(conn.response())
+        conn.close()
+    assert answers[0] == answers[1] == answers[2] == answers[3]
+    assert fast_count(fast) - before == 2
