@@ -92,6 +92,11 @@ class ServiceMetrics:
         self.grpc_latency = Histogram(
             "embserve_grpc_request_duration_seconds", "gRPC call latency by method", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry
         )
+        self.http_fast_path = Counter(
+            "embserve_http_fast_path_requests_total",
+            "Lookups answered in the HTTP protocol, below ASGI (service/fasthttp.py); also counted in embserve_http_requests_total",
+            registry=self.registry,
+        )
         self.lookup_latency = Histogram(
             "embserve_lookup_duration_seconds", "Time to look up and decode one table's IDs", ["table"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
