@@ -61,7 +61,7 @@ def _insert_without_growth(index: HashIndex, ids: torch.Tensor, locs: torch.Tens
     from compression.kernels import cpu_c
 
     if cpu_c.HASH_OPS_AVAILABLE:
-        index.count += cpu_c.hash_upsert(index.keys, index.locator, ids, locs)
+        index.count += cpu_c.hash_upsert(index.slots, ids, locs)
     else:  # pragma: no cover - the bench is about the compiled path
         raise SystemExit("build the C kernel first: python setup.py build_ext --inplace")
 
