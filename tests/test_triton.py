@@ -263,10 +263,11 @@ def test_hash_probe_edges() -> None:
     assert loc.cpu().tolist() == [2, -1, -1]
     assert torch.equal(out[0].cpu(), rows[2])
     # keys whose home slot is the last one of 4: they wrap to slots 0, 1
-    last = [k for k in range(1, 10_000) if fmix64(k) >> 62 == 3][:3]
+    homed_last = [k for k in range(1, 10_000) if fmix64(k) >> 62 == 3]
+    last, absent = homed_last[:3], homed_last[3]  # absent: its probe wraps through the cluster to slot 2
     view = build_hash(torch.tensor(last), torch.tensor([0, 1, 2], dtype=torch.int32), 2)
     assert slot_keys(view.slots.cpu()).tolist()[:2] == last[1:]
-    loc = td.lookup(torch.empty((4, 4), device=DEVICE), torch.tensor([*last, 5], device=DEVICE), view, cargs)
+    loc = td.lookup(torch.empty((4, 4), device=DEVICE), torch.tensor([*last, absent], device=DEVICE), view, cargs)
     assert loc.cpu().tolist() == [0, 1, 2, -1]
 
 
