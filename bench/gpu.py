@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compression import CompressedTable, RowClass, save_table  # noqa: E402
+from compression.hash_index import home_slots, pack_slots  # noqa: E402
 from compression.kernels import triton_module  # noqa: E402
 
 td = triton_module()
@@ -222,8 +223,7 @@ def build_hash(keys: torch.Tensor, locs: torch.Tensor) -> object:
     device = keys.device
     table_keys = torch.full((cap,), EMPTY_KEY, dtype=torch.int64, device=device)
     table_locs = torch.full((cap,), -1, dtype=torch.int32, device=device)
-    h = keys * -7046029254386353131  # 0x9E3779B97F4A7C15 as int64, wrapping
-    slot = (h >> (64 - log2cap)) & (cap - 1)  # top log2cap bits (mask undoes the sign extension)
+    slot = home_slots(keys, cap)  # fmix64's top log2cap bits (compression/hash_index.py)
     pending = torch.arange(n, device=device)
     while pending.numel():
         s = slot[pending]
@@ -236,7 +236,7 @@ def build_hash(keys: torch.Tensor, locs: torch.Tensor) -> object:
         lost = pending[~won]
         slot[lost] = (slot[lost] + 1) & (cap - 1)
         pending = lost
-    return td.HashIndexView(table_keys, table_locs)
+    return td.HashIndexView(pack_slots(table_keys, table_locs))  # the 12-byte slots the kernel probes
 
 
 def sample(t: Tables, batch: int, dist: str, seed: int) -> torch.Tensor:

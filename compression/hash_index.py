@@ -1,19 +1,38 @@
 """Open-addressing hash index for keyed tables: exact, O(1) expected probes, updated in place.
 
-Layout (shared with the C kernel in ``kernels/decode.c`` / ``kernels/hashindex.c`` and the GPU
-kernel; keep it exactly):
+Layout (shared with the C kernel in ``kernels/hashslot.h`` - ``decode.c`` / ``hashindex.c`` -
+and the Triton kernel; keep it exactly):
 
-    index.keys     int64 [cap]   the ID held in each slot; EMPTY = INT64_MIN = -2**63 (free)
-    index.locator  int32 [cap]   the locator of that ID (compression/layout.py); -1 in free slots
+    index.slots    int32 [cap, 3]: one packed 12-byte slot per row (slot s at byte 12 * s)
+                     words 0, 1   the ID held in the slot as an int64, little-endian (low word
+                                  first); EMPTY = INT64_MIN = -2**63 marks a free slot
+                     word 2       the locator of that ID (compression/layout.py); -1 in free slots
     cap            a power of two, MIN_CAPACITY <= cap <= MAX_CAPACITY
 
-    home(id) = ((uint64(id) * 0x9E3779B97F4A7C15) mod 2**64) >> (64 - log2(cap))
+    home(id) = fmix64(uint64(id)) >> (64 - log2(cap))
+    fmix64(x): x ^= x >> 33; x *= 0xFF51AFD7ED558CCD; x ^= x >> 33; x *= 0xC4CEB9FE1A85EC53;
+               x ^= x >> 33   (MurmurHash3's 64-bit finalizer, arithmetic mod 2**64)
 
 Lookup probes ``home, home+1, ...`` (mod cap) until the ID or an EMPTY slot.  Deletion shifts
 the rest of the cluster back (no tombstones), so a miss always stops at the first free slot
 and a table that churns does not fill with dead entries.  The table doubles (rehash in slot
 order) before an insert would take its load past :data:`MAX_LOAD`.  ID ``INT64_MIN`` cannot be
 held (it marks free slots); the service refuses it with a 422.
+
+Why the key and its locator share a slot (format 3; format 2 kept ``keys int64[cap]`` and
+``locator int32[cap]`` apart): a hit is one cache line (two for the 2 slots in 16 that straddle
+a line) instead of a line in each array, and that second line was most of the gap to dense
+lookups (bench/results/keyed.md).  Why fmix64 and not format 2's single multiply (Fibonacci
+hashing): IDs in an arithmetic progression (strided or shard-interleaved IDs) land on a lattice
+under one multiply, with about a third of them in their home slot at load 0.48 against about
+three in four for random-like homes, and every miss of the home slot is a mispredicted branch
+in the probe.  Files of format 2 are rebuilt into this layout when they load
+(:meth:`HashIndex.from_state`).
+
+Memory: on CPU, slot arrays of 2 MiB or more are mapped with ``MADV_HUGEPAGE`` (transparent
+huge pages, where the kernel allows them): a probe is a random access over the whole array and
+with 4 KiB pages most of them also miss the TLB; the mapping is exactly ``12 * cap`` bytes, so
+:attr:`HashIndex.nbytes` stays what the process holds.
 
 Why this replaces the sorted :class:`compression.index.KeyedIndex` for new keyed tables: a
 lookup is one hash and (at load <= MAX_LOAD) usually one cache line, prefetched a block ahead
@@ -33,6 +52,7 @@ without crossing a free slot), though the slots it leaves may differ.
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Any
 
 import torch
@@ -40,14 +60,19 @@ import torch
 from .kernels import cpu_c
 
 EMPTY = -(2**63)  # INT64_MIN: the key of a free slot
-HASH_MULTIPLIER = -7046029254386353131  # 0x9E3779B97F4A7C15 as signed int64 (torch wraps mod 2**64)
+# fmix64's multipliers as signed int64 (torch multiplies int64 mod 2**64)
+MIX_1 = 0xFF51AFD7ED558CCD - 2**64
+MIX_2 = 0xC4CEB9FE1A85EC53 - 2**64
 MIN_CAPACITY = 16
 MAX_CAPACITY = 1 << 30  # slots fit the int32 the C pipeline parks them in
 # Grow (double) before an insert would pass this load.  Measured (bench/results/keyed.md):
 # lookups at 0.5-0.8 load differ little at batch 4096; 0.7 keeps probe runs short (expected
 # 2.2 slots for a hit, 6 for a miss with linear probing) at 17-34 bytes per ID.
 MAX_LOAD = 0.7
-SLOT_BYTES = 12  # int64 key + int32 locator
+SLOT_BYTES = 12  # int64 key + int32 locator, packed
+SLOT_WORDS = 3  # int32 words per slot: key low, key high, locator
+HUGE_PAGE = 2 << 20  # slot arrays this large are mapped with MADV_HUGEPAGE on CPU
+_LOW31 = (1 << 31) - 1
 
 
 def capacity_for(num_ids: int, max_load: float = MAX_LOAD) -> int:
@@ -64,22 +89,91 @@ def hash_index_bytes(num_ids: int) -> int:
     return SLOT_BYTES * capacity_for(num_ids)
 
 
+def _shr33(x: torch.Tensor) -> torch.Tensor:
+    """Logical ``x >> 33`` of int64 bits (torch's shift is arithmetic: mask the sign copies)."""
+    return (x >> 33) & _LOW31
+
+
+def mix(ids: torch.Tensor) -> torch.Tensor:
+    """fmix64 of each ID, as int64 bits (the module docstring's formula)."""
+    x = ids.to(torch.int64)
+    x = x ^ _shr33(x)
+    x = x * MIX_1
+    x = x ^ _shr33(x)
+    x = x * MIX_2
+    return x ^ _shr33(x)
+
+
 def home_slots(ids: torch.Tensor, capacity: int) -> torch.Tensor:
     """``int64`` home slot of each ID (the formula in the module docstring)."""
+    if capacity == 1:
+        return torch.zeros(ids.shape, dtype=torch.int64, device=ids.device)
     shift = 64 - (capacity.bit_length() - 1)
-    h = ids.to(torch.int64) * HASH_MULTIPLIER
-    return (h >> shift) & (capacity - 1)  # the mask makes torch's arithmetic shift a logical one
+    return (mix(ids) >> shift) & (capacity - 1)  # the mask makes torch's arithmetic shift a logical one
 
 
-def _torch_slots(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def split_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 keys as the (low, high) int32 words of a slot."""
+    low = ((keys & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000  # the low 32 bits, as a signed value
+    return low.to(torch.int32), (keys >> 32).to(torch.int32)
+
+
+def join_keys(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """int64 keys from a slot's (low, high) int32 words."""
+    return (high.to(torch.int64) << 32) | (low.to(torch.int64) & 0xFFFFFFFF)
+
+
+def slot_keys(slots: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+    """The int64 key of each slot (or of the slots ``at``)."""
+    if at is None:
+        return join_keys(slots[:, 0], slots[:, 1])
+    return join_keys(slots[at, 0], slots[at, 1])
+
+
+def _write(slots: torch.Tensor, at: torch.Tensor, keys: torch.Tensor, locs: torch.Tensor) -> None:
+    low, high = split_keys(keys)
+    slots[at, 0] = low
+    slots[at, 1] = high
+    slots[at, 2] = locs.to(torch.int32)
+
+
+def new_slots(capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An all-free slot array.  On CPU, 2 MiB or more are mapped with MADV_HUGEPAGE (module
+    docstring): exactly ``12 * capacity`` bytes, so the index's byte count stays honest."""
+    device = torch.device(device)
+    nbytes = SLOT_BYTES * capacity
+    if device.type == "cpu" and nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS"):
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # THP disabled or unsupported: ordinary pages, same layout
+            pass
+        slots = torch.frombuffer(buf, dtype=torch.int32).view(capacity, SLOT_WORDS)  # the tensor keeps buf alive
+    else:
+        slots = torch.empty((capacity, SLOT_WORDS), dtype=torch.int32, device=device)
+    slots[:, 0] = 0
+    slots[:, 1] = -(2**31)  # (0, -2**31) are the words of INT64_MIN
+    slots[:, 2] = -1
+    return slots
+
+
+def pack_slots(keys: torch.Tensor, locator: torch.Tensor) -> torch.Tensor:
+    """The int32 ``[cap, 3]`` slot array holding ``keys[s]`` / ``locator[s]`` in slot ``s`` (the
+    arrays as given: no placement, no check)."""
+    slots = new_slots(keys.numel(), keys.device)
+    _write(slots, torch.arange(keys.numel(), device=keys.device), keys.to(torch.int64), locator)
+    return slots
+
+
+def _torch_slots(slots: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Slot holding each ID, or -1 (vectorized linear probing: one round per probe step)."""
-    cap = keys.numel()
+    cap = slots.shape[0]
     out = torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
     pending = torch.nonzero(ids != EMPTY).flatten()
     slot = home_slots(ids[pending], cap)
     want = ids[pending]
     while pending.numel():
-        k = keys[slot]
+        k = slot_keys(slots, slot)
         hit = k == want
         out[pending[hit]] = slot[hit]
         go_on = ~hit & (k != EMPTY)
@@ -87,26 +181,25 @@ def _torch_slots(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _torch_upsert(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> int:
+def _torch_upsert(slots: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> int:
     """Upsert unique ``ids``; returns how many were new.  Several new IDs reaching one free slot
     in a round: the first in batch order takes it, the others probe on."""
-    cap = keys.numel()
+    cap = slots.shape[0]
     order = torch.arange(ids.numel(), device=ids.device)
     slot = home_slots(ids, cap)
     claim = torch.full((cap,), ids.numel(), dtype=torch.int64, device=ids.device)
     added = 0
     while order.numel():
-        k = keys[slot]
+        k = slot_keys(slots, slot)
         hit = k == ids[order]
-        locator[slot[hit]] = locs[order[hit]]
+        slots[slot[hit], 2] = locs[order[hit]].to(torch.int32)
         free = k == EMPTY
         won = torch.zeros_like(free)
         if bool(free.any()):
             fs, fo = slot[free], order[free]
             claim.scatter_reduce_(0, fs, fo, reduce="amin")
             first = claim[fs] == fo
-            keys[fs[first]] = ids[fo[first]]
-            locator[fs[first]] = locs[fo[first]]
+            _write(slots, fs[first], ids[fo[first]], locs[fo[first]])
             claim[fs] = ids.numel()
             added += int(first.sum())
             won[torch.nonzero(free).flatten()[first]] = True
@@ -117,30 +210,28 @@ def _torch_upsert(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor, 
     return added
 
 
-def _torch_delete(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
-    cap = keys.numel()
-    slots = _torch_slots(keys, ids)
-    held = slots >= 0
+def _torch_delete(slots: torch.Tensor, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
+    cap = slots.shape[0]
+    found = _torch_slots(slots, ids)
+    held = found >= 0
     old = torch.full(ids.shape, -1, dtype=torch.int32, device=ids.device)
     if not bool(held.any()):
         return 0, old
-    hs = slots[held]
-    old[held] = locator[hs]
-    keys[hs] = EMPTY
-    locator[hs] = -1
+    hs = found[held]
+    old[held] = slots[hs, 2]
+    _write(slots, hs, torch.full_like(hs, EMPTY), torch.full_like(hs, -1))
     # the rest of each cluster after a hole may have probed across it: take it out, insert again
     tail = []
     cur = torch.unique((hs + 1) & (cap - 1))
     while cur.numel():
-        cur = cur[keys[cur] != EMPTY]
+        cur = cur[slot_keys(slots, cur) != EMPTY]
         tail.append(cur)
         cur = torch.unique((cur + 1) & (cap - 1))
     moved = torch.unique(torch.cat(tail)) if tail else hs.new_empty(0)
     if moved.numel():
-        mk, ml = keys[moved].clone(), locator[moved].clone()
-        keys[moved] = EMPTY
-        locator[moved] = -1
-        _torch_upsert(keys, locator, mk, ml)
+        mk, ml = slot_keys(slots, moved), slots[moved, 2].clone()
+        _write(slots, moved, torch.full_like(moved, EMPTY), torch.full_like(moved, -1))
+        _torch_upsert(slots, mk, ml)
     return int(held.sum()), old
 
 
@@ -158,29 +249,26 @@ class HashIndex:
     kind = "hash"
     positional = False
 
-    def __init__(self, keys: torch.Tensor, locator: torch.Tensor) -> None:
-        if keys.dtype != torch.int64 or locator.dtype != torch.int32 or keys.dim() != 1 or keys.shape != locator.shape:
-            raise ValueError("hash index needs int64 keys and int32 locators of one length")
-        cap = keys.numel()
+    def __init__(self, slots: torch.Tensor) -> None:
+        if slots.dtype != torch.int32 or slots.dim() != 2 or slots.shape[1] != SLOT_WORDS or not slots.is_contiguous():
+            raise ValueError("a hash index needs a contiguous int32 [capacity, 3] slot array")
+        cap = slots.shape[0]
         if cap < MIN_CAPACITY or cap > MAX_CAPACITY or cap & (cap - 1):
             raise ValueError(f"hash index capacity must be a power of two in [{MIN_CAPACITY}, {MAX_CAPACITY}], got {cap}")
-        self.keys = keys
-        self.locator = locator
+        self.slots = slots
+        keys = slot_keys(slots)
         occupied = keys != EMPTY
         self.count = int(occupied.sum())
         if self.count > cap * MAX_LOAD + 1:
             raise ValueError("hash index is fuller than its maximum load")
-        if bool((self.locator[~occupied] != -1).any()):
+        if bool((slots[~occupied, 2] != -1).any()):
             raise ValueError("a free hash slot has a locator")
-        if self.count and not bool((_torch_slots(keys, keys[occupied]) == torch.nonzero(occupied).flatten()).all()):
+        if self.count and not bool((_torch_slots(slots, keys[occupied]) == torch.nonzero(occupied).flatten()).all()):
             raise ValueError("hash index keys are not where probing finds them (duplicate or misplaced key)")
 
     @classmethod
     def empty(cls, capacity: int = MIN_CAPACITY, device: torch.device | str = "cpu") -> "HashIndex":
-        return cls(
-            torch.full((capacity,), EMPTY, dtype=torch.int64, device=device),
-            torch.full((capacity,), -1, dtype=torch.int32, device=device),
-        )
+        return cls(new_slots(capacity, device))
 
     @classmethod
     def build(cls, ids: torch.Tensor, locators: torch.Tensor, capacity: int | None = None) -> "HashIndex":
@@ -194,45 +282,53 @@ class HashIndex:
 
     @property
     def capacity(self) -> int:
-        return int(self.keys.numel())
+        return int(self.slots.shape[0])
 
     @property
     def load(self) -> float:
         return self.count / self.capacity
 
+    @property
+    def keys(self) -> torch.Tensor:
+        """The int64 key of every slot (a copy: the slots hold it as two int32 words)."""
+        return slot_keys(self.slots)
+
+    @property
+    def locator(self) -> torch.Tensor:
+        """The locator of every slot (a strided view into the slots: writes go through)."""
+        return self.slots[:, 2]
+
     def _compiled(self) -> bool:
-        return self.keys.device.type == "cpu" and cpu_c.HASH_OPS_AVAILABLE
+        return self.slots.device.type == "cpu" and cpu_c.HASH_OPS_AVAILABLE
 
     def resolve(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(device=self.keys.device, dtype=torch.int64).reshape(-1)
+        ids = ids.to(device=self.slots.device, dtype=torch.int64).reshape(-1)
         if self._compiled():
-            return cpu_c.hash_find(self.keys, self.locator, ids.contiguous())
-        slots = _torch_slots(self.keys, ids)
+            return cpu_c.hash_find(self.slots, ids.contiguous())
+        found = _torch_slots(self.slots, ids)
         out = torch.full(ids.shape, -1, dtype=torch.int32, device=ids.device)
-        held = slots >= 0
-        out[held] = self.locator[slots[held]]
+        held = found >= 0
+        out[held] = self.slots[found[held], 2]
         return out
 
     def _grow_for(self, extra: int) -> None:
         if self.count + extra <= self.capacity * MAX_LOAD:
             return
-        cap = capacity_for(self.count + extra)
-        keys = torch.full((cap,), EMPTY, dtype=torch.int64, device=self.keys.device)
-        locator = torch.full((cap,), -1, dtype=torch.int32, device=self.keys.device)
+        slots = new_slots(capacity_for(self.count + extra), self.slots.device)
         if self._compiled():
-            cpu_c.hash_rehash(self.keys, self.locator, keys, locator)
+            cpu_c.hash_rehash(self.slots, slots)
         else:
-            held = self.keys != EMPTY
-            _torch_upsert(keys, locator, self.keys[held], self.locator[held])
-        self.keys, self.locator = keys, locator
+            keys, locs = self.live_items()
+            _torch_upsert(slots, keys, locs)
+        self.slots = slots
 
     def assign(self, ids: torch.Tensor, locators: torch.Tensor) -> None:
         """Point ``ids`` at ``locators``; ``-1`` deletes.  A later duplicate wins.  In place: a
         write touches the probed slots only (plus a rehash when the load would pass MAX_LOAD)."""
         if ids.numel() == 0:
             return
-        ids = ids.to(device=self.keys.device, dtype=torch.int64).reshape(-1)
-        locators = locators.to(device=self.keys.device, dtype=torch.int32).reshape(-1)
+        ids = ids.to(device=self.slots.device, dtype=torch.int64).reshape(-1)
+        locators = locators.to(device=self.slots.device, dtype=torch.int32).reshape(-1)
         if bool((ids == EMPTY).any()):
             raise ValueError("ID -2**63 (INT64_MIN) marks free slots of a hash index and cannot be stored")
         keep = _last_occurrence(ids)
@@ -246,51 +342,77 @@ class HashIndex:
         new = int((self.resolve(ids) < 0).sum())
         self._grow_for(new)
         if self._compiled():
-            added = cpu_c.hash_upsert(self.keys, self.locator, ids, locators)
+            added = cpu_c.hash_upsert(self.slots, ids, locators)
         else:
-            added = _torch_upsert(self.keys, self.locator, ids, locators)
+            added = _torch_upsert(self.slots, ids, locators)
         self.count += added
 
     def delete(self, ids: torch.Tensor) -> torch.Tensor:
         """Remove ``ids`` (backward shift); returns the locators they had (-1 = not held)."""
-        ids = ids.to(device=self.keys.device, dtype=torch.int64).reshape(-1).contiguous()
+        ids = ids.to(device=self.slots.device, dtype=torch.int64).reshape(-1).contiguous()
         if self._compiled():
-            removed, old = cpu_c.hash_delete(self.keys, self.locator, ids)
+            removed, old = cpu_c.hash_delete(self.slots, ids)
         else:
-            removed, old = _torch_delete(self.keys, self.locator, ids)
+            removed, old = _torch_delete(self.slots, ids)
         self.count -= removed
         return old
 
     def live_items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Held IDs and their locators, in slot order."""
-        held = self.keys != EMPTY
-        return self.keys[held], self.locator[held]
+        keys = slot_keys(self.slots)
+        held = keys != EMPTY
+        return keys[held], self.slots[held, 2]
 
     def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Held IDs (and locators) at ``count`` slots drawn uniformly with ``generator``: the
         candidates of sampled eviction.  Free slots drawn are dropped; a slot drawn twice
         gives its ID once."""
-        slots = torch.unique(torch.randint(0, self.capacity, (count,), generator=generator)).to(self.keys.device)
-        keys = self.keys[slots]
+        drawn = torch.unique(torch.randint(0, self.capacity, (count,), generator=generator)).to(self.slots.device)
+        keys = slot_keys(self.slots, drawn)
         held = keys != EMPTY
-        return keys[held], self.locator[slots[held]]
+        return keys[held], self.slots[drawn[held], 2]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"index.keys": self.keys, "index.locator": self.locator}
+        return {"index.slots": self.slots}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor]) -> "HashIndex":
-        return cls(tensors["index.keys"], tensors["index.locator"])
+        """From a table file's tensors: ``index.slots`` (format 3), or format 2's
+        ``index.keys`` / ``index.locator`` (the old hash, separate arrays), whose IDs are
+        re-inserted into slots of the same capacity."""
+        if "index.slots" in tensors:
+            loaded = tensors["index.slots"]
+            if loaded.dtype != torch.int32 or loaded.dim() != 2 or loaded.shape[1] != SLOT_WORDS:
+                raise ValueError(f"index.slots must be int32 [capacity, {SLOT_WORDS}], got {loaded.dtype} {list(loaded.shape)}")
+            slots = new_slots(loaded.shape[0], loaded.device)
+            slots.copy_(loaded)  # on CPU into huge-page backed memory (new_slots)
+            return cls(slots)
+        keys, locator = tensors["index.keys"], tensors["index.locator"]
+        if keys.dtype != torch.int64 or locator.dtype != torch.int32 or keys.dim() != 1 or keys.shape != locator.shape:
+            raise ValueError("a format-2 hash index needs int64 keys and int32 locators of one length")
+        held = keys != EMPTY
+        if bool((locator[held] < 0).any()):
+            raise ValueError("a held hash slot has no locator")
+        if torch.unique(keys[held]).numel() != int(held.sum()):
+            raise ValueError("hash index holds an ID twice")
+        index = cls.empty(keys.numel(), keys.device)
+        index.assign(keys[held], locator[held])  # the new home slots; IDs unique, so nothing is lost
+        return index
 
     def to(self, device: torch.device) -> "HashIndex":
-        return HashIndex(self.keys.to(device), self.locator.to(device))
+        device = torch.device(device)
+        if device == self.slots.device:
+            return HashIndex(self.slots)
+        slots = new_slots(self.capacity, device)
+        slots.copy_(self.slots)
+        return HashIndex(slots)
 
     def c_view(self) -> Any:
         if not self._compiled():
             return None
-        key = (self.keys.data_ptr(), self.locator.data_ptr(), self.keys.numel())
+        key = (self.slots.data_ptr(), self.capacity)
         if getattr(self, "_c_key", None) != key:
-            self._c_view, self._c_key = cpu_c.hash_index(self.keys, self.locator), key
+            self._c_view, self._c_key = cpu_c.hash_index(self.slots), key
         return self._c_view
 
     def held_tensors(self) -> dict[str, torch.Tensor]:

@@ -9,8 +9,10 @@ File layout (safetensors, see https://github.com/huggingface/safetensors):
 
 Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
 
-    index.locator                 int32 [N]          dense and keyed tables; hash: int32 [cap]
-    index.keys                    int64 [N]          keyed: sorted IDs; hash: int64 [cap], INT64_MIN = free
+    index.locator                 int32 [N]          dense and keyed tables (format-2 hash: int32 [cap])
+    index.keys                    int64 [N]          keyed: sorted IDs (format-2 hash: int64 [cap])
+    index.slots                   int32 [cap, 3]     hash (format 3): 12-byte slots, int64 key (2 words,
+                                                     low first; INT64_MIN = free) + int32 locator
                                                      (layout and slot formula: compression/hash_index.py)
     index.delta_keys / _locator   int64 / int32      keyed: unmerged inserts
     index.bounds / index.bases    int64 [R+1] / int32 [R]   runs: run-length encoded dense locator
@@ -40,17 +42,22 @@ table an older reader could read stays readable by it.  Version 2 adds PQ (codeb
 the ``hash`` index and the fp16 ``[D, K]`` rotation: a version-1 reader would take a PQ class's
 ``(dim, bits)`` for a scalar class, not know the index, or read the rotation as fp32 ``[D, D]``,
 so it must refuse such a file, and it does: its version check
-names the newer version and says to upgrade.  This reader reads both.
+names the newer version and says to upgrade.  Version 3 changes the ``hash`` index's layout
+(below).  This reader reads all three.
 
 The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added without a
 format version bump: they are new names, so a reader that predates them refuses such a file
 with a clear "inconsistent table file" error instead of misreading it, and every file it could
 read before reads the same.
 
-The ``hash`` index (open addressing, compression/hash_index.py) is written as format version 2:
-a reader of version 1 refuses such a file with "format version 2 is newer than this embserve
-reads (1); upgrade embserve".  Every other table is still written as version 1, so files an
-older reader could read stay readable by it, and this reader loads every version-1 file.
+The ``hash`` index (open addressing, compression/hash_index.py) is written as format version 3:
+packed 12-byte slots ``index.slots`` with the fmix64 home slot.  Version 2 wrote it as separate
+``index.keys`` / ``index.locator`` arrays placed by a Fibonacci (single multiply) hash; this
+reader still loads such files (their IDs are re-inserted into slots), and a version-2 reader
+refuses a version-3 file with "format version 3 is newer than this embserve reads (2); upgrade
+embserve" instead of probing the slots with the wrong hash.  A reader of version 1 refuses both.
+Every other table is still written as version 1 (or 2 for PQ classes and the fp16 rotation),
+so files an older reader could read stay readable by it, and this reader loads every older file.
 
 Keeping the manifest inside the tensor file makes the write a single atomic rename: a crash
 leaves either the old file or the new one, never a table with a mismatched manifest.
@@ -74,10 +81,10 @@ from .lifecycle import IdLifecycle
 from .table import CompressedTable
 from .unknown import UnknownPolicy
 
-FORMAT_VERSION = 2  # the newest version this reader reads
+FORMAT_VERSION = 3  # the newest version this reader reads
 # the oldest version that can hold each feature: a file is written with the smallest version
 # that holds everything it uses, so a table an older reader could read stays readable by it
-_INDEX_VERSIONS = {"hash": 2}
+_INDEX_VERSIONS = {"hash": 3}  # format 2 had the split-array hash layout (still read)
 _PQ_VERSION = 2
 _ROTATION_VERSION = 2  # fp16 [D, K]; a version-1 reader expects fp32 [D, D]
 MANIFEST_KEY = "embserve.manifest"

@@ -3,7 +3,7 @@
 Memory picture of one table (every byte of it is counted in :attr:`CompressedTable.nbytes`):
 
     index      DenseIndex: int32 locator [N]          KeyedIndex: int64 keys + int32 locator
-               HashIndex: int64 keys + int32 locator [cap], open addressing (compression.hash_index)
+               HashIndex: [cap] packed 12-byte slots, int64 key + int32 locator, open addressing (compression.hash_index)
                RunIndex: int64 bounds [R+1] + int32 bases [R] (class-grouped dense IDs)
     class k    uint8 slab [capacity_k, row_bytes_k]   (layout: compression.layout)
                int32 free-slot stack [<= capacity_k]

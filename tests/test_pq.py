@@ -202,7 +202,7 @@ def test_storage_round_trip_is_bit_exact_and_marks_the_new_kind(tmp_path: Path) 
     table = _pq_table(rotated=True)
     path = save_table(table, tmp_path / "pq.safetensors")
     loaded, manifest = load_table(path)
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3  # its hash index needs 3 (the PQ class alone, 2)
     assert manifest["classes"][2] == {"dim": 16, "bits": 5, "used": table.used[2], "kind": "pq", "m": 4}
     assert "kind" not in manifest["classes"][0]
     before, after = table.state_tensors(), loaded.state_tensors()
@@ -217,7 +217,8 @@ def test_storage_round_trip_is_bit_exact_and_marks_the_new_kind(tmp_path: Path) 
 def test_a_version_1_reader_refuses_a_pq_file_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = save_table(_pq_table(), tmp_path / "pq.safetensors")
     monkeypatch.setattr(storage, "FORMAT_VERSION", 1)  # what an older embserve reads
-    with pytest.raises(TableFormatError, match="version 2 is newer than this embserve reads"):
+    # version 3: the table is keyed, and its hash index needs 3 (a dense PQ table is version 2)
+    with pytest.raises(TableFormatError, match=r"version 3 is newer than this embserve reads \(1\)"):
         load_table(path)
 
 
@@ -331,7 +332,8 @@ def test_service_places_upserted_rows_in_a_pq_class_and_snapshots_it(tmp_path: P
         assert r.status_code == 422 and "codebook" in r.text
         assert client.get("/v1/tables/p2").status_code == 404
     loaded, manifest = load_table(tables / "emb.safetensors")
-    assert manifest["format_version"] == 2 and torch.equal(loaded.codebooks[1], cb)  # type: ignore[arg-type]
+    # the PQ class needs version 2; a hash-indexed (keyed) table needs 3
+    assert manifest["format_version"] == (3 if manifest["index"] == "hash" else 2) and torch.equal(loaded.codebooks[1], cb)  # type: ignore[arg-type]
     assert np.array_equal(loaded.lookup(torch.tensor(ids)).values.numpy(), expected)
 
 

@@ -101,17 +101,66 @@ def test_corrupt_locators_are_refused_at_load(tmp_path: Path) -> None:
         load_table(path)
 
 
-def test_hash_indexed_tables_are_version_2_and_an_older_reader_refuses_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hash_indexed_tables_are_version_3_and_an_older_reader_refuses_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     table = CompressedTable.empty(4, [RowClass(4, 32)], keyed=True)
     table.put(torch.tensor([5, -(2**62)]), torch.randn(2, 4), 0)
     path = save_table(table, tmp_path / "h.safetensors")
-    assert read_manifest(path)["format_version"] == 2 == FORMAT_VERSION
+    assert read_manifest(path)["format_version"] == 3 == FORMAT_VERSION
     loaded, manifest = load_table(path)
     assert manifest["index"] == "hash" and torch.equal(loaded.lookup(torch.tensor([5, -(2**62), 6])).values, table.lookup(torch.tensor([5, -(2**62), 6])).values)
+    assert torch.equal(loaded.index.slots, table.index.slots)  # type: ignore[attr-defined]
     sorted_table = CompressedTable.empty(4, [RowClass(4, 32)], keyed=False)
     sorted_table.put(torch.tensor([1]), torch.randn(1, 4), 0)
     old_path = save_table(sorted_table, tmp_path / "d.safetensors")
-    monkeypatch.setattr(storage, "FORMAT_VERSION", 1)  # what a reader from before the hash index does
-    with pytest.raises(TableFormatError, match="format version 2 is newer than this embserve reads"):
+    monkeypatch.setattr(storage, "FORMAT_VERSION", 2)  # what a reader of the format-2 hash layout does
+    with pytest.raises(TableFormatError, match="format version 3 is newer than this embserve reads"):
         load_table(path)
     load_table(old_path)  # files without the new kind stay readable by it
+
+
+def format_2_hash_arrays(ids: list[int], locators: list[int], capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The format-2 hash layout, written the slow obvious way: separate ``keys int64[cap]`` and
+    ``locator int32[cap]``, home slot ``(uint64(id) * 0x9E3779B97F4A7C15 mod 2**64) >> (64 - L)``,
+    linear probing."""
+    log2 = capacity.bit_length() - 1
+    keys = [-(2**63)] * capacity
+    locs = [-1] * capacity
+    for key, loc in zip(ids, locators, strict=True):
+        s = ((key % 2**64) * 0x9E3779B97F4A7C15 % 2**64) >> (64 - log2)
+        while keys[s] != -(2**63):
+            s = (s + 1) % capacity
+        keys[s], locs[s] = key, loc
+    return torch.tensor(keys, dtype=torch.int64), torch.tensor(locs, dtype=torch.int32)
+
+
+def test_a_format_2_hash_table_file_still_loads(tmp_path: Path) -> None:
+    """Files written before the 12-byte slots (format 2: separate arrays, Fibonacci hash) load:
+    their IDs are re-inserted into slots, every lookup answers as before, and the next save is
+    format 3."""
+    table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=True)
+    ids = torch.arange(300) * 1_000_003 - 2**40
+    rows = torch.randn(300, 8)
+    table.put(ids[:150], rows[:150], 0)
+    table.put(ids[150:], rows[150:], 1)
+    table.delete(ids[::7])
+    path = save_table(table, tmp_path / "new.safetensors")
+    tensors = {k: v.detach().clone().contiguous() for k, v in table.state_tensors().items()}
+    held, locs = table.index.live_items()
+    capacity = table.index.capacity  # type: ignore[attr-defined]
+    del tensors["index.slots"]
+    tensors["index.keys"], tensors["index.locator"] = format_2_hash_arrays(held.tolist(), locs.tolist(), capacity)
+    manifest = read_manifest(path)
+    manifest["format_version"] = 2
+    old = tmp_path / "format2.safetensors"
+    save_file(tensors, str(old), metadata={storage.MANIFEST_KEY: json.dumps(manifest)})
+    loaded, _ = load_table(old)
+    probe = torch.cat([ids, torch.tensor([7, -(2**63) + 1])])
+    want, got = table.lookup(probe), loaded.lookup(probe)
+    assert torch.equal(got.values, want.values) and torch.equal(got.locators, want.locators)
+    assert loaded.index.capacity == capacity and loaded.nbytes == table.nbytes  # type: ignore[attr-defined]
+    loaded.put(torch.tensor([42]), torch.ones(1, 8), 0)  # writable in the new layout
+    assert read_manifest(save_table(loaded, tmp_path / "again.safetensors"))["format_version"] == 3
+    tensors["index.keys"][int(torch.nonzero(tensors["index.keys"] != -(2**63))[0])] = int(held[-1])  # an ID held twice
+    save_file(tensors, str(old), metadata={storage.MANIFEST_KEY: json.dumps(manifest)})
+    with pytest.raises(TableFormatError, match="twice"):
+        load_table(old)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton", reason="triton is not installed (pip install triton; the test extra has it)")
 
 from compression import RowClass, build_table  # noqa: E402
+from compression.hash_index import slot_keys  # noqa: E402
 from compression.index import KeyedIndex, RunIndex  # noqa: E402
 from compression.kernels import select_path, triton_module  # noqa: E402
 from compression.layout import LOCATOR_CLASS_SHIFT, SUPPORTED_BITS  # noqa: E402
@@ -34,7 +35,16 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 td = triton_module()
 INT64_MIN = -(2**63)
-GOLDEN = 0x9E3779B97F4A7C15
+
+
+def fmix64(key: int) -> int:
+    """The agreed home-slot hash (compression/hash_index.py), in Python ints mod 2**64."""
+    x = key % 2**64
+    x ^= x >> 33
+    x = x * 0xFF51AFD7ED558CCD % 2**64
+    x ^= x >> 33
+    x = x * 0xC4CEB9FE1A85EC53 % 2**64
+    return x ^ (x >> 33)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -48,11 +58,13 @@ def build_hash(keys: torch.Tensor, locators: torch.Tensor, log2cap: int) -> "obj
     table_keys = np.full(cap, INT64_MIN, dtype=np.int64)
     table_locs = np.full(cap, -1, dtype=np.int32)
     for key, loc in zip(keys.tolist(), locators.tolist(), strict=True):
-        slot = ((key % 2**64) * GOLDEN % 2**64) >> (64 - log2cap) if log2cap else 0
+        slot = fmix64(key) >> (64 - log2cap) if log2cap else 0
         while table_keys[slot] != INT64_MIN:
             slot = (slot + 1) & (cap - 1)
         table_keys[slot], table_locs[slot] = key, loc
-    return td.HashIndexView(torch.from_numpy(table_keys).to(DEVICE), torch.from_numpy(table_locs).to(DEVICE))
+    # the 12-byte slots: int64 key as (low, high) int32 words, then the locator
+    words = np.stack([table_keys.view(np.int32).reshape(cap, 2)[:, 0], table_keys.view(np.int32).reshape(cap, 2)[:, 1], table_locs], axis=1)
+    return td.HashIndexView(torch.from_numpy(np.ascontiguousarray(words)).to(DEVICE))
 
 
 def policy(kind: str, dim: int, gen: torch.Generator) -> UnknownPolicy:
@@ -251,10 +263,11 @@ def test_hash_probe_edges() -> None:
     assert loc.cpu().tolist() == [2, -1, -1]
     assert torch.equal(out[0].cpu(), rows[2])
     # keys whose home slot is the last one of 4: they wrap to slots 0, 1
-    last = [k for k in range(1, 10_000) if ((k * GOLDEN) % 2**64) >> 62 == 3][:3]
+    homed_last = [k for k in range(1, 10_000) if fmix64(k) >> 62 == 3]
+    last, absent = homed_last[:3], homed_last[3]  # absent: its probe wraps through the cluster to slot 2
     view = build_hash(torch.tensor(last), torch.tensor([0, 1, 2], dtype=torch.int32), 2)
-    assert view.keys.cpu().tolist()[:2] == last[1:]
-    loc = td.lookup(torch.empty((4, 4), device=DEVICE), torch.tensor([*last, 5], device=DEVICE), view, cargs)
+    assert slot_keys(view.slots.cpu()).tolist()[:2] == last[1:]
+    loc = td.lookup(torch.empty((4, 4), device=DEVICE), torch.tensor([*last, absent], device=DEVICE), view, cargs)
     assert loc.cpu().tolist() == [0, 1, 2, -1]
 
 

@@ -41,10 +41,13 @@ class _IndexC(ctypes.Structure):
         ("delta_keys", ctypes.c_void_p),
         ("delta_locator", ctypes.c_void_p),
         ("n_delta", ctypes.c_int64),
+        ("slots", ctypes.c_void_p),
     ]
 
 
-INDEX_RESOLVED, INDEX_DENSE, INDEX_KEYED, INDEX_HASH = 0, 1, 2, 3
+# 3 was the format-2 hash layout (separate key / locator arrays), retired: a library built
+# before kind 4 rejects it instead of misreading the 12-byte slots
+INDEX_RESOLVED, INDEX_DENSE, INDEX_KEYED, INDEX_HASH = 0, 1, 2, 4
 FENCE = 16  # must match decode.c; 16 keys = 2 cache lines per run, fence = N/16 keys
 _RESOLVED = _IndexC(kind=INDEX_RESOLVED)
 
@@ -64,9 +67,10 @@ def keyed_index(keys: torch.Tensor, locator: torch.Tensor, fence: torch.Tensor, 
     )
 
 
-def hash_index(keys: torch.Tensor, locator: torch.Tensor) -> _IndexC:
-    """View of an open-addressing :class:`compression.hash_index.HashIndex` (``n`` = capacity)."""
-    return _IndexC(kind=INDEX_HASH, locator=_ptr(locator), n=keys.numel(), keys=_ptr(keys))
+def hash_index(slots: torch.Tensor) -> _IndexC:
+    """View of an open-addressing :class:`compression.hash_index.HashIndex`: its int32
+    ``[cap, 3]`` slot array (12-byte slots, ``kernels/hashslot.h``), ``n`` = capacity."""
+    return _IndexC(kind=INDEX_HASH, n=slots.shape[0], slots=_ptr(slots))
 
 
 def _load() -> ctypes.CDLL | None:
@@ -88,50 +92,54 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _declare_hash_ops(lib: ctypes.CDLL) -> None:
-    """Signatures of hashindex.c (built into the same library; a library built before it
-    existed lacks them, and the hash index then takes its torch path)."""
-    if not hasattr(lib, "embserve_hash_upsert"):
+    """Signatures of hashindex.c (built into the same library).  A library built before the
+    12-byte slot layout lacks the ``embserve_hslot_*`` names (it has the format-2
+    ``embserve_hash_*`` ones, which take other arguments): the hash index then takes its torch
+    path, and lookups too (:meth:`HashIndex.c_view` returns None), until it is rebuilt."""
+    if not hasattr(lib, "embserve_hslot_upsert"):
         return
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.embserve_hash_find.restype = None
-    lib.embserve_hash_find.argtypes = [p, p, i64, p, i64, p]
-    lib.embserve_hash_upsert.restype = i64
-    lib.embserve_hash_upsert.argtypes = [p, p, i64, p, p, i64]
-    lib.embserve_hash_delete.restype = i64
-    lib.embserve_hash_delete.argtypes = [p, p, i64, p, i64, p]
-    lib.embserve_hash_rehash.restype = None
-    lib.embserve_hash_rehash.argtypes = [p, p, i64, p, p, i64]
+    lib.embserve_hslot_find.restype = None
+    lib.embserve_hslot_find.argtypes = [p, i64, p, i64, p]
+    lib.embserve_hslot_upsert.restype = i64
+    lib.embserve_hslot_upsert.argtypes = [p, i64, p, p, i64]
+    lib.embserve_hslot_delete.restype = i64
+    lib.embserve_hslot_delete.argtypes = [p, i64, p, i64, p]
+    lib.embserve_hslot_rehash.restype = None
+    lib.embserve_hslot_rehash.argtypes = [p, i64, p, i64]
 
 
 _LIB = _load()
 AVAILABLE = _LIB is not None
-HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hash_upsert")
+HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hslot_upsert")
+
+# The hash functions take ``slots``: the int32 [cap, 3] slot array of a HashIndex (contiguous, CPU).
 
 
-def hash_find(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def hash_find(slots: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     assert _LIB is not None
     out = torch.empty(ids.numel(), dtype=torch.int32)
-    _LIB.embserve_hash_find(keys.data_ptr(), locator.data_ptr(), keys.numel(), ids.data_ptr(), ids.numel(), out.data_ptr())
+    _LIB.embserve_hslot_find(slots.data_ptr(), slots.shape[0], ids.data_ptr(), ids.numel(), out.data_ptr())
     return out
 
 
-def hash_upsert(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> int:
+def hash_upsert(slots: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> int:
     """Upsert in place; returns how many keys were new.  The caller guarantees room."""
     assert _LIB is not None
-    return int(_LIB.embserve_hash_upsert(keys.data_ptr(), locator.data_ptr(), keys.numel(), ids.data_ptr(), locs.data_ptr(), ids.numel()))
+    return int(_LIB.embserve_hslot_upsert(slots.data_ptr(), slots.shape[0], ids.data_ptr(), locs.data_ptr(), ids.numel()))
 
 
-def hash_delete(keys: torch.Tensor, locator: torch.Tensor, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
+def hash_delete(slots: torch.Tensor, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Delete in place (backward shift); returns how many were held and their old locators."""
     assert _LIB is not None
     old = torch.empty(ids.numel(), dtype=torch.int32)
-    removed = _LIB.embserve_hash_delete(keys.data_ptr(), locator.data_ptr(), keys.numel(), ids.data_ptr(), ids.numel(), old.data_ptr())
+    removed = _LIB.embserve_hslot_delete(slots.data_ptr(), slots.shape[0], ids.data_ptr(), ids.numel(), old.data_ptr())
     return int(removed), old
 
 
-def hash_rehash(old_keys: torch.Tensor, old_locator: torch.Tensor, keys: torch.Tensor, locator: torch.Tensor) -> None:
+def hash_rehash(old_slots: torch.Tensor, slots: torch.Tensor) -> None:
     assert _LIB is not None
-    _LIB.embserve_hash_rehash(old_keys.data_ptr(), old_locator.data_ptr(), old_keys.numel(), keys.data_ptr(), locator.data_ptr(), keys.numel())
+    _LIB.embserve_hslot_rehash(old_slots.data_ptr(), old_slots.shape[0], slots.data_ptr(), slots.shape[0])
 
 
 def class_array(

@@ -31,6 +31,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "hashslot.h"
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HAVE_X86_SIMD 1
@@ -252,31 +253,31 @@ static inline void decode_any(const uint8_t *restrict row, const row_class_t *c,
 }
 
 /* How IDs become locators.  kind RESOLVED: the IDs already are locators (the caller resolved
- * them).  DENSE: locator = dense_locator[id] for 0 <= id < n_dense.  HASH: `keys`/`locator` are
- * the open-addressing table of hashindex.c with `n` = its capacity (a power of two): stage 0
- * hashes the block's IDs and prefetches their home slots, stage 1 probes (usually the one slot
- * already in cache) and prefetches the row.  KEYED: `keys` is sorted;
+ * them).  DENSE: locator = dense_locator[id] for 0 <= id < n_dense.  HASH: `slots` is the
+ * open-addressing table of hashindex.c (12-byte slots, hashslot.h) with `n` = its capacity (a
+ * power of two): stage 0 hashes the block's IDs and prefetches their home slots (first and last
+ * byte: 2 slots in 16 straddle a cache line), stage 1 probes (usually the one slot already in
+ * cache) and prefetches the row.  Kind 3 was the format-2 hash layout (separate key and locator
+ * arrays); it is retired, so a library that predates kind 4 rejects the new one instead of
+ * misreading it.  KEYED: `keys` is sorted;
  * `fence[f] = keys[f * FENCE]` is a sparse copy small enough to stay in cache, so finding an ID
  * is a search of the fence (cached) and then of one run of FENCE keys (one burst of misses,
  * prefetched a block ahead).  An unsorted-insert delta part, also sorted, overrides the main part. */
-enum { INDEX_RESOLVED = 0, INDEX_DENSE = 1, INDEX_KEYED = 2, INDEX_HASH = 3 };
-#define HASH_EMPTY_KEY INT64_MIN
-#define HASH_MULTIPLIER 0x9E3779B97F4A7C15ULL
-
-static inline int hash_shift(int64_t cap) { return 64 - (63 - __builtin_clzll((unsigned long long)cap)); }
+enum { INDEX_RESOLVED = 0, INDEX_DENSE = 1, INDEX_KEYED = 2, INDEX_HASH = 4 };
 #define FENCE 16
 
 typedef struct {
     int32_t kind;
     int32_t pad;
-    const int32_t *locator; /* DENSE: [n]; KEYED, HASH: parallel to keys */
+    const int32_t *locator; /* DENSE: [n]; KEYED: parallel to keys */
     int64_t n;              /* DENSE: locator length; KEYED: number of keys; HASH: capacity */
-    const int64_t *keys;
+    const int64_t *keys;    /* KEYED: sorted keys */
     const int64_t *fence;
     int64_t n_fence;
     const int64_t *delta_keys;
     const int32_t *delta_locator;
     int64_t n_delta;
+    const uint8_t *slots; /* HASH: [n] 12-byte slots (hashslot.h) */
 } index_t;
 
 /* number of elements of sorted a[0..n) that are <= key.  Branch-free (the compiler emits a
@@ -308,12 +309,13 @@ static inline void stage_locate(int64_t lo, int64_t hi, const int64_t *ids, cons
         }
     } else if (ix->kind == INDEX_HASH) {
         /* park each ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
-        const int shift = hash_shift(ix->n);
+        const int shift = hslot_shift(ix->n);
         for (int64_t i = lo; i < hi; i++) {
-            const int64_t s = (int64_t)(((uint64_t)ids[i] * HASH_MULTIPLIER) >> shift);
+            const int64_t s = hslot_home(ids[i], shift);
             loc_out[i] = (int32_t)s;
-            __builtin_prefetch(ix->keys + s, 0, 3);
-            __builtin_prefetch(ix->locator + s, 0, 3);
+            const uint8_t *slot = ix->slots + HSLOT_BYTES * s;
+            __builtin_prefetch(slot, 0, 3);
+            __builtin_prefetch(slot + HSLOT_BYTES - 1, 0, 3); /* same line unless the slot straddles */
         }
     } else if (ix->kind == INDEX_KEYED) {
         /* the fence searches of the whole block, one level at a time: the block's loads at a
@@ -352,14 +354,14 @@ static inline void stage_resolve(int64_t lo, int64_t hi, const int64_t *ids, con
             const int64_t mask = ix->n - 1;
             int64_t s = loc_out[i];
             loc = -1;
-            if (key != HASH_EMPTY_KEY) {
+            if (key != HSLOT_EMPTY) {
                 for (;;) {
-                    const int64_t k = ix->keys[s];
+                    const int64_t k = hslot_key(ix->slots, s);
                     if (k == key) {
-                        loc = ix->locator[s];
+                        loc = hslot_loc(ix->slots, s);
                         break;
                     }
-                    if (k == HASH_EMPTY_KEY) break;
+                    if (k == HSLOT_EMPTY) break;
                     s = (s + 1) & mask;
                 }
             }
@@ -464,7 +466,7 @@ static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const index
 int64_t embserve_lookup(const int64_t *ids, int64_t n, const index_t *index, const row_class_t *classes,
                         int32_t n_classes, float *out, int64_t width, int32_t *loc_out, int32_t threads) {
     if (!f16_ready) embserve_init();
-    if (n_classes != MAX_CLASSES || index->kind < INDEX_RESOLVED || index->kind > INDEX_HASH) return -1;
+    if (n_classes != MAX_CLASSES || index->kind < INDEX_RESOLVED || index->kind > INDEX_HASH || index->kind == 3) return -1;
     if (index->kind == INDEX_HASH && (index->n < 2 || (index->n & (index->n - 1)) || index->n > ((int64_t)1 << 30)))
         return -1;
     int64_t chunks = threads > 1 ? threads : 1;

@@ -12,9 +12,11 @@ What a program does with its IDs (byte layouts: :mod:`compression.layout`):
    binary search of the run bounds, locator ``bases[r] + id - bounds[r]``; ``SORTED`` binary
    search of the sorted main keys, then of the sorted delta keys (a delta hit, tombstone
    included, overrides the main part, as :class:`~compression.index.KeyedIndex` does);
-   ``HASH`` an open-addressing table (``keys int64[cap]``, ``locator int32[cap]``, ``cap = 2**L``;
-   empty slot = key ``INT64_MIN``; home slot = ``(uint64(key) * 0x9E3779B97F4A7C15 mod 2**64)
-   >> (64 - L)``; linear probing ``(slot + 1) & (cap - 1)`` until the key or an empty slot).
+   ``HASH`` an open-addressing table of packed 12-byte slots (``slots int32[cap, 3]``: words 0-1
+   the int64 key, low word first, word 2 the locator; ``cap = 2**L``; empty slot = key
+   ``INT64_MIN``; home slot = ``fmix64(uint64(key)) >> (64 - L)``; linear probing
+   ``(slot + 1) & (cap - 1)`` until the key or an empty slot; compression/hash_index.py).  The
+   key is read as two aligned 32-bit words: a slot is only 4-byte aligned.
 2. **Decode** (the table's classes are compile-time constants, so the dispatch is unrolled
    and a class absent from the tile costs one reduction).  fp32 / fp16 and rotated classes get
    a pass each; the unrotated int8/4/2/1 classes share one pass (``GENERIC``: per row the slab
@@ -100,10 +102,15 @@ def _find_sorted(keys, locs, n, key, mask):
 
 
 @triton.jit
-def _probe_hash(keys, locs, log2cap, key, mask):
+def _probe_hash(slots, log2cap, key, mask):
     """Open addressing with linear probing (layout in the module docstring).  Every lane probes
     until its key or an empty slot; at most ``cap`` probes, so a full table cannot loop."""
-    h = key.to(tl.uint64, bitcast=True) * 0x9E3779B97F4A7C15
+    h = key.to(tl.uint64, bitcast=True)
+    h = h ^ (h >> 33)
+    h = h * 0xFF51AFD7ED558CCD
+    h = h ^ (h >> 33)
+    h = h * 0xC4CEB9FE1A85EC53
+    h = h ^ (h >> 33)
     shift = (63 - log2cap).to(tl.uint64)
     slot = ((h >> shift) >> 1).to(tl.int64)  # two shifts: log2cap = 0 would shift by 64
     cap = tl.full(key.shape, 1, dtype=tl.int64) << log2cap.to(tl.int64)
@@ -113,9 +120,11 @@ def _probe_hash(keys, locs, log2cap, key, mask):
     loc = tl.full(key.shape, -1, dtype=tl.int32)
     probes = tl.zeros(key.shape, dtype=tl.int64)
     while tl.max(active.to(tl.int32), axis=0) > 0:
-        k = tl.load(keys + slot, mask=active, other=0)
+        low = tl.load(slots + 3 * slot, mask=active, other=0)
+        high = tl.load(slots + 3 * slot + 1, mask=active, other=0)
+        k = (high.to(tl.int64) << 32) | (low.to(tl.uint32, bitcast=True).to(tl.int64))
         hit = active & (k == key)
-        loc = tl.where(hit, tl.load(locs + slot, mask=hit, other=-1), loc)
+        loc = tl.where(hit, tl.load(slots + 3 * slot + 2, mask=hit, other=-1), loc)
         probes += 1
         active = active & (k != key) & (k.to(tl.uint64, bitcast=True) != empty_bits) & (probes < cap)
         slot = (slot + 1) & (cap - 1)
@@ -142,7 +151,7 @@ def _resolve(ids, mask, ia, ib, ic, idd, na, nb, INDEX: tl.constexpr):
         delta, dhit = _find_sorted(ic, idd, nb, ids, mask)
         loc = tl.where(dhit, delta, main)
     else:
-        loc = _probe_hash(ia, ib, na, ids, mask)
+        loc = _probe_hash(ia, na, ids, mask)
     return loc
 
 
@@ -409,16 +418,16 @@ def _pooled_kernel(
 
 @dataclass(frozen=True)
 class HashIndexView:
-    """Raw tensors of an open-addressing hash index (the structure the C kernel probes too):
-    ``keys int64[cap]`` (``INT64_MIN`` = empty), ``locator int32[cap]``, ``cap`` a power of two."""
+    """Raw slots of an open-addressing hash index (the structure the C kernel probes too):
+    ``slots int32[cap, 3]`` (12-byte slots, layout in compression/hash_index.py), ``cap`` a
+    power of two (1 allowed here, unlike :class:`~compression.hash_index.HashIndex`)."""
 
-    keys: torch.Tensor
-    locator: torch.Tensor
+    slots: torch.Tensor
     kind: str = "hash"
 
     @property
     def log2cap(self) -> int:
-        cap = int(self.keys.numel())
+        cap = int(self.slots.shape[0])
         if cap < 1 or cap & (cap - 1):
             raise ValueError(f"hash index capacity must be a power of two, got {cap}")
         return cap.bit_length() - 1
@@ -458,8 +467,8 @@ def index_args(index: Any, device: torch.device) -> tuple[int, tuple[Any, ...]]:
             index.keys.numel(), index.delta_keys.numel(),
         )
     if kind == "hash":
-        log2cap = index.log2cap if hasattr(index, "log2cap") else HashIndexView(index.keys, index.locator).log2cap
-        return HASH, (_arg(index.keys, device, i64), _arg(index.locator, device, i32), _arg(None, device, i64), _arg(None, device, i32), log2cap, 0)
+        log2cap = HashIndexView(index.slots).log2cap
+        return HASH, (_arg(index.slots, device, i32), _arg(None, device, i32), _arg(None, device, i64), _arg(None, device, i32), log2cap, 0)
     raise ValueError(f"the Triton decoder has no probe for index kind {kind!r}")
 
 

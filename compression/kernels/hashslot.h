@@ -1,0 +1,69 @@
+/* The slot array of a keyed table's open-addressing hash index, shared by hashindex.c (writes,
+ * serial find) and decode.c (the probe inside the lookup pipeline).  The same layout is described
+ * in compression/hash_index.py (torch reference) and probed by compression/kernels/triton_decode.py;
+ * keep the three in step.
+ *
+ *   slots   cap slots of 12 bytes, packed (no padding), slot s at byte 12 * s:
+ *             bytes 0..7    int64 key, little-endian; EMPTY = INT64_MIN marks a free slot
+ *             bytes 8..11   int32 locator (compression/layout.py); -1 in a free slot
+ *           (torch holds it as int32 [cap, 3]: words 0-1 the key's low / high half, word 2 the
+ *           locator, so it is 4-byte aligned and a GPU reads the key as two aligned words)
+ *   cap     a power of two
+ *   home(key) = fmix64(uint64 key) >> (64 - log2(cap))
+ *
+ * Why key and locator share a slot: a hit then costs one cache line (two for the 2 slots in 16
+ * that straddle a line boundary) instead of one line in a key array plus one in a locator array;
+ * bench/results/keyed.md measured the split layout's second line as the largest part of the
+ * keyed-vs-dense gap.  12 bytes, not 16: the padding would buy an aligned load that x86-64 and
+ * ARM64 do not need, at a third more index bytes.
+ *
+ * Why fmix64 (MurmurHash3's 64-bit finalizer: xor-shift 33, multiply, xor-shift 33, multiply,
+ * xor-shift 33) and not a single multiply (Fibonacci hashing, the format-2 hash): IDs in an
+ * arithmetic progression (a stride, shard-interleaved IDs) hashed by one multiply land on a
+ * lattice whose clusters put only about a third of the keys in their home slot at load 0.48
+ * (bench keys: i * 1,000,003); the finalizer spreads every ID set like random keys (about 3 in 4
+ * at home), and its two extra multiplies are hidden behind the memory loads.
+ */
+#ifndef EMBSERVE_HASHSLOT_H
+#define EMBSERVE_HASHSLOT_H
+#include <stdint.h>
+#include <string.h>
+
+#define HSLOT_EMPTY INT64_MIN
+#define HSLOT_BYTES 12
+
+static inline uint64_t hslot_mix(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+
+/* 64 - log2(cap): home = mix(key) >> shift */
+static inline int hslot_shift(int64_t cap) { return 64 - (63 - __builtin_clzll((unsigned long long)cap)); }
+
+static inline int64_t hslot_home(int64_t key, int shift) { return (int64_t)(hslot_mix((uint64_t)key) >> shift); }
+
+/* memcpy: a slot's key is only 4-byte aligned (the compiler emits one unaligned load) */
+static inline int64_t hslot_key(const uint8_t *slots, int64_t s) {
+    int64_t k;
+    memcpy(&k, slots + HSLOT_BYTES * s, 8);
+    return k;
+}
+
+static inline int32_t hslot_loc(const uint8_t *slots, int64_t s) {
+    int32_t l;
+    memcpy(&l, slots + HSLOT_BYTES * s + 8, 4);
+    return l;
+}
+
+static inline void hslot_set(uint8_t *slots, int64_t s, int64_t key, int32_t loc) {
+    memcpy(slots + HSLOT_BYTES * s, &key, 8);
+    memcpy(slots + HSLOT_BYTES * s + 8, &loc, 4);
+}
+
+static inline void hslot_set_loc(uint8_t *slots, int64_t s, int32_t loc) { memcpy(slots + HSLOT_BYTES * s + 8, &loc, 4); }
+
+#endif
