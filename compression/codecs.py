@@ -56,7 +56,9 @@ def _quantize_with(
     calls this several times per row."""
     positive = scale > 0
     safe = torch.where(positive, scale, torch.ones_like(scale))
-    codes = (x - bias).div_(safe).round_().clamp_(0, qmax).mul_(positive)
+    codes = (x - bias).div_(safe).round_().clamp_(0, qmax)
+    if not bool(positive.all()):
+        codes.mul_(positive)  # a zero scale: every code 0 (a full pass, so only when needed)
     err = torch.addcmul(bias - x, codes, scale).square_().sum(dim=1, keepdim=True)
     return codes, err
 
@@ -76,12 +78,15 @@ _CLIP_GRID: dict[int, tuple[float, ...]] = {
 def _clip_error(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, qmax: int) -> torch.Tensor:
     """Rows' squared error under ``scale``/``bias`` (codes clamped to ``[0, qmax]``), computed
     in the code domain with in-place ops: the search below calls it once per candidate."""
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    positive = scale > 0
+    safe = torch.where(positive, scale, torch.ones_like(scale))
     r = (x - bias) / safe
     q = torch.round(r).clamp_(0, qmax)
     err = r.sub_(q).square_().sum(dim=1, keepdim=True) * (safe * safe)
-    # a zero scale decodes every code to the bias
-    return torch.where(scale > 0, err, ((x - bias) ** 2).sum(dim=1, keepdim=True))
+    if bool(positive.all()):
+        return err
+    # a zero scale decodes every code to the bias (two full passes, so only when needed)
+    return torch.where(positive, err, ((x - bias) ** 2).sum(dim=1, keepdim=True))
 
 
 def _refit(
