@@ -728,10 +728,10 @@ def _reweighted(costs: GroupCosts, new: torch.Tensor, old: torch.Tensor, groups:
 
 def _judge(
     plans: list[Plan], ctx: PlanContext, traffic: "TrafficSample", rows: torch.Tensor, rotation: torch.Tensor | None,
-    fallback: Callable[[torch.Tensor], torch.Tensor] | None,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None, progress: ProgressFn | None = None,
 ) -> dict[int, float]:
     """Estimated recall of every plan (by ``id(plan)``); served rows are computed once per
-    column for the positions the judge reads."""
+    column for the positions the judge reads.  ``progress(done, total)`` after each plan."""
     pos = traffic.positions()
     x = rows[pos].to(torch.float32)
     cache: dict[int, torch.Tensor] = {}
@@ -759,6 +759,8 @@ def _judge(
                 served[mask] = column(c)[mask]
             seen[key] = traffic.recall(lambda p, served=served: served[where[p]])
         scores[id(plan)] = seen[key]
+        if progress is not None:
+            progress(len(scores), len(plans))
     return scores
 
 
@@ -871,6 +873,7 @@ def compress(
     if objective == "knn":
         from .knn import TrafficSample
 
+        tell("kNN truth of sampled traffic")(0, 1)
         traffic = TrafficSample(rows, freqs)
         weights = traffic.row_weights()
     else:
@@ -915,7 +918,7 @@ def compress(
                     plan.name += " (cosine weights)"
                     plan.error = ctx.error_of(plan.segments)
                     plans.append(plan)
-        judged = _judge(plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim))
+        judged = _judge(plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim), tell("judging plans on sampled traffic"))
     if not plans:
         one_class = ctx.runs_of([(n, 0)]) if "runs" in kinds else 0
         smallest = min(ctx.fixed_bytes([], kind, one_class) for kind in kinds)

@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from .parallel import thread_map
+
 # How a plan is shown to the judge: the served rows at given row positions.
 ServedFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,12 +43,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def true_neighbours(rows: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
     """``int64 [Q, k]``: the ``k`` nearest rows by cosine to each query row, itself excluded."""
     unit = _unit(rows.to(torch.float32))
-    out = []
-    for s in range(0, queries.numel(), chunk):
+
+    def search(s: int) -> torch.Tensor:
         q = queries[s : s + chunk]
         scores = unit[q] @ unit.T
         scores[torch.arange(q.numel()), q] = -float("inf")
-        out.append(torch.topk(scores, k, dim=1).indices)
+        return torch.topk(scores, k, dim=1).indices
+
+    # query chunks on parallel threads (compression.parallel): Q x N x D multiply-adds in all
+    out = list(thread_map(search, range(0, queries.numel(), chunk)))
     return torch.cat(out) if out else torch.empty((0, k), dtype=torch.int64)
 
 
@@ -84,6 +89,15 @@ class TrafficSample:
         """Every row position :meth:`recall` reads (queries, truths, sample), unique, sorted."""
         return torch.unique(torch.cat([self.judge_queries, self.judge_truth.reshape(-1), self.sample]))
 
+    def _clash(self) -> torch.Tensor:
+        """``bool [Q, S]``: sampled rows that are the query or one of its true neighbours (not
+        intruders).  The same for every plan, so computed once (``Q x k x S`` comparisons)."""
+        if getattr(self, "_clash_mask", None) is None:
+            self._clash_mask = (self.sample[None, :] == self.judge_queries[:, None]) | (
+                self.sample[None, None, :] == self.judge_truth[:, :, None]
+            ).any(dim=1)
+        return self._clash_mask
+
     def recall(self, served: ServedFn) -> float:
         """Estimated recall@k of the plan whose served rows ``served`` returns (see module doc)."""
         pos = self.positions()
@@ -95,24 +109,27 @@ class TrafficSample:
         s = vecs[where[self.sample]]  # [S, D]
         t_scores = torch.einsum("qd,qkd->qk", q, t)
         s_scores = q @ s.T
-        # a sampled row that is the query or one of its true neighbours is not an intruder
-        clash = (self.sample[None, :] == self.judge_queries[:, None]) | (
-            self.sample[None, None, :] == self.judge_truth[:, :, None]
-        ).any(dim=1)
-        s_scores = s_scores.masked_fill(clash, -float("inf"))
+        s_scores = s_scores.masked_fill(self._clash(), -float("inf"))
         others = max(self.n - self.k - 1, 0)
         w_s = others / max(self.sample.numel(), 1)
-        # intruders first: on a tie (e.g. pruned rows, all scoring 0) the stable sort ranks the
-        # true neighbour last - no credit for a neighbour that cannot be told apart
-        scores = torch.cat([s_scores, t_scores], dim=1)
-        weights = torch.cat([torch.full_like(s_scores, w_s), torch.ones_like(t_scores)], dim=1)
-        is_true = torch.cat([torch.zeros_like(s_scores), torch.ones_like(t_scores)], dim=1)
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)
-        w_sorted = torch.gather(weights, 1, order)
-        hit_sorted = torch.gather(is_true, 1, order)
-        before = torch.cumsum(w_sorted, dim=1) - w_sorted  # weight ranked above each entry
-        # an entry counts in full when the k slots are not yet filled above it, partly at the edge
-        room = (self.k - before).clamp(min=0)
-        take = torch.minimum(room, w_sorted) / w_sorted.clamp(min=1e-12)
-        hits = (take * hit_sorted).sum(dim=1)
+        # Walk each query's ranking (intruders weigh w_s, true neighbours 1) until k rows' worth
+        # of weight is passed.  Only the true neighbours score, so no full sort is needed: the
+        # weight ranked above true neighbour j is w_s * (intruders scoring >= it: on a tie the
+        # intruder ranks first - no credit for a neighbour that cannot be told apart, e.g.
+        # pruned rows all scoring 0) + (true neighbours scoring above it, or equal and listed
+        # earlier).  A true neighbour counts in full while the k slots are not yet filled above
+        # it, partly at the edge.  (This used to argsort Q x (S + k) entries per plan; the same
+        # value comes from counting.)
+        # Past m = floor(k / w_s) + 1 intruders above it a neighbour is out of the k slots
+        # whatever else ranks above, so each query's m best intruders are all that is compared.
+        m = s_scores.shape[1] if w_s <= 0 else min(s_scores.shape[1], int(self.k // w_s) + 1)
+        best = torch.topk(s_scores, m, dim=1).values if m < s_scores.shape[1] else s_scores
+        intruders = (best[:, None, :] >= t_scores[:, :, None]).sum(dim=2).to(torch.float64)
+        if w_s <= 0:
+            intruders.zero_()
+        kk = t_scores.shape[1]
+        earlier = torch.arange(kk)[None, :, None] < torch.arange(kk)[None, None, :]  # j' listed before j
+        above = (t_scores[:, None, :] > t_scores[:, :, None]) | ((t_scores[:, None, :] == t_scores[:, :, None]) & earlier.transpose(1, 2))
+        before = w_s * intruders + above.sum(dim=2).to(torch.float64)
+        hits = (self.k - before).clamp(min=0, max=1).sum(dim=1)
         return float(hits.mean()) / self.k
