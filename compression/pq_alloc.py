@@ -25,6 +25,7 @@ import torch
 from . import pq
 from .allocation import BudgetTooSmall, GroupCosts, GroupErrorFn, estimate_costs, solve_knapsack
 from .layout import MAX_CLASSES, MAX_PQ_BITS, RowClass
+from .parallel import thread_map
 
 DEFAULT_SUB_DIMS: tuple[int, ...] = (2, 4, 8, 16)
 DEFAULT_PQ_BITS: tuple[int, ...] = (4, 8)
@@ -80,7 +81,8 @@ def train_candidate_codebooks(
     """One fp16 codebook per PQ class, by frequency-weighted k-means on a sample of ``rows``."""
     picks, w = pq.training_sample(weights, sample, seed)
     x = rows[picks].to(torch.float32)
-    return {rc: pq.train_codebook(x, w, rc, seed=seed) for rc in classes}
+    # one class per task on parallel threads (compression.parallel; each k-means has its own seed)
+    return dict(zip(classes, thread_map(lambda rc: pq.train_codebook(x, w, rc, seed=seed), classes)))
 
 
 def refine_codebooks(
