@@ -729,11 +729,9 @@ def _reweighted(costs: GroupCosts, new: torch.Tensor, old: torch.Tensor, groups:
 def _judge(
     plans: list[Plan], ctx: PlanContext, traffic: "TrafficSample", rows: torch.Tensor, rotation: torch.Tensor | None,
     fallback: Callable[[torch.Tensor], torch.Tensor] | None, progress: ProgressFn | None = None,
-    codebooks: dict[RowClass, torch.Tensor] | None = None,
 ) -> dict[int, float]:
     """Estimated recall of every plan (by ``id(plan)``); served rows are computed once per
-    column for the positions the judge reads (PQ columns through ``codebooks``).
-    ``progress(done, total)`` after each plan."""
+    column for the positions the judge reads.  ``progress(done, total)`` after each plan."""
     pos = traffic.positions()
     x = rows[pos].to(torch.float32)
     cache: dict[int, torch.Tensor] = {}
@@ -744,7 +742,7 @@ def _judge(
             if rc.dim == 0:
                 cache[c] = fallback(pos).to(torch.float32) if fallback is not None else torch.zeros_like(x)
             else:
-                cache[c] = served_rows(x, rc, rotation if ctx.rotated[c] else None, (codebooks or {}).get(rc))
+                cache[c] = served_rows(x, rc, rotation if ctx.rotated[c] else None)
         return cache[c]
 
     where = torch.full((ctx.n,), -1, dtype=torch.int64)
@@ -920,7 +918,7 @@ def compress(
                     plan.name += " (cosine weights)"
                     plan.error = ctx.error_of(plan.segments)
                     plans.append(plan)
-        judged = _judge(plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim), tell("judging plans on sampled traffic"), codebook_of)
+        judged = _judge(plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim), tell("judging plans on sampled traffic"))
     if not plans:
         one_class = ctx.runs_of([(n, 0)]) if "runs" in kinds else 0
         smallest = min(ctx.fixed_bytes([], kind, one_class) for kind in kinds)

@@ -276,14 +276,3 @@ def test_keyed_tables_take_the_hash_index_by_default_and_pay_for_its_slots() -> 
     assert table.nbytes <= 500 * 32 * 4 / 2
     got = table.lookup(ids).values
     assert float(((got - rows) ** 2).sum() / (rows**2).sum()) < 0.02
-
-
-def test_knn_objective_judges_codebook_plans_too() -> None:
-    """objective="knn" with pq=True: the judge serves PQ columns through their codebooks (it
-    used to encode them without one and fail)."""
-    gen = torch.Generator().manual_seed(3)
-    rows = torch.randn(3000, 16, generator=gen)
-    freqs = torch.sort(zipf_frequencies(3000, seed=2), descending=True).values
-    table, report = compress(rows, freqs, ratio=16, objective="knn", pq=True)
-    assert report.estimated_recall is not None and 0 < report.estimated_recall <= 1
-    assert table.nbytes <= report.budget_bytes
