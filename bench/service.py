@@ -6,6 +6,9 @@
 
 Paths compared (all called from this Python process, as a ranker would):
 
+* **service binary (uvicorn, ASGI only)**: a second `embserve serve` with
+  ``EMBSERVE_HTTP_FAST_PATH=false``, every request through ASGI: the baseline of the HTTP-level
+  lookup fast path (service/fasthttp.py), in the same rounds;
 * **service binary** / **service JSON**: a real `embserve serve` process (uvicorn) holding the
   demo table (1M x 64, Zipf traffic, compressed 8x by the knapsack allocator), called with
   ``service.client.EmbeddingClient``;
@@ -264,6 +267,8 @@ def main() -> None:
 
         grpc_port = free_port()
         server, base, server_env = start_server(folder, {"EMBSERVE_GRPC_PORT": str(grpc_port)})
+        # the same server with every request through ASGI: the HTTP-level fast path's baseline, same rounds
+        asgi_only, asgi_base, _ = start_server(folder, {"EMBSERVE_HTTP_FAST_PATH": "false"})
         other = None
         if args.compare_servers:
             other, other_base, _ = start_server(folder, {"EMBSERVE_HTTP_SERVER": "uvicorn" if default_http_server() == "granian" else "granian"})
@@ -273,9 +278,11 @@ def main() -> None:
             [sys.executable, "-m", "uvicorn", "--app-dir", _BENCH, "noop_asgi:app", "--port", str(floor_port), "--log-level", "warning", "--no-access-log"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        procs = [p for p in (server, other, redis_proc, floor) if p is not None]
+        procs = [p for p in (server, asgi_only, other, redis_proc, floor) if p is not None]
+        load_before = load_average()
         try:
             wait_http(f"{base}/readyz", server)
+            wait_http(f"{asgi_base}/readyz", asgi_only)
             wait_http(f"http://127.0.0.1:{floor_port}/", floor, method="POST")
             if other is not None:
                 wait_http(f"{other_base}/readyz", other)
@@ -288,11 +295,13 @@ def main() -> None:
             binary_client = EmbeddingClient(base)
             fp16_client = EmbeddingClient(base, dtype="f16")
             json_client = EmbeddingClient(base, binary=False)
+            asgi_client = EmbeddingClient(asgi_base)
             server_table_bytes = int(binary_client.tables()[0]["bytes"])
             grpc_call = grpc_fetcher(f"127.0.0.1:{grpc_port}")
             http_server = default_http_server()
             paths: dict[str, tuple[Callable[[np.ndarray], object], int | None]] = {
                 f"service binary ({http_server})": (lambda ids: binary_client.lookup(TABLE, ids), server.pid),
+                f"service binary ({http_server}, ASGI only)": (lambda ids: asgi_client.lookup(TABLE, ids), asgi_only.pid),
                 "service binary, fp16 values": (lambda ids: fp16_client.lookup(TABLE, ids), server.pid),
                 "service JSON": (lambda ids: json_client.lookup(TABLE, ids), server.pid),
                 "service v2 gRPC (tritonclient)": (grpc_call, server.pid),
@@ -340,16 +349,22 @@ def main() -> None:
 
             server_rss = rss_bytes(server.pid)
             redis_rss = rss_bytes(redis_proc.pid)
-            for client in (binary_client, fp16_client, json_client, other_client):
+            load_after = load_average()
+            for client in (binary_client, fp16_client, json_client, asgi_client, other_client):
                 if client is not None:
                     client.close()
         finally:
             stop(*procs, timeout=30)
 
-    report = render(args, cells, open_rows, batch_sizes, binary_path, server_table_bytes, server_rss, info, redis_rss)
+    report = render(args, cells, open_rows, batch_sizes, binary_path, server_table_bytes, server_rss, info, redis_rss, (load_before, load_after))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)
+
+
+def load_average() -> str:
+    """The host's 1/5/15-minute load averages (other jobs share these cores)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def default_http_server() -> str:
@@ -405,12 +420,13 @@ def grpc_fetcher(url: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def render(args: argparse.Namespace, cells: dict[tuple[str, int], Cell], open_rows: list[tuple[str, int, float, float, float]],
-           batch_sizes: list[int], binary_path: str, server_table_bytes: int, server_rss: int, info: dict, redis_rss: int) -> str:  # type: ignore[type-arg]
+           batch_sizes: list[int], binary_path: str, server_table_bytes: int, server_rss: int, info: dict, redis_rss: int,  # type: ignore[type-arg]
+           load: tuple[str, str] = ("?", "?")) -> str:
     fp32_bytes = args.rows * args.dim * 4
     lines = [
         "# Service lookups vs a Redis blob store and in-process lookups" + (" (smoke mode: --fast, numbers mean nothing)" if args.fast else ""),
         "",
-        f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.",
+        f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}; load average (1/5/15 min) {load[0]} at the start, {load[1]} at the end.",
         f"Table: {args.rows:,} IDs x {args.dim} dims, Zipf traffic, compressed {args.ratio:g}x by the knapsack allocator "
         f"(fp32 would be {fp32_bytes / 2**20:.0f} MiB). The load generator shares the 2 cores with the servers.",
         f"Closed loop: {args.concurrency} client threads, {args.seconds:g} s per path and round, {args.rounds} rounds run round-robin "

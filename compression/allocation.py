@@ -728,10 +728,12 @@ def _reweighted(costs: GroupCosts, new: torch.Tensor, old: torch.Tensor, groups:
 
 def _judge(
     plans: list[Plan], ctx: PlanContext, traffic: "TrafficSample", rows: torch.Tensor, rotation: torch.Tensor | None,
-    fallback: Callable[[torch.Tensor], torch.Tensor] | None, progress: ProgressFn | None = None,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None, codebooks: dict[RowClass, torch.Tensor] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[int, float]:
     """Estimated recall of every plan (by ``id(plan)``); served rows are computed once per
-    column for the positions the judge reads.  ``progress(done, total)`` after each plan."""
+    column for the positions the judge reads (a PQ column through its candidate codebook, as
+    the costs were estimated).  ``progress(done, total)`` after each plan."""
     pos = traffic.positions()
     x = rows[pos].to(torch.float32)
     cache: dict[int, torch.Tensor] = {}
@@ -742,7 +744,8 @@ def _judge(
             if rc.dim == 0:
                 cache[c] = fallback(pos).to(torch.float32) if fallback is not None else torch.zeros_like(x)
             else:
-                cache[c] = served_rows(x, rc, rotation if ctx.rotated[c] else None)
+                book = (codebooks or {}).get(rc) if rc.pq else None
+                cache[c] = served_rows(x, rc, rotation if ctx.rotated[c] else None, codebook=book)
         return cache[c]
 
     where = torch.full((ctx.n,), -1, dtype=torch.int64)
@@ -918,7 +921,9 @@ def compress(
                     plan.name += " (cosine weights)"
                     plan.error = ctx.error_of(plan.segments)
                     plans.append(plan)
-        judged = _judge(plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim), tell("judging plans on sampled traffic"))
+        judged = _judge(
+            plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim), codebook_of, tell("judging plans on sampled traffic")
+        )
     if not plans:
         one_class = ctx.runs_of([(n, 0)]) if "runs" in kinds else 0
         smallest = min(ctx.fixed_bytes([], kind, one_class) for kind in kinds)

@@ -15,13 +15,20 @@ optional ``offsets`` (INT64 [B]) with parameter ``pooling`` (``sum``/``mean``); 
 Same rules as HTTP: the read token in metadata ``authorization: Bearer <token>``, the same
 limits (IDs, lookups, message size = ``max_body_bytes``), and the HTTP status of each refusal
 mapped to its gRPC code (400/422 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403 PERMISSION_DENIED,
-404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE).
+404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE), the response-size cap
+(``EMBSERVE_MAX_RESPONSE_BYTES``, 2 bytes a value for FP16 / BF16).  A response carries parameter
+``pruned`` (int64: IDs whose pruned row the unknown-ID policy filled), as over HTTP.  Calls are
+counted in ``embserve_grpc_requests_total{method, code}`` and timed in
+``embserve_grpc_request_duration_seconds{method}``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -31,11 +38,12 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from . import __version__
 from .errors import ApiError
+from .response_size import check_infer_response
 from .routers.lookup import check_limits, run_lookups
 from .security import check_reader
 from .state import AppState
 from .v2wire import EMBEDDING_DATATYPES, ID_DTYPES, embedding_bytes
-from .wire import ParsedLookup
+from .wire import DTYPE_ITEMSIZE, ParsedLookup
 
 log = logging.getLogger("embserve")
 MODEL_VERSION = "1"
@@ -51,6 +59,32 @@ _CODES = {
 }
 # typed contents field of each ID datatype
 _CONTENTS = {"INT64": "int64_contents", "INT32": "int_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents"}
+
+
+_Call = TypeVar("_Call", bound=Callable[..., Awaitable[Any]])
+
+
+def _recorded(method: _Call) -> _Call:
+    """Count the call by method and final status code and time it
+    (``embserve_grpc_requests_total`` / ``embserve_grpc_request_duration_seconds``); an abort
+    arrives here as the exception ``context.abort`` raises, with the code already set."""
+
+    @functools.wraps(method)
+    async def call(self: "InferenceService", request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await method(self, request, context)
+        except BaseException:
+            status = context.code()
+            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            m = self.state.metrics
+            m.grpc_requests.labels(method.__name__, code).inc()
+            m.grpc_latency.labels(method.__name__).observe(time.perf_counter() - started)
+
+    return call  # type: ignore[return-value]
 
 
 def _bad(message: str) -> ApiError:
@@ -115,15 +149,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         applier = self.state.applier
         return bool(self.state.tables.ready) and (applier is None or applier.caught_up)
 
+    @_recorded
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - the protocol's names
         return pb.ServerLiveResponse(live=True)
 
+    @_recorded
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return pb.ServerReadyResponse(ready=self._ready())
 
+    @_recorded
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return pb.ServerMetadataResponse(name="embserve", version=__version__, extensions=["binary_tensor_data"])
 
+    @_recorded
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
             self._auth(context)
@@ -137,6 +175,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name="embeddings", datatype="FP32", shape=[-1, hosted.table.dim]), tensor(name="found", datatype="BOOL", shape=[-1])],
         )
 
+    @_recorded
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
             self._auth(context)
@@ -145,6 +184,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await self._fail(context, exc)
         return pb.ModelReadyResponse(ready=self._ready())
 
+    @_recorded
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
             self._auth(context)
@@ -193,11 +233,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             check_limits(self.state, [lookup])
         except ApiError as exc:
             raise ApiError(exc.status if exc.status in (404, 413) else 400, exc.code, exc.message) from None
+        bags = None if offsets is None else int(offsets.shape[0])
+        hosted = self._hosted(name, request.model_version)
+        outputs_sent = {out_name: True for out_name in wanted}  # raw_output_contents: always binary
+        check_infer_response(
+            self.state, hosted.table.dim, int(ids.size), bags, pooling, outputs_sent, DTYPE_ITEMSIZE[EMBEDDING_DATATYPES[datatype]]
+        )
         output = run_lookups(self.state, [lookup])[0]
         dim = output.values.shape[1]
         embeddings = output.values if pooling != "none" else output.values.reshape(*ids.shape, dim)
         found = output.found.reshape(ids.shape)
         response = pb.ModelInferResponse(model_name=name, model_version=MODEL_VERSION, id=request.id)
+        response.parameters["pruned"].int64_param = output.pruned  # as HTTP's parameters.pruned
         for out_name in wanted:
             if out_name == "embeddings":
                 response.outputs.add(name=out_name, datatype=datatype, shape=list(embeddings.shape))

@@ -85,6 +85,18 @@ class ServiceMetrics:
             "embserve_http_request_duration_seconds", "HTTP request latency by route", ["route", "method"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        # gRPC (service/grpc_v2.py): its own names, since its codes are gRPC's, not HTTP statuses
+        self.grpc_requests = Counter(
+            "embserve_grpc_requests_total", "gRPC calls by method and status code", ["method", "code"], registry=self.registry
+        )
+        self.grpc_latency = Histogram(
+            "embserve_grpc_request_duration_seconds", "gRPC call latency by method", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
+        self.http_fast_path = Counter(
+            "embserve_http_fast_path_requests_total",
+            "Lookups answered in the HTTP protocol, below ASGI (service/fasthttp.py); also counted in embserve_http_requests_total",
+            registry=self.registry,
+        )
         self.lookup_latency = Histogram(
             "embserve_lookup_duration_seconds", "Time to look up and decode one table's IDs", ["table"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from .errors import ApiError
 from .state import AppState
-from .wire import ParsedLookup
+from .wire import DTYPE_ITEMSIZE, ParsedLookup
 
 BINARY_BYTES_PER_VALUE = 4  # float32
 BINARY_BYTES_PER_FLAG = 1
@@ -31,11 +31,11 @@ def output_rows(ids: int, bags: int | None, pooling: str) -> int:
     return ids if pooling == "none" or bags is None else bags
 
 
-def refuse_over_limit(limit: int, nbytes: int, rows: int, binary: bool) -> None:
+def refuse_over_limit(limit: int, nbytes: int, rows: int, binary: bool, value_bytes: int = BINARY_BYTES_PER_VALUE) -> None:
     """413 with the estimate, the limit and the setting's name when ``nbytes`` is over ``limit``."""
     if nbytes <= limit:
         return
-    form = f"binary, {BINARY_BYTES_PER_VALUE}" if binary else f"JSON, about {JSON_BYTES_PER_VALUE}"
+    form = f"binary, {value_bytes}" if binary else f"JSON, about {JSON_BYTES_PER_VALUE}"
     hint = "" if binary else ", or ask for the binary format"
     raise ApiError(
         413,
@@ -52,28 +52,37 @@ def response_bytes(items: Iterable[tuple[int, int, int]], value_bytes: int, flag
 
 def check_lookup_response(state: AppState, lookups: list[ParsedLookup], binary: bool) -> int:
     """Refuse a ``POST /v1/lookup`` whose answer would exceed the cap; the estimate otherwise.
-    Call after :func:`~service.routers.lookup.check_limits` (tables known, offsets valid)."""
-    items = []
+    Call after :func:`~service.routers.lookup.check_limits` (tables known, offsets valid).
+    Binary values count their own width: 2 bytes for ``f16`` / ``bf16``, 4 otherwise (a
+    request-wide default dtype is not known here, so it counts as float32: never under)."""
+    nbytes = 0
+    rows_total = 0
+    widest = 0
     for item in lookups:
         hosted = state.tables.get(item.table)
         dim = hosted.table.dim if hosted is not None else 0
         bags = None if item.offsets is None else int(item.offsets.shape[0])
         ids = int(item.ids.shape[0])
-        items.append((output_rows(ids, bags, item.pooling), dim, ids))
-    value_bytes, flag_bytes = (BINARY_BYTES_PER_VALUE, BINARY_BYTES_PER_FLAG) if binary else (JSON_BYTES_PER_VALUE, JSON_BYTES_PER_FLAG)
-    nbytes = response_bytes(items, value_bytes, flag_bytes)
-    refuse_over_limit(state.settings.max_response_bytes, nbytes, sum(r for r, _, _ in items), binary)
+        rows = output_rows(ids, bags, item.pooling)
+        value_bytes = DTYPE_ITEMSIZE[item.dtype or "f32"] if binary else JSON_BYTES_PER_VALUE
+        widest = max(widest, value_bytes)
+        nbytes += response_bytes([(rows, dim, ids)], value_bytes, BINARY_BYTES_PER_FLAG if binary else JSON_BYTES_PER_FLAG)
+        rows_total += rows
+    refuse_over_limit(state.settings.max_response_bytes, nbytes, rows_total, binary, widest or BINARY_BYTES_PER_VALUE)
     return nbytes
 
 
-def check_infer_response(state: AppState, dim: int, ids: int, bags: int | None, pooling: str, outputs: dict[str, bool]) -> int:
-    """The same cap for a v2 infer request; ``outputs`` maps each requested output to whether it
-    is sent binary."""
+def check_infer_response(
+    state: AppState, dim: int, ids: int, bags: int | None, pooling: str, outputs: dict[str, bool], value_bytes: int = BINARY_BYTES_PER_VALUE
+) -> int:
+    """The same cap for a v2 infer request (HTTP or gRPC); ``outputs`` maps each requested
+    output to whether it is sent binary, ``value_bytes`` is the width of a binary embedding
+    value (2 for FP16 / BF16)."""
     rows = output_rows(ids, bags, pooling)
     nbytes = 0
     if "embeddings" in outputs:
-        nbytes += rows * dim * (BINARY_BYTES_PER_VALUE if outputs["embeddings"] else JSON_BYTES_PER_VALUE)
+        nbytes += rows * dim * (value_bytes if outputs["embeddings"] else JSON_BYTES_PER_VALUE)
     if "found" in outputs:
         nbytes += ids * (BINARY_BYTES_PER_FLAG if outputs["found"] else JSON_BYTES_PER_FLAG)
-    refuse_over_limit(state.settings.max_response_bytes, nbytes, rows, outputs.get("embeddings", True))
+    refuse_over_limit(state.settings.max_response_bytes, nbytes, rows, outputs.get("embeddings", True), value_bytes)
     return nbytes

@@ -33,7 +33,15 @@ def run(app: Any, settings: Settings) -> None:
 def _run_uvicorn(app: Any, settings: Settings) -> None:
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    http: Any = "auto"
+    if settings.http_fast_path:
+        try:
+            from .fasthttp import protocol_class  # needs httptools (uvicorn[standard])
+        except ImportError:
+            pass
+        else:
+            http = protocol_class(app)  # small lookups answered below ASGI (service/fasthttp.py)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False, http=http)
 
 
 def _run_granian(app: Any, settings: Settings) -> None:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     http_server: Literal["uvicorn", "granian"] = Field(
         "uvicorn", description="HTTP server the service runs under (service/serving.py; the faster one measured is the default)"
     )
+    http_fast_path: bool = Field(
+        True, description="uvicorn: answer small POST /v1/lookup requests in the HTTP protocol, below ASGI (service/fasthttp.py); false = all through ASGI"
+    )
     grpc_port: int | None = Field(
         None, ge=0, le=65535, description="port of the KServe v2 gRPC endpoint, in the same process (unset = no gRPC)"
     )

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from compression import compress, save_table
+from compression import RowClass, build_table, compress, save_table
+from compression.unknown import build_unknown_policy
 from compression.synthetic import synthetic_table, zipf_frequencies
 from service.client import EmbeddingClient, EmbservError
 
@@ -27,19 +28,28 @@ from test_e2e import free_port, wait_ready  # noqa: E402
 pytestmark = pytest.mark.e2e
 TOKEN = "read-token-0123456789abcdef"
 HEADERS = {"authorization": f"Bearer {TOKEN}"}
+RESPONSE_CAP = 5000  # 100 IDs x 16 dims: 6,500 bytes at FP32, 3,300 at FP16 (values + found flags)
+SPARSE_ROWS = torch.randn(100, 8, generator=torch.Generator().manual_seed(4))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(HTTP base URL, gRPC address) of one real server with a read token and a 100-ID limit."""
+    """(HTTP base URL, gRPC address) of one real server with a read token, a 100-ID limit and a
+    response cap that 100 IDs of 16 float32 values pass only at 16 bits."""
     folder = tmp_path_factory.mktemp("grpc")
     freqs = zipf_frequencies(2000, seed=4)
     table, _ = compress(synthetic_table(2000, 16, freqs, seed=4), freqs, ratio=6)
     (folder / "tables").mkdir()
     save_table(table, folder / "tables" / "items.safetensors")
+    # "sparse": IDs 50..99 pruned (dim 0), served by a hashed unknown-ID policy
+    cls = torch.zeros(100, dtype=torch.int64)
+    cls[50:] = 1
+    policy = build_unknown_policy("hashed", SPARSE_ROWS, torch.arange(100), torch.ones(100), num_buckets=16)
+    save_table(build_table(SPARSE_ROWS, cls, [RowClass(8, 32), RowClass(0, 32)], unknown=policy, index="runs"), folder / "tables" / "sparse.safetensors")
     port, grpc_port = free_port(), free_port()
     env = {**os.environ, "EMBSERVE_TABLES_DIR": str(folder / "tables"), "EMBSERVE_PORT": str(port), "EMBSERVE_GRPC_PORT": str(grpc_port),
-           "EMBSERVE_READ_TOKEN": TOKEN, "EMBSERVE_MAX_IDS_PER_REQUEST": "100", "EMBSERVE_LOG_LEVEL": "warning"}
+           "EMBSERVE_READ_TOKEN": TOKEN, "EMBSERVE_MAX_IDS_PER_REQUEST": "100", "EMBSERVE_LOG_LEVEL": "warning",
+           "EMBSERVE_MAX_RESPONSE_BYTES": str(RESPONSE_CAP)}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -123,3 +133,40 @@ def test_tokens_limits_and_errors_have_their_grpc_codes(server: tuple[str, str])
     with EmbeddingClient(server[0], token=TOKEN) as http, pytest.raises(EmbservError) as info:
         http.lookup("items", np.arange(150))
     assert info.value.status == 413
+
+
+def test_response_cap_counts_16_bit_values_at_their_width(server: tuple[str, str]) -> None:
+    """The cap counts 2 bytes a value for FP16 / BF16 on gRPC, v1 binary and v2 HTTP (it counted 4,
+    refusing a half-size answer), and gRPC checks it at all (it did not)."""
+    base, address = server
+    client = grpcclient.InferenceServerClient(address)
+    hundred = [ids_input(np.arange(100, dtype=np.int64))]
+    assert status_of(lambda: client.infer("items", hundred, headers=HEADERS)) == "StatusCode.RESOURCE_EXHAUSTED"
+    half = client.infer("items", hundred, headers=HEADERS, parameters={"embeddings_datatype": "FP16"})
+    assert half.as_numpy("embeddings").shape == (100, 16)
+    with EmbeddingClient(base, token=TOKEN) as http:
+        with pytest.raises(EmbservError) as info:
+            http.lookup("items", np.arange(100))
+        assert info.value.status == 413 and "EMBSERVE_MAX_RESPONSE_BYTES" in str(info.value)
+        assert http.lookup("items", np.arange(100), dtype="f16").values.shape == (100, 16)
+
+
+def test_pruned_count_and_grpc_metrics(server: tuple[str, str]) -> None:
+    """A response says how many IDs had a pruned row (parameter ``pruned``, as v2 HTTP does), and
+    every call is counted by method and code in the service's Prometheus metrics."""
+    import httpx
+
+    base, address = server
+    client = grpcclient.InferenceServerClient(address)
+    result = client.infer("sparse", [ids_input(np.array([3, 60, 1000, 99], dtype=np.int64))], headers=HEADERS)
+    assert result.get_response().parameters["pruned"].int64_param == 2
+    assert result.as_numpy("found").tolist() == [True, False, False, False]
+    assert status_of(lambda: client.infer("sparse", [ids_input(np.array([1], dtype=np.int64))])) == "StatusCode.UNAUTHENTICATED"
+    text = httpx.get(f"{base}/metrics", headers=HEADERS).text
+    counts = {
+        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines() if line.startswith("embserve_grpc_requests_total{")
+    }
+    assert counts.get('code="OK",method="ModelInfer"', 0) >= 1, counts
+    assert counts.get('code="UNAUTHENTICATED",method="ModelInfer"', 0) >= 1, counts
+    assert 'embserve_grpc_request_duration_seconds_count{method="ModelInfer"}' in text

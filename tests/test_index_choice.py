@@ -267,6 +267,22 @@ def test_recall_counting_equals_the_sorted_walk(n: int, sample: int) -> None:
         assert ts.recall(lambda p, v=version: v[p]) == pytest.approx(_sorted_walk_recall(ts, lambda p, v=version: v[p]), abs=1e-9)
 
 
+def test_knn_objective_judges_plans_with_product_quantization_classes() -> None:
+    """``objective="knn"`` with ``pq=True``: the judge serves PQ columns through their codebooks
+    (it raised "encodes against a codebook; none given" before); the plans are a superset of
+    those without PQ, judged on the same sampled traffic, so the estimate can only rise."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 16, generator=gen)
+    rows = centres[torch.randint(0, 20, (800,), generator=gen)] + 0.5 * torch.randn(800, 16, generator=gen)
+    freqs = torch.sort(zipf_frequencies(800, seed=1), descending=True).values
+    plain, plain_report = compress(rows, freqs, ratio=16, objective="knn", num_groups=16)
+    table, report = compress(rows, freqs, ratio=16, objective="knn", pq=True, num_groups=16)
+    assert report.estimated_recall is not None and plain_report.estimated_recall is not None
+    assert report.estimated_recall >= plain_report.estimated_recall
+    assert any(rc.pq for rc in table.classes)
+    assert table.nbytes <= 800 * 16 * 4 / 16
+
+
 def test_keyed_tables_take_the_hash_index_by_default_and_pay_for_its_slots() -> None:
     rows = torch.randn(500, 32, generator=torch.Generator().manual_seed(0))
     ids = torch.randperm(500, generator=torch.Generator().manual_seed(1)) * 7919 - 10**9  # negative too: keyed only

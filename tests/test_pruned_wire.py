@@ -61,17 +61,18 @@ def test_json_reports_pruned_ids_and_serves_the_policy_row(client: TestClient) -
     assert emb.pruned == 2 and emb.found.tolist() == [True, False, False, False]
 
 
-def test_binary_status_byte_says_unknown_found_or_pruned(client: TestClient) -> None:
-    body = encode_binary_request([ParsedLookup("t", np.asarray(IDS, dtype=np.int64), None, "none")])
+@pytest.mark.parametrize("repeat", [1, 3], ids=["4 IDs", "12 IDs"])  # status bytes from a list up to 8 IDs, numpy above
+def test_binary_status_byte_says_unknown_found_or_pruned(client: TestClient, repeat: int) -> None:
+    body = encode_binary_request([ParsedLookup("t", np.asarray(IDS * repeat, dtype=np.int64), None, "none")])
     r = client.post("/v1/lookup", content=body, headers={"content-type": BINARY_REQUEST_TYPE, "accept": BINARY_RESPONSE_TYPE})
     assert r.status_code == 200
     ((values, status, unknown),) = decode_binary_statuses(r.content)
-    assert status.tolist() == [1, 2, 0, 2] and unknown == 1
+    assert status.tolist() == [1, 2, 0, 2] * repeat and unknown == repeat
     ((_, found, _),) = decode_binary_response(r.content)
-    assert found.tolist() == [True, False, False, False]
+    assert found.tolist() == [True, False, False, False] * repeat
     (emb,) = _lookup_answer(200, r.content, binary=True, dtypes=[None])
-    assert emb.status is not None and emb.status.tolist() == [1, 2, 0, 2]
-    assert emb.pruned == 2 and emb.found.tolist() == [True, False, False, False]
+    assert emb.status is not None and emb.status.tolist() == [1, 2, 0, 2] * repeat
+    assert emb.pruned == 2 * repeat and emb.found.tolist() == [True, False, False, False] * repeat
 
 
 def test_v2_infer_carries_the_pruned_count(client: TestClient) -> None:

@@ -22,5 +22,5 @@ def test_fast_retrieval_bench_writes_its_report(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "retrieval.md").read_text()
-    for label in ("embserve knn", "embserve cosine", "uniform int2", "top-K int8", "faiss PQ", "best baseline", "Which error predicts recall"):
+    for label in ("embserve knn", "embserve knn+pq - best baseline", "embserve cosine", "uniform int2", "top-K int8", "faiss PQ", "best baseline", "Which error predicts recall"):
         assert label in report, label

@@ -208,6 +208,10 @@ def run_lookups(state: AppState, lookups: list[ParsedLookup], default_dtype: DTy
 def lookup_binary(state: AppState, lookups: list[ParsedLookup], default_dtype: DType | None = None) -> bytes:
     """Run the lookups and answer in the binary format, decoding every table's rows straight
     into the one response buffer (f32; 16-bit values are converted into it in one pass)."""
+    if len(lookups) == 1:
+        item = lookups[0]
+        if item.pooling == "none" and (item.dtype or default_dtype or "f32") == "f32":
+            return _lookup_binary_f32(state, item)
     dtypes = [item.dtype or default_dtype or "f32" for item in lookups]
     dims = [state.tables.get(item.table).table.dim for item in lookups]  # type: ignore[union-attr]
     shapes = [
@@ -229,13 +233,48 @@ def lookup_binary(state: AppState, lookups: list[ParsedLookup], default_dtype: D
         if result.num_unknown:
             write_result_head(buf, head, rows, dim, n, result.num_unknown, dtype, wide)
         pos += DTYPE_ITEMSIZE[dtype] * count
-        if n:
-            status = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
-            np.greater_equal(result.locators.numpy(), 0, out=status.view(np.bool_))  # 1 found, 0 unknown
-            if result.pruned is not None and result.num_pruned:
-                status[result.pruned.cpu().numpy()] = STATUS_PRUNED
+        _write_statuses(buf, pos, n, result)
         pos += n + (-(DTYPE_ITEMSIZE[dtype] * count + n) % 4)
     return bytes(buf) if len(buf) < _COPY_BELOW else buf  # type: ignore[return-value]
+
+
+def _lookup_binary_f32(state: AppState, item: ParsedLookup) -> bytes:
+    """:func:`lookup_binary` of the common request - one table, float32 rows, no pooling - with
+    the same bytes and less Python around them: at batch 1 that Python is most of the lookup."""
+    n = int(item.ids.shape[0])
+    dim = state.tables.get(item.table).table.dim  # type: ignore[union-attr]  # checked in check_limits
+    count = n * dim
+    buf = bytearray(binary_response_size([(n, dim, n, "f32")]))
+    head = write_response_head(buf, 1, False)
+    pos = write_result_head(buf, head, n, dim, n, 0, "f32", False)
+    # the rows are decoded straight into the answer (lookup_one's ``out``)
+    view = torch.frombuffer(buf, dtype=torch.float32, count=count, offset=pos).view(n, dim) if count else None
+    result = lookup_one(state, item, view)
+    if result.num_unknown:
+        write_result_head(buf, head, n, dim, n, result.num_unknown, "f32", False)
+    _write_statuses(buf, pos + 4 * count, n, result)  # then zero padding to 4 bytes: the buffer's own zeros
+    return bytes(buf) if len(buf) < _COPY_BELOW else buf  # type: ignore[return-value]
+
+
+# up to this many IDs the status bytes are written from a Python list: cheaper than the three
+# numpy calls (buffer view, tensor view, comparison) below ~16 IDs
+_PY_STATUS_MAX = 8
+
+
+def _write_statuses(buf: bytearray, pos: int, n: int, result: LookupResult) -> None:
+    """One status byte per ID at ``buf[pos:pos + n]``: 1 found, 0 unknown, STATUS_PRUNED pruned."""
+    if not n:
+        return
+    if n <= _PY_STATUS_MAX:
+        for k, locator in enumerate(result.locators.tolist()):
+            if locator >= 0:
+                buf[pos + k] = 1
+    else:
+        status = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
+        np.greater_equal(result.locators.numpy(), 0, out=status.view(np.bool_))  # 1 found, 0 unknown
+    if result.pruned is not None and result.num_pruned:
+        status = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
+        status[result.pruned.cpu().numpy()] = STATUS_PRUNED
 
 
 _TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -282,6 +321,8 @@ def encode_json_parts(outputs: list[LookupOutput]) -> Iterator[bytes]:
 # An answer: one buffer (a big binary one is the bytearray the rows were decoded into), or the
 # parts of a large JSON answer, encoded lazily as the socket drains.
 Answer = bytes | bytearray | Iterator[bytes]
+# (status, body, media type, extra headers) of an answer the fast paths build themselves
+Reply = tuple[int, bytes | bytearray, str, list[tuple[bytes, bytes]]]
 
 
 def is_large(payload: Answer) -> bool:
@@ -298,9 +339,23 @@ def handle_lookup(state: AppState, body: bytes, content_type: str, binary: bool,
 
 def answer_bytes(state: AppState, body: bytes, content_type: str, binary: bool, default_dtype: DType | None = None) -> tuple[Answer, str]:
     """The whole lookup, body in, answer out: what both the route and the fast path run."""
+    lookups, estimate = prepare_lookups(state, body, content_type, binary)
+    return answer_prepared(state, lookups, estimate, binary, default_dtype)
+
+
+def prepare_lookups(state: AppState, body: bytes, content_type: str, binary: bool) -> tuple[list[ParsedLookup], int]:
+    """Parse and check a lookup body: the lookups and the answer's estimated bytes.  Raises
+    every 4xx a lookup can get from its body; nothing is looked up and no metric moves, so a
+    caller may still hand the request to another path after this (service/fasthttp.py does,
+    for answers too large to write at once)."""
     lookups = parse_body(body, content_type)
     check_limits(state, lookups)
     estimate = check_lookup_response(state, lookups, binary)  # 413 before any row is decoded
+    return lookups, estimate
+
+
+def answer_prepared(state: AppState, lookups: list[ParsedLookup], estimate: int, binary: bool, default_dtype: DType | None = None) -> tuple[Answer, str]:
+    """Run checked lookups (:func:`prepare_lookups`) and encode the answer."""
     if binary:
         return lookup_binary(state, lookups, default_dtype), BINARY_RESPONSE_TYPE
     outputs = run_lookups(state, lookups, default_dtype)
@@ -349,7 +404,11 @@ class LookupFastPath:
     were most of its server CPU (bench/results/profile_batch1.md).  So this layer does, for this
     one route, what those layers do - body-size limit (413), read-token check (401/403), the
     same error JSON, ``embserve_http_*`` metrics under the route's template, a 500 that hides
-    internals - with nothing else in between.  Every other request passes through untouched."""
+    internals - with nothing else in between.  Every other request passes through untouched.
+
+    The checks and the metrics are methods shared with the HTTP-level fast path
+    (:mod:`service.fasthttp`), which answers small lookups without ASGI at all: both paths
+    must give the same answers, codes and counts."""
 
     PATH = "/v1/lookup"
 
@@ -359,7 +418,9 @@ class LookupFastPath:
         self.route = next((r for r in router.routes if getattr(r, "path", None) == self.PATH), None)
         metrics = state.metrics
         self._latency = metrics.http_latency.labels(self.PATH, "POST")
-        self._requests: dict[int, Any] = {}  # status -> counter child, cached: labels() costs microseconds
+        # status -> counter children, cached: labels() takes a lock and builds a key (microseconds)
+        self._requests: dict[int, Any] = {}
+        self._errors: dict[int, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.PATH or scope["method"] != "POST":
@@ -373,11 +434,9 @@ class LookupFastPath:
             headers = dict(scope["headers"])
             payload, media_type = await self._answer(headers, receive)
         except ApiError as exc:
-            status, payload, media_type = exc.status, error_body(exc.status, exc.code, exc.message, exc.details), "application/json"
-            extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+            status, payload, media_type, extra = self.error_reply(exc)
         except Exception:  # noqa: BLE001 - an answer that says nothing about the internals, as for every route
-            log.exception("unhandled error on POST %s", self.PATH)
-            status, payload, media_type = 500, error_body(500, "internal", "internal server error"), "application/json"
+            status, payload, media_type, extra = self.internal_error_reply()
         if status == 200 and is_large(payload):
             # sent in slices as the socket drains: the answer never exists twice (service/buffered.py)
             parts = [payload] if isinstance(payload, (bytes, bytearray)) else payload
@@ -386,15 +445,35 @@ class LookupFastPath:
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", media_type.encode()), (b"content-length", str(len(payload)).encode()), *extra]})
             await send({"type": "http.response.body", "body": payload})
+        self.record(status, started)
+
+    def record(self, status: int, started: float) -> None:
+        """Count and time one answered request (``embserve_http_*``, route template ``/v1/lookup``)."""
         counter = self._requests.get(status)
         if counter is None:
             counter = self._requests[status] = self.state.metrics.http_requests.labels(self.PATH, "POST", str(status))
         counter.inc()
         self._latency.observe(time.perf_counter() - started)
         if status >= 400:
-            self.state.metrics.http_errors.labels(self.PATH, str(status)).inc()
+            errors = self._errors.get(status)
+            if errors is None:
+                errors = self._errors[status] = self.state.metrics.http_errors.labels(self.PATH, str(status))
+            errors.inc()
 
-    async def _answer(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[Answer, str]:
+    @staticmethod
+    def error_reply(exc: ApiError) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+        """(status, body, media type, extra headers) of a refused lookup: the service's error JSON."""
+        extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+        return exc.status, error_body(exc.status, exc.code, exc.message, exc.details), "application/json", extra
+
+    def internal_error_reply(self) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+        """The 500 of an unexpected error, logged with its traceback, saying nothing in the body."""
+        log.exception("unhandled error on POST %s", self.PATH)
+        return 500, error_body(500, "internal", "internal server error"), "application/json", []
+
+    def check_head(self, headers: dict[bytes, bytes]) -> None:
+        """What is refused before the body is read: a bad or too large Content-Length (400/413),
+        a missing or wrong read token (401/403)."""
         state = self.state
         limit = state.settings.max_body_bytes
         declared = headers.get(b"content-length")
@@ -409,12 +488,49 @@ class LookupFastPath:
                 raise ApiError(413, "too_large", f"body over the {limit}-byte limit")
         authorization = headers.get(b"authorization")
         check_reader(state, None if authorization is None else authorization.decode("latin-1"))
-        body = await _read_body(receive, limit)
+
+    @staticmethod
+    def negotiate(headers: dict[bytes, bytes]) -> tuple[str, bool, DType | None]:
+        """(request media type, binary answer?, asked dtype); 406 for a dtype we do not serve."""
         content_type = _media_type(headers.get(b"content-type", b"").decode("latin-1"))
         accept = headers.get(b"accept", b"").decode("latin-1")
-        binary = wants_binary(accept)
-        dtype = accept_dtype(accept)
-        if len(body) <= state.settings.inline_max_body_bytes and not batching_on(state):
+        return content_type, wants_binary(accept), accept_dtype(accept)
+
+    def inline(self, body_bytes: int) -> bool:
+        """Answered on the event loop (else in the thread pool)."""
+        return body_bytes <= self.state.settings.inline_max_body_bytes and not batching_on(self.state)
+
+    def answer_now(self, headers: dict[bytes, bytes], body: bytes, started: float | None = None) -> Reply | None:
+        """The whole answer to a lookup whose body is already here, computed right now, counted
+        and timed; ``None`` (nothing counted, nothing looked up) when the request belongs on
+        the ASGI path instead: a body for the thread pool, or an answer estimated large enough
+        to be sent in slices.  The checks run in :meth:`__call__`'s order, so a request gets
+        the same status, body and headers on either path.  ``started``: when the request's
+        latency began (its headers' arrival), default now."""
+        started = time.perf_counter() if started is None else started
+        try:
+            self.check_head(headers)
+            content_type, binary, dtype = self.negotiate(headers)
+            if not self.inline(len(body)):
+                return None
+            lookups, estimate = prepare_lookups(self.state, body, content_type, binary)
+            if estimate > STREAM_MIN_BYTES:
+                return None
+            payload, media_type = answer_prepared(self.state, lookups, estimate, binary, dtype)
+            reply: Reply = 200, payload, media_type, []  # type: ignore[assignment]  # small: bytes or bytearray
+        except ApiError as exc:
+            reply = self.error_reply(exc)
+        except Exception:  # noqa: BLE001 - as in __call__
+            reply = self.internal_error_reply()
+        self.record(reply[0], started)
+        return reply
+
+    async def _answer(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[Answer, str]:
+        state = self.state
+        self.check_head(headers)
+        body = await _read_body(receive, state.settings.max_body_bytes)
+        content_type, binary, dtype = self.negotiate(headers)
+        if self.inline(len(body)):
             return answer_bytes(state, body, content_type, binary, dtype)  # cheaper than a thread hop (~0.3 ms)
         return await run_in_threadpool(answer_bytes, state, body, content_type, binary, dtype)
 

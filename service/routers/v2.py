@@ -21,8 +21,8 @@ from ..response_size import check_infer_response
 from ..security import require_reader
 from ..state import AppState, get_state
 from ..v2wire import EMBEDDING_DATATYPES, HEADER_LENGTH, ID_DTYPES, infer_response_parts, parse_infer_request
-from ..wire import ParsedLookup
-from .lookup import check_limits, run_lookups
+from ..wire import DTYPE_ITEMSIZE, ParsedLookup
+from .lookup import batching_on, check_limits, run_lookups
 
 router = APIRouter(prefix="/v2", tags=["v2 inference protocol"])
 MODEL_VERSION = "1"
@@ -138,7 +138,9 @@ def _infer(state: AppState, name: str, version: str | None, body: bytes, header_
     except ApiError as exc:
         raise ApiError(exc.status if exc.status == 413 else 400, exc.code, exc.message) from None
     bags = None if request.offsets is None else int(request.offsets.shape[0])
-    estimate = check_infer_response(state, hosted.table.dim, int(ids.size), bags, request.pooling, request.binary)
+    estimate = check_infer_response(
+        state, hosted.table.dim, int(ids.size), bags, request.pooling, request.binary, DTYPE_ITEMSIZE[EMBEDDING_DATATYPES[request.datatype]]
+    )
     output = run_lookups(state, [lookup])[0]
     dim = output.values.shape[1]
     embeddings = output.values if request.pooling != "none" else output.values.reshape(*ids.shape, dim)
@@ -173,7 +175,7 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
              summary=f"Look up embeddings (JSON or the binary tensor extension); input ids: {'/'.join(ID_DTYPES)}")
 async def infer(request: Request, name: str = TableName, state: AppState = Depends(get_state)) -> Response:
     body = await request.body()
-    return await run_in_threadpool(_infer, state, name, None, body, request.headers.get(HEADER_LENGTH))
+    return await _answer_infer(state, name, None, body, request.headers.get(HEADER_LENGTH))
 
 
 @router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_reader)], openapi_extra=_INFER_DOC,
@@ -181,4 +183,13 @@ async def infer(request: Request, name: str = TableName, state: AppState = Depen
 async def infer_version(request: Request, name: str = TableName, version: str = Path(..., max_length=32),
                         state: AppState = Depends(get_state)) -> Response:
     body = await request.body()
-    return await run_in_threadpool(_infer, state, name, version, body, request.headers.get(HEADER_LENGTH))
+    return await _answer_infer(state, name, version, body, request.headers.get(HEADER_LENGTH))
+
+
+async def _answer_infer(state: AppState, name: str, version: str | None, body: bytes, header_length: str | None) -> Response:
+    """Small bodies are answered on the event loop, as ``POST /v1/lookup`` does: their lookup
+    takes tens of microseconds, less than the hand-off to a worker thread; larger ones (and
+    every request when batching merges lookups) go to the thread pool."""
+    if len(body) <= state.settings.inline_max_body_bytes and not batching_on(state):
+        return _infer(state, name, version, body, header_length)
+    return await run_in_threadpool(_infer, state, name, version, body, header_length)
