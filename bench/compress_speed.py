@@ -152,7 +152,8 @@ def main() -> None:
         f" `python bench/compress_speed.py{' --fast' if args.fast else ''}` (protocol in its docstring).",
         "",
         f"Table: synthetic {n:,} x 64 (compression.synthetic), shuffled Zipf(1.05) frequencies, default options"
-        f" (objective l2, index auto, 64 groups); {rounds} interleaved round(s)"
+        f" (objective l2, index auto, 64 groups); {rounds} interleaved round(s) per ratio"
+        + ("; one round per extra setting (this tree first)" if extras else "")
         + (f"; 'before' = `{args.baseline}`, 'after' = this tree." if "before" in trees else "; this tree only."),
         "",
         NOISE_NOTE,
