@@ -45,6 +45,7 @@ from .hash_index import HashIndex, hash_index_bytes
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex, run_index_bytes
 from .kernels.cpu_c import FENCE
 from .layout import MAX_CLASSES, RowClass, encode_locator
+from .parallel import coarse_threads, thread_map
 from .rotation import rotation_bytes, stored_rotation, weighted_pca_rotation
 from .table import CompressedTable
 from .unknown import UnknownKind, UnknownPolicy, build_unknown_policy
@@ -184,9 +185,14 @@ def estimate_costs(
     owner = torch.repeat_interleave(torch.arange(len(groups)), counts)
     scale = torch.repeat_interleave(torch.tensor(scales, dtype=torch.float64), counts)
     per_row = torch.zeros((sample.numel(), len(classes)), dtype=torch.float64)
-    for c, rc in enumerate(classes):
+
+    def column(c: int) -> torch.Tensor:
+        rc = classes[c]
         use_rot = x_rotated is not None and 0 < rc.dim < dim and (rotated is None or rotated[c])
-        err = _row_errors(x, x_rotated if use_rot else None, rc, dim, fb, rot, codebooks.get(rc)).to(torch.float64)
+        return _row_errors(x, x_rotated if use_rot else None, rc, dim, fb, rot, codebooks.get(rc)).to(torch.float64)
+
+    # one class per task on parallel threads (compression.parallel), in order for the progress bar
+    for c, err in enumerate(thread_map(column, range(len(classes)))):
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
         per_row[:, c] = w * err
         if progress is not None:
@@ -644,25 +650,35 @@ def build_table(
     books = list(codebooks) if codebooks is not None else [None] * len(classes)
     slabs, used = [], []
     locator = torch.full((n,), -1, dtype=torch.int32)
-    done = 0
+    chunks: list[tuple[int, int, torch.Tensor]] = []  # (class, first slot, row positions)
     for c, rc in enumerate(classes):
         members = torch.nonzero(row_class_of == c).flatten()
         if id_order is not None:
             members = members[torch.argsort(ids[members], stable=True)]  # type: ignore[index]
-        slab = torch.empty((members.numel(), rc.row_bytes), dtype=torch.uint8)
-        for start in range(0, members.numel(), _ENCODE_CHUNK):
-            part = members[start : start + _ENCODE_CHUNK]
-            x = rows[part].to(torch.float32)
-            if rot32 is not None and 0 < rc.dim < dim:
-                x = x @ rot32[:, : rc.dim]  # truncated classes store the rotated basis
-            if rc.row_bytes:
-                slab[start : start + part.numel()] = codecs.encode_rows(x, rc, codebook=books[c])
-            done += part.numel()
-            if progress is not None:
-                progress(done, n)
+        slabs.append(torch.empty((members.numel(), rc.row_bytes), dtype=torch.uint8))
+        chunks.extend((c, start, members[start : start + _ENCODE_CHUNK]) for start in range(0, members.numel(), _ENCODE_CHUNK))
         locator[members] = encode_locator(c, 0) + torch.arange(members.numel(), dtype=torch.int32)
-        slabs.append(slab)
         used.append(members.numel())
+
+    def encode_chunk(chunk: tuple[int, int, torch.Tensor]) -> torch.Tensor | None:
+        c, _, part = chunk
+        rc = classes[c]
+        if not rc.row_bytes:
+            return None
+        x = rows[part].to(torch.float32)
+        if rot32 is not None and 0 < rc.dim < dim:
+            x = x @ rot32[:, : rc.dim]  # truncated classes store the rotated basis
+        return codecs.encode_rows(x, rc, codebook=books[c])
+
+    # chunks encode on parallel threads (compression.parallel); each is written, and counted
+    # for the progress bar, in order as it arrives
+    done = 0
+    for (c, start, part), encoded in zip(chunks, thread_map(encode_chunk, chunks)):
+        if encoded is not None:
+            slabs[c][start : start + part.numel()] = encoded
+        done += part.numel()
+        if progress is not None:
+            progress(done, n)
     id_index: IdIndex
     if index is None:
         index = "keyed" if ids is not None else "dense"
@@ -713,10 +729,11 @@ def _reweighted(costs: GroupCosts, new: torch.Tensor, old: torch.Tensor, groups:
 def _judge(
     plans: list[Plan], ctx: PlanContext, traffic: "TrafficSample", rows: torch.Tensor, rotation: torch.Tensor | None,
     fallback: Callable[[torch.Tensor], torch.Tensor] | None, codebooks: dict[RowClass, torch.Tensor] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[int, float]:
     """Estimated recall of every plan (by ``id(plan)``); served rows are computed once per
     column for the positions the judge reads (a PQ column through its candidate codebook, as
-    the costs were estimated)."""
+    the costs were estimated).  ``progress(done, total)`` after each plan."""
     pos = traffic.positions()
     x = rows[pos].to(torch.float32)
     cache: dict[int, torch.Tensor] = {}
@@ -745,9 +762,12 @@ def _judge(
                 served[mask] = column(c)[mask]
             seen[key] = traffic.recall(lambda p, served=served: served[where[p]])
         scores[id(plan)] = seen[key]
+        if progress is not None:
+            progress(len(scores), len(plans))
     return scores
 
 
+@coarse_threads()
 def compress(
     rows: torch.Tensor,
     frequencies: torch.Tensor | None = None,
@@ -856,6 +876,7 @@ def compress(
     if objective == "knn":
         from .knn import TrafficSample
 
+        tell("kNN truth of sampled traffic")(0, 1)
         traffic = TrafficSample(rows, freqs)
         weights = traffic.row_weights()
     else:
@@ -900,7 +921,9 @@ def compress(
                     plan.name += " (cosine weights)"
                     plan.error = ctx.error_of(plan.segments)
                     plans.append(plan)
-        judged = _judge(plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim), codebook_of)
+        judged = _judge(
+            plans, ctx, traffic, rows, rotation, _fallback_fn(policy, ids, dim), codebook_of, tell("judging plans on sampled traffic")
+        )
     if not plans:
         one_class = ctx.runs_of([(n, 0)]) if "runs" in kinds else 0
         smallest = min(ctx.fixed_bytes([], kind, one_class) for kind in kinds)

@@ -56,7 +56,9 @@ def _quantize_with(
     calls this several times per row."""
     positive = scale > 0
     safe = torch.where(positive, scale, torch.ones_like(scale))
-    codes = (x - bias).div_(safe).round_().clamp_(0, qmax).mul_(positive)
+    codes = (x - bias).div_(safe).round_().clamp_(0, qmax)
+    if not bool(positive.all()):
+        codes.mul_(positive)  # a zero scale: every code 0 (a full pass, so only when needed)
     err = torch.addcmul(bias - x, codes, scale).square_().sum(dim=1, keepdim=True)
     return codes, err
 
@@ -76,27 +78,31 @@ _CLIP_GRID: dict[int, tuple[float, ...]] = {
 def _clip_error(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, qmax: int) -> torch.Tensor:
     """Rows' squared error under ``scale``/``bias`` (codes clamped to ``[0, qmax]``), computed
     in the code domain with in-place ops: the search below calls it once per candidate."""
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    positive = scale > 0
+    safe = torch.where(positive, scale, torch.ones_like(scale))
     r = (x - bias) / safe
     q = torch.round(r).clamp_(0, qmax)
     err = r.sub_(q).square_().sum(dim=1, keepdim=True) * (safe * safe)
-    # a zero scale decodes every code to the bias
-    return torch.where(scale > 0, err, ((x - bias) ** 2).sum(dim=1, keepdim=True))
+    if bool(positive.all()):
+        return err
+    # a zero scale decodes every code to the bias (two full passes, so only when needed)
+    return torch.where(positive, err, ((x - bias) ** 2).sum(dim=1, keepdim=True))
 
 
 def _refit(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, err: torch.Tensor, qmax: int, rounds: int
+    x: torch.Tensor, xc: torch.Tensor, x_mean: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    err: torch.Tensor, qmax: int, rounds: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares refits of (scale, bias) on the current codes, re-quantizing after each;
-    a row takes a refit only when its squared error goes down (so this never makes a row worse)."""
+    a row takes a refit only when its squared error goes down (so this never makes a row worse).
+    ``xc`` is ``x - x_mean`` (the caller computes it once for both refits of a block)."""
     if x.shape[1] <= 1:
         return codes, scale, bias, err
-    x_mean = x.mean(dim=1, keepdim=True)
     for _ in range(rounds):
         q_mean = codes.mean(dim=1, keepdim=True)
         qc = codes - q_mean
         var_q = (qc * qc).sum(dim=1, keepdim=True)
-        cov = (qc * (x - x_mean)).sum(dim=1, keepdim=True)
+        cov = qc.mul_(xc).sum(dim=1, keepdim=True)  # qc is not needed after this
         new_scale = torch.where(var_q > 0, cov / torch.where(var_q > 0, var_q, 1.0), scale)
         new_scale = _fp16_round(torch.clamp(new_scale, min=0.0))
         new_bias = _fp16_round(x_mean - new_scale * q_mean)
@@ -109,6 +115,12 @@ def _refit(
         codes = torch.where(better, new_codes, codes)
         err = torch.where(better, new_err, err)
     return codes, scale, bias, err
+
+
+# Rows per block of the encoder: every pass over a block stays in the L2 cache (1024 x 64
+# float32 = 256 KB), which makes encoding a large table about 3x faster than whole-tensor passes
+# that stream from memory ~60 times.  Rows are independent, so blocking changes no result.
+_BLOCK_ROWS = 1024
 
 
 def quantize_rows(
@@ -126,9 +138,25 @@ def quantize_rows(
     squared error - so no row is ever worse than without the search.  Clipping trades a larger
     error on the few extreme coordinates for a finer step on all the others, which is what
     minimizes the squared error at 1-4 bits.
+
+    Works on blocks of :data:`_BLOCK_ROWS` rows (cache-sized; rows are independent).
     """
-    qmax = (1 << bits) - 1
     x = x.to(torch.float32)
+    n = x.shape[0]
+    if n <= _BLOCK_ROWS:
+        return _quantize_block(x, bits, refit, clip)
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty((n, 1), dtype=torch.float16, device=x.device)
+    bias = torch.empty((n, 1), dtype=torch.float16, device=x.device)
+    for start in range(0, n, _BLOCK_ROWS):
+        stop = min(n, start + _BLOCK_ROWS)
+        codes[start:stop], scale[start:stop], bias[start:stop] = _quantize_block(x[start:stop], bits, refit, clip)
+    return codes, scale, bias
+
+
+def _quantize_block(x: torch.Tensor, bits: int, refit: bool, clip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` on one block of float32 rows."""
+    qmax = (1 << bits) - 1
     lo = x.min(dim=1, keepdim=True).values
     hi = x.max(dim=1, keepdim=True).values
     bias = _fp16_round(lo)
@@ -136,10 +164,11 @@ def quantize_rows(
     codes, err = _quantize_with(x, scale, bias, qmax)
     if not refit:
         return codes.to(torch.uint8), scale.to(torch.float16), bias.to(torch.float16)
-    codes, scale, bias, err = _refit(x, codes, scale, bias, err, qmax, _REFIT_ROUNDS)
+    mean = x.mean(dim=1, keepdim=True)
+    xc = x - mean
+    codes, scale, bias, err = _refit(x, xc, mean, codes, scale, bias, err, qmax, _REFIT_ROUNDS)
     grid = _CLIP_GRID.get(bits, ()) if clip and x.shape[1] > 1 else ()
     if grid:
-        mean = x.mean(dim=1, keepdim=True)
         best_err = best_scale = best_bias = None
         for t in grid:
             b = _fp16_round(mean + t * (lo - mean))
@@ -154,7 +183,7 @@ def quantize_rows(
                 best_bias = torch.where(win, b, best_bias)  # type: ignore[arg-type]
         assert best_scale is not None and best_bias is not None
         c_codes, c_err = _quantize_with(x, best_scale, best_bias, qmax)
-        c_codes, c_scale, c_bias, c_err = _refit(x, c_codes, best_scale, best_bias, c_err, qmax, _CLIP_REFIT_ROUNDS)
+        c_codes, c_scale, c_bias, c_err = _refit(x, xc, mean, c_codes, best_scale, best_bias, c_err, qmax, _CLIP_REFIT_ROUNDS)
         better = torch.isfinite(c_err) & (c_err < err)
         scale = torch.where(better, c_scale, scale)
         bias = torch.where(better, c_bias, bias)

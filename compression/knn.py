@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from .parallel import thread_map
+
 # How a plan is shown to the judge: the served rows at given row positions.
 ServedFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,12 +43,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def true_neighbours(rows: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
     """``int64 [Q, k]``: the ``k`` nearest rows by cosine to each query row, itself excluded."""
     unit = _unit(rows.to(torch.float32))
-    out = []
-    for s in range(0, queries.numel(), chunk):
+
+    def search(s: int) -> torch.Tensor:
         q = queries[s : s + chunk]
         scores = unit[q] @ unit.T
         scores[torch.arange(q.numel()), q] = -float("inf")
-        out.append(torch.topk(scores, k, dim=1).indices)
+        return torch.topk(scores, k, dim=1).indices
+
+    # query chunks on parallel threads (compression.parallel): Q x N x D multiply-adds in all
+    out = list(thread_map(search, range(0, queries.numel(), chunk)))
     return torch.cat(out) if out else torch.empty((0, k), dtype=torch.int64)
 
 

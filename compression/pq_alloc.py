@@ -25,6 +25,7 @@ import torch
 from . import pq
 from .allocation import BudgetTooSmall, GroupCosts, GroupErrorFn, estimate_costs, solve_knapsack
 from .layout import MAX_CLASSES, MAX_PQ_BITS, RowClass
+from .parallel import thread_map
 
 DEFAULT_SUB_DIMS: tuple[int, ...] = (2, 4, 8, 16)
 # 6-bit codes: at 8x a 64-dim row has 32 bytes, and d64pq32x6 (24 B, 64 centroids per 2-dim
@@ -83,7 +84,8 @@ def train_candidate_codebooks(
     """One fp16 codebook per PQ class, by frequency-weighted k-means on a sample of ``rows``."""
     picks, w = pq.training_sample(weights, sample, seed)
     x = rows[picks].to(torch.float32)
-    return {rc: pq.train_codebook(x, w, rc, seed=seed) for rc in classes}
+    # one class per task on parallel threads (compression.parallel; each k-means has its own seed)
+    return dict(zip(classes, thread_map(lambda rc: pq.train_codebook(x, w, rc, seed=seed), classes)))
 
 
 def refine_codebooks(

@@ -254,12 +254,14 @@ def _compress(
             index=index, objective=objective,  # type: ignore[arg-type]
             stage=_stage_reporter(progress, task),
         )
-    _refuse_all_pruned(table, report.budget_bytes, report.fixed_bytes)
-    if lifecycle is not None:
-        table.lifecycle = IdLifecycle(lifecycle)
-    save_table(table, output, extra={"source": input.name})
-    elapsed = time.perf_counter() - started
-    error = weighted_relative_error(rows, freqs if freqs is not None else torch.ones(rows.shape[0]), output) if id_tensor is None else None
+        _refuse_all_pruned(table, report.budget_bytes, report.fixed_bytes)
+        if lifecycle is not None:
+            table.lifecycle = IdLifecycle(lifecycle)
+        progress.update(task, description=f"writing {output.name}", completed=0, total=1)
+        save_table(table, output, extra={"source": input.name})
+        elapsed = time.perf_counter() - started
+        progress.update(task, description="measuring the error on sampled traffic", completed=0, total=1)
+        error = weighted_relative_error(rows, freqs if freqs is not None else torch.ones(rows.shape[0]), output) if id_tensor is None else None
     _summary(output, elapsed, error)
     console.print(f"budget {report.budget_bytes:,} B; plan {report.plan}, index {report.index}, objective {report.objective}; wrote {output}")
 

@@ -119,3 +119,27 @@ def test_sample_ids_follow_frequencies(zipf_rows) -> None:  # type: ignore[no-un
     ids = sample_ids(freqs, 50_000)
     top = int(torch.argmax(freqs))
     assert abs(float((ids == top).float().mean()) - float(freqs[top])) < 0.01
+
+
+def test_tables_do_not_depend_on_threads_and_compress_restores_the_callers_count(zipf_rows) -> None:  # type: ignore[no-untyped-def]
+    """compress() encodes on worker threads (compression.parallel): one worker or two must give
+    the same bytes, and the caller's torch thread count must survive the call."""
+    from compression.parallel import thread_map
+
+    rows, freqs = zipf_rows
+    own = torch.get_num_threads()
+    tables = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            table, report = compress(rows, freqs, ratio=12)
+            assert torch.get_num_threads() == threads
+            tables.append((table, report))
+    finally:
+        torch.set_num_threads(own)
+    (a, ra), (b, rb) = tables
+    assert ra.plan == rb.plan and [rc.label() for rc in a.classes] == [rc.label() for rc in b.classes]
+    ids = torch.arange(rows.shape[0])
+    assert torch.equal(a.lookup(ids).values, b.lookup(ids).values)
+    # results come back in input order, whatever finishes first
+    assert list(thread_map(lambda k: k * k, range(50), workers=2)) == [k * k for k in range(50)]

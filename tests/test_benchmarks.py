@@ -123,3 +123,16 @@ def test_loadtest_fast(tmp_path: Path) -> None:
     _run(["loadtest/run.py", "--fast", "--demo-dir", str(tmp_path / "tables"), "--out", str(tmp_path / "out")])
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "smoke mode" in summary and "| request | requests | failures |" in summary  # rows: as many as the loaded host allowed
+
+
+@pytestmark_e2e
+def test_compress_speed_bench_fast(tmp_path: Path) -> None:
+    """The compress-speed bench times a baseline tree (exported with git) against this one."""
+    out = tmp_path / "compress_speed.md"
+    baseline = "HEAD" if shutil.which("git") and (ROOT / ".git").exists() else "none"
+    _run(["bench/compress_speed.py", "--fast", "--baseline", baseline, "--out", str(out)], timeout=600)
+    report = out.read_text()
+    assert "smoke mode" in report and "## Targets (issue 9)" in report
+    assert "| 8x |" in report and "| 128x |" in report and "(" in report and ".." in report
+    if baseline != "none":
+        assert "after/before wall" in report

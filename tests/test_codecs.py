@@ -135,3 +135,20 @@ def test_clipping_lowers_error_on_gaussian_rows(bits: int) -> None:
     before = float(((decode_rows(encode_rows(x, rc, clip=False), rc) - x) ** 2).sum())
     after = float(((decode_rows(encode_rows(x, rc, clip=True), rc) - x) ** 2).sum())
     assert after < 0.985 * before
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+def test_blocked_encoding_equals_row_by_row(bits: int) -> None:
+    """quantize_rows works in cache-sized blocks; a row's bytes must not depend on its batch."""
+    from compression.codecs import _BLOCK_ROWS
+
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(_BLOCK_ROWS * 2 + 37, 24, generator=gen) * torch.rand(_BLOCK_ROWS * 2 + 37, 1, generator=gen) * 3
+    x[5, 3] = 40.0  # an outlier row, clipped
+    x[_BLOCK_ROWS + 1] = 0.5  # a constant row (zero scale)
+    rc = RowClass(24, bits)
+    whole = encode_rows(x, rc)
+    pieces = torch.cat([encode_rows(x[i : i + 1], rc) for i in range(0, x.shape[0], 97)])
+    assert torch.equal(whole[::97], pieces)
+    odd = torch.cat([encode_rows(x[s : s + 300], rc) for s in range(0, x.shape[0], 300)])
+    assert torch.equal(whole, odd)
