@@ -227,46 +227,6 @@ def test_traffic_sample_estimates_recall_of_what_is_served() -> None:
     assert table.objective == "knn" and report.estimated_recall is not None and 0 < report.estimated_recall <= 1
 
 
-def _sorted_walk_recall(ts, served) -> float:  # type: ignore[no-untyped-def]
-    """The recall walk done literally: sort every query's intruders and true neighbours (stable,
-    intruders first on ties), walk down until k rows' worth of weight is passed."""
-    pos = ts.positions()
-    vecs = served(pos)
-    vecs = vecs / vecs.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    at = {int(p): i for i, p in enumerate(pos)}
-    w_s = max(ts.n - ts.k - 1, 0) / ts.sample.numel()
-    total = 0.0
-    for qi, q in enumerate(ts.judge_queries.tolist()):
-        truth = ts.judge_truth[qi].tolist()
-        entries = [(float(vecs[at[s]] @ vecs[at[q]]), w_s, 0) for s in ts.sample.tolist() if s != q and s not in truth]
-        entries += [(float(vecs[at[t]] @ vecs[at[q]]), 1.0, 1) for t in truth]
-        entries.sort(key=lambda e: -e[0])  # stable: intruders stay ahead of true neighbours on ties
-        filled = hits = 0.0
-        for _, w, true in entries:
-            take = min(max(ts.k - filled, 0.0), w) / w if w > 0 else 0.0
-            hits += take * true
-            filled += w
-        total += hits
-    return total / (ts.judge_queries.numel() * ts.k)
-
-
-@pytest.mark.parametrize("n, sample", [(400, 200), (3000, 300)])  # intruders weigh ~1 and ~10
-def test_recall_counting_equals_the_sorted_walk(n: int, sample: int) -> None:
-    """TrafficSample.recall counts instead of sorting Q x (S + k) scores per plan: same value,
-    exact ties (pruned rows all scoring 0) included.  (Near-ties are not compared: the walk
-    here computes each dot product on its own, rounding differently from a matrix product.)"""
-    from compression.knn import TrafficSample
-
-    gen = torch.Generator().manual_seed(n)
-    rows = torch.randn(n, 8, generator=gen)
-    ts = TrafficSample(rows, torch.rand(n, generator=gen, dtype=torch.float64), queries=24, sample=sample)
-    noisy = rows + 0.4 * torch.randn(n, 8, generator=gen)
-    pruned = noisy.clone()
-    pruned[torch.rand(n, generator=gen) < 0.4] = 0.0
-    for version in (rows, noisy, pruned):
-        assert ts.recall(lambda p, v=version: v[p]) == pytest.approx(_sorted_walk_recall(ts, lambda p, v=version: v[p]), abs=1e-9)
-
-
 def test_knn_objective_judges_plans_with_product_quantization_classes() -> None:
     """``objective="knn"`` with ``pq=True``: the judge serves PQ columns through their codebooks
     (it raised "encodes against a codebook; none given" before); the plans are a superset of
