@@ -161,7 +161,7 @@ def estimate_costs(
     ``progress(done, total)`` is told after each class (each group with ``group_error``)."""
     codebooks = codebooks or {}
     if group_error is not None:
-        return _costs_from(rows, groups, classes, rotation, group_error, codebooks, progress)
+        return _costs_from(rows, groups, classes, rotation, group_error, codebooks, progress, rotated, fallback)
     gen = torch.Generator().manual_seed(seed)
     picks, scales = [], []
     for g in groups:
@@ -233,13 +233,22 @@ def _costs_from(
     group_error: GroupErrorFn,
     codebooks: dict[RowClass, torch.Tensor] | None = None,
     progress: ProgressFn | None = None,
+    rotated: Sequence[bool] | None = None,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GroupCosts:
+    """Costs by the caller's ``group_error``: each group served whole through each class, as the
+    table would serve it - through the rotation only where ``rotated[c]`` (a truncated class
+    without it keeps the first coordinates), a dim-0 class as the unknown-ID policy's rows."""
     codebooks = codebooks or {}
     errors = torch.zeros((len(groups), len(classes)), dtype=torch.float64)
     for g, grp in enumerate(groups):
         x = (rows[grp] if isinstance(rows, torch.Tensor) else rows(grp)).to(torch.float32)
         for c, rc in enumerate(classes):
-            approx = served_rows(x, rc, rotation, codebooks.get(rc))
+            if rc.dim == 0 and fallback is not None:
+                approx = fallback(grp).to(torch.float32)
+            else:
+                use_rot = rotation is not None and (rotated is None or rotated[c])
+                approx = served_rows(x, rc, rotation if use_rot else None, codebooks.get(rc))
             err = float(group_error(g, grp, approx)) if bool(torch.isfinite(approx).all()) else float("inf")
             errors[g, c] = err if err == err else float("inf")  # NaN -> unusable
         if progress is not None:

@@ -143,3 +143,35 @@ def test_tables_do_not_depend_on_threads_and_compress_restores_the_callers_count
     assert torch.equal(a.lookup(ids).values, b.lookup(ids).values)
     # results come back in input order, whatever finishes first
     assert list(thread_map(lambda k: k * k, range(50), workers=2)) == [k * k for k in range(50)]
+
+
+def test_group_error_costs_serve_each_column_as_the_table_will() -> None:
+    """With a caller's ``group_error`` (the model-aware knapsack), a truncated class stored
+    without the rotation is scored without it, and a dim-0 class as the unknown-ID policy's rows:
+    the costs equal the sampled estimate's when the error is plain squared error.  (Plain
+    truncated columns were scored through the rotation, so the model-aware knapsack picked them
+    as if rotated and the table served raw first coordinates: MovieLens D = 64 at 1/16 lost
+    2 AUC points.)"""
+    from compression.allocation import estimate_costs
+    from compression.rotation import weighted_pca_rotation
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(240, 4, generator=gen) @ torch.randn(4, 16, generator=gen) + 0.05 * torch.randn(240, 16, generator=gen)
+    weights = torch.ones(240, dtype=torch.float64)
+    groups = [torch.arange(0, 80), torch.arange(80, 240)]
+    classes = [RowClass(16, 8), RowClass(4, 8), RowClass(4, 8), RowClass(0, 32)]
+    rotated = [False, False, True, False]
+    rotation = weighted_pca_rotation(rows, weights)
+    default = rows.mean(0)
+
+    def fallback(pos: torch.Tensor) -> torch.Tensor:
+        return default.expand(pos.numel(), 16)
+
+    def squared(group: int, positions: torch.Tensor, approx: torch.Tensor) -> float:
+        return float(((approx - rows[positions]) ** 2).sum())
+
+    kwargs = dict(rotation=rotation, rotated=rotated, fallback=fallback)
+    sampled = estimate_costs(rows, weights, groups, classes, 1000, **kwargs)  # type: ignore[arg-type]
+    by_group = estimate_costs(rows, weights, groups, classes, 1000, group_error=squared, **kwargs)  # type: ignore[arg-type]
+    assert torch.allclose(by_group.errors, sampled.errors, rtol=1e-4)
+    assert float(by_group.errors[:, 1].sum()) > 2 * float(by_group.errors[:, 2].sum())  # rotation matters here
