@@ -44,6 +44,11 @@ from uvicorn.server import ServerState
 from .errors import ApiError
 from .routers.lookup import LookupFastPath, Reply, is_large
 
+# uvicorn releases the byte-for-byte tests (tests/test_fasthttp.py) ran against: this class
+# subclasses uvicorn's protocol internals, so another release gets the plain ASGI path
+# (service/serving.py) until the tests are run on it and it is added here
+TESTED_UVICORN: tuple[str, ...] = ("0.54.",)
+
 _PATH = LookupFastPath.PATH.encode()
 # below this the head and the body are joined into one bytes (one copy of a small body); above
 # it they go to writelines, which uvloop sends with one writev and no copy

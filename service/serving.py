@@ -16,10 +16,13 @@ stays one setting away.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from typing import Any
 
 from .settings import Settings
+
+log = logging.getLogger("embserve")
 
 
 def run(app: Any, settings: Settings) -> None:
@@ -36,11 +39,17 @@ def _run_uvicorn(app: Any, settings: Settings) -> None:
     http: Any = "auto"
     if settings.http_fast_path:
         try:
-            from .fasthttp import protocol_class  # needs httptools (uvicorn[standard])
+            from .fasthttp import TESTED_UVICORN, protocol_class  # needs httptools (uvicorn[standard])
         except ImportError:
             pass
         else:
-            http = protocol_class(app)  # small lookups answered below ASGI (service/fasthttp.py)
+            if uvicorn.__version__.startswith(TESTED_UVICORN):
+                http = protocol_class(app)  # small lookups answered below ASGI (service/fasthttp.py)
+            else:  # it subclasses uvicorn internals: only on the releases its tests ran against
+                log.warning(
+                    "uvicorn %s: the HTTP-level lookup fast path is tested on %s only; serving every request through ASGI",
+                    uvicorn.__version__, ", ".join(TESTED_UVICORN),
+                )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False, http=http)
 
 
