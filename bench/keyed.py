@@ -176,8 +176,9 @@ def main() -> None:
         for d in streams:
             ratios = [a / b for a, b in zip(rates[(hash_name, d)], rates[(base, d)], strict=True)]
             ratio = statistics.median(ratios)
-            verdicts.append(f"{hash_name.split(', ', 1)[1]}, {d}: {ratio:.3f}x, {min(ratios):.2f}..{max(ratios):.2f} ({'met' if ratio >= 0.8 else 'NOT met'})")
-    lines += ["", f"Target: keyed (hash index) >= 0.80x dense at batch {args.batch}: " + "; ".join(verdicts) + "."]
+            verdicts.append(f"{hash_name.split(', ', 1)[1]}, {d}: {ratio:.3f}x, {min(ratios):.2f}..{max(ratios):.2f} ({'met' if min(ratios) >= 0.8 else 'NOT met'})")
+    # met only when every round clears it (the median alone could be one lucky half of the rounds)
+    lines += ["", f"Target: keyed (hash index) >= 0.80x dense at batch {args.batch}, in every round: " + "; ".join(verdicts) + "."]
     report = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
