@@ -28,6 +28,7 @@ from compression.layout import LOCATOR_CLASS_SHIFT, SUPPORTED_BITS  # noqa: E402
 from compression.pooling import pool_bags  # noqa: E402
 from compression.table import CompressedTable  # noqa: E402
 from compression.unknown import UnknownPolicy  # noqa: E402
+from test_hash_index import fmix64  # noqa: E402 - the agreed hash, written once as the tests' reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -37,14 +38,6 @@ td = triton_module()
 INT64_MIN = -(2**63)
 
 
-def fmix64(key: int) -> int:
-    """The agreed home-slot hash (compression/hash_index.py), in Python ints mod 2**64."""
-    x = key % 2**64
-    x ^= x >> 33
-    x = x * 0xFF51AFD7ED558CCD % 2**64
-    x ^= x >> 33
-    x = x * 0xC4CEB9FE1A85EC53 % 2**64
-    return x ^ (x >> 33)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
