@@ -191,9 +191,7 @@ def trained_module(setup: Setup, method: str, budget: int, steps: int) -> Servab
         return HashingTrickEmbedding.for_budget(budget, dim, n)
     if method == "qr":
         return QREmbedding.for_budget(budget, dim, n)
-    if method in ("dpq", "mgqe"):
-        return CodebookEmbedding.for_budget(n, dim, freqs, budget, mgqe=method == "mgqe")
-    raise ValueError(method)
+    raise ValueError(method)  # dpq / mgqe: several configurations, in run_trained
 
 
 def describe(module: ServableEmbedding) -> str:
