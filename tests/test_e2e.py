@@ -45,21 +45,29 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
 
 
 @contextmanager
-def serving(tables: Path, env_extra: dict[str, str]) -> Iterator[str]:
-    """A real `embserve serve` on a free port for the block; its base URL once it is ready."""
+def serving_process(tables: Path, env_extra: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `embserve serve` on a free port for the block: its base URL once it is ready, and
+    the process (for tests that signal or measure it); SIGTERM at the end, SIGKILL after 20 s."""
     port = free_port()
     env = {**os.environ, "EMBSERVE_TABLES_DIR": str(tables), "EMBSERVE_PORT": str(port), **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, proc)
-        yield base
+        yield base, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def serving(tables: Path, env_extra: dict[str, str]) -> Iterator[str]:
+    """:func:`serving_process`, the base URL only."""
+    with serving_process(tables, env_extra) as (base, _):
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,6 @@ error meanings as HTTP.  The Python client's ``dtype=`` is checked against the s
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +19,7 @@ from service.client import EmbeddingClient, EmbservError
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from test_e2e import free_port, wait_ready  # noqa: E402
+from test_e2e import free_port, serving  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 TOKEN = "read-token-0123456789abcdef"
@@ -46,21 +42,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     cls[50:] = 1
     policy = build_unknown_policy("hashed", SPARSE_ROWS, torch.arange(100), torch.ones(100), num_buckets=16)
     save_table(build_table(SPARSE_ROWS, cls, [RowClass(8, 32), RowClass(0, 32)], unknown=policy, index="runs"), folder / "tables" / "sparse.safetensors")
-    port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "EMBSERVE_TABLES_DIR": str(folder / "tables"), "EMBSERVE_PORT": str(port), "EMBSERVE_GRPC_PORT": str(grpc_port),
-           "EMBSERVE_READ_TOKEN": TOKEN, "EMBSERVE_MAX_IDS_PER_REQUEST": "100", "EMBSERVE_LOG_LEVEL": "warning",
-           "EMBSERVE_MAX_RESPONSE_BYTES": str(RESPONSE_CAP)}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc)
+    grpc_port = free_port()
+    env = {"EMBSERVE_GRPC_PORT": str(grpc_port), "EMBSERVE_READ_TOKEN": TOKEN, "EMBSERVE_MAX_IDS_PER_REQUEST": "100",
+           "EMBSERVE_LOG_LEVEL": "warning", "EMBSERVE_MAX_RESPONSE_BYTES": str(RESPONSE_CAP)}
+    with serving(folder / "tables", env) as base:
         yield base, f"127.0.0.1:{grpc_port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def ids_input(values: np.ndarray, datatype: str = "INT64"):  # type: ignore[no-untyped-def]

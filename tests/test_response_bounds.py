@@ -6,13 +6,7 @@ of itself (peak RSS read from ``/proc/<pid>/status``)."""
 from __future__ import annotations
 
 import http.client
-import os
 import re
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,30 +19,13 @@ from compression import save_table
 from compression.allocation import compress_uniform
 from compression.layout import RowClass
 from service.wire import BINARY_REQUEST_TYPE, BINARY_RESPONSE_TYPE, ParsedLookup, decode_binary_response, encode_binary_request
-from tests.test_e2e import free_port, wait_ready
+from tests.test_e2e import serving_process as server
 
 pytestmark = pytest.mark.e2e
 
 DIM = 256
 ROWS = 4000
 CAP = 1 << 20  # 1 MiB: 1024 binary rows of 256 float32, ~315 JSON rows
-
-
-@contextmanager
-def server(tables: Path, env_extra: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = {**os.environ, "EMBSERVE_TABLES_DIR": str(tables), "EMBSERVE_PORT": str(port), **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc)
-        yield base, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _table_dir(tmp_path: Path, rows: int, dim: int, bits: int = 8) -> Path:
