@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import weakref
 from typing import Any
 
 import torch
@@ -408,11 +409,16 @@ class HashIndex:
         return HashIndex(slots)
 
     def c_view(self) -> Any:
+        """The compiled decoder's view of the slot array (None off the C path), rebuilt when a
+        rehash replaces the array.  The check is one weak reference (per lookup: a batch-1
+        lookup is a few microseconds), which also lets a replaced array be freed at once."""
+        slots = self.slots
+        ref = getattr(self, "_c_of", None)
+        if ref is not None and ref() is slots:
+            return self._c_view
         if not self._compiled():
             return None
-        key = (self.slots.data_ptr(), self.capacity)
-        if getattr(self, "_c_key", None) != key:
-            self._c_view, self._c_key = cpu_c.hash_index(self.slots), key
+        self._c_view, self._c_of = cpu_c.hash_index(slots), weakref.ref(slots)
         return self._c_view
 
     def held_tensors(self) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 import torch
@@ -104,11 +105,13 @@ class DenseIndex:
     def c_view(self) -> Any:
         """The compiled decoder's view of this index (None off CPU); rebuilt when the locator
         array is replaced."""
-        if self.locator.device.type != "cpu" or not cpu_c.AVAILABLE:
+        locator = self.locator
+        ref = getattr(self, "_c_of", None)
+        if ref is not None and ref() is locator:  # one weak reference per lookup (see HashIndex.c_view)
+            return self._c_view
+        if locator.device.type != "cpu" or not cpu_c.AVAILABLE:
             return None
-        key = (self.locator.data_ptr(), self.locator.numel())
-        if getattr(self, "_c_key", None) != key:
-            self._c_view, self._c_key = cpu_c.dense_index(self.locator), key
+        self._c_view, self._c_of = cpu_c.dense_index(locator), weakref.ref(locator)
         return self._c_view
 
     def held_tensors(self) -> dict[str, torch.Tensor]:

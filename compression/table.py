@@ -38,7 +38,7 @@ import torch
 from . import codecs, pq
 from .hash_index import HashIndex
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
-from .kernels import Decoder
+from .kernels import Decoder, cpu_c
 from .lifecycle import IdLifecycle
 from .layout import LOCATOR_CLASS_SHIFT, LOCATOR_SLOT_MASK, MAX_CLASSES, MAX_SLOTS_PER_CLASS, RowClass
 from .pooling import PoolingMode, pool_bags, validate_offsets
@@ -51,7 +51,10 @@ Backend = Literal["auto", "torch", "compiled", "triton"]
 STATUS_UNKNOWN, STATUS_FOUND, STATUS_PRUNED = 0, 1, 2
 
 
-@dataclass
+_INT32 = torch.empty(0, dtype=torch.int32)  # new_empty's prototype for locator arrays
+
+
+@dataclass(slots=True)  # slots: built once per lookup, a batch-1 lookup feels its cost
 class LookupResult:
     values: torch.Tensor  # [n, D], or [bags, D] when pooled; float32 unless a dtype was asked for
     locators: torch.Tensor  # int32 [n], -1 where the ID has no row
@@ -253,6 +256,10 @@ class CompressedTable:
         ``dtype`` (fp32, fp16, bf16): the Triton path writes it directly, others cast.
         ``out``: a float32 ``[n, D]`` contiguous tensor on the table's device to decode into (a
         view of a response buffer, so the service sends the rows without copying them)."""
+        if dtype is torch.float32 and self._pruned_classes is None and ids.dtype is torch.int64 and ids.dim() == 1 and ids.is_cpu:
+            result = self._lookup_entry(ids, out)
+            if result is not None:
+                return result
         # each torch op costs microseconds; at batch 1 they are the whole bill, so skip the no-ops
         device = self.slabs[0].device
         if ids.dtype is not torch.int64 or ids.device != device:
@@ -279,6 +286,61 @@ class CompressedTable:
         if values.dtype != dtype:
             values = values.to(dtype)
         return LookupResult(values, loc, num_unknown, pruned, num_pruned)
+
+    def _lookup_entry(self, ids: torch.Tensor, out: torch.Tensor | None) -> LookupResult | None:
+        """:meth:`lookup` of the common call - int64 CPU IDs, a float32 answer, no pruned class -
+        through the compiled decoder's CPython entry (kernels/pyentry.c), with nothing else
+        around it: at batch 1 the Python and torch calls around the decode were two thirds of
+        the lookup (bench/results/lookup.md, the per-call row).  None when the table is not on
+        that path (then :meth:`lookup` goes the general way, which also reports a bad ``out``)."""
+        n = ids.shape[0]
+        if out is None:
+            values = torch.empty(n, self.dim)
+        elif out.dtype is torch.float32 and out.is_cpu and out.is_contiguous() and out.shape == (n, self.dim):
+            values = out
+        else:
+            return None
+        if not ids.is_contiguous():
+            ids = ids.contiguous()
+        loc = _INT32.new_empty(n)  # a quarter microsecond under torch.empty(n, dtype=...)
+        with self.lock:
+            # read under the lock: a writer growing a slab refreshes the decoder's class array,
+            # and a rehash replaces the index's arrays
+            classes_c = self.decoder.entry_classes
+            view = None if classes_c is None else self.index.c_view()
+            if view is None:
+                return None
+            num_unknown = cpu_c.ENTRY.lookup(  # type: ignore[union-attr]  # the decode (kernels/pyentry.c), by addresses
+                ids.data_ptr(), n, view.address, classes_c.address, values.data_ptr(), self.dim, loc.data_ptr(),
+                torch.get_num_threads() if n >= cpu_c.PARALLEL_MIN_ROWS else 1,
+            )
+        if num_unknown:
+            self.unknown.fill(values, ids, loc < 0)  # the decoder wrote zeros for them
+        return LookupResult(values, loc, num_unknown)
+
+    def lookup_to_buffer(self, ids: bytes | bytearray | memoryview, ids_offset: int, n: int, answer: bytearray, rows_offset: int,
+                         status_offset: int) -> int | None:
+        """Decode the ``n`` int64 IDs (native byte order: little-endian on every host the C
+        decoder builds for) at ``ids[ids_offset:]`` - a request body as it came - straight into
+        ``answer``, a response buffer: float32 rows ``[n, D]`` at ``rows_offset`` and one status
+        byte per ID at ``status_offset`` (1 the ID's row, 0 unknown: its row is the unknown-ID
+        policy's).  One C call, no tensor, no copy of the IDs: a server's small answers
+        (service/routers/lookup.py).  Returns the unknown count, or None - nothing written -
+        when the table is not on the compiled path or has a pruned class (call :meth:`lookup`)."""
+        if self._pruned_classes is not None:
+            return None
+        with self.lock:
+            classes_c = self.decoder.entry_classes
+            view = None if classes_c is None else self.index.c_view()
+            if view is None:
+                return None
+            num_unknown = cpu_c.lookup_answer(ids, ids_offset, n, view, classes_c, answer, rows_offset, self.dim, status_offset)
+        if num_unknown:
+            values = torch.frombuffer(answer, dtype=torch.float32, count=n * self.dim, offset=rows_offset).view(n, self.dim)
+            unknown = torch.frombuffer(answer, dtype=torch.uint8, count=n, offset=status_offset) == 0
+            id_tensor = torch.tensor(memoryview(ids)[ids_offset : ids_offset + 8 * n].cast("q"), dtype=torch.int64)
+            self.unknown.fill(values, id_tensor, unknown)
+        return num_unknown
 
     def lookup_bags(self, ids: torch.Tensor, offsets: torch.Tensor, mode: PoolingMode, dtype: torch.dtype = torch.float32) -> LookupResult:
         """Pool rows into bags given by ``offsets`` (start of each bag, like ``nn.EmbeddingBag``).

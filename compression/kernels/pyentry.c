@@ -1,0 +1,168 @@
+/* CPython entry points of the compiled decoder: the same library ctypes loads (cpu_c.py), also
+ * importable as the module ``compression.kernels._decode``.
+ *
+ * Why a second door into the same code: a ctypes call converts each argument through its
+ * argtypes and releases and retakes the GIL, about 1.3 us per call on the CI machine - as much as
+ * the whole decode of one row.  At ranking batch sizes that is noise; at batch 1 it is most of
+ * ``CompressedTable.lookup`` and of the service's answer.  These functions take plain ints
+ * (addresses) and buffer objects through METH_FASTCALL (about 0.1 us), keep the GIL for small
+ * batches (handing it over costs more than the decode) and release it for large ones, exactly
+ * like the ctypes path does.
+ *
+ * Both dlopen the same file, so both see one copy of the decoder's static state (the fp16 table,
+ * the CPU feature flags set by embserve_init). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* from decode.c; index_t and row_class_t are opaque here: only their addresses pass through */
+void embserve_init(void);
+int64_t embserve_lookup(const int64_t *ids, int64_t n, const void *index, const void *classes, int32_t n_classes,
+                        float *out, int64_t width, int32_t *loc_out, int32_t threads);
+
+#define N_CLASSES 8 /* MAX_CLASSES of decode.c */
+/* below this many IDs the GIL is kept: releasing and retaking it costs more than the decode */
+#define GIL_RELEASE_MIN 256
+
+static int as_int64(PyObject *o, int64_t *v) {
+    long long x = PyLong_AsLongLong(o);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    *v = (int64_t)x;
+    return 0;
+}
+
+/* lookup(ids_addr, n, index_addr, classes_addr, out_addr, width, loc_addr, threads) -> unknown
+ *
+ * The ctypes ``embserve_lookup`` call of cpu_c.lookup with the same arguments (addresses of
+ * int64 ids [n], the index_t, the MAX_CLASSES row_class_t array, float32 out [n, width], int32
+ * loc [n]).  The caller keeps every pointed-to object alive for the call. */
+static PyObject *py_lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t v[8];
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "lookup takes 8 integer arguments");
+        return NULL;
+    }
+    for (int k = 0; k < 8; k++)
+        if (as_int64(args[k], &v[k]) < 0) return NULL;
+    const int64_t n = v[1];
+    int64_t rc;
+    if (n >= GIL_RELEASE_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = embserve_lookup((const int64_t *)(intptr_t)v[0], n, (const void *)(intptr_t)v[2], (const void *)(intptr_t)v[3],
+                             N_CLASSES, (float *)(intptr_t)v[4], v[5], (int32_t *)(intptr_t)v[6], (int32_t)v[7]);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = embserve_lookup((const int64_t *)(intptr_t)v[0], n, (const void *)(intptr_t)v[2], (const void *)(intptr_t)v[3],
+                             N_CLASSES, (float *)(intptr_t)v[4], v[5], (int32_t *)(intptr_t)v[6], 1);
+    }
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "compiled decoder rejected its arguments");
+        return NULL;
+    }
+    return PyLong_FromLongLong(rc);
+}
+
+/* lookup_answer(ids, ids_offset, n, index_addr, classes_addr, answer, rows_offset, width, status_offset) -> unknown
+ *
+ * A lookup decoded straight into a response buffer, for the service's binary answers:
+ *   ids:     any buffer (the request body) holding int64 little-endian IDs [n] at ids_offset
+ *            (any alignment: they are copied out first when misaligned);
+ *   answer:  a writable buffer (the response bytearray): float32 rows [n, width] are written at
+ *            rows_offset, and one status byte per ID at status_offset: 1 the ID has a row, 0 not
+ *            (the caller fills unknown rows and marks pruned ones; see service/wire.py for the
+ *            layout around them).
+ * Both ranges are checked against the buffers' lengths.  Returns how many IDs had no row. */
+static PyObject *py_lookup_answer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "lookup_answer takes 9 arguments");
+        return NULL;
+    }
+    int64_t ids_off, n, index_addr, classes_addr, rows_off, width, status_off;
+    if (as_int64(args[1], &ids_off) < 0 || as_int64(args[2], &n) < 0 || as_int64(args[3], &index_addr) < 0 ||
+        as_int64(args[4], &classes_addr) < 0 || as_int64(args[6], &rows_off) < 0 || as_int64(args[7], &width) < 0 ||
+        as_int64(args[8], &status_off) < 0)
+        return NULL;
+    if (n < 0 || width <= 0 || ids_off < 0 || rows_off < 0 || status_off < 0 || n > ((int64_t)1 << 40) / (width + 9)) {
+        PyErr_SetString(PyExc_ValueError, "lookup_answer: negative or oversized arguments");
+        return NULL;
+    }
+    Py_buffer ids_view, out_view;
+    if (PyObject_GetBuffer(args[0], &ids_view, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[5], &out_view, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&ids_view);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    int32_t loc_small[64];
+    int64_t ids_small[64];
+    int32_t *loc = loc_small;
+    int64_t *ids_copy = NULL;
+    if (ids_off + 8 * n > ids_view.len || rows_off + 4 * n * width > out_view.len || status_off + n > out_view.len) {
+        PyErr_SetString(PyExc_ValueError, "lookup_answer: a range runs past its buffer");
+        goto done;
+    }
+    if (n > 64) {
+        loc = (int32_t *)PyMem_Malloc((size_t)n * sizeof(int32_t));
+        if (loc == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    const char *ids_at = (const char *)ids_view.buf + ids_off;
+    const int64_t *ids = (const int64_t *)ids_at;
+    if (((uintptr_t)ids_at & 7) != 0) { /* the decoder reads int64s: give it aligned ones */
+        ids_copy = n > 64 ? (int64_t *)PyMem_Malloc((size_t)n * sizeof(int64_t)) : ids_small;
+        if (ids_copy == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        memcpy(ids_copy, ids_at, (size_t)n * 8);
+        ids = ids_copy;
+    }
+    float *rows = (float *)((char *)out_view.buf + rows_off);
+    if (((uintptr_t)rows & 3) != 0) {
+        PyErr_SetString(PyExc_ValueError, "lookup_answer: rows_offset leaves the float32 rows misaligned");
+        goto done;
+    }
+    int64_t rc;
+    if (n >= GIL_RELEASE_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = embserve_lookup(ids, n, (const void *)(intptr_t)index_addr, (const void *)(intptr_t)classes_addr, N_CLASSES,
+                             rows, width, loc, 1);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = embserve_lookup(ids, n, (const void *)(intptr_t)index_addr, (const void *)(intptr_t)classes_addr, N_CLASSES,
+                             rows, width, loc, 1);
+    }
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "compiled decoder rejected its arguments");
+        goto done;
+    }
+    uint8_t *status = (uint8_t *)out_view.buf + status_off;
+    for (int64_t k = 0; k < n; k++) status[k] = loc[k] >= 0;
+    result = PyLong_FromLongLong(rc);
+done:
+    if (loc != loc_small && loc != NULL) PyMem_Free(loc);
+    if (ids_copy != NULL && ids_copy != ids_small) PyMem_Free(ids_copy);
+    PyBuffer_Release(&out_view);
+    PyBuffer_Release(&ids_view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"lookup", (PyCFunction)(void (*)(void))py_lookup, METH_FASTCALL, "embserve_lookup by addresses (see pyentry.c)"},
+    {"lookup_answer", (PyCFunction)(void (*)(void))py_lookup_answer, METH_FASTCALL,
+     "decode IDs from one buffer into rows and status bytes of another (see pyentry.c)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode", "CPython entry points of the compiled decoder", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__decode(void) {
+    embserve_init();
+    return PyModule_Create(&module);
+}
