@@ -540,7 +540,7 @@ class LookupFastPath:
         self.record(reply[0], started)
         return reply
 
-    def answer_one_binary(self, body: bytes) -> bytes | None:
+    def answer_one_binary(self, body: bytes) -> bytes | bytearray | None:
         """The binary answer of the most common request - one table, no pooling, float32, a
         small answer - built with one C call (:meth:`CompressedTable.lookup_to_buffer`: IDs read
         from the body where they lie, rows and status bytes written into the answer), or None
@@ -589,7 +589,7 @@ class LookupFastPath:
         if state.applier is not None:
             # the IDs as the sketch takes them: a read-only view of the body (bytes: immutable)
             state.applier.record_lookup(name, np.frombuffer(body, dtype="<i8", count=n, offset=ids_at))
-        return bytes(answer)
+        return bytes(answer) if size < _COPY_BELOW else answer  # type: ignore[return-value]  # as _lookup_binary_f32
 
     async def _answer(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[Answer, str]:
         state = self.state
