@@ -88,9 +88,17 @@ class Applier:
         # replicas sharing a Redis stream trim it together (service/updatelog/trim_coordinator.py)
         self.trim_coordinator = coordinator_for(log_, settings.replica_id, settings.replica_ttl_s, settings.port)
         self._last_heartbeat = float("-inf")
-        if self.trim_coordinator is not None and self.trim_coordinator.missed(self.needed_position()):
-            log.error("entries after %s were trimmed from the stream while this replica was away: re-seed it from a fresh snapshot",
-                      format_position(self.needed_position()))
+        if self.trim_coordinator is not None:
+            # Register before checking and before the first read: a trim by another replica
+            # after the check but before a later registration would drop entries this one has
+            # not read yet, and nothing would report it.  Registered first, every later trim
+            # keeps what it needs, and every earlier one shows in missed().
+            needed = self.needed_position()
+            self.trim_coordinator.heartbeat(needed)
+            self._last_heartbeat = time.monotonic()
+            if self.trim_coordinator.missed(needed):
+                log.error("entries after %s were trimmed from the stream while this replica was away: re-seed it from a fresh snapshot",
+                          format_position(needed) or "the stream's start")
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -4,7 +4,10 @@ Prometheus, a wheelhouse; host networking, everything on loopback).  Checked: bo
 serve lookups; an update through one is visible on both; Prometheus scrapes both; a replica
 whose process is killed is restarted by its restart policy and converges from the stream (and
 one stopped with ``docker kill``, which Docker treats as a manual stop, comes back with
-``docker compose up``); ``down`` and ``up`` again keep every acknowledged update.
+``docker compose up``); with the stream trimmed behind both replicas' snapshots, ``down`` and
+``up`` keep every acknowledged update (each replica resumes from its own tables volume, and
+the stream keeps what a stopped replica has not applied); a replica whose volume is lost
+starts from the seed and logs that it missed trimmed entries.
 
 Needs a Docker engine, the compose plugin, the base image and the wheelhouse, which
 ``docker/ci-prepare.sh`` provides (``.ci/run`` calls it); skipped with the reason otherwise.
@@ -29,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis
 
 from tests.test_e2e import free_port
 
@@ -41,6 +45,9 @@ BASE_IMAGE = "embserve-base:bookworm"
 DEMO_ROWS = 20_000  # the seed job's demo table: small, so that building it takes seconds
 DIM = 64
 READY_TIMEOUT_S = 300.0  # one replica: start, load, replay the stream (slow on a loaded machine)
+STREAM = "embserve:updates"  # the update log's Redis stream (the default EMBSERVE_REDIS_STREAM)
+MISSED = "were trimmed from the stream while this replica was away"  # the applier's error (service/applier.py)
+Position = tuple[int, int]  # a stream entry ID, "<ms>-<seq>"
 
 
 def _run(args: list[str], timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -79,6 +86,7 @@ class Stack:
     timings: dict[str, float] = field(default_factory=dict)
     next_id: int = DEMO_ROWS  # new IDs: the demo table holds 0 .. DEMO_ROWS-1
     volumes: set[str] = field(default_factory=set)
+    positions: list[Position] = field(default_factory=list)  # the stream position of each acknowledged update
 
     def compose(self, *args: str, timeout: float = 600.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = ["docker", "compose", "-p", self.project]
@@ -144,7 +152,27 @@ class Stack:
         )
         assert r.status_code == 200, r.text
         self.acked.update(zip(ids, vectors, strict=True))
+        self.positions.append(_position(r.json()["position"]))
         return ids
+
+    def snapshot(self, n: int) -> int:
+        """Replica ``n`` snapshots the demo table now and trims; returns the entries it trimmed."""
+        r = httpx.post(f"{self.replica(n)}/v1/admin/tables/demo/snapshot", headers={"authorization": f"Bearer {self.env['EMBSERVE_TOKEN']}"}, timeout=60.0)
+        assert r.status_code == 200, r.text
+        return int(r.json()["trimmed_entries"])
+
+    def redis_client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.ports["EMBSERVE_REDIS_PORT"], socket_timeout=10.0)
+
+    def stream(self) -> list[Position]:
+        """The positions of the entries the update log's stream still holds, oldest first."""
+        with self.redis_client() as client:
+            return [_position(entry_id) for entry_id, _ in client.xrange(STREAM, "-", "+")]
+
+    def trim_records(self) -> set[str]:
+        """The replica ids the trim coordinator holds a record for (service/updatelog/trim_coordinator.py)."""
+        with self.redis_client() as client:
+            return {k.decode() for k in client.hkeys(f"{STREAM}:replicas")}
 
     def wait_converged(self, n: int, timeout: float = 60.0) -> None:
         """Replica ``n`` serves every acknowledged update (compressed: close in direction)."""
@@ -159,6 +187,11 @@ class Stack:
         sent = np.stack([self.acked[i] for i in ids])
         cosine = (got * sent).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(sent, axis=1))
         assert cosine.min() > 0.9, f"replica {n}: an updated row does not match what was sent (cosine {cosine.min():.3f})"
+
+
+def _position(text: str | bytes) -> Position:
+    ms, seq = (text.decode() if isinstance(text, bytes) else text).split("-")
+    return int(ms), int(seq)
 
 
 def _dump_timings(stack: Stack) -> None:
@@ -264,29 +297,67 @@ def test_a_killed_replica_is_restarted_and_converges(stack: Stack) -> None:
 
     # `docker kill` is a manual stop to Docker: no restart policy applies, by design.  The
     # operator's `docker compose up -d` starts it again, and it converges the same way.
-    assert _run(["docker", "kill", stack.container("embserve")]).returncode == 0
-    assert stack.inspect("embserve")["State"]["Running"] is False
+    assert _run(["docker", "kill", stack.container("embserve-1")]).returncode == 0
+    assert stack.inspect("embserve-1")["State"]["Running"] is False
     stack.update(2, 16, wait=True)
     started = time.monotonic()
-    stack.compose("up", "-d", "--no-build", "embserve")
+    stack.compose("up", "-d", "--no-build", "embserve-1")
     stack.wait_ready(1)
     stack.timings["docker kill, compose up -> replica ready"] = time.monotonic() - started
     stack.wait_converged(1)
 
 
-def test_down_and_up_keeps_every_acknowledged_update(stack: Stack) -> None:
+def test_down_and_up_with_trimming_keeps_every_acknowledged_update(stack: Stack) -> None:
+    # docker-compose.yml trims the stream (EMBSERVE_TRIM_LOG=true); each replica keeps its tables
+    # in a named volume of its own and its trim record under a fixed EMBSERVE_REPLICA_ID.
     stack.update(1, 16, wait=False)
     stack.update(2, 16, wait=False)
+    stack.wait_converged(1)
+    stack.wait_converged(2)
+    # Both snapshot: the first trims nothing the other still needs, the second trims behind both
+    # (every entry so far); no acknowledged update is left in the stream.
+    trimmed = stack.snapshot(1) + stack.snapshot(2)
+    snapshotted = stack.positions[-1]
+    assert trimmed > 0 and not [p for p in stack.stream() if p <= snapshotted], stack.stream()
+    # Replica 2 stops (a clean stop: it snapshots, and its record stays): what replica 1 takes
+    # now is held in the stream for it, through replica 1's own snapshot and trim at `down`.
+    stack.compose("stop", "--timeout", "30", "embserve-2")
+    stack.update(1, 16, wait=True)
+    held = stack.positions[-1]
     started = time.monotonic()
     stack.note_volumes()
-    stack.compose("down", "--timeout", "30")  # keeps the named volumes: Redis's AOF and the seed
+    stack.compose("down", "--timeout", "30")  # keeps the named volumes: Redis's AOF, the seed, tables-1/-2
     stack.compose("up", "-d", "--no-build", timeout=900)
     stack.wait_ready(1)
     stack.wait_ready(2)
     stack.timings["down, up -> both replicas ready"] = time.monotonic() - started
-    # new containers, new tables folders: each replica seeds itself again and replays the whole stream
+    # New containers, the same volumes: each resumes from its own snapshot.  The stream holds only
+    # the entry replica 2 had not applied (nothing trims until a snapshot), so every other
+    # acknowledged update is served from the replicas' tables volumes, none from the stream.
+    assert stack.stream() == [held]
     stack.wait_converged(1)
     stack.wait_converged(2)
     ids = sorted(stack.acked)
-    assert len(ids) == 32 + 32 + 16 + 16 + 16 + 16
+    assert len(ids) == 32 + 32 + 16 + 16 + 16 + 16 + 16
     assert np.array_equal(stack.lookup(1, ids)[0], stack.lookup(2, ids)[0])
+    # the same two records (fixed ids, not one per container), and nobody missed anything
+    assert stack.trim_records() == {"embserve-1", "embserve-2"}
+    assert MISSED not in stack.compose("logs", "--no-color", "embserve-1", "embserve-2", timeout=60).stdout
+    # trimming goes on after the restart: both snapshot, and the held entry goes too
+    stack.snapshot(1)
+    stack.snapshot(2)
+    assert stack.stream() == []
+
+
+def test_a_replica_whose_volume_is_lost_logs_that_it_missed_entries(stack: Stack) -> None:
+    # What the top of docker-compose.yml warns about: without its volume a replica starts from
+    # the seed, which lacks every update, and the stream was trimmed of them.  It says so.
+    stack.compose("rm", "--stop", "--force", "embserve-2")
+    gone = _run(["docker", "volume", "rm", f"{stack.project}_tables-2"], timeout=60)
+    assert gone.returncode == 0, gone.stderr
+    stack.compose("up", "-d", "--no-build", "embserve-2")
+    stack.wait_ready(2)
+    assert MISSED in stack.compose("logs", "--no-color", "embserve-2", timeout=60).stdout
+    _, found = stack.lookup(2, sorted(stack.acked))
+    assert not found.any()  # the seed's table, none of the trimmed updates
+    assert stack.trim_records() == {"embserve-1", "embserve-2"}

@@ -9,12 +9,21 @@ import time
 import uuid
 from pathlib import Path
 
+import logging
+
 import numpy as np
 import pytest
 import redis
+import torch
 from fastapi.testclient import TestClient
 
+from compression import compress_uniform
+from compression.layout import RowClass
+
 from service.app import create_app
+from service.applier import Applier
+from service.metrics import ServiceMetrics
+from service.registry import TableRegistry
 from service.settings import Settings
 from service.updatelog import UpdateBatch, open_log
 from service.updatelog.trim_coordinator import ReplicaTrimCoordinator
@@ -48,6 +57,43 @@ def test_trims_behind_the_slowest_live_replica_only(redis_url: str, tmp_path: Pa
         trimmed = a.trim(positions[7])
     assert trimmed == 5 and log.count_after(None) == 2 and "b" not in a.replicas()
     assert b.missed(positions[2]) and not a.missed(positions[7])
+    log.close()
+    client.close()
+
+
+def _starting_replica(redis_url: str, tmp_path: Path, stream: str, replica_id: str, position: tuple[int, int] | None) -> Applier:
+    """An applier as a replica builds it at start (not started: no read, no step yet), over one
+    table whose file holds the stream up to ``position`` (None: a seed copy, no entry)."""
+    tables = TableRegistry("cpu")
+    hosted = tables.add("t", compress_uniform(torch.randn(4, 2), RowClass(2, 32)))
+    hosted.log_position = hosted.snapshot_position = position
+    settings = Settings(tables_dir=tmp_path / replica_id, redis_url=redis_url, redis_stream=stream, replica_id=replica_id, replica_ttl_s=60)
+    return Applier(open_log(redis_url, tmp_path / "x", stream), tables, ServiceMetrics(tables), settings)
+
+
+def test_a_starting_replica_holds_the_stream_before_its_first_read(redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Registration must come at start, before the missed() check and the first read: a trim by
+    # another replica in between would otherwise drop entries this one has not read, unreported.
+    stream = f"trim3:{uuid.uuid4().hex}"
+    log = open_log(redis_url, tmp_path / "x", stream)
+    positions = [log.append(_entry()) for _ in range(6)]
+    client = redis.Redis.from_url(redis_url)
+    other = ReplicaTrimCoordinator(client, stream, "other", ttl_s=60)
+    fresh = _starting_replica(redis_url, tmp_path, stream, "fresh", None)  # from the seed: needs it all
+    assert other.trim(positions[-1]) == 0 and log.count_after(None) == 6
+    assert other.replicas()["fresh"]["position"] is None
+    # restarted with its tables folder (snapshot at entry 2), under the same id: one record, moved
+    fresh.log.close()
+    again = _starting_replica(redis_url, tmp_path, stream, "fresh", positions[2])
+    assert set(other.replicas()) == {"other", "fresh"} and other.replicas()["fresh"]["position"] == positions[2]
+    assert other.trim(positions[-1]) == 3 and log.count_after(None) == 3
+    assert not any(r.levelno == logging.ERROR for r in caplog.records)
+    # a replica whose folder was lost starts from the seed again: the entries it needs are gone, and it says so
+    again.log.close()
+    with caplog.at_level(logging.ERROR, logger="embserve.applier"):
+        lost = _starting_replica(redis_url, tmp_path, stream, "fresh", None)
+    assert any("were trimmed from the stream while this replica was away" in r.getMessage() for r in caplog.records)
+    lost.log.close()
     log.close()
     client.close()
 
