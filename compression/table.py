@@ -257,9 +257,36 @@ class CompressedTable:
         ``out``: a float32 ``[n, D]`` contiguous tensor on the table's device to decode into (a
         view of a response buffer, so the service sends the rows without copying them)."""
         if dtype is torch.float32 and self._pruned_classes is None and ids.dtype is torch.int64 and ids.dim() == 1 and ids.is_cpu:
-            result = self._lookup_entry(ids, out)
-            if result is not None:
-                return result
+            # the common call through the compiled decoder's CPython entry (kernels/pyentry.c),
+            # with nothing else around it: at batch 1 the Python and torch calls around the
+            # decode were two thirds of the lookup (bench/results/lookup.md, the per-call row).
+            # Falls through to the general way when the table is not on that path (or ``out``
+            # is bad: the general way says why).
+            n = ids.shape[0]
+            if out is None:
+                values = torch.empty(n, self.dim)
+            elif out.dtype is torch.float32 and out.is_cpu and out.is_contiguous() and out.shape == (n, self.dim):
+                values = out
+            else:
+                values = None
+            if values is not None:
+                if not ids.is_contiguous():
+                    ids = ids.contiguous()
+                loc = _INT32.new_empty(n)  # a quarter microsecond under torch.empty(n, dtype=...)
+                with self.lock:
+                    # read under the lock: a writer growing a slab refreshes the decoder's class
+                    # array, and a rehash replaces the index's arrays
+                    classes_c = self.decoder.entry_classes
+                    view = None if classes_c is None else self.index.c_view()
+                    if view is not None:
+                        num_unknown = cpu_c.ENTRY.lookup(  # the decode, by addresses
+                            ids.data_ptr(), n, view.address, classes_c.address, values.data_ptr(), self.dim, loc.data_ptr(),
+                            torch.get_num_threads() if n >= cpu_c.PARALLEL_MIN_ROWS else 1,
+                        )
+                if view is not None:
+                    if num_unknown:
+                        self.unknown.fill(values, ids, loc < 0)  # the decoder wrote zeros for them
+                    return LookupResult(values, loc, num_unknown)
         # each torch op costs microseconds; at batch 1 they are the whole bill, so skip the no-ops
         device = self.slabs[0].device
         if ids.dtype is not torch.int64 or ids.device != device:
@@ -286,37 +313,6 @@ class CompressedTable:
         if values.dtype != dtype:
             values = values.to(dtype)
         return LookupResult(values, loc, num_unknown, pruned, num_pruned)
-
-    def _lookup_entry(self, ids: torch.Tensor, out: torch.Tensor | None) -> LookupResult | None:
-        """:meth:`lookup` of the common call - int64 CPU IDs, a float32 answer, no pruned class -
-        through the compiled decoder's CPython entry (kernels/pyentry.c), with nothing else
-        around it: at batch 1 the Python and torch calls around the decode were two thirds of
-        the lookup (bench/results/lookup.md, the per-call row).  None when the table is not on
-        that path (then :meth:`lookup` goes the general way, which also reports a bad ``out``)."""
-        n = ids.shape[0]
-        if out is None:
-            values = torch.empty(n, self.dim)
-        elif out.dtype is torch.float32 and out.is_cpu and out.is_contiguous() and out.shape == (n, self.dim):
-            values = out
-        else:
-            return None
-        if not ids.is_contiguous():
-            ids = ids.contiguous()
-        loc = _INT32.new_empty(n)  # a quarter microsecond under torch.empty(n, dtype=...)
-        with self.lock:
-            # read under the lock: a writer growing a slab refreshes the decoder's class array,
-            # and a rehash replaces the index's arrays
-            classes_c = self.decoder.entry_classes
-            view = None if classes_c is None else self.index.c_view()
-            if view is None:
-                return None
-            num_unknown = cpu_c.ENTRY.lookup(  # type: ignore[union-attr]  # the decode (kernels/pyentry.c), by addresses
-                ids.data_ptr(), n, view.address, classes_c.address, values.data_ptr(), self.dim, loc.data_ptr(),
-                torch.get_num_threads() if n >= cpu_c.PARALLEL_MIN_ROWS else 1,
-            )
-        if num_unknown:
-            self.unknown.fill(values, ids, loc < 0)  # the decoder wrote zeros for them
-        return LookupResult(values, loc, num_unknown)
 
     def lookup_to_buffer(self, ids: bytes | bytearray | memoryview, ids_offset: int, n: int, answer: bytearray, rows_offset: int,
                          status_offset: int) -> int | None:
