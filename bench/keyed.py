@@ -36,17 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lookup import machine  # noqa: E402
+from lookup import machine, same_rows  # noqa: E402
 
 from compression import CompressedTable, candidate_classes, compress  # noqa: E402
 from compression.hash_index import HashIndex  # noqa: E402
 from compression.index import KeyedIndex  # noqa: E402
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies  # noqa: E402
-
-
-def same_rows(table: CompressedTable, index: object) -> CompressedTable:
-    """The table's slabs (shared, not copied) behind another index."""
-    return CompressedTable(table.dim, table.classes, table.slabs, table.used, index, table.free, table.rotation, table.unknown)  # type: ignore[arg-type]
 
 
 def padded_hash(keys: torch.Tensor, locs: torch.Tensor, load: float) -> HashIndex:

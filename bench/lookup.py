@@ -28,7 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression import RowClass, candidate_classes, compress, compress_uniform  # noqa: E402
+from compression import CompressedTable, RowClass, candidate_classes, compress, compress_uniform  # noqa: E402
+from compression.hash_index import HashIndex  # noqa: E402
 from compression.kernels import COMPILED_AVAILABLE  # noqa: E402
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies  # noqa: E402
 from interleave import MIN_ROUNDS, NOISE_NOTE, Spread, ratio, run_rounds, target_line  # noqa: E402
@@ -112,6 +113,15 @@ def relative_error(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tenso
     return float(err / ref)
 
 
+KEYED_SAME_ROWS = "ours mixed precision 8x, keyed int64 IDs, same rows"
+
+
+def same_rows(table: CompressedTable, index: object) -> CompressedTable:
+    """The table's slabs (shared, not copied) behind another index: two indexes timed on
+    exactly the same rows (bench/keyed.py uses it too)."""
+    return CompressedTable(table.dim, table.classes, table.slabs, table.used, index, table.free, table.rotation, table.unknown)  # type: ignore[arg-type]
+
+
 def build_methods(rows: torch.Tensor, freqs: torch.Tensor, quick: bool) -> list[Method]:
     n, d = rows.shape
     methods = [Method("fp32 `F.embedding` gather", lambda ids: F.embedding(ids, rows), rows.numel() * 4, "baseline")]
@@ -124,16 +134,20 @@ def build_methods(rows: torch.Tensor, freqs: torch.Tensor, quick: bool) -> list[
     for times in (8, 16):
         table, _ = compress(rows, freqs, ratio=times, candidates=precision_only)
         tables[f"ours mixed precision {times}x"] = (table, "knapsack over bits {32..1, pruned}")
+    keys = torch.randperm(n, generator=torch.Generator().manual_seed(9)) * 1_000_003 - 7 * n  # arbitrary int64 IDs
+    positions, locs = tables["ours mixed precision 8x"][0].index.live_items()
+    same = same_rows(tables["ours mixed precision 8x"][0], HashIndex.build(keys[positions], locs))
+    tables[KEYED_SAME_ROWS] = (same, "the 8x table's own slabs behind a hash index of the keys: keyed vs dense on the same rows")
     if not quick:
         table, _ = compress(rows, freqs, ratio=16)
         tables["ours mixed precision + dims 16x"] = (table, "bits and dims, PCA rotation")
-    keys = torch.randperm(n, generator=torch.Generator().manual_seed(9)) * 1_000_003 - 7 * n  # arbitrary int64 IDs
     keyed, _ = compress(rows, freqs, ratio=8, candidates=precision_only, ids=keys)  # sorted index vs hash: bench/keyed.py
-    tables["ours mixed precision 8x, keyed int64 IDs"] = (keyed, "hash index (the keyed default), probed in the C kernel")
+    tables["ours mixed precision 8x, keyed int64 IDs"] = (keyed, "compressed for keyed IDs (its index counts in the budget); hash index, probed in the C kernel")
     for name, (table, note) in tables.items():
         classes = ", ".join(f"{rc.label()}:{k}" for rc, k in zip(table.classes, table.rows_per_class(), strict=True) if k)
         methods.append(
-            Method(name, lambda ids, t=table: t.lookup(ids).values, table.nbytes, f"{note}; {classes}", keys=keys if table is keyed else None)
+            Method(name, lambda ids, t=table: t.lookup(ids).values, table.nbytes, f"{note}; {classes}",
+                   keys=keys if table is keyed or table is same else None)
         )
     if COMPILED_AVAILABLE:
         ref_table = compress_uniform(rows, RowClass(d, 4))
@@ -190,6 +204,12 @@ def render(methods: list[Method], batch_sizes: list[int], rows: int, dim: int, s
                     targets.append(target_line(f"{m.name}, {dist}, vs FBGEMM INT4", vs_fb, 1.2))
     lines += ["", f"## Targets (issue 13): mixed precision at <= 4 bits/parameter, batch {target_batch}, interleaved", ""]
     lines += targets or ["- no mixed-precision table at <= 4 bits/parameter in this run"]
+    dense8 = next((m for m in methods if m.name == "ours mixed precision 8x"), None)
+    keyed8 = next((m for m in methods if m.name == KEYED_SAME_ROWS), None)
+    if dense8 is not None and keyed8 is not None:
+        lines += ["", f"## Target (issue 11): keyed / dense lookups on the same 8x rows, batch {target_batch}, interleaved", ""]
+        lines += [target_line(f"hash-indexed int64 IDs / dense IDs, {dist}", ratio(keyed8.rounds[(target_batch, dist)], dense8.rounds[(target_batch, dist)]), 0.8)
+                  for dist in ("uniform", "zipf")]
     if overhead:
         emb = overhead["fp32 `F.embedding`"]
         ours = overhead["ours mixed precision 8x `lookup`"]

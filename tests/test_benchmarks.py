@@ -136,3 +136,28 @@ def test_compress_speed_bench_fast(tmp_path: Path) -> None:
     assert "| 8x |" in report and "| 128x |" in report and "(" in report and ".." in report
     if baseline != "none":
         assert "after/before wall" in report
+
+
+def test_keyed_bench_fast(tmp_path: Path) -> None:
+    out = tmp_path / "keyed.md"
+    _run(["bench/keyed.py", "--rows", "20000", "--rounds", "5", "--ids-per-round", "16384", "--loads", "0.7", "--out", str(out)])
+    report = out.read_text()
+    assert "| dense (IDs 0..N-1) |" in report and "hash index padded to load 0.7" in report
+    assert "Target: keyed (hash index) >= 0.80x dense" in report and ".." in report
+
+
+@pytestmark_e2e
+def test_large_responses_bench_fast(tmp_path: Path) -> None:
+    out = tmp_path / "large.md"
+    _run(["bench/large_responses.py", "--quick", "--out", str(out)], timeout=300)
+    assert out.read_text().strip()
+
+
+@pytestmark_e2e
+def test_profile_batch1_fast(tmp_path: Path) -> None:
+    if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
+        pytest.skip("py-spy (the bench extra) is not installed")
+    out = tmp_path / "profile.md"
+    _run(["bench/profile_batch1.py", "--seconds", "2", "--rows", "5000", "--out", str(out)], timeout=120)
+    report = out.read_text()
+    assert "| frame (inclusive) | share of samples |" in report and "LookupFastPath" in report
