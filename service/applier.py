@@ -31,7 +31,7 @@ from .registry import HostedTable, TableRegistry
 from .settings import Settings
 from .tablefiles import write_snapshot
 from .updatelog import LogRecord, MalformedEntry, Position, UpdateBatch, UpdateLog, format_position
-from .updatelog.trim_coordinator import coordinator_for
+from .updatelog.trim_coordinator import TrimGap, coordinator_for
 
 log = logging.getLogger("embserve.applier")
 
@@ -88,6 +88,9 @@ class Applier:
         # replicas sharing a Redis stream trim it together (service/updatelog/trim_coordinator.py)
         self.trim_coordinator = coordinator_for(log_, settings.replica_id, settings.replica_ttl_s, settings.port)
         self._last_heartbeat = float("-inf")
+        # set when entries this replica needs were trimmed before it came back: its tables lack
+        # acknowledged updates, so /readyz keeps it out of traffic (service/routers/health.py)
+        self.gap: TrimGap | None = None
         if self.trim_coordinator is not None:
             # Register before checking and before the first read: a trim by another replica
             # after the check but before a later registration would drop entries this one has
@@ -96,9 +99,13 @@ class Applier:
             needed = self.needed_position()
             self.trim_coordinator.heartbeat(needed)
             self._last_heartbeat = time.monotonic()
-            if self.trim_coordinator.missed(needed):
-                log.error("entries after %s were trimmed from the stream while this replica was away: re-seed it from a fresh snapshot",
-                          format_position(needed) or "the stream's start")
+            self.gap = self.trim_coordinator.gap(needed)
+            if self.gap is not None:
+                log.error("entries after %s were trimmed from the stream while this replica was away: re-seed it from a fresh snapshot "
+                          "(held out of readiness: /readyz answers 503 until then)", format_position(needed) or "the stream's start")
+        # 1 for the life of this process: replaying what the stream still has cannot bring back
+        # what was trimmed, and neither can a restart; only re-seeded tables can
+        metrics.log_gap.set(0 if self.gap is None else 1)
 
     # ------------------------------------------------------------------ lifecycle
 

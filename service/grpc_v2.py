@@ -147,7 +147,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _ready(self) -> bool:
         applier = self.state.applier
-        return bool(self.state.tables.ready) and (applier is None or applier.caught_up)
+        return bool(self.state.tables.ready) and (applier is None or (applier.caught_up and applier.gap is None))
 
     @_recorded
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - the protocol's names

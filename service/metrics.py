@@ -110,6 +110,11 @@ class ServiceMetrics:
         self.updates_appended = Counter("embserve_updates_appended_total", "Update requests acknowledged (durably in the log)", ["table"], registry=self.registry)
         self.log_lag_entries = Gauge("embserve_update_log_lag_entries", "Log entries not applied yet", registry=self.registry)
         self.log_lag_seconds = Gauge("embserve_update_log_lag_seconds", "Age of the oldest unapplied log entry", registry=self.registry)
+        self.log_gap = Gauge(
+            "embserve_update_log_gap",
+            "1 while this replica missed entries trimmed from the shared stream (held out of readiness until re-seeded), else 0",
+            registry=self.registry,
+        )
         self.evicted_ids = Counter(
             "embserve_evicted_ids_total", "IDs evicted from a keyed table at its max_ids (lowest decayed counts first)", ["table"], registry=self.registry
         )

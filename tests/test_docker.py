@@ -7,7 +7,8 @@ one stopped with ``docker kill``, which Docker treats as a manual stop, comes ba
 ``docker compose up``); with the stream trimmed behind both replicas' snapshots, ``down`` and
 ``up`` keep every acknowledged update (each replica resumes from its own tables volume, and
 the stream keeps what a stopped replica has not applied); a replica whose volume is lost
-starts from the seed and logs that it missed trimmed entries.
+starts from the seed, logs that it missed trimmed entries and answers /readyz 503 (its health
+check fails) while the other stays ready.
 
 Needs a Docker engine, the compose plugin, the base image and the wheelhouse, which
 ``docker/ci-prepare.sh`` provides (``.ci/run`` calls it); skipped with the reason otherwise.
@@ -132,6 +133,22 @@ class Stack:
             time.sleep(0.25)
         raise AssertionError(f"replica {n} not ready within {timeout:.0f} s\n{self.logs()}")
 
+    def wait_live(self, n: int, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until replica ``n`` answers /healthz with 200 (for one expected to stay unready)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            try:
+                if httpx.get(f"{self.replica(n)}/healthz", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"replica {n} not live within {timeout:.0f} s\n{self.logs()}")
+
+    def probe_exit(self, service: str) -> int:
+        """Exit status of the image's health check command, run in the service's container now."""
+        return _run(["docker", "exec", self.container(service), "embserve", "probe", "/readyz"], timeout=60).returncode
+
     def lookup(self, n: int, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         r = httpx.post(f"{self.replica(n)}/v1/lookup", json={"lookups": [{"table": "demo", "ids": ids}]}, timeout=30.0)
         assert r.status_code == 200, r.text
@@ -187,6 +204,14 @@ class Stack:
         sent = np.stack([self.acked[i] for i in ids])
         cosine = (got * sent).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(sent, axis=1))
         assert cosine.min() > 0.9, f"replica {n}: an updated row does not match what was sent (cosine {cosine.min():.3f})"
+
+
+def _gauge(stack: Stack, n: int, name: str) -> float:
+    """One unlabelled gauge's value from replica ``n``'s /metrics."""
+    text = httpx.get(f"{stack.replica(n)}/metrics", timeout=10.0).text
+    values = [float(line.split()[1]) for line in text.splitlines() if line.startswith(f"{name} ")]
+    assert len(values) == 1, f"{name} not exported once by replica {n}"
+    return values[0]
 
 
 def _position(text: str | bytes) -> Position:
@@ -349,15 +374,24 @@ def test_down_and_up_with_trimming_keeps_every_acknowledged_update(stack: Stack)
     assert stack.stream() == []
 
 
-def test_a_replica_whose_volume_is_lost_logs_that_it_missed_entries(stack: Stack) -> None:
+def test_a_replica_whose_volume_is_lost_is_held_out_of_readiness(stack: Stack) -> None:
     # What the top of docker-compose.yml warns about: without its volume a replica starts from
-    # the seed, which lacks every update, and the stream was trimmed of them.  It says so.
+    # the seed, which lacks every update, and the stream was trimmed of them.  It says so, and
+    # takes no traffic: /readyz 503 (its health check fails) until an operator re-seeds it.
     stack.compose("rm", "--stop", "--force", "embserve-2")
     gone = _run(["docker", "volume", "rm", f"{stack.project}_tables-2"], timeout=60)
     assert gone.returncode == 0, gone.stderr
     stack.compose("up", "-d", "--no-build", "embserve-2")
-    stack.wait_ready(2)
+    stack.wait_live(2)
     assert MISSED in stack.compose("logs", "--no-color", "embserve-2", timeout=60).stdout
+    r = httpx.get(f"{stack.replica(2)}/readyz", timeout=10.0)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "update_log_gap", r.text
+    assert "re-seed" in r.json()["error"]["message"]
+    assert _gauge(stack, 2, "embserve_update_log_gap") == 1.0 and _gauge(stack, 1, "embserve_update_log_gap") == 0.0
+    # the image's health check (`embserve probe /readyz`) fails on it and passes on the other
+    assert stack.probe_exit("embserve-2") != 0 and stack.probe_exit("embserve-1") == 0
+    assert stack.inspect("embserve-2")["State"]["Health"]["Status"] != "healthy"  # "starting", then "unhealthy"
+    assert httpx.get(f"{stack.replica(1)}/readyz", timeout=10.0).status_code == 200
     _, found = stack.lookup(2, sorted(stack.acked))
     assert not found.any()  # the seed's table, none of the trimmed updates
     assert stack.trim_records() == {"embserve-1", "embserve-2"}

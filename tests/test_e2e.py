@@ -30,30 +30,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0, path: str = "/readyz") -> None:
+    """Poll ``path`` until 200: ``/readyz`` by default, ``/healthz`` for a server expected to stay unready."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)  # polling a real process for readiness, not synchronizing on a sleep
-    raise TimeoutError("server did not become ready")
+    raise TimeoutError(f"server did not answer {path} with 200")
 
 
 @contextmanager
-def serving_process(tables: Path, env_extra: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `embserve serve` on a free port for the block: its base URL once it is ready, and
-    the process (for tests that signal or measure it); SIGTERM at the end, SIGKILL after 20 s."""
+def serving_process(tables: Path, env_extra: dict[str, str], wait_path: str = "/readyz") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `embserve serve` on a free port for the block: its base URL once it is ready (once
+    ``wait_path`` answers 200), and the process (for tests that signal or measure it); SIGTERM at
+    the end, SIGKILL after 20 s."""
     port = free_port()
     env = {**os.environ, "EMBSERVE_TABLES_DIR": str(tables), "EMBSERVE_PORT": str(port), **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc)
+        wait_ready(base, proc, path=wait_path)
         yield base, proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -64,9 +66,9 @@ def serving_process(tables: Path, env_extra: dict[str, str]) -> Iterator[tuple[s
 
 
 @contextmanager
-def serving(tables: Path, env_extra: dict[str, str]) -> Iterator[str]:
+def serving(tables: Path, env_extra: dict[str, str], wait_path: str = "/readyz") -> Iterator[str]:
     """:func:`serving_process`, the base URL only."""
-    with serving_process(tables, env_extra) as (base, _):
+    with serving_process(tables, env_extra, wait_path) as (base, _):
         yield base
 
 

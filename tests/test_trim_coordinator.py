@@ -11,13 +11,14 @@ from pathlib import Path
 
 import logging
 
+import httpx
 import numpy as np
 import pytest
 import redis
 import torch
 from fastapi.testclient import TestClient
 
-from compression import compress_uniform
+from compression import compress_uniform, save_table
 from compression.layout import RowClass
 
 from service.app import create_app
@@ -27,6 +28,7 @@ from service.registry import TableRegistry
 from service.settings import Settings
 from service.updatelog import UpdateBatch, open_log
 from service.updatelog.trim_coordinator import ReplicaTrimCoordinator
+from tests.test_e2e import serving
 
 LOOPBACK = ("127.0.0.1", 50000)
 
@@ -132,3 +134,49 @@ def test_replicas_on_one_stream_never_trim_what_another_needs(two_replicas) -> N
     assert r2.post("/v1/admin/tables/emb/snapshot").json()["trimmed_entries"] == 5
     values = r2.post("/v1/lookup", json={"lookups": [{"table": "emb", "ids": [4]}]}).json()["results"][0]["embeddings"]
     assert values == [[4.0, 4.0]]
+
+
+def _gauge(base: str, name: str) -> float:
+    """One unlabelled gauge's value from the server's /metrics (Prometheus text format)."""
+    text = httpx.get(f"{base}/metrics", timeout=10.0).text
+    values = [float(line.split()[1]) for line in text.splitlines() if line.startswith(f"{name} ")]
+    assert len(values) == 1, f"{name} not exported once:\n{text[:2000]}"
+    return values[0]
+
+
+@pytest.mark.e2e
+def test_a_replica_that_missed_trimmed_entries_is_held_out_of_readiness(redis_url: str, tmp_path: Path) -> None:
+    # Real `embserve serve` processes.  A replica whose tables come from the seed (no log
+    # position: it needs the whole stream) starts after another replica trimmed entries away:
+    # its tables would lack acknowledged updates, so it must not take traffic until re-seeded;
+    # it stays alive (a restart would not help).  A replica on an untrimmed stream is ready.
+    seed = compress_uniform(torch.randn(4, 2), RowClass(2, 32))
+    folders = {name: tmp_path / name for name in ("gap", "whole")}
+    for folder in folders.values():
+        folder.mkdir()
+        save_table(seed, folder / "t.safetensors")
+    trimmed_stream, whole_stream = f"gap:{uuid.uuid4().hex}", f"whole:{uuid.uuid4().hex}"
+    log = open_log(redis_url, tmp_path / "x", trimmed_stream)
+    positions = [log.append(_entry()) for _ in range(6)]
+    client = redis.Redis.from_url(redis_url)
+    assert ReplicaTrimCoordinator(client, trimmed_stream, "other", ttl_s=60).trim(positions[3]) == 4  # entries 0..3 go
+
+    def env(stream: str, replica: str) -> dict[str, str]:
+        return {"REDIS_URL": redis_url, "EMBSERVE_REDIS_STREAM": stream, "EMBSERVE_REPLICA_ID": replica}
+
+    with serving(folders["gap"], env(trimmed_stream, "gap"), wait_path="/healthz") as base:
+        r = httpx.get(f"{base}/readyz", timeout=10.0)
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "update_log_gap" and error["status"] == 503
+        assert error["details"] == [{"needed_position": None, "trimmed_through": "-".join(map(str, positions[3])),
+                                     "stream_first_position": "-".join(map(str, positions[4]))}]
+        assert "trimmed" in error["message"] and "re-seed" in error["message"] and "from the seed" in error["message"]
+        assert httpx.get(f"{base}/healthz", timeout=10.0).status_code == 200
+        assert httpx.get(f"{base}/v2/health/ready", timeout=10.0).status_code == 503
+        assert _gauge(base, "embserve_update_log_gap") == 1.0
+    with serving(folders["whole"], env(whole_stream, "whole")) as base:
+        assert httpx.get(f"{base}/readyz", timeout=10.0).status_code == 200
+        assert _gauge(base, "embserve_update_log_gap") == 0.0
+    log.close()
+    client.close()

@@ -91,8 +91,8 @@ def live() -> dict[str, bool]:
 @router.get("/health/ready", summary="Readiness: tables loaded and the update log replayed", responses={503: {"description": "not ready"}})
 def ready(state: AppState = Depends(get_state)) -> dict[str, bool]:
     applier = state.applier
-    if not state.tables.ready or (applier is not None and not applier.caught_up):
-        raise ApiError(503, "not_ready", "not ready")
+    if not state.tables.ready or (applier is not None and (not applier.caught_up or applier.gap is not None)):
+        raise ApiError(503, "not_ready", "not ready")  # a gap: /readyz says which entries and how to recover
     return {"ready": True}
 
 
@@ -111,6 +111,8 @@ def model_version_metadata(name: str = TableName, version: str = Path(..., max_l
 def _model_ready(state: AppState, name: str, version: str | None) -> dict[str, Any]:
     _hosted(state, name, version)
     applier = state.applier
+    if applier is not None and applier.gap is not None:
+        raise ApiError(503, "not_ready", "entries this replica needs were trimmed from the update log: see /readyz")
     if applier is not None and not applier.caught_up:
         raise ApiError(503, "not_ready", "replaying the update log")
     return {"name": name, "ready": True}

@@ -19,9 +19,9 @@ not matter.
 
 A replica quiet for longer than the TTL (down, or partitioned from Redis) stops holding the
 stream back; if it comes back after entries it needed were trimmed, :meth:`missed` tells it
-(the script records the newest position it trimmed through in ``<stream>:trimmed``) and the
-applier logs an error: that replica
-must be re-seeded from a fresh snapshot.  Pick the TTL longer than any restart you want to
+(the script records the newest position it trimmed through in ``<stream>:trimmed``), the
+applier logs an error and the replica holds itself out of readiness (``/readyz`` 503,
+``embserve_update_log_gap`` 1): it must be re-seeded from a fresh snapshot.  Pick the TTL longer than any restart you want to
 survive without a re-seed.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -81,6 +82,16 @@ def default_replica_id(port: int) -> str:
     return f"{socket.gethostname()}:{port or os.getpid()}"
 
 
+@dataclass(frozen=True)
+class TrimGap:
+    """Entries this replica needs were trimmed away: what it needed and what the stream holds now
+    (what an operator needs to know to re-seed it, shown by ``/readyz``)."""
+
+    needed: Position | None  # it must replay every entry after this (None: the whole stream)
+    trimmed_through: Position  # the newest position a coordinated trim dropped
+    first_entry: Position | None  # the oldest entry the stream still holds (None: empty stream)
+
+
 class ReplicaTrimCoordinator:
     def __init__(self, client: redis.Redis, stream: str, replica_id: str, ttl_s: float) -> None:
         self.client = client
@@ -117,10 +128,15 @@ class ReplicaTrimCoordinator:
 
     def missed(self, needed: Position | None) -> bool:
         """Whether entries after ``needed`` were already trimmed (this replica was quiet past the TTL)."""
+        return self.gap(needed) is not None
+
+    def gap(self, needed: Position | None) -> TrimGap | None:
+        """:meth:`missed`, with the positions that say how much: None when nothing was missed."""
         trimmed = parse_position(self.client.get(self.trimmed_key))
-        if trimmed is None:
-            return False
-        return needed is None or trimmed > needed
+        if trimmed is None or (needed is not None and trimmed <= needed):
+            return None
+        first = self.client.xrange(self.stream, min="-", max="+", count=1)
+        return TrimGap(needed, trimmed, parse_position(first[0][0]) if first else None)
 
 
 def coordinator_for(update_log: object, replica_id: str | None, ttl_s: float, port: int) -> ReplicaTrimCoordinator | None:
