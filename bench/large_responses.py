@@ -92,9 +92,13 @@ def _start_server(tree: Path, folder: Path) -> tuple[int, subprocess.Popen[bytes
     port = free_port()
     env = {**os.environ, "EMBSERVE_TABLES_DIR": str(folder), "EMBSERVE_PORT": str(port), "EMBSERVE_LOG_LEVEL": "warning",
            "PYTHONPATH": str(tree)}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tree))
-    wait_http(f"http://127.0.0.1:{port}/readyz", proc)
+    log = folder.parent / f"server-{port}.log"  # its output, for the error if it does not come up
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(tree))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc)
+    except RuntimeError as exc:
+        raise RuntimeError(f"the server of {tree} did not come up ({exc}); its output:\n{log.read_text()[-3000:]}") from exc
     return port, proc
 
 
