@@ -161,3 +161,9 @@ def test_profile_batch1_fast(tmp_path: Path) -> None:
     _run(["bench/profile_batch1.py", "--seconds", "2", "--rows", "5000", "--out", str(out)], timeout=120)
     report = out.read_text()
     assert "| frame (inclusive) | share of samples |" in report and "LookupFastPath" in report
+
+
+@pytestmark_e2e
+def test_batch1_cpu_bench_fast() -> None:
+    proc = _run(["bench/batch1_cpu.py", "--fast"], timeout=180)
+    assert "server CPU per batch-1 binary lookup" in proc.stdout and "- this tree:" in proc.stdout
