@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import http.client
 import threading
 from urllib.parse import quote, urlsplit
 
@@ -28,6 +27,7 @@ import httpx
 import numpy as np
 import orjson
 
+from .client_http import ClosedBeforeAnswer, HttpConnection
 from .wire import (
     BINARY_REQUEST_TYPE,
     BINARY_RESPONSE_TYPE,
@@ -164,8 +164,9 @@ def _limits(max_connections: int) -> httpx.Limits:
 
 class EmbeddingClient:
     """Blocking client, safe to share between threads: each thread keeps its own keep-alive
-    connection.  Built on the standard library's ``http.client``, which took a quarter of the
-    client CPU of httpx per request here (bench/service.py reports client CPU per request)."""
+    connection (:class:`service.client_http.HttpConnection`: one write per request, answers
+    parsed by httptools; a tenth of ``http.client``'s client CPU per batch-1 lookup, which was a
+    quarter of httpx's; bench/service.py reports client CPU per request)."""
 
     def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0, binary: bool = True,
                  dtype: DType | None = None) -> None:
@@ -184,40 +185,39 @@ class EmbeddingClient:
         self._prefix = parts.path.rstrip("/")
         self._timeout = timeout
         self._auth = _headers(token)
+        self._auth_lines = "".join(f"{k}: {v}\r\n" for k, v in self._auth.items()).encode("latin-1")
+        self._header_lines: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._local = threading.local()
-        self._connections: list[http.client.HTTPConnection] = []
+        self._connections: list[HttpConnection] = []
         self._lock = threading.Lock()
 
-    def _connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+    def _connection(self) -> HttpConnection:
+        conn: HttpConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=self._timeout)
+            conn = HttpConnection(self._scheme, self._host, self._port, self._timeout)
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
         return conn
 
     def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        all_headers = {**self._auth, **(headers or {})}
+        key = tuple(headers.items()) if headers else ()
+        lines = self._header_lines.get(key)
+        if lines is None:  # a client sends a handful of header sets: each formatted once
+            if len(self._header_lines) >= 64:
+                self._header_lines.clear()
+            lines = self._auth_lines + "".join(f"{k}: {v}\r\n" for k, v in key).encode("latin-1")
+            self._header_lines[key] = lines
         for attempt in (0, 1):
             conn = self._connection()
             reused = conn.sock is not None
             try:
-                conn.request(method, self._prefix + path, body=body, headers=all_headers)
-                response = conn.getresponse()
-                return response.status, response.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                conn.close()
+                return conn.request(method, self._prefix + path, body, lines)
+            except (ClosedBeforeAnswer, BrokenPipeError, ConnectionResetError):
                 # a keep-alive connection the server closed meanwhile: send once more on a new
                 # one (lookups are reads; an update re-sent after no answer applies the same rows)
                 if not reused or attempt:
                     raise
-            except BaseException:
-                # any other failure (refused, timed out, interrupted) leaves http.client mid-request:
-                # the next request on it would raise CannotSendRequest.  Closing resets it.
-                conn.close()
-                raise
         raise AssertionError("unreachable")
 
     def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none", dtype: DType | None = None) -> Embeddings:
@@ -246,7 +246,7 @@ class EmbeddingClient:
         not ready, so it can be polled to wait for a server to come up."""
         try:
             return self._request("GET", "/readyz")[0] == 200
-        except (OSError, http.client.HTTPException):
+        except OSError:  # refused, reset, timed out, or not HTTP (ResponseError)
             return False
 
     def close(self) -> None:

@@ -4,6 +4,8 @@ unmodified Triton HTTP client on the v2 protocol, and the write token over real 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -16,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 from compression import compress_uniform, save_table
 from compression.layout import RowClass
 from service.client import AsyncEmbeddingClient, EmbeddingClient, EmbservError
+from service.client_http import HttpConnection, ResponseError
 from tests.test_e2e import serving
 
 pytestmark = pytest.mark.e2e
@@ -112,3 +115,78 @@ def test_unmodified_triton_client_calls_the_v2_protocol(server: str, binary: boo
     big.set_data_from_numpy(too_many, binary_data=True)
     with pytest.raises(InferenceServerException, match="limit"):
         client.infer("items", [big])
+
+
+# ------------------------------------------------- the blocking client's connection (client_http.py)
+
+
+def test_large_chunked_and_closing_answers_read_whole(server: str) -> None:
+    """A JSON answer over 1 MiB comes chunked (service/buffered.py); ``Connection: close`` makes
+    the client open a new connection for the next request."""
+    ids = np.arange(2000, dtype=np.int64).repeat(10)  # 20,000 rows of 16 floats: ~4 MB of JSON
+    with EmbeddingClient(server, binary=False) as plain, EmbeddingClient(server) as binary:
+        big = plain.lookup("items", ids)
+        assert big.values.shape == (20_000, DIM)
+        np.testing.assert_array_equal(big.values, binary.lookup("items", ids).values)  # (other tests write some rows)
+        conn = binary._connection()
+        status, _ = conn.request("GET", "/healthz", None, b"Connection: close\r\n")
+        assert status == 200 and conn.sock is None  # the server said close: so did the client
+        np.testing.assert_array_equal(binary.lookup("items", [5]).values, ROWS[[5]].numpy())
+
+
+def _peer(answer: bytes | None, close_first: bool = False) -> tuple[socket.socket, threading.Thread]:
+    """A loopback peer that reads one request and writes ``answer`` (None: writes nothing and
+    keeps the connection open), or with ``close_first`` closes a kept-alive connection before its
+    second request, like a server whose idle timeout fired."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            if close_first:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                conn.recv(65536)
+                return  # closed without answering the second request
+            if answer is None:
+                conn.recv(65536)  # until the client gives up and closes
+                return
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_connection_errors_are_clear_and_leave_no_half_used_connection() -> None:
+    for answer, error in ((b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", ResponseError),  # ends mid-body
+                          (b"garbage, not HTTP\r\n\r\n", ResponseError),
+                          (None, TimeoutError)):
+        listener, thread = _peer(answer)
+        conn = HttpConnection("http", "127.0.0.1", listener.getsockname()[1], timeout=0.5)
+        with pytest.raises(error):
+            conn.request("GET", "/x", None, b"")
+        assert conn.sock is None
+        thread.join(5)
+        listener.close()
+
+
+def test_a_kept_alive_connection_the_server_closed_is_retried_once() -> None:
+    listener, thread = _peer(None, close_first=True)
+    client = EmbeddingClient(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    conn = client._connection()
+    assert conn.request("GET", "/first", None, b"") == (200, b"ok")
+
+    def answer_the_retry() -> None:
+        again, _ = listener.accept()
+        with again:
+            again.recv(65536)
+            again.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry")
+
+    retry = threading.Thread(target=answer_the_retry, daemon=True)
+    retry.start()
+    thread.join(5)  # the peer closed the first connection
+    assert client._request("GET", "/second") == (200, b"retry")
+    retry.join(5)
+    listener.close()
+    client.close()
