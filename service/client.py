@@ -10,8 +10,8 @@
 (keep-alive), send the binary request body and ask for the binary answer, so no per-ID Python
 work happens on either side; ``binary=False`` switches to JSON (for debugging).
 
-It needs numpy, orjson, pydantic (the wire models) and, for the async client, httpx; neither
-torch nor FastAPI.
+It needs numpy, orjson, pydantic (the wire models) and httptools (answers are parsed by llhttp);
+neither torch nor FastAPI.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from typing import Any, Literal
 import threading
 from urllib.parse import quote, urlsplit
 
-import httpx
 import numpy as np
 import orjson
 
-from .client_http import ClosedBeforeAnswer, HttpConnection
+from .client_http import AsyncHttpPool, ClosedBeforeAnswer, HttpConnection
 from .wire import (
     BINARY_REQUEST_TYPE,
     BINARY_RESPONSE_TYPE,
@@ -158,8 +157,30 @@ def _update_answer(status: int, content: bytes) -> UpdateAck:
     return UpdateAck(body["position"], bool(body["applied"]), int(body["upserts"]), int(body["deletes"]))
 
 
-def _limits(max_connections: int) -> httpx.Limits:
-    return httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+def _split_base_url(base_url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path prefix) of ``http(s)://host[:port][/prefix]``."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must be http(s)://host[:port], not {base_url!r}")
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), parts.path.rstrip("/")
+
+
+class _HeaderLines:
+    """Request header lines (CRLF-ended bytes), the client's own (auth) first: a client sends a
+    handful of header sets, each formatted once."""
+
+    def __init__(self, base: dict[str, str]) -> None:
+        self._base = "".join(f"{k}: {v}\r\n" for k, v in base.items()).encode("latin-1")
+        self._cache: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+    def get(self, headers: dict[str, str] | None) -> bytes:
+        key = tuple(headers.items()) if headers else ()
+        lines = self._cache.get(key)
+        if lines is None:
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            lines = self._cache[key] = self._base + "".join(f"{k}: {v}\r\n" for k, v in key).encode("latin-1")
+        return lines
 
 
 class EmbeddingClient:
@@ -175,18 +196,10 @@ class EmbeddingClient:
         if dtype is not None and dtype not in DTYPE_CODES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CODES)}, not {dtype!r}")
         self.dtype = dtype
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"base_url must be http(s)://host[:port], not {base_url!r}")
         self.binary = binary
-        self._scheme = parts.scheme
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._prefix = parts.path.rstrip("/")
+        self._scheme, self._host, self._port, self._prefix = _split_base_url(base_url)
         self._timeout = timeout
-        self._auth = _headers(token)
-        self._auth_lines = "".join(f"{k}: {v}\r\n" for k, v in self._auth.items()).encode("latin-1")
-        self._header_lines: dict[tuple[tuple[str, str], ...], bytes] = {}
+        self._lines = _HeaderLines(_headers(token))
         self._local = threading.local()
         self._connections: list[HttpConnection] = []
         self._lock = threading.Lock()
@@ -201,13 +214,7 @@ class EmbeddingClient:
         return conn
 
     def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        key = tuple(headers.items()) if headers else ()
-        lines = self._header_lines.get(key)
-        if lines is None:  # a client sends a handful of header sets: each formatted once
-            if len(self._header_lines) >= 64:
-                self._header_lines.clear()
-            lines = self._auth_lines + "".join(f"{k}: {v}\r\n" for k, v in key).encode("latin-1")
-            self._header_lines[key] = lines
+        lines = self._lines.get(headers)
         for attempt in (0, 1):
             conn = self._connection()
             reused = conn.sock is not None
@@ -263,15 +270,34 @@ class EmbeddingClient:
 
 
 class AsyncEmbeddingClient:
-    """asyncio client (httpx) with the same methods as :class:`EmbeddingClient`."""
+    """asyncio client with the same methods as :class:`EmbeddingClient`: a pool of at most
+    ``max_connections`` keep-alive connections (:class:`service.client_http.AsyncHttpPool`:
+    answers parsed by httptools; it replaced httpx, whose per-request Python was several times
+    the service's own CPU for a small lookup)."""
 
     def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0, binary: bool = True,
                  max_connections: int = 64, dtype: DType | None = None) -> None:
         if dtype is not None and dtype not in DTYPE_CODES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CODES)}, not {dtype!r}")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self.dtype = dtype
         self.binary = binary
-        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(token), timeout=timeout, limits=_limits(max_connections))
+        scheme, host, port, self._prefix = _split_base_url(base_url)
+        self._pool = AsyncHttpPool(scheme, host, port, timeout, max_connections)
+        self._lines = _HeaderLines(_headers(token))
+
+    async def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        lines = self._lines.get(headers)
+        for attempt in (0, 1):
+            try:
+                status, content, _ = await self._pool.request(method, self._prefix + path, body, lines)
+                return status, content
+            except ClosedBeforeAnswer as exc:
+                # a kept-alive connection the server closed meanwhile: once more on a new one
+                if not getattr(exc, "reused", False) or attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     async def lookup(self, table: str, ids: Any, *, offsets: Any = None, pooling: Pooling = "none",
                      dtype: DType | None = None) -> Embeddings:
@@ -282,29 +308,27 @@ class AsyncEmbeddingClient:
 
     async def _lookup(self, lookups: list[ParsedLookup]) -> list[Embeddings]:
         body, headers = _lookup_request(lookups, self.binary)
-        response = await self._http.post("/v1/lookup", content=body, headers=headers)
-        return _lookup_answer(response.status_code, response.content, self.binary, [item.dtype for item in lookups])
+        return _lookup_answer(*(await self._request("POST", "/v1/lookup", body, headers)), self.binary, [item.dtype for item in lookups])
 
     async def update(self, table: str, *, upsert_ids: Any = None, vectors: Any = None, delete_ids: Any = None,
                      wait: bool = False) -> UpdateAck:
         body = _update_request(upsert_ids, vectors, delete_ids)
-        response = await self._http.post(f"/v1/tables/{quote(table, safe='')}/updates", content=body,
-                                         params={"wait": str(wait).lower()}, headers={"content-type": BINARY_UPDATE_TYPE})
-        return _update_answer(response.status_code, response.content)
+        path = f"/v1/tables/{quote(table, safe='')}/updates?wait={str(wait).lower()}"
+        return _update_answer(*(await self._request("POST", path, body, {"content-type": BINARY_UPDATE_TYPE})))
 
     async def tables(self) -> list[dict[str, Any]]:
-        response = await self._http.get("/v1/tables")
-        _raise_for(response.status_code, response.content)
-        return list(orjson.loads(response.content)["tables"])
+        status, content = await self._request("GET", "/v1/tables")
+        _raise_for(status, content)
+        return list(orjson.loads(content)["tables"])
 
     async def ready(self) -> bool:
         try:
-            return (await self._http.get("/readyz")).status_code == 200
-        except httpx.TransportError:
+            return (await self._request("GET", "/readyz"))[0] == 200
+        except OSError:  # refused, reset, timed out, or not HTTP (ResponseError)
             return False
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._pool.aclose()
 
     async def __aenter__(self) -> "AsyncEmbeddingClient":
         return self

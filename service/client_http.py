@@ -14,6 +14,7 @@ every socket operation.  No proxies, no redirects, no compression: the service s
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 
@@ -42,8 +43,7 @@ class HttpConnection:
         self.port = port
         self.timeout = timeout
         self.sock: socket.socket | None = None
-        name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in Host
-        self._host_line = b"Host: " + (name if port == (443 if scheme == "https" else 80) else f"{name}:{port}").encode("idna") + b"\r\n"
+        self._host_line = _host_line(scheme, host, port)
         # the answer being parsed (httptools calls these methods back)
         self._chunks: list[bytes] = []
         self._complete = False
@@ -70,16 +70,13 @@ class HttpConnection:
             self.connect()
         sock = self.sock
         assert sock is not None
-        head = method.encode("ascii") + b" " + target.encode("ascii") + b" HTTP/1.1\r\n" + self._host_line + headers
-        if body is not None:
-            head += b"Content-Length: %d\r\n" % len(body)
-        head += b"\r\n"
         try:
+            head = _request_head(method, target, self._host_line, headers, body)
             if body is None:
                 sock.sendall(head)
             elif len(body) < _JOIN_BELOW:
                 sock.sendall(head + body)
-            else:
+            else:  # a large body is not copied into one buffer with its head
                 sock.sendall(head)
                 sock.sendall(body)
             status, content, keep_alive = self._read_answer(sock)
@@ -115,3 +112,150 @@ class HttpConnection:
 
     def on_message_complete(self) -> None:
         self._complete = True
+
+
+# ------------------------------------------------------------------ asyncio
+
+
+class _AnswerProtocol(asyncio.Protocol):
+    """One pooled connection of :class:`AsyncHttpPool`: writes a request, parses its answer with
+    httptools as it arrives and hands it to the waiting coroutine."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
+        self._chunks: list[bytes] = []
+        self._received = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes) -> asyncio.Future[tuple[int, bytes, bool]]:
+        """Write one request; the future resolves to ``(status, body, keep_alive)``."""
+        assert self.transport is not None and self._waiter is None
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks = []
+        self._received = False
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self._waiter
+
+    def data_received(self, data: bytes) -> None:
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ResponseError(f"unreadable answer: {exc}"))
+            self.close()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+            waiter.set_result((self._parser.get_status_code(), body, self._parser.should_keep_alive()))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._received:
+            self._fail(ResponseError("the server closed the connection in the middle of its answer"))
+        else:
+            self._fail(ClosedBeforeAnswer("the server closed the connection before answering"))
+
+    def _fail(self, error: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class AsyncHttpPool:
+    """Keep-alive connections to ``host:port`` for coroutines: at most ``max_connections`` open
+    (a request waits for a free one), each carrying one request at a time.  The asyncio twin of
+    :class:`HttpConnection`, with the same errors and the same one retry of a kept-alive
+    connection the server closed (``request`` raises, the caller retries: see
+    ``AsyncEmbeddingClient``).  Why not httpx: its per-request Python (request and response
+    models, header objects, the connection pool's state machine) cost several times the service's
+    own CPU for a small lookup."""
+
+    def __init__(self, scheme: str, host: str, port: int, timeout: float, max_connections: int) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._limit = asyncio.Semaphore(max_connections)
+        self._idle: list[_AnswerProtocol] = []
+        self._open: set[_AnswerProtocol] = set()
+        self._host_line = _host_line(scheme, host, port)
+
+    async def _connect(self) -> _AnswerProtocol:
+        loop = asyncio.get_running_loop()
+        context = ssl.create_default_context() if self.scheme == "https" else None
+        _, protocol = await loop.create_connection(_AnswerProtocol, self.host, self.port, ssl=context,
+                                                   server_hostname=self.host if context is not None else None)
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._open.add(protocol)
+        return protocol
+
+    async def request(self, method: str, target: str, body: bytes | None, headers: bytes) -> tuple[int, bytes, bool]:
+        """``(status, body, reused)`` of one request on an idle connection (or a new one);
+        ``reused`` says the connection had carried a request before (so a
+        :class:`ClosedBeforeAnswer` from it may be retried on a fresh one)."""
+        head = _request_head(method, target, self._host_line, headers, body)
+        data = head if body is None else head + body
+        async with self._limit:
+            protocol = None
+            while self._idle:
+                candidate = self._idle.pop()
+                if not candidate.closed:
+                    protocol = candidate
+                    break
+                self._open.discard(candidate)
+            reused = protocol is not None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    if protocol is None:
+                        protocol = await self._connect()
+                    status, content, keep_alive = await protocol.send(data)
+            except BaseException as exc:
+                if protocol is not None:
+                    protocol.close()
+                    self._open.discard(protocol)
+                if isinstance(exc, ClosedBeforeAnswer):
+                    exc.reused = reused  # type: ignore[attr-defined]
+                raise
+            if keep_alive and not protocol.closed:
+                self._idle.append(protocol)
+            else:
+                protocol.close()
+                self._open.discard(protocol)
+            return status, content, reused
+
+    async def aclose(self) -> None:
+        for protocol in list(self._open):
+            protocol.close()
+        self._open.clear()
+        self._idle.clear()
+
+
+def _host_line(scheme: str, host: str, port: int) -> bytes:
+    name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in Host
+    return b"Host: " + (name if port == (443 if scheme == "https" else 80) else f"{name}:{port}").encode("idna") + b"\r\n"
+
+
+def _request_head(method: str, target: str, host_line: bytes, headers: bytes, body: bytes | None) -> bytes:
+    """Request line and headers, ending in the blank line; Content-Length when there is a body."""
+    head = method.encode("ascii") + b" " + target.encode("ascii") + b" HTTP/1.1\r\n" + host_line + headers
+    if body is None:
+        return head + b"\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body)

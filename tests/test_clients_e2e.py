@@ -177,16 +177,54 @@ def test_a_kept_alive_connection_the_server_closed_is_retried_once() -> None:
     conn = client._connection()
     assert conn.request("GET", "/first", None, b"") == (200, b"ok")
 
-    def answer_the_retry() -> None:
-        again, _ = listener.accept()
-        with again:
-            again.recv(65536)
-            again.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry")
-
-    retry = threading.Thread(target=answer_the_retry, daemon=True)
+    retry = threading.Thread(target=lambda: _answer_once(listener, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry"), daemon=True)
     retry.start()
     thread.join(5)  # the peer closed the first connection
     assert client._request("GET", "/second") == (200, b"retry")
     retry.join(5)
     listener.close()
     client.close()
+
+
+def test_async_pool_reads_chunked_answers_retries_and_fails_clearly(server: str) -> None:
+    from service.client_http import AsyncHttpPool
+
+    async def run() -> None:
+        ids = np.arange(2000, dtype=np.int64).repeat(10)
+        async with AsyncEmbeddingClient(server, binary=False, max_connections=2) as plain, AsyncEmbeddingClient(server) as binary:
+            big, small = await asyncio.gather(plain.lookup("items", ids), binary.lookup("items", ids))  # 4 MB chunked JSON
+            np.testing.assert_array_equal(big.values, small.values)
+            # more concurrent lookups than connections: they queue for one and all answer
+            answers = await asyncio.gather(*(plain.lookup("items", [k]) for k in range(20)))
+            assert [a.values.shape for a in answers] == [(1, DIM)] * 20 and len(plain._pool._open) <= 2
+        # a kept-alive connection the peer closed: retried once on a new one
+        listener, thread = _peer(None, close_first=True)
+        port = listener.getsockname()[1]
+        client = AsyncEmbeddingClient(f"http://127.0.0.1:{port}")
+        assert await client._request("GET", "/first") == (200, b"ok")
+        retry = threading.Thread(target=lambda: _answer_once(listener, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry"), daemon=True)
+        retry.start()
+        thread.join(5)
+        assert await client._request("GET", "/second") == (200, b"retry")
+        await client.aclose()
+        retry.join(5)
+        listener.close()
+        for answer, error in ((b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", ResponseError), (b"garbage, not HTTP\r\n\r\n", ResponseError),
+                              (None, TimeoutError)):
+            listener, thread = _peer(answer)
+            pool = AsyncHttpPool("http", "127.0.0.1", listener.getsockname()[1], 0.5, 4)
+            with pytest.raises(error):
+                await pool.request("GET", "/x", None, b"")
+            assert not pool._open and not pool._idle  # nothing half-used is kept
+            await pool.aclose()
+            thread.join(5)
+            listener.close()
+
+    asyncio.run(run())
+
+
+def _answer_once(listener: socket.socket, answer: bytes) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        conn.recv(65536)
+        conn.sendall(answer)
