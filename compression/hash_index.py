@@ -80,7 +80,7 @@ MIN_CAPACITY = 16
 MAX_CAPACITY = 1 << 30  # slots fit the int32 the C pipeline parks them in
 # Grow (by about 1.5x: GROWTH) before an insert would pass this load.  Measured (bench/results/keyed.md):
 # lookups at 0.5-0.8 load differ little at batch 4096; 0.7 keeps probe runs short (expected
-# 2.2 slots for a hit, 6 for a miss with linear probing) at 17-34 bytes per ID.
+# 2.2 slots for a hit, 6 for a miss with linear probing) at 17 bytes per ID (built in one go; 17-26 while it grows).
 MAX_LOAD = 0.7
 SLOT_BYTES = 12  # int64 key + int32 locator, packed
 SLOT_WORDS = 3  # int32 words per slot: key low, key high, locator
