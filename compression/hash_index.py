@@ -43,8 +43,13 @@ loads 0.6-0.9 as fast as at 0.48.
 
 Memory: on CPU, slot arrays of 2 MiB or more are mapped with ``MADV_HUGEPAGE`` (transparent
 huge pages, where the kernel allows them): a probe is a random access over the whole array and
-with 4 KiB pages most of them also miss the TLB; the mapping is exactly ``12 * cap`` bytes, so
-:attr:`HashIndex.nbytes` stays what the process holds.
+with 4 KiB pages most of them also miss the TLB.  A huge page needs a 2 MiB-aligned address, and
+the kernel aligns an anonymous mapping only when its length is a multiple of 2 MiB (powers of
+two were; ``12 * cap`` now rarely is: a 16.3 MiB array at 1M IDs started mid-page and had 14
+MiB in huge pages).  So the mapping has 2 MiB of address space to spare, the array starts at
+its first 2 MiB boundary and the advice covers the array's whole 2 MiB chunks: the untouched
+slack before it and after it is never faulted in, and the resident bytes stay ``12 * cap``
+(:attr:`HashIndex.nbytes`, what the process holds) to within a 4 KiB page.
 
 Why this replaces the sorted :class:`compression.index.KeyedIndex` for new keyed tables: a
 lookup is one hash and (at load <= MAX_LOAD) usually one cache line, prefetched a block ahead
@@ -167,17 +172,20 @@ def _write(slots: torch.Tensor, at: torch.Tensor, keys: torch.Tensor, locs: torc
 
 
 def new_slots(capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An all-free slot array.  On CPU, 2 MiB or more are mapped with MADV_HUGEPAGE (module
-    docstring): exactly ``12 * capacity`` bytes, so the index's byte count stays honest."""
+    """An all-free slot array.  On CPU, 2 MiB or more start on a 2 MiB boundary of a mapping
+    advised MADV_HUGEPAGE (module docstring); what is resident stays ``12 * capacity`` bytes,
+    so the index's byte count stays honest."""
     device = torch.device(device)
     nbytes = SLOT_BYTES * capacity
     if device.type == "cpu" and nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS"):
-        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
+        buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        start = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE  # to the first 2 MiB boundary
+        try:  # only the whole 2 MiB chunks of the array: a huge page past its end would be resident slack
+            buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
         except OSError:  # THP disabled or unsupported: ordinary pages, same layout
             pass
-        slots = torch.frombuffer(buf, dtype=torch.int32).view(capacity, SLOT_WORDS)  # the tensor keeps buf alive
+        # the tensor keeps buf alive; the slack before `start` and after the array is never touched
+        slots = torch.frombuffer(buf, dtype=torch.int32, count=SLOT_WORDS * capacity, offset=start).view(capacity, SLOT_WORDS)
     else:
         slots = torch.empty((capacity, SLOT_WORDS), dtype=torch.int32, device=device)
     slots[:, 0] = 0

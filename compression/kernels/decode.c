@@ -255,8 +255,9 @@ static inline void decode_any(const uint8_t *restrict row, const row_class_t *c,
 /* How IDs become locators.  kind RESOLVED: the IDs already are locators (the caller resolved
  * them).  DENSE: locator = dense_locator[id] for 0 <= id < n_dense.  HASH: `slots` is the
  * open-addressing table of hashindex.c (12-byte slots, hashslot.h) with `n` = its capacity (any
- * value in [16, 2**30]; home and wrap in hashslot.h): stage 0 hashes the block's IDs and prefetches their home slots (first and last
- * byte: 2 slots in 16 straddle a cache line), stage 1 probes (usually the one slot already in
+ * value in [16, 2**30]; home and wrap in hashslot.h): stage 0 hashes the block's IDs and
+ * prefetches their home slots (first and last byte: 2 slots in 16 straddle a cache line),
+ * stage 1 probes (usually the one slot already in
  * cache) and prefetches the row.  Kind 3 was the format-2 hash layout (separate key and locator
  * arrays); it is retired, so a library that predates kind 4 rejects the new one instead of
  * misreading it.  KEYED: `keys` is sorted;
