@@ -227,7 +227,7 @@ def test_compiled_and_torch_slot_arrays_agree_on_any_capacity(case: tuple[int, l
     assert c_cap == t_cap and torch.equal(c_one, t_one)
     assert torch.equal(c_occ, t_occ) and torch.equal(c_found, t_found)
     model = {k: flat.index(k) for k in flat if k not in set(gone)}
-    assert c_found.tolist() == [model.get(k, -1) for k in flat] + [-1, -1]
+    assert c_found.tolist() == [model.get(k, -1) for k in flat + [61, -61]]  # 61 may be one of the keys
 
 
 def test_slot_bytes_are_the_agreed_packed_layout() -> None:
