@@ -323,7 +323,7 @@ def index_bytes(kind: str, n: int, span: int, runs: int) -> int:
     """Bytes of an index of ``kind`` over ``n`` IDs, IDs ``< span`` for the positional kinds
     (``dense``: one int32 locator per ID in ``0..span-1``; ``runs``: ``runs`` runs;
     ``keyed``: int64 key + int32 locator per ID plus the fence, every FENCE-th key; ``hash``:
-    12 bytes per slot of the power-of-two open-addressing index, compression/hash_index.py)."""
+    12 bytes per slot of the open-addressing index, at load <= 0.7 (capacity_for), compression/hash_index.py)."""
     if kind == "hash":
         return hash_index_bytes(n)
     if kind == "keyed":

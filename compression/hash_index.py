@@ -7,16 +7,19 @@ and the Triton kernel; keep it exactly):
                      words 0, 1   the ID held in the slot as an int64, little-endian (low word
                                   first); EMPTY = INT64_MIN = -2**63 marks a free slot
                      word 2       the locator of that ID (compression/layout.py); -1 in free slots
-    cap            a power of two, MIN_CAPACITY <= cap <= MAX_CAPACITY
+    cap            any integer, MIN_CAPACITY <= cap <= MAX_CAPACITY (a multiple of 16 when this
+                   code sizes it: :func:`capacity_for`)
 
-    home(id) = fmix64(uint64(id)) >> (64 - log2(cap))
+    home(id) = ((fmix64(uint64(id)) >> 32) * cap) >> 32   (uint64 arithmetic; cap < 2**31, so
+               the product fits: the top 32 bits of the hash scaled onto [0, cap))
     fmix64(x): x ^= x >> 33; x *= 0xFF51AFD7ED558CCD; x ^= x >> 33; x *= 0xC4CEB9FE1A85EC53;
                x ^= x >> 33   (MurmurHash3's 64-bit finalizer, arithmetic mod 2**64)
 
-Lookup probes ``home, home+1, ...`` (mod cap) until the ID or an EMPTY slot.  Deletion shifts
-the rest of the cluster back (no tombstones), so a miss always stops at the first free slot
-and a table that churns does not fill with dead entries.  The table doubles (rehash in slot
-order) before an insert would take its load past :data:`MAX_LOAD`.  ID ``INT64_MIN`` cannot be
+Lookup probes ``home, home+1, ...`` (``s + 1 == cap ? 0 : s + 1``) until the ID or an EMPTY
+slot.  Deletion shifts the rest of the cluster back (no tombstones; cyclic distances taken mod
+cap), so a miss always stops at the first free slot and a table that churns does not fill with
+dead entries.  The table grows by about 1.5x (rehash in slot order) before an insert would take
+its load past :data:`MAX_LOAD`.  ID ``INT64_MIN`` cannot be
 held (it marks free slots); the service refuses it with a 422.
 
 Why the key and its locator share a slot (format 3; format 2 kept ``keys int64[cap]`` and
@@ -29,17 +32,31 @@ three in four for random-like homes, and every miss of the home slot is a mispre
 in the probe.  Files of format 2 are rebuilt into this layout when they load
 (:meth:`HashIndex.from_state`).
 
+Why any capacity and not a power of two (format 3 up to this change required one): rounding
+up to a power of two left the index at load 0.35-0.7, and at 1M IDs that was 2**21 slots = 24
+MiB (load 0.48) where 0.7 needs 17 MiB; a keyed table's budget pays for those bytes with pruned
+rows.  The multiply-high home equals the old ``fmix64 >> (64 - log2(cap))`` when ``cap = 2**k``
+(``(h32 * 2**k) >> 32 = h32 >> (32 - k) = h >> (64 - k)``), so files with power-of-two
+capacities read unchanged; code from before this change refuses a file with any other capacity
+with its "capacity must be a power of two" error.  bench/results/keyed.md measured lookups at
+loads 0.6-0.9 as fast as at 0.48.
+
 Memory: on CPU, slot arrays of 2 MiB or more are mapped with ``MADV_HUGEPAGE`` (transparent
 huge pages, where the kernel allows them): a probe is a random access over the whole array and
-with 4 KiB pages most of them also miss the TLB; the mapping is exactly ``12 * cap`` bytes, so
-:attr:`HashIndex.nbytes` stays what the process holds.
+with 4 KiB pages most of them also miss the TLB.  A huge page needs a 2 MiB-aligned address, and
+the kernel aligns an anonymous mapping only when its length is a multiple of 2 MiB (powers of
+two were; ``12 * cap`` now rarely is: a 16.3 MiB array at 1M IDs started mid-page and had 14
+MiB in huge pages).  So the mapping has 2 MiB of address space to spare, the array starts at
+its first 2 MiB boundary and the advice covers the array's whole 2 MiB chunks: the untouched
+slack before it and after it is never faulted in, and the resident bytes stay ``12 * cap``
+(:attr:`HashIndex.nbytes`, what the process holds) to within a 4 KiB page.
 
 Why this replaces the sorted :class:`compression.index.KeyedIndex` for new keyed tables: a
 lookup is one hash and (at load <= MAX_LOAD) usually one cache line, prefetched a block ahead
 in the decode pipeline, instead of a fence search plus a run of 16 keys; an insert or delete
 touches a few slots instead of merging a delta part into the whole sorted array.  It costs
-``12 * cap`` bytes: 12 / load bytes per ID (17-34 B at load 0.35-0.7 as it doubles) against
-12.5 for the sorted index; with ``max_ids`` set the capacity stops at
+``12 * cap`` bytes: 12 / load bytes per ID (17 B at load 0.7 when built in one go, 17-26 B at
+load 0.47-0.7 as it grows) against 12.5 for the sorted index; with ``max_ids`` set the capacity stops at
 ``capacity_for(max_ids)``.
 
 Writes and the serial find run in C (``kernels/hashindex.c``) on CPU tables when the library
@@ -66,20 +83,28 @@ MIX_1 = 0xFF51AFD7ED558CCD - 2**64
 MIX_2 = 0xC4CEB9FE1A85EC53 - 2**64
 MIN_CAPACITY = 16
 MAX_CAPACITY = 1 << 30  # slots fit the int32 the C pipeline parks them in
-# Grow (double) before an insert would pass this load.  Measured (bench/results/keyed.md):
+# Grow (by about 1.5x: GROWTH) before an insert would pass this load.  Measured (bench/results/keyed.md):
 # lookups at 0.5-0.8 load differ little at batch 4096; 0.7 keeps probe runs short (expected
-# 2.2 slots for a hit, 6 for a miss with linear probing) at 17-34 bytes per ID.
+# 2.2 slots for a hit, 6 for a miss with linear probing) at 17 bytes per ID (built in one go; 17-26 while it grows).
 MAX_LOAD = 0.7
 SLOT_BYTES = 12  # int64 key + int32 locator, packed
 SLOT_WORDS = 3  # int32 words per slot: key low, key high, locator
 HUGE_PAGE = 2 << 20  # slot arrays this large are mapped with MADV_HUGEPAGE on CPU
 _LOW31 = (1 << 31) - 1
+_LOW32 = (1 << 32) - 1
+CAPACITY_STEP = 16  # capacity_for rounds up to a multiple of this (any capacity is valid)
+# Growth factor of an index that fills up: geometric, so a stream of small upsert batches costs
+# amortized O(1) rehash work per ID; 1.5 leaves the grown index at load ~0.47 (2x: ~0.35).
+GROWTH = 1.5
 
 
 def capacity_for(num_ids: int, max_load: float = MAX_LOAD) -> int:
-    """Smallest power-of-two capacity that holds ``num_ids`` at or below ``max_load``."""
+    """Smallest capacity, a multiple of :data:`CAPACITY_STEP` (at least MIN_CAPACITY), that holds
+    ``num_ids`` at or below ``max_load`` (the same float test the growth check makes)."""
     need = max(MIN_CAPACITY, math.ceil(num_ids / max_load) if num_ids else MIN_CAPACITY)
-    cap = 1 << (need - 1).bit_length()
+    cap = -(-need // CAPACITY_STEP) * CAPACITY_STEP
+    while cap * max_load < num_ids:  # float rounding of num_ids / max_load
+        cap += CAPACITY_STEP
     if cap > MAX_CAPACITY:
         raise ValueError(f"a hash index holds at most {int(MAX_CAPACITY * max_load)} IDs")
     return cap
@@ -106,11 +131,19 @@ def mix(ids: torch.Tensor) -> torch.Tensor:
 
 
 def home_slots(ids: torch.Tensor, capacity: int) -> torch.Tensor:
-    """``int64`` home slot of each ID (the formula in the module docstring)."""
-    if capacity == 1:
-        return torch.zeros(ids.shape, dtype=torch.int64, device=ids.device)
-    shift = 64 - (capacity.bit_length() - 1)
-    return (mix(ids) >> shift) & (capacity - 1)  # the mask makes torch's arithmetic shift a logical one
+    """``int64`` home slot of each ID (the formula in the module docstring): the hash's top 32
+    bits times ``capacity``, top half of the product.  Torch's ``>>`` is arithmetic, so the mask
+    makes the first shift logical; the product is below 2**63 (capacity <= 2**31), so the second
+    shift sees no sign."""
+    if not 1 <= capacity <= 1 << 31:
+        raise ValueError(f"hash index capacity must be in [1, 2**31], got {capacity}")
+    return (((mix(ids) >> 32) & _LOW32) * capacity) >> 32
+
+
+def next_slot(slot: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The probe's next slot: ``slot + 1``, wrapping to 0 at ``capacity`` (no mask: any capacity)."""
+    step = slot + 1
+    return torch.where(step == capacity, torch.zeros_like(step), step)
 
 
 def split_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,17 +172,20 @@ def _write(slots: torch.Tensor, at: torch.Tensor, keys: torch.Tensor, locs: torc
 
 
 def new_slots(capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An all-free slot array.  On CPU, 2 MiB or more are mapped with MADV_HUGEPAGE (module
-    docstring): exactly ``12 * capacity`` bytes, so the index's byte count stays honest."""
+    """An all-free slot array.  On CPU, 2 MiB or more start on a 2 MiB boundary of a mapping
+    advised MADV_HUGEPAGE (module docstring); what is resident stays ``12 * capacity`` bytes,
+    so the index's byte count stays honest."""
     device = torch.device(device)
     nbytes = SLOT_BYTES * capacity
     if device.type == "cpu" and nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS"):
-        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
+        buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        start = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE  # to the first 2 MiB boundary
+        try:  # only the whole 2 MiB chunks of the array: a huge page past its end would be resident slack
+            buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
         except OSError:  # THP disabled or unsupported: ordinary pages, same layout
             pass
-        slots = torch.frombuffer(buf, dtype=torch.int32).view(capacity, SLOT_WORDS)  # the tensor keeps buf alive
+        # the tensor keeps buf alive; the slack before `start` and after the array is never touched
+        slots = torch.frombuffer(buf, dtype=torch.int32, count=SLOT_WORDS * capacity, offset=start).view(capacity, SLOT_WORDS)
     else:
         slots = torch.empty((capacity, SLOT_WORDS), dtype=torch.int32, device=device)
     slots[:, 0] = 0
@@ -178,7 +214,7 @@ def _torch_slots(slots: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         hit = k == want
         out[pending[hit]] = slot[hit]
         go_on = ~hit & (k != EMPTY)
-        pending, slot, want = pending[go_on], (slot[go_on] + 1) & (cap - 1), want[go_on]
+        pending, slot, want = pending[go_on], next_slot(slot[go_on], cap), want[go_on]
     return out
 
 
@@ -206,7 +242,7 @@ def _torch_upsert(slots: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) ->
             won[torch.nonzero(free).flatten()[first]] = True
         done = hit | won
         step = ~done & ~free  # a loser of a claim looks at the same slot again (now taken)
-        slot = torch.where(step, (slot + 1) & (cap - 1), slot)[~done]
+        slot = torch.where(step, next_slot(slot, cap), slot)[~done]
         order = order[~done]
     return added
 
@@ -223,11 +259,11 @@ def _torch_delete(slots: torch.Tensor, ids: torch.Tensor) -> tuple[int, torch.Te
     _write(slots, hs, torch.full_like(hs, EMPTY), torch.full_like(hs, -1))
     # the rest of each cluster after a hole may have probed across it: take it out, insert again
     tail = []
-    cur = torch.unique((hs + 1) & (cap - 1))
+    cur = torch.unique(next_slot(hs, cap))
     while cur.numel():
         cur = cur[slot_keys(slots, cur) != EMPTY]
         tail.append(cur)
-        cur = torch.unique((cur + 1) & (cap - 1))
+        cur = torch.unique(next_slot(cur, cap))
     moved = torch.unique(torch.cat(tail)) if tail else hs.new_empty(0)
     if moved.numel():
         mk, ml = slot_keys(slots, moved), slots[moved, 2].clone()
@@ -254,8 +290,8 @@ class HashIndex:
         if slots.dtype != torch.int32 or slots.dim() != 2 or slots.shape[1] != SLOT_WORDS or not slots.is_contiguous():
             raise ValueError("a hash index needs a contiguous int32 [capacity, 3] slot array")
         cap = slots.shape[0]
-        if cap < MIN_CAPACITY or cap > MAX_CAPACITY or cap & (cap - 1):
-            raise ValueError(f"hash index capacity must be a power of two in [{MIN_CAPACITY}, {MAX_CAPACITY}], got {cap}")
+        if cap < MIN_CAPACITY or cap > MAX_CAPACITY:
+            raise ValueError(f"hash index capacity must be in [{MIN_CAPACITY}, {MAX_CAPACITY}], got {cap}")
         self.slots = slots
         keys = slot_keys(slots)
         occupied = keys != EMPTY
@@ -312,10 +348,18 @@ class HashIndex:
         out[held] = self.slots[found[held], 2]
         return out
 
-    def _grow_for(self, extra: int) -> None:
-        if self.count + extra <= self.capacity * MAX_LOAD:
+    def _grow_for(self, extra: int, max_ids: int | None = None) -> None:
+        """Rehash into a larger slot array when ``extra`` new IDs would pass MAX_LOAD: to
+        ``capacity_for(max(count + extra, GROWTH * count))``, geometric so that many small
+        batches cost amortized O(1) per ID; with ``max_ids`` (a table that evicts there, so never
+        holds more) no larger than ``capacity_for(max_ids)`` unless this batch itself needs it."""
+        need = self.count + extra
+        if need <= self.capacity * MAX_LOAD:
             return
-        slots = new_slots(capacity_for(self.count + extra), self.slots.device)
+        target = max(need, math.ceil(GROWTH * self.count))
+        if max_ids is not None:
+            target = min(target, max(need, max_ids))
+        slots = new_slots(capacity_for(target), self.slots.device)
         if self._compiled():
             cpu_c.hash_rehash(self.slots, slots)
         else:
@@ -323,9 +367,10 @@ class HashIndex:
             _torch_upsert(slots, keys, locs)
         self.slots = slots
 
-    def assign(self, ids: torch.Tensor, locators: torch.Tensor) -> None:
+    def assign(self, ids: torch.Tensor, locators: torch.Tensor, max_ids: int | None = None) -> None:
         """Point ``ids`` at ``locators``; ``-1`` deletes.  A later duplicate wins.  In place: a
-        write touches the probed slots only (plus a rehash when the load would pass MAX_LOAD)."""
+        write touches the probed slots only (plus a rehash when the load would pass MAX_LOAD;
+        ``max_ids`` caps how far that grows, :meth:`_grow_for`)."""
         if ids.numel() == 0:
             return
         ids = ids.to(device=self.slots.device, dtype=torch.int64).reshape(-1)
@@ -341,7 +386,7 @@ class HashIndex:
         if ids.numel() == 0:
             return
         new = int((self.resolve(ids) < 0).sum())
-        self._grow_for(new)
+        self._grow_for(new, max_ids)
         if self._compiled():
             added = cpu_c.hash_upsert(self.slots, ids, locators)
         else:

@@ -56,6 +56,12 @@ packed 12-byte slots ``index.slots`` with the fmix64 home slot.  Version 2 wrote
 reader still loads such files (their IDs are re-inserted into slots), and a version-2 reader
 refuses a version-3 file with "format version 3 is newer than this embserve reads (2); upgrade
 embserve" instead of probing the slots with the wrong hash.  A reader of version 1 refuses both.
+Version 3's capacity was first a power of two (home = fmix64's top ``log2(cap)`` bits); it is
+now any capacity (home = ``((fmix64 >> 32) * cap) >> 32``, which is the same slot when ``cap``
+is a power of two, so those files load unchanged).  New files are still version 3: a reader
+from before that change loads the ones whose capacity happens to be a power of two and refuses
+the others with "inconsistent table file (hash index capacity must be a power of two ...)",
+never probing them with the wrong home.
 Every other table is still written as version 1 (or 2 for PQ classes and the fp16 rotation),
 so files an older reader could read stay readable by it, and this reader loads every older file.
 

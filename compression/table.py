@@ -443,7 +443,11 @@ class CompressedTable:
                 new_loc[sel[stay.numel() :]] = (c << LOCATOR_CLASS_SHIFT) | taken
             moved = (old >= 0) & (old_cls != target)
             self._release(old[moved])
-            self.index.assign(ids_dev, new_loc)
+            if isinstance(self.index, HashIndex) and self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
+                # a table that evicts at max_ids never holds more: growth stops at capacity_for(max_ids)
+                self.index.assign(ids_dev, new_loc, max_ids=self.lifecycle.config.max_ids)
+            else:
+                self.index.assign(ids_dev, new_loc)
 
     def delete(self, ids: torch.Tensor) -> int:
         """Remove ``ids``; returns how many were present."""

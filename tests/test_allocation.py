@@ -77,9 +77,10 @@ def test_keyed_tables_pay_for_their_keys(zipf_rows) -> None:  # type: ignore[no-
     n = rows.shape[0]
     assert keyed.stats().index_bytes == 12 * n + 8 * -(-n // FENCE)  # key + locator per ID, plus the fence
     assert dense.stats().index_bytes == 4 * n
-    hashed, _ = compress(rows, freqs, ratio=4, ids=ids)  # the default: 12 B per slot of a power-of-two capacity
+    hashed, _ = compress(rows, freqs, ratio=4, ids=ids)  # the default: 12 B per slot, capacity_for(n) slots
     assert hashed.nbytes <= rows.numel() * 4 / 4
-    assert hashed.stats().index_bytes == 12 * 32768 and hashed.index.kind == "hash"  # 20000 IDs at load <= 0.7
+    # 20000 IDs at load <= 0.7: ceil(20000 / 0.7) = 28572 slots, rounded up to a multiple of 16
+    assert hashed.stats().index_bytes == 12 * 28576 and hashed.index.kind == "hash"
     assert bool(hashed.lookup(ids[:10]).found.all())
     res = keyed.lookup(ids[:10])
     assert bool((res.found | res.pruned).all()) and res.num_unknown == 0  # held: a row, or pruned

@@ -1,7 +1,11 @@
 """The open-addressing hash index: against a dict model (hypothesis), compiled vs torch paths,
-the agreed slot formula, in-place growth, and through the table's compiled decode pipeline."""
+the agreed slot formula, in-place growth, and through the table's compiled decode pipeline;
+capacities of any size (not only powers of two), and indexes built with the older
+power-of-two formula still found."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -46,12 +50,13 @@ ops = st.lists(
 
 @pytest.mark.parametrize("impl", PATHS)
 @settings(max_examples=60, deadline=None)
-@given(batches=ops)
-def test_matches_a_dict_model(impl: str, batches: list[tuple[bool, list[int]]]) -> None:
+@given(batches=ops, start=st.integers(hi.MIN_CAPACITY, 200))
+def test_matches_a_dict_model(impl: str, batches: list[tuple[bool, list[int]]], start: int) -> None:
+    """Any starting capacity (mostly not a power of two; growth picks multiples of 16)."""
     saved = cpu_c.HASH_OPS_AVAILABLE
     cpu_c.HASH_OPS_AVAILABLE = saved and impl == "compiled"
     try:
-        index = HashIndex.empty()
+        index = HashIndex.empty(start)
         model: dict[int, int] = {}
         for k, (upsert, ids) in enumerate(batches):
             t = torch.tensor(ids, dtype=torch.int64)
@@ -82,15 +87,147 @@ def fmix64(key: int) -> int:
     return x ^ (x >> 33)
 
 
+def home(key: int, cap: int) -> int:
+    """The agreed home slot: the hash's top 32 bits scaled onto [0, cap) (multiply-high)."""
+    return ((fmix64(key) >> 32) * cap) >> 32
+
+
+def old_home(key: int, cap: int) -> int:
+    """The home slot of power-of-two indexes before any capacity was allowed: the top log2(cap) bits."""
+    return fmix64(key) >> (64 - (cap.bit_length() - 1))
+
+
 def test_slot_formula_is_the_agreed_one() -> None:
     ids = torch.tensor([0, 1, -1, 12345, -(2**62), 2**63 - 1, EMPTY + 1], dtype=torch.int64)
-    for cap in (16, 1024, 1 << 20):
-        log2 = cap.bit_length() - 1
-        want = [fmix64(i) >> (64 - log2) for i in ids.tolist()]
+    for cap in (16, 1024, 1 << 20, 17, 48, 1000, 1428576, hi.MAX_CAPACITY, (1 << 31) - 1):
+        want = [home(i, cap) for i in ids.tolist()]
         assert home_slots(ids, cap).tolist() == want
+        assert all(0 <= h < cap for h in want)
     index = HashIndex.empty(16)
     index.assign(torch.tensor([12345]), torch.tensor([7], dtype=torch.int32))
     assert int(index.keys[home_slots(torch.tensor([12345]), 16)[0]]) == 12345
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.integers(-(2**63), 2**63 - 1), log2=st.integers(0, 31))
+def test_power_of_two_homes_are_the_old_ones(key: int, log2: int) -> None:
+    """For cap = 2**k the multiply-high home is exactly the old ``fmix64 >> (64 - k)``, which is
+    what keeps format-3 files written with power-of-two capacities valid."""
+    cap = 1 << log2
+    assert home(key, cap) == (old_home(key, cap) if log2 else 0)
+    assert home_slots(torch.tensor([key]), cap).tolist() == [home(key, cap)]
+
+
+def old_layout_slots(keys: list[int], locs: list[int], cap: int) -> torch.Tensor:
+    """Slots placed the way the power-of-two code placed them (old home, masked wrap), in Python."""
+    table_keys, table_locs = [EMPTY] * cap, [-1] * cap
+    for key, loc in zip(keys, locs, strict=True):
+        s = old_home(key, cap)
+        while table_keys[s] != EMPTY:
+            s = (s + 1) & (cap - 1)
+        table_keys[s], table_locs[s] = key, loc
+    return hi.pack_slots(torch.tensor(table_keys, dtype=torch.int64), torch.tensor(table_locs, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("impl", PATHS)
+def test_an_index_built_with_the_old_power_of_two_formula_is_found(impl: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A file written before this change (power-of-two capacity, old home, masked wrap) loads,
+    validates, finds every key (also in clusters that wrap past the end) and takes writes."""
+    saved = cpu_c.HASH_OPS_AVAILABLE
+    cpu_c.HASH_OPS_AVAILABLE = saved and impl == "compiled"
+    try:
+        g = torch.Generator().manual_seed(11)
+        cap = 1024
+        keys = torch.unique(torch.randint(-(2**62), 2**62, (700,), generator=g)).tolist()
+        wrap = [k for k in range(1, 200_000) if old_home(k, cap) == cap - 1][:5]  # a cluster over the end
+        keys = [k for k in keys if k not in wrap][: 715 - len(wrap)] + wrap
+        locs = list(range(len(keys)))
+        index = HashIndex.from_state({"index.slots": old_layout_slots(keys, locs, cap)})  # validates reachability
+        assert index.capacity == cap and index.count == len(keys)
+        assert index.resolve(torch.tensor(keys + [3, -5])).tolist() == locs + [-1, -1]
+        index.assign(torch.tensor(keys[:100]), torch.full((100,), -1, dtype=torch.int32))  # deletes by the same homes
+        index.assign(torch.tensor([7, 8]), torch.tensor([1, 2], dtype=torch.int32))  # 617 IDs: no growth
+        assert index.capacity == cap
+        assert index.resolve(torch.tensor(keys + [7, 8])).tolist() == [-1] * 100 + locs[100:] + [1, 2]
+    finally:
+        cpu_c.HASH_OPS_AVAILABLE = saved
+
+
+def test_capacity_for_is_a_multiple_of_16_at_load_up_to_max() -> None:
+    for n in [0, 1, 11, 12, 13, 100, 20_000, 1_000_000, 12_345_678]:
+        cap = capacity_for(n)
+        assert cap % 16 == 0 and cap >= hi.MIN_CAPACITY and n <= cap * hi.MAX_LOAD
+        assert cap == hi.MIN_CAPACITY or (cap - 16) * hi.MAX_LOAD < n  # the smallest such
+    assert capacity_for(1_000_000) == 1_428_576  # 16.3 MiB of slots (was 2**21: 24 MiB)
+    assert hi.hash_index_bytes(1_000_000) == 12 * 1_428_576
+    with pytest.raises(ValueError, match="at most"):
+        capacity_for(int(hi.MAX_CAPACITY * hi.MAX_LOAD) + 10)
+
+
+@pytest.mark.parametrize("impl", PATHS)
+def test_growth_is_geometric_and_stops_at_max_ids(impl: str) -> None:
+    """Batches of one ID: the capacity grows by about 1.5x each time (amortized O(1) rehash per
+    ID), and with ``max_ids`` it stops at capacity_for(max_ids)."""
+    saved = cpu_c.HASH_OPS_AVAILABLE
+    cpu_c.HASH_OPS_AVAILABLE = saved and impl == "compiled"
+    try:
+        index, capacities = HashIndex.empty(), []
+        for i in range(3000):
+            index.assign(torch.tensor([i * 7919]), torch.tensor([i], dtype=torch.int32))
+            if not capacities or capacities[-1] != index.capacity:
+                capacities.append(index.capacity)
+        assert len(capacities) <= math.ceil(math.log(3000 / 0.7 / 16, 1.5)) + 2
+        assert all(b >= 1.4 * a for a, b in zip(capacities, capacities[1:]))
+        assert index.resolve(torch.arange(3000) * 7919).tolist() == list(range(3000))
+        capped = HashIndex.empty()
+        for i in range(1000):
+            capped.assign(torch.tensor([i]), torch.tensor([i], dtype=torch.int32), max_ids=1000)
+        assert capped.capacity == capacity_for(1000)
+        capped.assign(torch.tensor([5000]), torch.tensor([0], dtype=torch.int32), max_ids=1000)  # past max_ids: still room
+        assert capped.capacity == capacity_for(1000)
+    finally:
+        cpu_c.HASH_OPS_AVAILABLE = saved
+
+
+@st.composite
+def keyed_batches(draw: st.DrawFn) -> tuple[int, list[list[int]]]:
+    cap = draw(st.integers(hi.MIN_CAPACITY, 300).filter(lambda c: c & (c - 1) != 0))
+    keys = st.integers(-(2**63) + 1, 2**63 - 1) | st.integers(-60, 60)
+    return cap, draw(st.lists(st.lists(keys, min_size=1, max_size=40, unique=True), min_size=1, max_size=8))
+
+
+@pytest.mark.skipif(not cpu_c.HASH_OPS_AVAILABLE, reason="compiled hash ops not built")
+@settings(max_examples=60, deadline=None)
+@given(case=keyed_batches(), data=st.data())
+def test_compiled_and_torch_slot_arrays_agree_on_any_capacity(case: tuple[int, list[list[int]]], data: st.DataObject) -> None:
+    """Non-power-of-two capacities: one ID at a time into a capacity that needs no growth (a
+    rehash is batched on the torch path), the C and torch inserts leave identical slot arrays;
+    in batches and after deletes (the torch path re-inserts a cluster's tail, C
+    shifts it back) the occupied slots are identical (linear probing's occupancy does not
+    depend on order) and every answer is."""
+    cap, batches = case
+    flat = list(dict.fromkeys(k for b in batches for k in b))
+    gone = data.draw(st.lists(st.sampled_from(flat), max_size=len(flat)))
+    indexes = {}
+    for impl in ("compiled", "torch"):
+        cpu_c.HASH_OPS_AVAILABLE = impl == "compiled"
+        try:
+            roomy = max(cap, capacity_for(len(flat)))
+            one, batched = HashIndex.empty(roomy + (roomy & (roomy - 1) == 0)), HashIndex.empty(cap)
+            for i, key in enumerate(flat):
+                one.assign(torch.tensor([key]), torch.tensor([i], dtype=torch.int32))
+            for b in batches:
+                batched.assign(torch.tensor(b), torch.tensor([flat.index(k) for k in b], dtype=torch.int32))
+            batched.assign(torch.tensor(gone, dtype=torch.int64), torch.full((len(gone),), -1, dtype=torch.int32))
+            probe = torch.tensor(flat + [61, -61], dtype=torch.int64)
+            indexes[impl] = (one.slots.clone(), batched.keys != EMPTY, batched.resolve(probe), one.capacity)
+        finally:
+            cpu_c.HASH_OPS_AVAILABLE = True
+    (c_one, c_occ, c_found, c_cap), (t_one, t_occ, t_found, t_cap) = indexes["compiled"], indexes["torch"]
+    assert c_cap == t_cap and torch.equal(c_one, t_one)
+    assert torch.equal(c_occ, t_occ) and torch.equal(c_found, t_found)
+    model = {k: flat.index(k) for k in flat if k not in set(gone)}
+    assert c_found.tolist() == [model.get(k, -1) for k in flat + [61, -61]]  # 61 may be one of the keys
 
 
 def test_slot_bytes_are_the_agreed_packed_layout() -> None:
@@ -115,7 +252,7 @@ def test_strided_ids_spread_like_random_ones(impl: str) -> None:
     cpu_c.HASH_OPS_AVAILABLE = saved and impl == "compiled"
     try:
         n = 30_000
-        index = HashIndex.build(torch.arange(n) * 1_000_003 - 7 * n, torch.arange(n, dtype=torch.int32))
+        index = HashIndex.build(torch.arange(n) * 1_000_003 - 7 * n, torch.arange(n, dtype=torch.int32), capacity=1 << 16)
         keys = index.keys
         held = torch.nonzero(keys != EMPTY).flatten()
         at_home = float((home_slots(keys[held], index.capacity) == held).float().mean())
@@ -144,7 +281,8 @@ def test_compiled_and_torch_paths_agree_on_a_large_churn() -> None:
             cpu_c.HASH_OPS_AVAILABLE = True
         assert torch.equal(compiled.resolve(probe), torch_answer)
         assert compiled.count == reference.count
-    assert compiled.capacity == capacity_for(compiled.count) or compiled.capacity == 2 * capacity_for(compiled.count)
+    assert compiled.capacity == reference.capacity and compiled.count <= compiled.capacity * hi.MAX_LOAD
+    assert compiled.capacity % 16 == 0 and compiled.capacity & (compiled.capacity - 1)  # not a power of two
 
 
 def test_rejects_the_empty_marker_and_bad_state() -> None:
@@ -152,8 +290,9 @@ def test_rejects_the_empty_marker_and_bad_state() -> None:
     with pytest.raises(ValueError, match="INT64_MIN"):
         index.assign(torch.tensor([EMPTY]), torch.tensor([0], dtype=torch.int32))
     assert index.resolve(torch.tensor([EMPTY])).tolist() == [-1]
-    with pytest.raises(ValueError, match="power of two"):
-        HashIndex(hi.new_slots(24))
+    assert HashIndex(hi.new_slots(24)).capacity == 24  # any capacity in [MIN_CAPACITY, MAX_CAPACITY]
+    with pytest.raises(ValueError, match="capacity must be in"):
+        HashIndex(hi.new_slots(8))
     with pytest.raises(ValueError, match="int32"):
         HashIndex(torch.zeros(16, 2, dtype=torch.int64))
     keys = torch.full((16,), EMPTY)
@@ -168,6 +307,7 @@ def test_table_lookups_through_the_hash_index_on_both_backends(zipf_rows) -> Non
     table, _ = compress(rows, freqs, ratio=4, ids=ids)  # the index costs 12 B a slot: 8x leaves no room at 32 dims
     assert isinstance(table.index, HashIndex)
     assert table.stats().index_bytes == 12 * table.index.capacity
+    assert table.index.capacity == capacity_for(ids.numel()) and table.index.capacity & (table.index.capacity - 1)
     probe = torch.cat([ids[torch.randint(0, ids.numel(), (5000,))], torch.tensor([EMPTY, 3, -(10**12)])])
     fast = table.lookup(probe)
     table.backend = "torch"
@@ -197,3 +337,23 @@ def test_empty_keyed_table_is_hash_indexed_and_writes_in_place(tmp_path) -> None
     loaded, manifest = load_table(tmp_path / "t.safetensors")
     assert manifest["index"] == "hash" and isinstance(loaded.index, HashIndex)
     assert torch.equal(loaded.lookup(ids).values, res.values)
+
+
+def test_an_8x_keyed_table_spends_its_budget_on_rows_not_index_padding() -> None:
+    """compress(ids=keys, ratio=8) at 64 dims: the index is 12 B a slot at load > 0.6 (a
+    power-of-two capacity put 20,000 IDs at 0.61 but 30,000 at 0.46), so more rows keep codes."""
+    g = torch.Generator().manual_seed(5)
+    n = 30_000
+    rows = torch.randn(n, 64, generator=g)
+    freqs = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
+    ids = torch.randperm(n, generator=g) * 1_000_003 - 2**45
+    table, _ = compress(rows, freqs, ratio=8, ids=ids)
+    assert isinstance(table.index, HashIndex) and table.nbytes <= rows.numel() * 4 / 8
+    assert table.stats().index_bytes == 12 * table.index.capacity
+    assert table.index.load > 0.6 and table.index.capacity == capacity_for(n)
+    probe = ids[:2000]
+    fast = table.lookup(probe)
+    table.backend = "torch"
+    slow = table.lookup(probe)
+    assert torch.equal(fast.locators, slow.locators) and torch.allclose(fast.values, slow.values, atol=1e-6)
+    assert bool((fast.found | fast.pruned).all())

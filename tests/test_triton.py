@@ -28,7 +28,7 @@ from compression.layout import LOCATOR_CLASS_SHIFT, SUPPORTED_BITS  # noqa: E402
 from compression.pooling import pool_bags  # noqa: E402
 from compression.table import CompressedTable  # noqa: E402
 from compression.unknown import UnknownPolicy  # noqa: E402
-from test_hash_index import fmix64  # noqa: E402 - the agreed hash, written once as the tests' reference
+from test_hash_index import fmix64, home  # noqa: E402 - the agreed hash and home slot, written once as the tests' reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -44,16 +44,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ------------------------------------------------------------------ builders
 
 
-def build_hash(keys: torch.Tensor, locators: torch.Tensor, log2cap: int) -> "object":
-    """The agreed open-addressing layout, built the slow obvious way (Python ints)."""
-    cap = 1 << log2cap
+def build_hash(keys: torch.Tensor, locators: torch.Tensor, cap: int) -> "object":
+    """The agreed open-addressing layout (any capacity), built the slow obvious way (Python ints)."""
     assert keys.numel() <= cap
     table_keys = np.full(cap, INT64_MIN, dtype=np.int64)
     table_locs = np.full(cap, -1, dtype=np.int32)
     for key, loc in zip(keys.tolist(), locators.tolist(), strict=True):
-        slot = fmix64(key) >> (64 - log2cap) if log2cap else 0
+        slot = home(key, cap)
         while table_keys[slot] != INT64_MIN:
-            slot = (slot + 1) & (cap - 1)
+            slot = slot + 1 if slot + 1 < cap else 0
         table_keys[slot], table_locs[slot] = key, loc
     # the 12-byte slots: int64 key as (low, high) int32 words, then the locator
     words = np.stack([table_keys.view(np.int32).reshape(cap, 2)[:, 0], table_keys.view(np.int32).reshape(cap, 2)[:, 1], table_locs], axis=1)
@@ -211,14 +210,16 @@ def test_pooled_matches_reference(cfg: dict, lengths: list[int], mode: str) -> N
 @given(
     cfg=configs(),
     batch=st.integers(1, 100),
-    load=st.sampled_from([0.25, 0.5, 0.9, 1.0]),  # 1.0: a full table, absent keys probe every slot
+    load=st.sampled_from([0.25, 0.5, 0.7, 0.9, 1.0]),  # 1.0: a full table, absent keys probe every slot
+    pow2=st.booleans(),
 )
-def test_hash_probe_matches_reference(cfg: dict, batch: int, load: float) -> None:  # type: ignore[type-arg]
+def test_hash_probe_matches_reference(cfg: dict, batch: int, load: float, pow2: bool) -> None:  # type: ignore[type-arg]
+    """Power-of-two capacities (the older files) and exact ones (``ceil(n / load)``: mostly not)."""
     cfg = {**cfg, "index": "keyed"}
     table = make_table(cfg["dim"], cfg["classes"], cfg["n"], "keyed", cfg["rotated"], cfg["unknown"], cfg["seed"])
     keys, locs = table.index.live_items()
-    log2cap = max(0, int(np.ceil(np.log2(max(1, keys.numel()) / load))))
-    view = build_hash(keys.cpu(), locs.cpu(), log2cap)
+    cap = max(1, int(np.ceil(max(1, keys.numel()) / load)))
+    view = build_hash(keys.cpu(), locs.cpu(), 1 << (cap - 1).bit_length() if pow2 else cap)
     ids = query_ids(table, batch, cfg["seed"])
     want = reference(table, ids)
     out = torch.empty((batch, cfg["dim"]), dtype=cfg["dtype"], device=DEVICE)
@@ -250,7 +251,7 @@ def test_hash_probe_edges() -> None:
     rows = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     table = build_table(rows, torch.zeros(3, dtype=torch.int64), classes).to(DEVICE)
     cargs = td.class_args(table.slabs, table.classes, None)
-    one = build_hash(torch.tensor([42]), torch.tensor([2], dtype=torch.int32), 0)
+    one = build_hash(torch.tensor([42]), torch.tensor([2], dtype=torch.int32), 1)
     out = torch.empty((3, 4), device=DEVICE)
     loc = td.lookup(out, torch.tensor([42, 43, INT64_MIN], device=DEVICE), one, cargs)
     assert loc.cpu().tolist() == [2, -1, -1]
@@ -258,8 +259,15 @@ def test_hash_probe_edges() -> None:
     # keys whose home slot is the last one of 4: they wrap to slots 0, 1
     homed_last = [k for k in range(1, 10_000) if fmix64(k) >> 62 == 3]
     last, absent = homed_last[:3], homed_last[3]  # absent: its probe wraps through the cluster to slot 2
-    view = build_hash(torch.tensor(last), torch.tensor([0, 1, 2], dtype=torch.int32), 2)
+    view = build_hash(torch.tensor(last), torch.tensor([0, 1, 2], dtype=torch.int32), 4)
     assert slot_keys(view.slots.cpu()).tolist()[:2] == last[1:]
+    loc = td.lookup(torch.empty((4, 4), device=DEVICE), torch.tensor([*last, absent], device=DEVICE), view, cargs)
+    assert loc.cpu().tolist() == [0, 1, 2, -1]
+    # the same at a capacity that is not a power of two: the wrap is at 5, not a mask
+    homed_last = [k for k in range(1, 10_000) if home(k, 5) == 4]
+    last, absent = homed_last[:3], homed_last[3]
+    view = build_hash(torch.tensor(last), torch.tensor([0, 1, 2], dtype=torch.int32), 5)
+    assert slot_keys(view.slots.cpu()).tolist()[:2] == last[1:] and view.slots.shape[0] == 5
     loc = td.lookup(torch.empty((4, 4), device=DEVICE), torch.tensor([*last, absent], device=DEVICE), view, cargs)
     assert loc.cpu().tolist() == [0, 1, 2, -1]
 
@@ -360,3 +368,17 @@ def test_a_lookup_sees_a_write_batch_whole() -> None:
         stop.set()
         writer.join()
     assert len(seen) > 1  # writes really did interleave with the lookups
+
+
+def test_hash_probe_of_a_real_index_at_a_capacity_not_a_power_of_two() -> None:
+    """The HashIndex itself (built, grown by puts, backward-shift deletes) at the capacity it
+    sized: a multiple of 16, here not a power of two; the kernel finds what the reference does."""
+    table = make_table(8, [RowClass(8, 32), RowClass(8, 4)], 200, "hash", False, "zero", 3)
+    cap = table.index.capacity
+    assert cap % 16 == 0 and cap & (cap - 1)
+    ids = torch.cat([table.index.live_items()[0].cpu(), torch.tensor([1, 2, 3, INT64_MIN])]).to(DEVICE)
+    want = reference(table, ids)
+    out = torch.empty((ids.numel(), 8), device=DEVICE)
+    loc = td.lookup(out, ids, table.index, td.class_args(table.slabs, table.classes, table.rotation), table.unknown)
+    assert torch.equal(loc.cpu(), want.locators.cpu())
+    assert torch.equal(out.cpu(), want.values.cpu())

@@ -106,8 +106,10 @@ def _declare_hash_ops(lib: ctypes.CDLL) -> None:
     """Signatures of hashindex.c (built into the same library).  A library built before the
     12-byte slot layout lacks the ``embserve_hslot_*`` names (it has the format-2
     ``embserve_hash_*`` ones, which take other arguments): the hash index then takes its torch
-    path, and lookups too (:meth:`HashIndex.c_view` returns None), until it is rebuilt."""
-    if not hasattr(lib, "embserve_hslot_upsert"):
+    path, and lookups too (:meth:`HashIndex.c_view` returns None), until it is rebuilt.  The
+    same holds for a library built when capacities were powers of two (home = top bits, wrap =
+    mask): it lacks ``embserve_hslot_any_capacity`` and would misplace keys in other capacities."""
+    if not hasattr(lib, "embserve_hslot_upsert") or not hasattr(lib, "embserve_hslot_any_capacity"):
         return
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.embserve_hslot_find.restype = None
@@ -122,7 +124,7 @@ def _declare_hash_ops(lib: ctypes.CDLL) -> None:
 
 _LIB = _load()
 AVAILABLE = _LIB is not None
-HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hslot_upsert")
+HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hslot_upsert") and hasattr(_LIB, "embserve_hslot_any_capacity")
 
 
 def _load_entry() -> object | None:

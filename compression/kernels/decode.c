@@ -254,9 +254,10 @@ static inline void decode_any(const uint8_t *restrict row, const row_class_t *c,
 
 /* How IDs become locators.  kind RESOLVED: the IDs already are locators (the caller resolved
  * them).  DENSE: locator = dense_locator[id] for 0 <= id < n_dense.  HASH: `slots` is the
- * open-addressing table of hashindex.c (12-byte slots, hashslot.h) with `n` = its capacity (a
- * power of two): stage 0 hashes the block's IDs and prefetches their home slots (first and last
- * byte: 2 slots in 16 straddle a cache line), stage 1 probes (usually the one slot already in
+ * open-addressing table of hashindex.c (12-byte slots, hashslot.h) with `n` = its capacity (any
+ * value in [16, 2**30]; home and wrap in hashslot.h): stage 0 hashes the block's IDs and
+ * prefetches their home slots (first and last byte: 2 slots in 16 straddle a cache line),
+ * stage 1 probes (usually the one slot already in
  * cache) and prefetches the row.  Kind 3 was the format-2 hash layout (separate key and locator
  * arrays); it is retired, so a library that predates kind 4 rejects the new one instead of
  * misreading it.  KEYED: `keys` is sorted;
@@ -309,9 +310,8 @@ static inline void stage_locate(int64_t lo, int64_t hi, const int64_t *ids, cons
         }
     } else if (ix->kind == INDEX_HASH) {
         /* park each ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
-        const int shift = hslot_shift(ix->n);
         for (int64_t i = lo; i < hi; i++) {
-            const int64_t s = hslot_home(ids[i], shift);
+            const int64_t s = hslot_home(ids[i], ix->n);
             loc_out[i] = (int32_t)s;
             const uint8_t *slot = ix->slots + HSLOT_BYTES * s;
             __builtin_prefetch(slot, 0, 3);
@@ -351,7 +351,7 @@ static inline void stage_resolve(int64_t lo, int64_t hi, const int64_t *ids, con
         if (ix->kind == INDEX_DENSE) {
             loc = (key >= 0 && key < ix->n) ? ix->locator[key] : -1;
         } else if (ix->kind == INDEX_HASH) {
-            const int64_t mask = ix->n - 1;
+            const int64_t cap = ix->n;
             int64_t s = loc_out[i];
             loc = -1;
             if (key != HSLOT_EMPTY) {
@@ -362,7 +362,7 @@ static inline void stage_resolve(int64_t lo, int64_t hi, const int64_t *ids, con
                         break;
                     }
                     if (k == HSLOT_EMPTY) break;
-                    s = (s + 1) & mask;
+                    s = hslot_next(s, cap);
                 }
             }
         } else if (ix->kind == INDEX_KEYED) {
@@ -467,7 +467,7 @@ int64_t embserve_lookup(const int64_t *ids, int64_t n, const index_t *index, con
                         int32_t n_classes, float *out, int64_t width, int32_t *loc_out, int32_t threads) {
     if (!f16_ready) embserve_init();
     if (n_classes != MAX_CLASSES || index->kind < INDEX_RESOLVED || index->kind > INDEX_HASH || index->kind == 3) return -1;
-    if (index->kind == INDEX_HASH && (index->n < 2 || (index->n & (index->n - 1)) || index->n > ((int64_t)1 << 30)))
+    if (index->kind == INDEX_HASH && (index->n < 2 || index->n > ((int64_t)1 << 30))) /* any capacity (hashslot.h) */
         return -1;
     int64_t chunks = threads > 1 ? threads : 1;
     if (chunks > 1 && n < chunks * 4 * BLOCK) chunks = 1;

@@ -8,8 +8,15 @@
  *             bytes 8..11   int32 locator (compression/layout.py); -1 in a free slot
  *           (torch holds it as int32 [cap, 3]: words 0-1 the key's low / high half, word 2 the
  *           locator, so it is 4-byte aligned and a GPU reads the key as two aligned words)
- *   cap     a power of two
- *   home(key) = fmix64(uint64 key) >> (64 - log2(cap))
+ *   cap     any capacity in [16, 2**30] (compression/hash_index.py sizes it to a multiple of 16)
+ *   home(key) = ((fmix64(uint64 key) >> 32) * cap) >> 32   (multiply-high of the hash's top 32
+ *           bits: cap < 2**31, so the product fits 64 bits; for cap = 2**k this is exactly the
+ *           old fmix64 >> (64 - k), so power-of-two files written before any capacity was
+ *           allowed probe the same)
+ *   probe   s, s + 1, ... wrapping to 0 at cap (a compare, not a mask: cap need not be 2**k)
+ *
+ * Why any capacity: a power of two left the index at load 0.35-0.7 (24 MiB at 1M IDs where
+ * load 0.7 needs 17 MiB), bytes a keyed table's budget pays for with pruned rows.
  *
  * Why key and locator share a slot: a hit then costs one cache line (two for the 2 slots in 16
  * that straddle a line boundary) instead of one line in a key array plus one in a locator array;
@@ -41,10 +48,16 @@ static inline uint64_t hslot_mix(uint64_t x) {
     return x;
 }
 
-/* 64 - log2(cap): home = mix(key) >> shift */
-static inline int hslot_shift(int64_t cap) { return 64 - (63 - __builtin_clzll((unsigned long long)cap)); }
+/* home slot in [0, cap): the mix's top 32 bits scaled by cap (one multiply, no division) */
+static inline int64_t hslot_home(int64_t key, int64_t cap) {
+    return (int64_t)(((hslot_mix((uint64_t)key) >> 32) * (uint64_t)cap) >> 32);
+}
 
-static inline int64_t hslot_home(int64_t key, int shift) { return (int64_t)(hslot_mix((uint64_t)key) >> shift); }
+/* the probe's next slot (the branch is almost never taken: a compiler emits a cmov) */
+static inline int64_t hslot_next(int64_t s, int64_t cap) { return s + 1 == cap ? 0 : s + 1; }
+
+/* cyclic distance from a to b going forward (a, b in [0, cap)) */
+static inline int64_t hslot_dist(int64_t a, int64_t b, int64_t cap) { return b >= a ? b - a : b - a + cap; }
 
 /* memcpy: a slot's key is only 4-byte aligned (the compiler emits one unaligned load) */
 static inline int64_t hslot_key(const uint8_t *slots, int64_t s) {

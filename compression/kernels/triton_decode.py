@@ -13,9 +13,10 @@ What a program does with its IDs (byte layouts: :mod:`compression.layout`):
    search of the sorted main keys, then of the sorted delta keys (a delta hit, tombstone
    included, overrides the main part, as :class:`~compression.index.KeyedIndex` does);
    ``HASH`` an open-addressing table of packed 12-byte slots (``slots int32[cap, 3]``: words 0-1
-   the int64 key, low word first, word 2 the locator; ``cap = 2**L``; empty slot = key
-   ``INT64_MIN``; home slot = ``fmix64(uint64(key)) >> (64 - L)``; linear probing
-   ``(slot + 1) & (cap - 1)`` until the key or an empty slot; compression/hash_index.py).  The
+   the int64 key, low word first, word 2 the locator; any ``cap`` in ``[1, 2**31)``; empty slot
+   = key ``INT64_MIN``; home slot = ``((fmix64(uint64(key)) >> 32) * cap) >> 32``, which for
+   ``cap = 2**L`` is the older ``fmix64 >> (64 - L)``; linear probing ``slot + 1``, wrapping to 0
+   at ``cap``, until the key or an empty slot; compression/hash_index.py).  The
    key is read as two aligned 32-bit words: a slot is only 4-byte aligned.
 2. **Decode** (the table's classes are compile-time constants, so the dispatch is unrolled
    and a class absent from the tile costs one reduction).  fp32 / fp16 and rotated classes get
@@ -102,7 +103,7 @@ def _find_sorted(keys, locs, n, key, mask):
 
 
 @triton.jit
-def _probe_hash(slots, log2cap, key, mask):
+def _probe_hash(slots, capacity, key, mask):
     """Open addressing with linear probing (layout in the module docstring).  Every lane probes
     until its key or an empty slot; at most ``cap`` probes, so a full table cannot loop."""
     h = key.to(tl.uint64, bitcast=True)
@@ -111,9 +112,8 @@ def _probe_hash(slots, log2cap, key, mask):
     h = h ^ (h >> 33)
     h = h * 0xC4CEB9FE1A85EC53
     h = h ^ (h >> 33)
-    shift = (63 - log2cap).to(tl.uint64)
-    slot = ((h >> shift) >> 1).to(tl.int64)  # two shifts: log2cap = 0 would shift by 64
-    cap = tl.full(key.shape, 1, dtype=tl.int64) << log2cap.to(tl.int64)
+    cap = tl.zeros(key.shape, dtype=tl.int64) + capacity  # an int or a scalar (Triton makes 1 a constexpr)
+    slot = (((h >> 32) * cap.to(tl.uint64)) >> 32).to(tl.int64)  # < 2**63: cap < 2**31
     empty_bits = 0x8000000000000000
     query_ok = key.to(tl.uint64, bitcast=True) != empty_bits  # INT64_MIN is reserved, never stored
     active = mask & query_ok
@@ -127,7 +127,7 @@ def _probe_hash(slots, log2cap, key, mask):
         loc = tl.where(hit, tl.load(slots + 3 * slot + 2, mask=hit, other=-1), loc)
         probes += 1
         active = active & (k != key) & (k.to(tl.uint64, bitcast=True) != empty_bits) & (probes < cap)
-        slot = (slot + 1) & (cap - 1)
+        slot = tl.where(slot + 1 == cap, 0, slot + 1)
     return loc
 
 
@@ -419,18 +419,19 @@ def _pooled_kernel(
 @dataclass(frozen=True)
 class HashIndexView:
     """Raw slots of an open-addressing hash index (the structure the C kernel probes too):
-    ``slots int32[cap, 3]`` (12-byte slots, layout in compression/hash_index.py), ``cap`` a
-    power of two (1 allowed here, unlike :class:`~compression.hash_index.HashIndex`)."""
+    ``slots int32[cap, 3]`` (12-byte slots, layout in compression/hash_index.py), any ``cap``
+    in ``[1, 2**31)`` (1 allowed here, unlike :class:`~compression.hash_index.HashIndex`): the
+    home slot's product ``(hash >> 32) * cap`` must fit 64 bits."""
 
     slots: torch.Tensor
     kind: str = "hash"
 
     @property
-    def log2cap(self) -> int:
+    def capacity(self) -> int:
         cap = int(self.slots.shape[0])
-        if cap < 1 or cap & (cap - 1):
-            raise ValueError(f"hash index capacity must be a power of two, got {cap}")
-        return cap.bit_length() - 1
+        if not 1 <= cap < 1 << 31:
+            raise ValueError(f"hash index capacity must be in [1, 2**31), got {cap}")
+        return cap
 
 
 def _dummy(device: torch.device, dtype: torch.dtype, cache: dict[Any, torch.Tensor]) -> torch.Tensor:
@@ -467,8 +468,8 @@ def index_args(index: Any, device: torch.device) -> tuple[int, tuple[Any, ...]]:
             index.keys.numel(), index.delta_keys.numel(),
         )
     if kind == "hash":
-        log2cap = HashIndexView(index.slots).log2cap
-        return HASH, (_arg(index.slots, device, i32), _arg(None, device, i32), _arg(None, device, i64), _arg(None, device, i32), log2cap, 0)
+        capacity = HashIndexView(index.slots).capacity
+        return HASH, (_arg(index.slots, device, i32), _arg(None, device, i32), _arg(None, device, i64), _arg(None, device, i32), capacity, 0)
     raise ValueError(f"the Triton decoder has no probe for index kind {kind!r}")
 
 
