@@ -86,6 +86,7 @@ def _load() -> ctypes.CDLL | None:
             ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
         ]
         _declare_hash_ops(lib)
+        _declare_encoder(lib)
         lib.embserve_init()
         return lib
     return None
@@ -109,9 +110,41 @@ def _declare_hash_ops(lib: ctypes.CDLL) -> None:
     lib.embserve_hslot_rehash.argtypes = [p, i64, p, i64]
 
 
+def _declare_encoder(lib: ctypes.CDLL) -> None:
+    """Signature of encode.c's ``embserve_encode_rows`` (absent from a library built before it:
+    encoding then takes the torch path until the library is rebuilt)."""
+    if not hasattr(lib, "embserve_encode_rows"):
+        return
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.embserve_encode_rows.restype = i64
+    lib.embserve_encode_rows.argtypes = [p, i64, i32, i32, i32, p, i32, p, i64, i32]
+
+
 _LIB = _load()
 AVAILABLE = _LIB is not None
 HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hslot_upsert")
+# codecs.encode_rows takes the compiled encoder when this is set (tests switch it off to run the
+# torch path on the same machine)
+ENCODER_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_encode_rows")
+# Below this many rows one thread encodes: the applier's batches stay on its own thread (the
+# request threads need the other cores), a table build uses them all.
+ENCODE_PARALLEL_MIN_ROWS = 65536
+
+
+def encode_rows(x: torch.Tensor, bits: int, refit: bool, grid: tuple[float, ...], row_bytes: int) -> torch.Tensor | None:
+    """Quantized rows of ``x`` (float32 ``[n, dim]``, contiguous, CPU) as ``[n, row_bytes]``
+    uint8, bit-identical to ``codecs.quantize_rows`` + packing; ``None`` when some row needs the
+    torch path (non-finite values, a range past fp16): the caller then encodes all of them
+    with torch."""
+    assert _LIB is not None
+    n, dim = x.shape
+    out = torch.empty((n, row_bytes), dtype=torch.uint8)
+    grid_c = (ctypes.c_float * max(1, len(grid)))(*grid)
+    threads = torch.get_num_threads() if n >= ENCODE_PARALLEL_MIN_ROWS else 1
+    rc = _LIB.embserve_encode_rows(x.data_ptr(), n, dim, bits, int(refit), grid_c, len(grid), out.data_ptr(), row_bytes, threads)
+    if rc < 0:
+        raise RuntimeError("compiled encoder rejected its arguments")
+    return out if rc == 0 else None
 
 # The hash functions take ``slots``: the int32 [cap, 3] slot array of a HashIndex (contiguous, CPU).
 
