@@ -32,6 +32,24 @@ def test_append_then_read_in_order(update_log: UpdateLog) -> None:
     assert update_log.oldest_after(None) is not None
 
 
+def test_delete_only_and_view_batches_round_trip(update_log: UpdateLog) -> None:
+    """A delete-only entry (no vectors: shape (0, dim), what a JSON delete becomes) and an entry
+    whose arrays are read-only views of a request body (what the binary parser hands over) both
+    come back with the same IDs and bytes."""
+    from service.wire import encode_binary_updates, parse_binary_updates
+
+    deletes_only = UpdateBatch("t", np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.float32), np.array([-1, 5], dtype=np.int64))
+    body = encode_binary_updates(np.array([3, 4], dtype=np.int64), np.arange(8, dtype=np.float32).reshape(2, 4), np.array([6], dtype=np.int64))
+    ids, vectors, deletes = parse_binary_updates(body)
+    assert not vectors.flags.writeable  # a view of the body, not a copy
+    positions = [update_log.append(deletes_only), update_log.append(UpdateBatch("t", ids, vectors, deletes))]
+    first, second = (r.batch for r in update_log.read(None, 10))
+    assert [r.position for r in update_log.read(None, 10)] == positions
+    assert isinstance(first, UpdateBatch) and first.delete_ids.tolist() == [-1, 5] and first.upsert_ids.size == 0
+    assert isinstance(second, UpdateBatch) and second.upsert_ids.tolist() == [3, 4] and second.delete_ids.tolist() == [6]
+    assert second.vectors.tobytes() == np.arange(8, dtype=np.float32).tobytes()
+
+
 def test_trim_drops_entries_at_or_before(update_log: UpdateLog) -> None:
     positions = [update_log.append(batch("t", [i])) for i in range(4)]
     update_log.trim_before(positions[1])

@@ -63,11 +63,11 @@ class SqliteUpdateLog(UpdateLog):
         return conn
 
     def append(self, batch: UpdateBatch) -> Position:
-        f = batch.to_fields()
+        ids, vectors, deletes = batch.blob_views()  # SQLite copies the bytes once, into its pages
         conn = self._conn()
         cur = conn.execute(
             "INSERT INTO updates (appended_at, table_name, dim, upsert_ids, vectors, delete_ids) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), batch.table, batch.dim, f["upsert_ids"], f["vectors"], f["delete_ids"]),
+            (time.time(), batch.table, batch.dim, ids, vectors, deletes),
         )  # autocommit: the INSERT is committed (and fsynced, synchronous=FULL) when execute returns
         seq = cur.lastrowid
         assert seq is not None
