@@ -75,6 +75,29 @@ def test_sqlite_appends_survive_reopen(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_sqlite_new_logs_use_large_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    """A new log file gets PAGE_SIZE pages (fewer WAL frames per multi-MB entry); a file made
+    with SQLite's default 4 KiB pages opens, appends and reads as before."""
+    import sqlite3
+
+    from service.updatelog.sqlite_log import PAGE_SIZE
+
+    new = open_log(None, tmp_path / "new.sqlite3")
+    new.append(batch("t", [1]))
+    assert sqlite3.connect(tmp_path / "new.sqlite3").execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+    new.close()
+    old_path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(old_path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE filler (x)")  # the file exists with 4 KiB pages before the log opens it
+    conn.close()
+    old = open_log(None, old_path)
+    pos = old.append(batch("t", [2], dim=64))
+    assert [r.position for r in old.read(None, 10)] == [pos]
+    assert sqlite3.connect(old_path).execute("PRAGMA page_size").fetchone()[0] == 4096
+    old.close()
+
+
 def test_malformed_direct_writes_are_surfaced_not_fatal(redis_url: str) -> None:
     import redis
 
