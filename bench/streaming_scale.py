@@ -30,6 +30,7 @@ import argparse
 import datetime as dt
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,7 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--head", type=int, default=1000, help="hottest ranks checked at each checkpoint")
     parser.add_argument("--check-every", type=float, default=30.0)
+    parser.add_argument("--keep", action="store_true", help="keep the server's tables directory (update log, snapshots)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "streaming_scale.md")
     args = parser.parse_args()
     if args.fast:
@@ -309,6 +311,9 @@ def main() -> None:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
+        if not args.keep:  # the update log and snapshots of a long run are gigabytes
+            shutil.rmtree(work, ignore_errors=True)
 
     def counter(name: str) -> float:
         m = re.search(rf'^{name}{{table="{TABLE}"}} ([0-9.e+]+)$', metrics, re.M)
