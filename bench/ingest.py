@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,15 +93,22 @@ def encoder_bench(rounds: int, reps: int) -> list[str]:
 
 def _server_run(tree: Path, seconds: float, writers: int) -> dict[str, float]:
     """One bench/streaming_scale.py run of ``tree``; the numbers from its report."""
-    out = Path(tempfile.mkdtemp(prefix="embserve-ingest-")) / "scale.md"
-    proc = subprocess.run(
-        [sys.executable, str(tree / "bench" / "streaming_scale.py"), "--seconds", str(seconds), "--writers", str(writers),
-         "--check-every", str(max(30.0, seconds / 2)), "--out", str(out)],
-        capture_output=True, text=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, timeout=seconds + 900,
-    )
-    if not out.exists():
-        raise SystemExit(f"streaming_scale in {tree} failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
-    report = out.read_text()
+    scratch = Path(tempfile.mkdtemp(prefix="embserve-ingest-"))
+    out = scratch / "scale.md"
+    try:
+        # TMPDIR: the server's tables directory (gigabytes of log and snapshots) goes under
+        # scratch and is removed with it, whatever the tree's streaming_scale does
+        proc = subprocess.run(
+            [sys.executable, str(tree / "bench" / "streaming_scale.py"), "--seconds", str(seconds), "--writers", str(writers),
+             "--check-every", str(max(30.0, seconds / 2)), "--out", str(out)],
+            capture_output=True, text=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "TMPDIR": str(scratch)},
+            timeout=seconds + 900,
+        )
+        if not out.exists():
+            raise SystemExit(f"streaming_scale in {tree} failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+        report = out.read_text()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
     def number(pattern: str) -> float:
         m = re.search(pattern, report)
