@@ -87,6 +87,7 @@ def _load() -> ctypes.CDLL | None:
         ]
         _declare_hash_ops(lib)
         _declare_encoder(lib)
+        _declare_sketch_ops(lib)
         lib.embserve_init()
         return lib
     return None
@@ -120,12 +121,26 @@ def _declare_encoder(lib: ctypes.CDLL) -> None:
     lib.embserve_encode_rows.argtypes = [p, i64, i32, i32, i32, p, i32, p, i64, i32]
 
 
+def _declare_sketch_ops(lib: ctypes.CDLL) -> None:
+    """Signatures of sketch.c (absent from a library built before it: the sketches use torch)."""
+    if not hasattr(lib, "embserve_cms_add_i32"):
+        return
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for name in ("embserve_cms_add_i32", "embserve_cms_min_i32", "embserve_cms_min_f32"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [p, i64, i64, p, p, i64] + ([p] if "min" in name else [])
+    lib.embserve_cms_add_f32.restype = None
+    lib.embserve_cms_add_f32.argtypes = [p, i64, i64, p, p, i64, ctypes.c_float]
+
+
 _LIB = _load()
 AVAILABLE = _LIB is not None
 HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hslot_upsert")
 # codecs.encode_rows takes the compiled encoder when this is set (tests switch it off to run the
 # torch path on the same machine)
 ENCODER_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_encode_rows")
+# count-min sketch adds and estimates (frequency.py, lifecycle.py); tests switch it off to run torch
+SKETCH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_cms_add_i32")
 # Below this many rows one thread encodes: the applier's batches stay on its own thread (the
 # request threads need the other cores), a table build uses them all.
 ENCODE_PARALLEL_MIN_ROWS = 65536
@@ -226,3 +241,27 @@ def lookup(out: torch.Tensor, ids: torch.Tensor, index: _IndexC | None, classes_
     if rc < 0:
         raise RuntimeError("compiled decoder rejected its arguments")
     return loc, int(rc)
+
+
+# Count-min sketches: ``cells`` is a contiguous CPU [depth, width] float32 or int32 tensor,
+# ``mult`` the int64 [depth] row multipliers, ``ids`` contiguous int64 (see sketch.c).
+
+
+def sketch_add(cells: torch.Tensor, mult: torch.Tensor, ids: torch.Tensor, weight: float = 1.0) -> None:
+    """One occurrence (``weight`` for float cells; 1 for int32 cells) per entry of ``ids``, in place."""
+    assert _LIB is not None
+    depth, width = cells.shape
+    if cells.dtype == torch.int32:
+        _LIB.embserve_cms_add_i32(cells.data_ptr(), depth, width, mult.data_ptr(), ids.data_ptr(), ids.numel())
+    else:
+        _LIB.embserve_cms_add_f32(cells.data_ptr(), depth, width, mult.data_ptr(), ids.data_ptr(), ids.numel(), weight)
+
+
+def sketch_min(cells: torch.Tensor, mult: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The smallest of each ID's cells (its count-min estimate)."""
+    assert _LIB is not None
+    depth, width = cells.shape
+    out = torch.empty(ids.numel(), dtype=cells.dtype)
+    fn = _LIB.embserve_cms_min_i32 if cells.dtype == torch.int32 else _LIB.embserve_cms_min_f32
+    fn(cells.data_ptr(), depth, width, mult.data_ptr(), ids.data_ptr(), ids.numel(), out.data_ptr())
+    return out
