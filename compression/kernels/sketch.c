@@ -54,24 +54,24 @@ void embserve_cms_add_f32(float *cells, int64_t depth, int64_t width, const int6
 }
 
 /* out[i] = min over rows of the ID's cell (torch.minimum keeps NaN; counts are never NaN) */
-void embserve_cms_min_i32(const int32_t *cells, int64_t depth, int64_t width, const int64_t *mult, const int64_t *ids, int64_t n,
-                          int32_t *out) {
-    for (int64_t r = 0; r < depth; r++) {
-        const int32_t *row = cells + r * width;
-        for (int64_t i = 0; i < n; i++) {
-            const int32_t v = row[column(ids[i], mult[r], (uint64_t)width)];
-            out[i] = (r == 0 || v < out[i]) ? v : out[i];
-        }
+#define CMS_MIN(NAME, T)                                                                                                   \
+    void NAME(const T *cells, int64_t depth, int64_t width, const int64_t *mult, const int64_t *ids, int64_t n, T *out) {    \
+        uint64_t cols[BLOCK];                                                                                              \
+        for (int64_t r = 0; r < depth; r++) {                                                                              \
+            const T *row = cells + r * width;                                                                              \
+            for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {                                                                    \
+                const int64_t m = n - i0 < BLOCK ? n - i0 : BLOCK;                                                         \
+                for (int64_t i = 0; i < m; i++) {                                                                          \
+                    cols[i] = column(ids[i0 + i], mult[r], (uint64_t)width);                                               \
+                    __builtin_prefetch(row + cols[i], 0);                                                                  \
+                }                                                                                                          \
+                for (int64_t i = 0; i < m; i++) {                                                                          \
+                    const T v = row[cols[i]];                                                                              \
+                    out[i0 + i] = (r == 0 || v < out[i0 + i]) ? v : out[i0 + i];                                           \
+                }                                                                                                          \
+            }                                                                                                              \
+        }                                                                                                                  \
     }
-}
 
-void embserve_cms_min_f32(const float *cells, int64_t depth, int64_t width, const int64_t *mult, const int64_t *ids, int64_t n,
-                          float *out) {
-    for (int64_t r = 0; r < depth; r++) {
-        const float *row = cells + r * width;
-        for (int64_t i = 0; i < n; i++) {
-            const float v = row[column(ids[i], mult[r], (uint64_t)width)];
-            out[i] = (r == 0 || v < out[i]) ? v : out[i];
-        }
-    }
-}
+CMS_MIN(embserve_cms_min_i32, int32_t)
+CMS_MIN(embserve_cms_min_f32, float)
