@@ -122,6 +122,16 @@ def _server_run(tree: Path, seconds: float, writers: int) -> dict[str, float]:
     }
 
 
+def _commit(tree: Path) -> str:
+    """Short commit of a git checkout (with "+changes" when its tracked files differ), or "?"."""
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD"], capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + (" +changes" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder-only", action="store_true")
@@ -129,6 +139,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each server run")
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout of another commit to compare with (C library built)")
+    parser.add_argument("--baseline-label", default="baseline", help="what the baseline is (e.g. its commit), for the report")
     parser.add_argument("--encoder-rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.md")
     args = parser.parse_args()
@@ -159,6 +170,8 @@ def main() -> None:
             "",
             f"## Real server: `bench/streaming_scale.py --seconds {args.seconds:.0f} --writers {args.writers}` "
             f"(10k-row binary requests, int8 keyed table, max_ids 1M, admission, budget)",
+            "",
+            f"Trees: this tree ({_commit(ROOT)})" + (f", baseline: {args.baseline_label}." if args.baseline else "."),
             "",
             "| tree | round | rows acknowledged/s | rows per server CPU-second | minor faults per row | bench exit |",
             "|---|---|---|---|---|---|",
