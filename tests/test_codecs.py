@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +235,39 @@ def test_compiled_encoder_leaves_non_finite_rows_to_torch() -> None:
         x = ok.clone()
         x[1, 2] = bad
         assert cpu_c.encode_rows(x, 8, True, (0.95,), rc.row_bytes) is None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or platform.machine() not in ("x86_64", "AMD64"), reason="needs a C compiler on x86-64")
+def test_baseline_build_of_the_encoder_is_bit_exact_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The library picks its x86-64-v3 (AVX2) encoder on this machine; a CPU without AVX2 runs
+    the baseline (SSE2) build of the same source.  Build that one alone (-DEMBSERVE_NO_CLONES)
+    and hold it to the torch encoder as well."""
+    import ctypes
+    import subprocess
+
+    from compression.codecs import _CLIP_GRID
+
+    src = Path(cpu_c.__file__).with_name("encode.c")
+    lib_path = tmp_path / "encode_baseline.so"
+    subprocess.run(["cc", "-O3", "-std=gnu11", "-ffp-contract=fast", "-fno-strict-aliasing", "-fPIC", "-shared",
+                    "-DEMBSERVE_NO_CLONES", "-o", str(lib_path), str(src)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.embserve_encode_rows.restype = i64
+    lib.embserve_encode_rows.argtypes = [p, i64, i32, i32, i32, p, i32, p, i64, i32]
+    gen = torch.Generator().manual_seed(7)
+    saved = cpu_c.ENCODER_AVAILABLE
+    try:
+        cpu_c.ENCODER_AVAILABLE = False  # encode_rows below: the torch path
+        for dim in (3, 24, 64):
+            x = torch.randn(1500, dim, generator=gen) * torch.rand(1500, 1, generator=gen).pow(4) * 10
+            x[:300] = torch.randint(-3, 4, (300, dim), generator=gen).float()
+            for bits in (1, 2, 4, 8):
+                rc = RowClass(dim, bits)
+                grid = _CLIP_GRID.get(bits, ())
+                out = torch.empty((x.shape[0], rc.row_bytes), dtype=torch.uint8)
+                rc_code = lib.embserve_encode_rows(x.data_ptr(), x.shape[0], dim, bits, 1, (ctypes.c_float * max(1, len(grid)))(*grid),
+                                                   len(grid), out.data_ptr(), rc.row_bytes, 1)
+                assert rc_code == 0 and torch.equal(out, encode_rows(x, rc)), (dim, bits)
+    finally:
+        cpu_c.ENCODER_AVAILABLE = saved

@@ -202,7 +202,7 @@ static void pack(const float *codes, int lane, int d, int bits, uint8_t *out, in
  * Returns how many of them the torch path must encode (see the header).  Compiled twice, for
  * x86-64-v3 (AVX2, F16C) and baseline, picked at load time: the same IEEE operations either
  * way (FMA contraction is off for this file), only wider. */
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(EMBSERVE_NO_CLONES) /* -DEMBSERVE_NO_CLONES: baseline only (to test it) */
 __attribute__((target_clones("arch=x86-64-v3", "default"), noinline))
 #endif
 static int encode_group(const ctx_t *c, const float *x, int rows, int bits, int do_refit, const float *grid, int n_grid,
