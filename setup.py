@@ -7,7 +7,8 @@ setup(
     ext_modules=[
         Extension(
             "compression.kernels._decode",
-            sources=["compression/kernels/decode.c", "compression/kernels/hashindex.c", "compression/kernels/pyentry.c"],
+            sources=["compression/kernels/decode.c", "compression/kernels/hashindex.c", "compression/kernels/encode.c",
+                     "compression/kernels/sketch.c", "compression/kernels/pyentry.c"],
             depends=["compression/kernels/hashslot.h"],  # the hash slot layout both sources include
             extra_compile_args=["-O3", "-fopenmp", "-std=gnu11", "-ffp-contract=fast", "-fno-strict-aliasing"],
             extra_link_args=["-fopenmp"],

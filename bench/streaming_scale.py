@@ -2,12 +2,15 @@
 
     python bench/streaming_scale.py --seconds 180          # 20M-ID Zipf universe, max_ids 1M -> bench/results/streaming_scale.md/.png
     python bench/streaming_scale.py --fast                 # 10 s, 200k universe, max_ids 10k (the test runs this)
+    python bench/streaming_scale.py --seconds 3600 --universe 100000000 --distinct 20000000
+                                                           # until 20M distinct IDs were sent (~40-60M rows)
 
 A real ``embserve serve`` process (SQLite update log, snapshots and log trimming on) hosts one
 keyed table (64 dims, int8 rows, hash index) created through the admin API with ``max_ids``,
 an admission count and a byte budget.  Writer threads send binary update requests with IDs
 drawn from Zipf(``--zipf``) over ``--universe`` ranks (rank -> an arbitrary int64 ID), for
-``--seconds`` or ``--rows``.  At the default exponent 0.9 about a third of 16M rows are IDs never
+``--seconds``, ``--rows`` or ``--distinct`` (distinct IDs sent; a Zipf stream over a universe
+several times larger meets 20M distinct IDs within a few tens of millions of rows).  At the default exponent 0.9 about a third of 16M rows are IDs never
 seen before and 1.5M IDs recur (enough to fill ``max_ids`` = 1M past the admission count).  The vector of an ID is a fixed function of the ID and the current
 *epoch*; at each checkpoint (every ``--check-every`` seconds) the writers pause, the epoch's
 updates are waited for (``wait=true``), the hottest ``--head`` IDs are looked up and compared
@@ -27,6 +30,7 @@ import argparse
 import datetime as dt
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +101,15 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (/proc/PID/stat field 10): a fresh mmap per request
+    buffer shows up here as about one fault per 4 KiB of payload."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used (from /proc: under a shared machine, rows per
     CPU-second says what the server can do when it has a core, whatever else runs)."""
@@ -114,6 +127,7 @@ class Run:
     requests: int = 0
     checks: list[tuple[float, int, int, float]] = field(default_factory=list)  # (t, found, exact, max abs err vs fp32)
     seen: np.ndarray | None = None
+    distinct: int = 0  # distinct ranks sent so far (kept as writes are acknowledged)
     sample_errors: int = 0
 
 
@@ -122,6 +136,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="a small, 10-second run (the test's)")
     parser.add_argument("--seconds", type=float, default=180.0, help="stop after this long")
     parser.add_argument("--rows", type=int, default=10**10, help="... or after this many upserted rows")
+    parser.add_argument("--distinct", type=int, default=None, help="... or once this many distinct IDs were sent (needs a --universe above it)")
     parser.add_argument("--universe", type=int, default=20_000_000, help="distinct IDs the Zipf stream draws from")
     parser.add_argument("--zipf", type=float, default=0.9, help="Zipf exponent of the ID ranks (bounded: any value > 0)")
     parser.add_argument("--max-ids", type=int, default=1_000_000)
@@ -133,11 +148,14 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--head", type=int, default=1000, help="hottest ranks checked at each checkpoint")
     parser.add_argument("--check-every", type=float, default=30.0)
+    parser.add_argument("--keep", action="store_true", help="keep the server's tables directory (update log, snapshots)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "streaming_scale.md")
     args = parser.parse_args()
     if args.fast:
         args.seconds, args.universe, args.max_ids, args.half_life_rows = min(args.seconds, 10.0), 200_000, 10_000, 50_000
         args.sketch_width, args.budget_mib, args.batch, args.head, args.check_every = 1 << 15, 4.0, 2000, 200, 4.0
+    if args.distinct is not None and args.distinct > args.universe:
+        parser.error(f"--distinct {args.distinct:,} can never be reached with --universe {args.universe:,}")
     budget = int(args.budget_mib * 2**20)
     work = Path(tempfile.mkdtemp(prefix="embserve-scale-"))
     port = free_port()
@@ -171,6 +189,7 @@ def main() -> None:
         assert r.status_code == 201, r.text
         started = time.monotonic()
         cpu_started, client_cpu_started = cpu_seconds(server.pid), time.process_time()
+        faults_started = minor_faults(server.pid)
         stop = threading.Event()
         sampler_stop = threading.Event()
 
@@ -210,8 +229,11 @@ def main() -> None:
                     with lock:
                         run.acked_rows += int(ids.shape[0])
                         run.requests += 1
-                        run.seen[ranks] = True  # type: ignore[index]
-                        if run.acked_rows >= args.rows:
+                        fresh = ranks[~run.seen[ranks]]  # type: ignore[index]
+                        if fresh.size:
+                            run.distinct += int(np.unique(fresh).size)
+                            run.seen[fresh] = True  # type: ignore[index]
+                        if run.acked_rows >= args.rows or (args.distinct is not None and run.distinct >= args.distinct):
                             stop.set()
 
         head_ids = ids_of(np.arange(1, args.head + 1))
@@ -266,7 +288,7 @@ def main() -> None:
                 barrier.wait()
                 next_check = time.monotonic() + args.check_every
                 elapsed = time.monotonic() - started
-                print(f"t={elapsed:.0f}s acked {run.acked_rows:,} rows ({run.acked_rows / elapsed:,.0f}/s)", flush=True)
+                print(f"t={elapsed:.0f}s acked {run.acked_rows:,} rows ({run.acked_rows / elapsed:,.0f}/s), {run.distinct:,} distinct IDs", flush=True)
         send_seconds = time.monotonic() - started
         stop.set()
         pause.set()
@@ -277,6 +299,7 @@ def main() -> None:
         barrier.wait()  # ... and leave
         applied_seconds = time.monotonic() - started
         server_cpu, client_cpu = cpu_seconds(server.pid) - cpu_started, time.process_time() - client_cpu_started
+        faults = minor_faults(server.pid) - faults_started
         sampler_stop.set()
         sampling.join(timeout=10)
         metrics = client.get("/metrics").text
@@ -288,6 +311,9 @@ def main() -> None:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
+        if not args.keep:  # the update log and snapshots of a long run are gigabytes
+            shutil.rmtree(work, ignore_errors=True)
 
     def counter(name: str) -> float:
         m = re.search(rf'^{name}{{table="{TABLE}"}} ([0-9.e+]+)$', metrics, re.M)
@@ -296,7 +322,7 @@ def main() -> None:
     evicted, filtered = counter("embserve_evicted_ids_total"), counter("embserve_updates_filtered_total")
     max_bytes = max(s[1] for s in run.samples)
     within = all(s[1] <= budget for s in run.samples)
-    distinct = int(run.seen.sum()) if run.seen is not None else 0  # type: ignore[union-attr]
+    distinct = run.distinct
     head_ok = all(c[2] == args.head for c in run.checks)
     plot = args.out.with_suffix(".png")
     _plot(run, budget, plot, args)
@@ -304,7 +330,7 @@ def main() -> None:
         "# Streaming scale: an endless keyed ID stream into a bounded table",
         "",
         f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on a 2-core VM shared with other jobs "
-        f"({'--fast' if args.fast else f'--seconds {args.seconds:.0f}'}).  Real `embserve serve`, SQLite update log, snapshots every "
+        f"({'--fast' if args.fast else f'--seconds {args.seconds:.0f}'}{f' --distinct {args.distinct:,}' if args.distinct else ''}).  Real `embserve serve`, SQLite update log, snapshots every "
         f"{env['EMBSERVE_SNAPSHOT_INTERVAL_S']} s with log trimming.",
         f"Table: {DIM} dims, int8 rows (d{DIM}b8), hash index, max_ids {args.max_ids:,}, admission at {args.admit_min_count} upserts, "
         f"counts halving every {args.half_life_rows:,} rows (sketch 4 x {args.sketch_width:,}), budget {budget / 2**20:.0f} MiB.",
@@ -316,6 +342,7 @@ def main() -> None:
         f"| rows applied (visible to lookups) | {acked:,} by {applied_seconds:.0f} s = **{acked / applied_seconds:,.0f} rows/s** |",
         f"| server CPU time (all its threads) | {server_cpu:.0f} s for {acked:,} rows = **{acked / max(server_cpu, 1e-9):,.0f} rows per CPU-second** "
         f"(the load generator in the same 2-core VM used {client_cpu:.0f} s) |",
+        f"| server minor page faults | {faults:,} = {faults / max(acked, 1):.3f} per row |",
         f"| distinct IDs sent | {distinct:,} of {args.universe:,} |",
         f"| IDs held at the end | {info['ids']:,} (max_ids {args.max_ids:,}); index {info['index_slots']:,} slots |",
         f"| evicted IDs | {evicted:,.0f} |",

@@ -48,6 +48,27 @@ def _fp16_round(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
+def _row_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of each row (``[n, d]`` -> ``[n, 1]``) in one fixed order: pad with +0.0 to a power of
+    two, then fold halves (column ``j`` += column ``j + h``, h = P/2, P/4, ..., 1).
+
+    Why not ``t.sum(dim=1)``: torch's reduction order depends on the CPU's vector width (AVX2 vs
+    AVX-512) and on the device, so the same row could encode to different bytes on two replicas
+    (a scale one fp16 step apart, or a refit taken on one and not the other).  Every step here is
+    one elementwise IEEE add, so the result is a function of the row alone - the compiled
+    encoder (``kernels/encode.c``) folds in the same order and matches it bit for bit."""
+    d = t.shape[1]
+    p = 1 << max(0, (d - 1).bit_length())
+    if p == 1:
+        return t.clone()
+    if p != d:
+        t = torch.nn.functional.pad(t, (0, p - d))
+    while p > 1:
+        p //= 2
+        t = t[:, :p] + t[:, p:]
+    return t
+
+
 def _quantize_with(
     x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +80,8 @@ def _quantize_with(
     codes = (x - bias).div_(safe).round_().clamp_(0, qmax)
     if not bool(positive.all()):
         codes.mul_(positive)  # a zero scale: every code 0 (a full pass, so only when needed)
-    err = torch.addcmul(bias - x, codes, scale).square_().sum(dim=1, keepdim=True)
+    # (codes * scale) + (bias - x) as two rounded ops: addcmul may fuse them (FMA) on some builds
+    err = _row_sum((codes * scale).add_(bias - x).square_())
     return codes, err
 
 
@@ -82,11 +104,11 @@ def _clip_error(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, qmax: 
     safe = torch.where(positive, scale, torch.ones_like(scale))
     r = (x - bias) / safe
     q = torch.round(r).clamp_(0, qmax)
-    err = r.sub_(q).square_().sum(dim=1, keepdim=True) * (safe * safe)
+    err = _row_sum(r.sub_(q).square_()) * (safe * safe)
     if bool(positive.all()):
         return err
     # a zero scale decodes every code to the bias (two full passes, so only when needed)
-    return torch.where(positive, err, ((x - bias) ** 2).sum(dim=1, keepdim=True))
+    return torch.where(positive, err, _row_sum((x - bias).square_()))
 
 
 def _refit(
@@ -99,12 +121,13 @@ def _refit(
     if x.shape[1] <= 1:
         return codes, scale, bias, err
     for _ in range(rounds):
-        q_mean = codes.mean(dim=1, keepdim=True)
+        q_mean = _row_sum(codes) / codes.shape[1]
         qc = codes - q_mean
-        var_q = (qc * qc).sum(dim=1, keepdim=True)
-        cov = qc.mul_(xc).sum(dim=1, keepdim=True)  # qc is not needed after this
+        var_q = _row_sum(qc * qc)
+        cov = _row_sum(qc.mul_(xc))  # qc is not needed after this
         new_scale = torch.where(var_q > 0, cov / torch.where(var_q > 0, var_q, 1.0), scale)
-        new_scale = _fp16_round(torch.clamp(new_scale, min=0.0))
+        # not clamp(min=0): which zero clamp returns for -0.0 is not specified, and it is a byte
+        new_scale = _fp16_round(torch.where(new_scale > 0, new_scale, 0.0))
         new_bias = _fp16_round(x_mean - new_scale * q_mean)
         new_codes, new_err = _quantize_with(x, new_scale, new_bias, qmax)
         better = torch.isfinite(new_err) & (new_err < err)
@@ -157,14 +180,15 @@ def quantize_rows(
 def _quantize_block(x: torch.Tensor, bits: int, refit: bool, clip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`quantize_rows` on one block of float32 rows."""
     qmax = (1 << bits) - 1
-    lo = x.min(dim=1, keepdim=True).values
-    hi = x.max(dim=1, keepdim=True).values
+    # + 0.0 turns -0.0 into +0.0: min/max of a row holding both zeros may return either
+    lo = x.min(dim=1, keepdim=True).values + 0.0
+    hi = x.max(dim=1, keepdim=True).values + 0.0
     bias = _fp16_round(lo)
     scale = _fp16_round((hi - bias) / qmax)
     codes, err = _quantize_with(x, scale, bias, qmax)
     if not refit:
         return codes.to(torch.uint8), scale.to(torch.float16), bias.to(torch.float16)
-    mean = x.mean(dim=1, keepdim=True)
+    mean = _row_sum(x) / x.shape[1]
     xc = x - mean
     codes, scale, bias, err = _refit(x, xc, mean, codes, scale, bias, err, qmax, _REFIT_ROUNDS)
     grid = _CLIP_GRID.get(bits, ()) if clip and x.shape[1] > 1 else ()
@@ -213,6 +237,14 @@ def encode_rows(
         return kept.view(torch.uint8).reshape(n, 4 * dim)
     if bits == 16:
         return kept.to(torch.float16).contiguous().view(torch.uint8).reshape(n, 2 * dim)
+    if kept.device.type == "cpu" and n and bits in (1, 2, 4, 8):
+        from .kernels import cpu_c  # here, not at the top: compression.kernels imports this module
+
+        if cpu_c.ENCODER_AVAILABLE:
+            grid = _CLIP_GRID.get(bits, ()) if clip and refit else ()
+            encoded = cpu_c.encode_rows(kept, bits, refit, grid, row_class.row_bytes)
+            if encoded is not None:
+                return encoded
     codes, scale, bias = quantize_rows(kept, bits, refit=refit, clip=clip)
     head = torch.cat([scale, bias], dim=1).contiguous().view(torch.uint8)
     out = torch.empty((n, row_class.row_bytes), dtype=torch.uint8, device=x.device)

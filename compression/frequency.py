@@ -37,6 +37,7 @@ class DecayedCountMinSketch:
         self.half_life_s = half_life_s
         self.cells = torch.zeros((depth, width), dtype=torch.float32)
         self._mult = torch.tensor(_MULTIPLIERS[:depth], dtype=torch.int64)[:, None]
+        self._mult_flat = self._mult.reshape(-1).contiguous()
         self._last_decay = time.monotonic()
         self._lock = threading.Lock()
         self.total = 0.0
@@ -56,8 +57,25 @@ class DecayedCountMinSketch:
             self.total *= factor
             self._last_decay = now
 
+    def _compiled(self) -> torch.Tensor | None:
+        """The row multipliers as the compiled sketch ops take them, when they can run here."""
+        from .kernels import cpu_c  # here: compression.kernels imports compression modules
+
+        if cpu_c.SKETCH_OPS_AVAILABLE and self.cells.device.type == "cpu" and self.cells.is_contiguous():
+            return self._mult_flat
+        return None
+
     def add(self, ids: torch.Tensor, weight: float = 1.0) -> None:
         if ids.numel() == 0:
+            return
+        mult = self._compiled()
+        if mult is not None:  # kernels/sketch.c: the same sums, no [depth, n] temporaries
+            from .kernels import cpu_c
+
+            flat = ids.to(device="cpu", dtype=torch.int64).reshape(-1).contiguous()
+            with self._lock:
+                cpu_c.sketch_add(self.cells, mult, flat, weight)
+                self.total += weight * ids.numel()
             return
         cols = self._columns(ids.cpu())
         ones = torch.full((ids.numel(),), weight, dtype=torch.float32)
@@ -68,6 +86,12 @@ class DecayedCountMinSketch:
 
     def estimate(self, ids: torch.Tensor) -> torch.Tensor:
         """Decayed count estimate per ID (never below the true decayed count)."""
+        mult = self._compiled()
+        if mult is not None:
+            from .kernels import cpu_c
+
+            with self._lock:
+                return cpu_c.sketch_min(self.cells, mult, ids.to(device="cpu", dtype=torch.int64).reshape(-1).contiguous())
         cols = self._columns(ids.cpu())
         with self._lock:
             est = self.cells[0][cols[0]]

@@ -97,6 +97,13 @@ class IdLifecycle:
         if self.clock.dtype != torch.int64 or tuple(self.clock.shape) != (2,):
             raise ValueError("lifecycle clock must be int64 [2]")
         self._mult = torch.tensor(_MULTIPLIERS[: config.sketch_depth], dtype=torch.int64)[:, None]
+        self._mult_flat = self._mult.reshape(-1).contiguous()
+
+    def _compiled(self) -> bool:
+        """Whether kernels/sketch.c can count here (the same counts as the torch code below)."""
+        from .kernels import cpu_c  # here: compression.kernels imports compression modules
+
+        return cpu_c.SKETCH_OPS_AVAILABLE and self.counts.device.type == "cpu" and self.counts.is_contiguous()
 
     # ------------------------------------------------------------------ counts
 
@@ -109,10 +116,15 @@ class IdLifecycle:
         cells at each ``half_life_rows`` boundary it passes)."""
         if ids.numel() == 0:
             return
-        cols = self._columns(ids)
-        ones = torch.ones(ids.numel(), dtype=torch.int32)
-        for r in range(self.config.sketch_depth):
-            self.counts[r].index_add_(0, cols[r], ones)
+        if self._compiled():
+            from .kernels import cpu_c
+
+            cpu_c.sketch_add(self.counts, self._mult_flat, ids.to(device="cpu", dtype=torch.int64).reshape(-1).contiguous())
+        else:
+            cols = self._columns(ids)
+            ones = torch.ones(ids.numel(), dtype=torch.int32)
+            for r in range(self.config.sketch_depth):
+                self.counts[r].index_add_(0, cols[r], ones)
         self.clock[0] += ids.numel()
         while int(self.clock[0]) >= int(self.clock[1]):
             self.counts >>= 1
@@ -120,6 +132,10 @@ class IdLifecycle:
 
     def estimate(self, ids: torch.Tensor) -> torch.Tensor:
         """Decayed count of each ID (int32; never below the true decayed count)."""
+        if self._compiled():
+            from .kernels import cpu_c
+
+            return cpu_c.sketch_min(self.counts, self._mult_flat, ids.to(device="cpu", dtype=torch.int64).reshape(-1).contiguous())
         cols = self._columns(ids)
         est = self.counts[0][cols[0]]
         for r in range(1, self.config.sketch_depth):

@@ -187,15 +187,19 @@ class Applier:
             log.warning("rejecting log entry %s for %s: %s", format_position(rec.position), batch.table, exc)
             return
         table = hosted.table
-        ids = torch.from_numpy(batch.upsert_ids)
-        vectors = torch.from_numpy(batch.vectors)
-        deletes = torch.from_numpy(batch.delete_ids)
+        # the batch's arrays are read-only views of the log's bytes (entry.py): copy the IDs
+        # (8 bytes a row) here, and the vectors only once the gate has said which rows stay
+        ids = torch.from_numpy(batch.upsert_ids.copy())
+        deletes = torch.from_numpy(batch.delete_ids.copy())
         filtered = evicted = 0
         with table.lock:  # one entry = one atomic change for lookups
             if ids.numel() and table.lifecycle is not None:
                 # admission and capacity: a function of the log alone (compression/lifecycle.py)
                 gate = table.lifecycle.gate(table, ids)
-                ids, vectors, filtered, evicted = ids[gate.keep], vectors[gate.keep], gate.filtered, gate.evicted
+                keep = gate.keep.numpy()
+                ids, vectors, filtered, evicted = ids[gate.keep], torch.from_numpy(batch.vectors[keep]), gate.filtered, gate.evicted
+            else:
+                vectors = torch.from_numpy(batch.vectors.copy())
             if ids.numel():
                 table.put(ids, vectors, self._classes_for(hosted, ids))
             removed = table.delete(deletes) if deletes.numel() else 0

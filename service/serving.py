@@ -16,7 +16,10 @@ stays one setting away.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
+import platform
 import signal
 from typing import Any
 
@@ -25,8 +28,41 @@ from .settings import Settings
 log = logging.getLogger("embserve")
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Buffers below this come from the heap and are reused; freed heap tops below the trim
+# threshold stay mapped.  64/128 MiB: a request or log entry of 10k x 64 rows is ~2.6 MB.
+_MMAP_THRESHOLD_BYTES = 64 << 20
+_TRIM_THRESHOLD_BYTES = 128 << 20
+
+
+def keep_freed_buffers() -> bool:
+    """Make glibc reuse freed multi-megabyte buffers instead of unmapping them.
+
+    Why: every update request and every log entry the applier reads allocates a few buffers of
+    megabytes (the body, the log's blob, the kept vectors, the encoded rows).  glibc serves each
+    from a fresh mmap and unmaps it on free, so every page is faulted in and zeroed by the kernel
+    again per request: a profile of the update path put page faults and page clearing at about a
+    tenth of the server's CPU (bench/results/streaming_scale.md).  With fixed thresholds the
+    heap keeps the freed memory for the next request (bounded by the trim threshold per arena).
+    An operator's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` wins; not glibc:
+    nothing changes.  Returns whether the thresholds were set."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+
+
 def run(app: Any, settings: Settings) -> None:
     """Serve ``app`` until SIGTERM/SIGINT."""
+    if keep_freed_buffers():
+        log.debug("glibc malloc: mmap threshold %d, trim threshold %d", _MMAP_THRESHOLD_BYTES, _TRIM_THRESHOLD_BYTES)
     if settings.http_server == "granian":
         _run_granian(app, settings)
     else:

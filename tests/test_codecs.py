@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +155,119 @@ def test_blocked_encoding_equals_row_by_row(bits: int) -> None:
     assert torch.equal(whole[::97], pieces)
     odd = torch.cat([encode_rows(x[s : s + 300], rc) for s in range(0, x.shape[0], 300)])
     assert torch.equal(whole, odd)
+
+
+# ---------------------------------------------------------------- compiled encoder == torch encoder
+
+from compression.kernels import cpu_c  # noqa: E402
+
+
+def _encode_both(x: torch.Tensor, rc: RowClass, **kw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same rows through the compiled encoder and through the torch one."""
+    saved = cpu_c.ENCODER_AVAILABLE
+    try:
+        cpu_c.ENCODER_AVAILABLE = saved
+        compiled = encode_rows(x, rc, **kw)
+        cpu_c.ENCODER_AVAILABLE = False
+        reference = encode_rows(x, rc, **kw)
+    finally:
+        cpu_c.ENCODER_AVAILABLE = saved
+    return compiled, reference
+
+
+needs_encoder = pytest.mark.skipif(not cpu_c.ENCODER_AVAILABLE, reason="compiled encoder not built (python setup.py build_ext --inplace)")
+
+# values across the float32 range: zeros of both signs, subnormals, the fp16 edge (65504) and
+# past it, and everything in between
+wide = st.one_of(
+    st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 1e-38, 6e-8, 65504.0, -65504.0, 65520.0, 1e5, -3e38]),
+    st.floats(-4.0, 4.0, width=32),
+    st.floats(-2.0**-10, 2.0**-10, width=32),
+    st.floats(-7e4, 7e4, width=32),
+    st.floats(width=32, allow_nan=False, allow_infinity=False),
+)
+
+
+@needs_encoder
+@settings(max_examples=300, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(1, 6), dim=st.integers(1, 70), refit=st.booleans(), clip=st.booleans(),
+       special=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]), data=st.data())
+def test_compiled_encoder_is_bit_exact_with_torch(
+    bits: int, n: int, dim: int, refit: bool, clip: bool, special: float | None, data: st.DataObject
+) -> None:
+    """Any rows, any class: the same bytes from both encoders (a replica with the C library and
+    one without hold the same table).  Rows with NaN/Inf or past fp16 are left to torch by the
+    compiled path, so those match by construction - and are checked here too."""
+    x = torch.from_numpy(data.draw(arrays(np.float32, (n, dim), elements=wide)))
+    if special is not None:
+        x[data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, dim - 1))] = special
+    compiled, reference = _encode_both(x, RowClass(dim, bits), refit=refit, clip=clip)
+    assert torch.equal(compiled, reference)
+
+
+@needs_encoder
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("dim", [64, 24, 7])
+def test_compiled_encoder_is_bit_exact_on_many_rows(bits: int, dim: int) -> None:
+    """Many rows of several shapes: rare ties (a refit or clip candidate within a rounding of the
+    incumbent, a sum on an fp16 rounding boundary) would show up here."""
+    gen = torch.Generator().manual_seed(bits * 100 + dim)
+    n = 6000
+    x = torch.randn(n, dim, generator=gen) * torch.rand(n, 1, generator=gen).pow(4) * 10
+    x[:500] = torch.randint(-4, 5, (500, dim), generator=gen).float()  # small integers: many ties
+    x[500:1000] = x[500:1000] * 1e-39  # subnormal float32 rows (scale and bias underflow in fp16)
+    x[1000:1500, ::2] = 0.0
+    x[1000:1500, 1::2] *= -0.0
+    x[1500:1600] = x[1500:1600] * 1e4 + 3e4  # near the fp16 limit
+    for kw in ({}, {"clip": False}, {"refit": False}):
+        compiled, reference = _encode_both(x, RowClass(dim, bits), **kw)
+        assert torch.equal(compiled, reference), (kw, int((compiled != reference).any(1).sum()))
+
+
+@needs_encoder
+def test_compiled_encoder_leaves_non_finite_rows_to_torch() -> None:
+    """A NaN, an Inf or a range past fp16 is not encoded by the C path (it returns None and the
+    caller takes torch's path for the whole batch); finite rows in range are."""
+    rc = RowClass(8, 8)
+    ok = torch.randn(3, 8)
+    assert cpu_c.encode_rows(ok, 8, True, (0.95,), rc.row_bytes) is not None
+    for bad in (float("nan"), float("inf"), -1e6):  # -1e6: the bias overflows fp16
+        x = ok.clone()
+        x[1, 2] = bad
+        assert cpu_c.encode_rows(x, 8, True, (0.95,), rc.row_bytes) is None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or platform.machine() not in ("x86_64", "AMD64"), reason="needs a C compiler on x86-64")
+def test_baseline_build_of_the_encoder_is_bit_exact_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The library picks its x86-64-v3 (AVX2) encoder on this machine; a CPU without AVX2 runs
+    the baseline (SSE2) build of the same source.  Build that one alone (-DEMBSERVE_NO_CLONES)
+    and hold it to the torch encoder as well."""
+    import ctypes
+    import subprocess
+
+    from compression.codecs import _CLIP_GRID
+
+    src = Path(cpu_c.__file__).with_name("encode.c")
+    lib_path = tmp_path / "encode_baseline.so"
+    subprocess.run(["cc", "-O3", "-std=gnu11", "-ffp-contract=fast", "-fno-strict-aliasing", "-fPIC", "-shared",
+                    "-DEMBSERVE_NO_CLONES", "-o", str(lib_path), str(src)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.embserve_encode_rows.restype = i64
+    lib.embserve_encode_rows.argtypes = [p, i64, i32, i32, i32, p, i32, p, i64, i32]
+    gen = torch.Generator().manual_seed(7)
+    saved = cpu_c.ENCODER_AVAILABLE
+    try:
+        cpu_c.ENCODER_AVAILABLE = False  # encode_rows below: the torch path
+        for dim in (3, 24, 64):
+            x = torch.randn(1500, dim, generator=gen) * torch.rand(1500, 1, generator=gen).pow(4) * 10
+            x[:300] = torch.randint(-3, 4, (300, dim), generator=gen).float()
+            for bits in (1, 2, 4, 8):
+                rc = RowClass(dim, bits)
+                grid = _CLIP_GRID.get(bits, ())
+                out = torch.empty((x.shape[0], rc.row_bytes), dtype=torch.uint8)
+                rc_code = lib.embserve_encode_rows(x.data_ptr(), x.shape[0], dim, bits, 1, (ctypes.c_float * max(1, len(grid)))(*grid),
+                                                   len(grid), out.data_ptr(), rc.row_bytes, 1)
+                assert rc_code == 0 and torch.equal(out, encode_rows(x, rc)), (dim, bits)
+    finally:
+        cpu_c.ENCODER_AVAILABLE = saved

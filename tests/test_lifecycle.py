@@ -135,3 +135,43 @@ def test_service_admin_capacity_metrics_and_reserved_id(tmp_path: Path) -> None:
     assert manifest["lifecycle"]["max_ids"] == 50 and table.index.num_ids == 50
 
 
+
+
+# ---------------------------------------------------------------- compiled sketch ops == torch
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from compression.frequency import DecayedCountMinSketch  # noqa: E402
+from compression.kernels import cpu_c as _cpu_c  # noqa: E402
+
+
+@pytest.mark.skipif(not _cpu_c.SKETCH_OPS_AVAILABLE, reason="compiled sketch ops not built (python setup.py build_ext --inplace)")
+@settings(max_examples=60, deadline=None)
+@given(
+    batches=st.lists(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=300), min_size=1, max_size=4),
+    weights=st.lists(st.floats(0.0625, 1000.0, width=32), min_size=4, max_size=4),
+    width=st.sampled_from([16, 97, 4096]),
+    depth=st.integers(1, 4),
+)
+def test_compiled_sketch_ops_equal_torch(batches: list[list[int]], weights: list[float], width: int, depth: int) -> None:
+    """kernels/sketch.c gives the torch code's cells and estimates exactly: the int32 lifecycle
+    counts (halvings included) and the float32 traffic sketch with fractional weights (adds in
+    the same order, so the same roundings) - repeated IDs, any int64 (negatives, INT64_MIN)."""
+    saved = _cpu_c.SKETCH_OPS_AVAILABLE
+    results = []
+    try:
+        for compiled in (True, False):
+            _cpu_c.SKETCH_OPS_AVAILABLE = compiled
+            sketch = DecayedCountMinSketch(width=width, depth=depth)
+            life = IdLifecycle(LifecycleConfig(sketch_width=width, sketch_depth=depth, half_life_rows=250))
+            for batch, weight in zip(batches, weights):
+                ids = torch.tensor(batch + batch[:7], dtype=torch.int64)
+                sketch.add(ids, weight)
+                life.count(ids)
+            probe = torch.tensor(sum(batches, []) + [0, -1], dtype=torch.int64)
+            results.append((sketch.cells.clone(), sketch.estimate(probe), life.counts.clone(), life.estimate(probe), life.clock.clone()))
+    finally:
+        _cpu_c.SKETCH_OPS_AVAILABLE = saved
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)

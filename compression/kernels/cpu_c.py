@@ -97,6 +97,8 @@ def _load() -> ctypes.CDLL | None:
             ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
         ]
         _declare_hash_ops(lib)
+        _declare_encoder(lib)
+        _declare_sketch_ops(lib)
         lib.embserve_init()
         return lib
     return None
@@ -122,9 +124,55 @@ def _declare_hash_ops(lib: ctypes.CDLL) -> None:
     lib.embserve_hslot_rehash.argtypes = [p, i64, p, i64]
 
 
+def _declare_encoder(lib: ctypes.CDLL) -> None:
+    """Signature of encode.c's ``embserve_encode_rows`` (absent from a library built before it:
+    encoding then takes the torch path until the library is rebuilt)."""
+    if not hasattr(lib, "embserve_encode_rows"):
+        return
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.embserve_encode_rows.restype = i64
+    lib.embserve_encode_rows.argtypes = [p, i64, i32, i32, i32, p, i32, p, i64, i32]
+
+
+def _declare_sketch_ops(lib: ctypes.CDLL) -> None:
+    """Signatures of sketch.c (absent from a library built before it: the sketches use torch)."""
+    if not hasattr(lib, "embserve_cms_add_i32"):
+        return
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for name in ("embserve_cms_add_i32", "embserve_cms_min_i32", "embserve_cms_min_f32"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [p, i64, i64, p, p, i64] + ([p] if "min" in name else [])
+    lib.embserve_cms_add_f32.restype = None
+    lib.embserve_cms_add_f32.argtypes = [p, i64, i64, p, p, i64, ctypes.c_float]
+
+
 _LIB = _load()
 AVAILABLE = _LIB is not None
 HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hslot_upsert") and hasattr(_LIB, "embserve_hslot_any_capacity")
+# codecs.encode_rows takes the compiled encoder when this is set (tests switch it off to run the
+# torch path on the same machine)
+ENCODER_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_encode_rows")
+# count-min sketch adds and estimates (frequency.py, lifecycle.py); tests switch it off to run torch
+SKETCH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_cms_add_i32")
+# Below this many rows one thread encodes: the applier's batches stay on its own thread (the
+# request threads need the other cores), a table build uses them all.
+ENCODE_PARALLEL_MIN_ROWS = 65536
+
+
+def encode_rows(x: torch.Tensor, bits: int, refit: bool, grid: tuple[float, ...], row_bytes: int) -> torch.Tensor | None:
+    """Quantized rows of ``x`` (float32 ``[n, dim]``, contiguous, CPU) as ``[n, row_bytes]``
+    uint8, bit-identical to ``codecs.quantize_rows`` + packing; ``None`` when some row needs the
+    torch path (non-finite values, a range past fp16): the caller then encodes all of them
+    with torch."""
+    assert _LIB is not None
+    n, dim = x.shape
+    out = torch.empty((n, row_bytes), dtype=torch.uint8)
+    grid_c = (ctypes.c_float * max(1, len(grid)))(*grid)
+    threads = torch.get_num_threads() if n >= ENCODE_PARALLEL_MIN_ROWS else 1
+    rc = _LIB.embserve_encode_rows(x.data_ptr(), n, dim, bits, int(refit), grid_c, len(grid), out.data_ptr(), row_bytes, threads)
+    if rc < 0:
+        raise RuntimeError("compiled encoder rejected its arguments")
+    return out if rc == 0 else None
 
 
 def _load_entry() -> object | None:
@@ -243,3 +291,27 @@ def lookup_answer(ids: bytes | bytearray | memoryview, ids_offset: int, n: int, 
     return ENTRY.lookup_answer(  # type: ignore[attr-defined,no-any-return]
         ids, ids_offset, n, index.address, classes_c.address, answer, rows_offset, width, status_offset,  # type: ignore[attr-defined]
     )
+
+
+# Count-min sketches: ``cells`` is a contiguous CPU [depth, width] float32 or int32 tensor,
+# ``mult`` the int64 [depth] row multipliers, ``ids`` contiguous int64 (see sketch.c).
+
+
+def sketch_add(cells: torch.Tensor, mult: torch.Tensor, ids: torch.Tensor, weight: float = 1.0) -> None:
+    """One occurrence (``weight`` for float cells; 1 for int32 cells) per entry of ``ids``, in place."""
+    assert _LIB is not None
+    depth, width = cells.shape
+    if cells.dtype == torch.int32:
+        _LIB.embserve_cms_add_i32(cells.data_ptr(), depth, width, mult.data_ptr(), ids.data_ptr(), ids.numel())
+    else:
+        _LIB.embserve_cms_add_f32(cells.data_ptr(), depth, width, mult.data_ptr(), ids.data_ptr(), ids.numel(), weight)
+
+
+def sketch_min(cells: torch.Tensor, mult: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The smallest of each ID's cells (its count-min estimate)."""
+    assert _LIB is not None
+    depth, width = cells.shape
+    out = torch.empty(ids.numel(), dtype=cells.dtype)
+    fn = _LIB.embserve_cms_min_i32 if cells.dtype == torch.int32 else _LIB.embserve_cms_min_f32
+    fn(cells.data_ptr(), depth, width, mult.data_ptr(), ids.data_ptr(), ids.numel(), out.data_ptr())
+    return out

@@ -53,20 +53,31 @@ class UpdateBatch:
             "delete_ids": np.ascontiguousarray(self.delete_ids, dtype="<i8").tobytes(),
         }
 
+    def blob_views(self) -> tuple[memoryview, memoryview, memoryview]:
+        """The three array fields as byte views (same bytes as :meth:`to_fields`), without
+        copying arrays that already have the field's dtype and are contiguous - what a store
+        that copies the bytes itself (SQLite's bind) wants."""
+        return (
+            memoryview(np.ascontiguousarray(self.upsert_ids, dtype="<i8").reshape(-1)).cast("B"),
+            memoryview(np.ascontiguousarray(self.vectors, dtype="<f4").reshape(-1)).cast("B"),  # 1-D: no cast of a (0, 0) view
+            memoryview(np.ascontiguousarray(self.delete_ids, dtype="<i8").reshape(-1)).cast("B"),
+        )
+
     @classmethod
     def from_fields(cls, fields: dict[str, bytes] | dict[bytes, bytes]) -> "UpdateBatch":
         f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
         try:
             table = f["table"].decode("utf-8") if isinstance(f["table"], bytes) else str(f["table"])
             dim = int(f["dim"])
-            ids = np.frombuffer(f.get("upsert_ids", b""), dtype="<i8").astype(np.int64)
+            # views of the stored bytes, not copies (read-only: the applier copies what it keeps)
+            ids = np.frombuffer(f.get("upsert_ids", b""), dtype="<i8").astype(np.int64, copy=False)
             vec_bytes = f.get("vectors", b"")
-            deletes = np.frombuffer(f.get("delete_ids", b""), dtype="<i8").astype(np.int64)
+            deletes = np.frombuffer(f.get("delete_ids", b""), dtype="<i8").astype(np.int64, copy=False)
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise MalformedEntry(f"cannot decode entry fields: {exc}") from exc
         if dim <= 0 or len(vec_bytes) != 4 * dim * ids.shape[0]:
             raise MalformedEntry(f"vectors hold {len(vec_bytes)} bytes, expected {ids.shape[0]} x {dim} float32")
-        vectors = np.frombuffer(vec_bytes, dtype="<f4").astype(np.float32).reshape(ids.shape[0], dim)
+        vectors = np.frombuffer(vec_bytes, dtype="<f4").astype(np.float32, copy=False).reshape(ids.shape[0], dim)
         return cls(table, ids, vectors, deletes)
 
 

@@ -40,6 +40,15 @@ CREATE TABLE IF NOT EXISTS updates (
 """
 
 
+# Page size of a new log file (an existing file keeps its own: WAL mode fixes it).  An entry of
+# 10k x 64 rows is a 2.6 MB blob: at SQLite's default 4 KiB that is ~640 overflow pages, each a
+# WAL frame with its own header, checksum and write on append, then a checkpoint copy and a
+# read; at 64 KiB there are 16x fewer.  Appending and reading such entries took 0.57x the CPU
+# (median of 8 interleaved rounds, 0.46..0.85; bench/results/streaming_scale.md).  A tiny entry
+# costs one 64 KiB WAL frame instead of 4 KiB: nothing next to its fsync.
+PAGE_SIZE = 65536
+
+
 class SqliteUpdateLog(UpdateLog):
     kind = "sqlite"
     unavailable = (sqlite3.OperationalError,)  # locked past the timeout, disk full, I/O error
@@ -57,17 +66,18 @@ class SqliteUpdateLog(UpdateLog):
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # before WAL: takes effect only on a new file
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
 
     def append(self, batch: UpdateBatch) -> Position:
-        f = batch.to_fields()
+        ids, vectors, deletes = batch.blob_views()  # SQLite copies the bytes once, into its pages
         conn = self._conn()
         cur = conn.execute(
             "INSERT INTO updates (appended_at, table_name, dim, upsert_ids, vectors, delete_ids) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), batch.table, batch.dim, f["upsert_ids"], f["vectors"], f["delete_ids"]),
+            (time.time(), batch.table, batch.dim, ids, vectors, deletes),
         )  # autocommit: the INSERT is committed (and fsynced, synchronous=FULL) when execute returns
         seq = cur.lastrowid
         assert seq is not None
