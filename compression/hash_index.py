@@ -57,7 +57,7 @@ in the decode pipeline, instead of a fence search plus a run of 16 keys; an inse
 touches a few slots instead of merging a delta part into the whole sorted array.  It costs
 ``12 * cap`` bytes: 12 / load bytes per ID (17 B at load 0.7 when built in one go, 17-26 B at
 load 0.47-0.7 as it grows) against 12.5 for the sorted index; with ``max_ids`` set the capacity stops at
-``capacity_for(max_ids)``.
+``capacity_for(max_ids, CHURN_LOAD)`` (24 B per ID: such a table churns, see CHURN_LOAD).
 
 Writes and the serial find run in C (``kernels/hashindex.c``) on CPU tables when the library
 was built; the torch code below is the reference (any device) and the fallback without a
@@ -96,6 +96,12 @@ CAPACITY_STEP = 16  # capacity_for rounds up to a multiple of this (any capacity
 # Growth factor of an index that fills up: geometric, so a stream of small upsert batches costs
 # amortized O(1) rehash work per ID; 1.5 leaves the grown index at load ~0.47 (2x: ~0.35).
 GROWTH = 1.5
+# The load a table with ``max_ids`` is sized for: it sits at max_ids for good, and its traffic is
+# mostly IDs it does not hold (finds that miss: (1 + 1/(1-a)^2) / 2 slots, 6.1 at 0.7, 2.5 at
+# 0.5) and evictions (backward shifts over clusters that grow like 1/(1-a)^2).  At 0.7 a real
+# server took 66k update rows/s of a Zipf stream over 100M IDs into a 1M-ID table, 85% of its CPU
+# in the index (bench/streaming_scale.py); sized at 0.5 it holds 24 MiB instead of 16.3 at 1M.
+CHURN_LOAD = 0.5
 
 
 def capacity_for(num_ids: int, max_load: float = MAX_LOAD) -> int:
@@ -349,17 +355,20 @@ class HashIndex:
         return out
 
     def _grow_for(self, extra: int, max_ids: int | None = None) -> None:
-        """Rehash into a larger slot array when ``extra`` new IDs would pass MAX_LOAD: to
+        """Rehash into a larger slot array when ``extra`` new IDs would pass MAX_LOAD (CHURN_LOAD
+        with ``max_ids``): to
         ``capacity_for(max(count + extra, GROWTH * count))``, geometric so that many small
         batches cost amortized O(1) per ID; with ``max_ids`` (a table that evicts there, so never
-        holds more) no larger than ``capacity_for(max_ids)`` unless this batch itself needs it."""
+        holds more) no larger than ``capacity_for(max_ids, CHURN_LOAD)`` unless this batch itself
+        needs it, and sized at CHURN_LOAD on the way there."""
         need = self.count + extra
-        if need <= self.capacity * MAX_LOAD:
+        load = MAX_LOAD if max_ids is None else CHURN_LOAD  # a table that will churn at max_ids: see CHURN_LOAD
+        if need <= self.capacity * load:
             return
         target = max(need, math.ceil(GROWTH * self.count))
         if max_ids is not None:
             target = min(target, max(need, max_ids))
-        slots = new_slots(capacity_for(target), self.slots.device)
+        slots = new_slots(capacity_for(target, load), self.slots.device)
         if self._compiled():
             cpu_c.hash_rehash(self.slots, slots)
         else:

@@ -454,7 +454,7 @@ class CompressedTable:
             moved = (old >= 0) & (old_cls != target)
             self._release(old[moved])
             if isinstance(self.index, HashIndex) and self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
-                # a table that evicts at max_ids never holds more: growth stops at capacity_for(max_ids)
+                # a table that evicts at max_ids never holds more: growth stops at capacity_for(max_ids, CHURN_LOAD)
                 self.index.assign(ids_dev, new_loc, max_ids=self.lifecycle.config.max_ids)
             else:
                 self.index.assign(ids_dev, new_loc)

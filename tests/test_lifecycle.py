@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from compression import CompressedTable, RowClass, load_table, save_table
-from compression.hash_index import EMPTY, capacity_for
+from compression.hash_index import CHURN_LOAD, EMPTY, capacity_for
 from compression.lifecycle import IdLifecycle, LifecycleConfig
 from service.app import create_app
 from service.settings import Settings
@@ -65,8 +65,9 @@ def test_slabs_do_not_grow_past_max_ids() -> None:
         _apply(table, ids)
     assert table.index.num_ids == 1000
     assert table.slabs[0].shape[0] == 1000  # doubling would have stopped at 16 * 2**k >= 1000 rows: 1024+ (measured 2x overshoot at 1M)
-    # the hash index grows geometrically (1.5x) but stops at the capacity max_ids needs (1440 slots)
-    assert table.index.capacity == capacity_for(1000)  # type: ignore[attr-defined]
+    # the hash index grows geometrically (1.5x) but stops at the capacity max_ids needs at the
+    # churn load (2000 slots)
+    assert table.index.capacity == capacity_for(1000, CHURN_LOAD)  # type: ignore[attr-defined]
 
 
 def test_admission_filters_ids_below_the_count() -> None:
