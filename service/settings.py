@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     log_path: Path | None = Field(None, description="SQLite update log file (default: <tables_dir>/updates.sqlite3)")
     max_updates_per_request: int = Field(100_000, ge=1, description="upserted + deleted IDs in one update request")
     wait_timeout_s: float = Field(10.0, gt=0, description="longest an update request with wait=true waits to be applied")
+    max_apply_lag_s: float = Field(
+        60.0, ge=0, description="refuse updates (503 apply_lag, Retry-After) while the oldest logged but unapplied update is"
+        " older than this: writers slow to what the applier keeps up with; 0 = never refuse",
+    )
     trim_log: bool = Field(
         True, description="drop log entries behind the snapshots (Redis: behind the oldest snapshot over live replicas)"
     )

@@ -5,6 +5,7 @@ snapshots and replay."""
 from __future__ import annotations
 
 import re
+import time
 import threading
 import uuid
 from collections.abc import Iterator
@@ -229,5 +230,36 @@ def test_admin_token_guards_admin_endpoints(tmp_path: Path) -> None:
         assert client.post("/v1/admin/tables", json=body).status_code == 401
         assert client.post("/v1/admin/tables", json=body, headers={"authorization": "Bearer nope"}).status_code == 403
         assert client.post("/v1/admin/tables", json=body, headers={"authorization": "Bearer s3cret-s3cret-s3cret"}).status_code == 201
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_updates_are_refused_while_the_applier_is_too_far_behind(settings: Settings) -> None:
+    """With the applier stopped, the oldest unapplied update ages: once it is older than
+    ``max_apply_lag_s`` an update gets 503 apply_lag with Retry-After and is not logged; when
+    the applier catches up, updates are taken again and every acknowledged one is applied."""
+    client, state = start(settings.model_copy(update={"max_apply_lag_s": 0.3}))
+    try:
+        create(client)
+        state.applier.stop()  # nothing applies from here: the lag can only grow
+        vec = [[1.0] * 8]
+        acked = []
+        deadline = time.monotonic() + 20
+        while True:
+            before = state.update_log.last_position()
+            r = client.post("/v1/tables/emb/updates", json={"upsert_ids": [len(acked)], "vectors": vec})
+            if r.status_code == 503:
+                break
+            assert r.status_code == 200, r.text
+            acked.append(r.json()["position"])
+            assert time.monotonic() < deadline, "the lag never passed 0.3 s"
+        assert r.json()["error"]["code"] == "apply_lag" and r.headers["retry-after"] == "1"
+        assert "EMBSERVE_MAX_APPLY_LAG_S" in r.json()["error"]["message"]
+        assert state.update_log.last_position() == before  # the refused update is not in the log
+        state.applier.step()  # the applier catches up (one round)
+        assert client.post("/v1/tables/emb/updates?wait=false", json={"upsert_ids": [10**6], "vectors": vec}).status_code == 200
+        state.applier.step()
+        found = lookup(client, list(range(len(acked))) + [10**6])[1]
+        assert all(found) and len(acked) >= 1
     finally:
         client.__exit__(None, None, None)

@@ -9,6 +9,8 @@ The binary body (``application/x-embserve-updates``) is laid out in ``service/wi
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +23,7 @@ from ..errors import ApiError, parse_json_body
 from ..registry import TABLE_NAME_PATTERN
 from ..security import require_writer
 from ..state import AppState, get_state
-from ..updatelog import UpdateBatch, format_position
+from ..updatelog import UpdateBatch, UpdateLog, format_position
 from ..wire import BINARY_UPDATE_TYPE, Int64, WireError, encode_binary_updates, parse_binary_updates
 
 __all__ = ["BINARY_UPDATE_TYPE", "encode_binary_updates", "router"]
@@ -76,6 +78,30 @@ def _parse(body: bytes, content_type: str) -> tuple[np.ndarray, np.ndarray, np.n
     return ids, vectors, np.asarray(req.delete_ids, dtype=np.int64).reshape(-1), dim
 
 
+def refuse_if_behind(state: AppState, log_: UpdateLog) -> None:
+    """503 ``apply_lag`` with Retry-After while the oldest update this replica has not applied
+    was logged more than ``max_apply_lag_s`` ago.  Why: the log takes appends faster than the
+    applier encodes and indexes them (bench/results/streaming_scale.md: 422k rows/s acknowledged
+    against 262k applied), so a writer that never waits would grow the lag - how stale lookups
+    are, and the log on disk - without bound.  Refusing before the append keeps every
+    acknowledged update, and tells the writer to slow down to what is applied."""
+    limit = state.settings.max_apply_lag_s
+    applier = state.applier
+    if not limit or applier is None:
+        return
+    try:
+        oldest = log_.oldest_after(applier.position)
+    except log_.unavailable as exc:
+        raise log_unavailable(exc) from exc
+    if oldest is not None and time.time() - oldest > limit:
+        lag = time.time() - oldest
+        raise ApiError(
+            503, "apply_lag",
+            f"updates logged {lag:.0f} s ago are not applied yet (EMBSERVE_MAX_APPLY_LAG_S={limit:g}); retry later, or send less",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+
 def handle_update(state: AppState, name: str, body: bytes, content_type: str, wait: bool) -> UpdateResponse:
     hosted = state.tables.get(name)
     if hosted is None:
@@ -104,6 +130,7 @@ def handle_update(state: AppState, name: str, body: bytes, content_type: str, wa
         raise ApiError(422, "budget_too_small", why)
     log_ = state.update_log
     assert log_ is not None
+    refuse_if_behind(state, log_)
     try:
         position = log_.append(UpdateBatch(name, ids, vectors.reshape(ids.shape[0], table.dim), deletes))
     except log_.unavailable as exc:
@@ -130,7 +157,8 @@ def handle_update(state: AppState, name: str, body: bytes, content_type: str, wa
         404: {"description": "no such table"},
         413: {"description": "too many IDs"},
         422: {"description": "bad vectors or IDs, or rows that can never fit the table's budget (code budget_too_small)"},
-        503: {"description": "the update log cannot take writes now (code log_unavailable); retry after Retry-After seconds"},
+        503: {"description": "the update log cannot take writes now (code log_unavailable), or this replica's applier is"
+              " behind by more than EMBSERVE_MAX_APPLY_LAG_S (code apply_lag); retry after Retry-After seconds"},
     },
 )
 async def post_updates(
