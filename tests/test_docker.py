@@ -260,6 +260,15 @@ def stack() -> Iterator[Stack]:
             _run(["docker", "volume", "rm", "--force", *leftover], timeout=120)
 
 
+def test_the_image_holds_the_compiled_kernels(stack: Stack) -> None:
+    """The build stage compiles the decoder library and its CPython entry (setup.py builds both
+    as optional extensions, so a missing compiler or missing Python headers would only show up
+    as a slow image): the running replica must have both."""
+    check = "from compression.kernels import cpu_c; print(cpu_c.AVAILABLE, cpu_c.ENTRY_AVAILABLE, cpu_c.ENCODER_AVAILABLE)"
+    out = _run(["docker", "exec", stack.container("embserve-1"), "python", "-c", check], timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True", "True"], out.stdout + out.stderr
+
+
 def test_both_replicas_serve_lookups(stack: Stack) -> None:
     ids = [0, 1, 2, DEMO_ROWS - 1, DEMO_ROWS + 10_000_000]
     one, found_one = stack.lookup(1, ids)

@@ -176,16 +176,17 @@ def encode_rows(x: torch.Tensor, bits: int, refit: bool, grid: tuple[float, ...]
 
 
 def _load_entry() -> object | None:
-    """The same library's CPython entry points (pyentry.c): ``lookup`` and ``lookup_answer``
-    at about a tenth of a ctypes call's overhead.  None when the library was built before them
-    (then every call goes through ctypes, as before)."""
+    """The decoder's CPython entry points (pyentry.c, the ``_entry`` extension): ``lookup`` and
+    ``lookup_answer`` at about a tenth of a ctypes call's overhead.  None when it was not built
+    (no Python headers at install time) or the ctypes library is missing: then every call goes
+    through ctypes, as before."""
     if _LIB is None:
         return None
     try:
-        from . import _decode
+        from . import _entry
     except ImportError:
         return None
-    return _decode if hasattr(_decode, "lookup_answer") else None
+    return _entry if hasattr(_entry, "lookup_answer") else None
 
 
 ENTRY: Any = _load_entry()

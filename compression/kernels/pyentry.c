@@ -1,5 +1,6 @@
-/* CPython entry points of the compiled decoder: the same library ctypes loads (cpu_c.py), also
- * importable as the module ``compression.kernels._decode``.
+/* CPython entry points of the compiled decoder: the module ``compression.kernels._entry``,
+ * built from this file and its own copy of decode.c (setup.py: a separate extension, because it
+ * needs Python's headers and the ctypes library must build without them).
  *
  * Why a second door into the same code: a ctypes call converts each argument through its
  * argtypes and releases and retakes the GIL, about 1.3 us per call on the CI machine - as much as
@@ -9,8 +10,9 @@
  * batches (handing it over costs more than the decode) and release it for large ones, exactly
  * like the ctypes path does.
  *
- * Both dlopen the same file, so both see one copy of the decoder's static state (the fp16 table,
- * the CPU feature flags set by embserve_init). */
+ * Its copy of the decoder has its own static state (the fp16 table, the CPU feature flags),
+ * set by embserve_init when the module loads; it reads the same table memory as the ctypes
+ * library, through the same index_t and row_class_t structs (cpu_c.py builds them). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -159,10 +161,10 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode", "CPython entry points of the compiled decoder", -1, methods,
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_entry", "CPython entry points of the compiled decoder", -1, methods,
                                     NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__decode(void) {
+PyMODINIT_FUNC PyInit__entry(void) {
     embserve_init();
     return PyModule_Create(&module);
 }
