@@ -38,7 +38,9 @@ python -m pip install --quiet $EDITABLE_FLAG "$TARGET"
 # (no compiled decoder) instead of what a plain install put in site-packages
 cd /
 python - <<'PY'
-from compression.kernels import COMPILED_AVAILABLE
+from compression.kernels import COMPILED_AVAILABLE, cpu_c
 import torch
-print(f"embserve installed: torch {torch.__version__}, compiled CPU decoder: {'yes' if COMPILED_AVAILABLE else 'NO (torch path)'}")
+entry = "yes" if cpu_c.ENTRY_AVAILABLE else "NO (ctypes calls; install Python's headers, e.g. python3-dev, and reinstall)"
+print(f"embserve installed: torch {torch.__version__}, compiled CPU decoder: {'yes' if COMPILED_AVAILABLE else 'NO (torch path)'}, "
+      f"its CPython entry: {entry}")
 PY
