@@ -134,6 +134,8 @@ class Applier:
     def step(self, block_ms: int = 0) -> int:
         """One round: apply what the log has, feed sketches, re-decide, snapshot.  Returns the
         number of entries applied (public so tests and catch-up can drive it synchronously)."""
+        if self.trim_coordinator is not None and self.gap is None and time.monotonic() - self._last_heartbeat >= self.settings.replica_ttl_s:
+            self._check_gap_after_silence()
         records = self.log.read(self.position, _READ_BATCH, block_ms)
         # lookups queued while read() waited came before these entries were appended: count them
         # first, so a new ID is placed with the traffic it already had
@@ -153,6 +155,22 @@ class Applier:
             self._last_heartbeat = time.monotonic()
         self._update_lag()
         return len(records)
+
+    def _check_gap_after_silence(self) -> None:
+        """This replica has not heartbeaten for a whole TTL (a log outage, a stall): its trim
+        record may have expired, and another replica may have trimmed entries it has not read
+        yet.  Checked before the next read, which would otherwise go on from the first entry
+        after the gap as if nothing were missing.  A gap holds it out of readiness for good, as
+        one found at start does."""
+        assert self.trim_coordinator is not None
+        self.gap = self.trim_coordinator.gap(self.position)
+        self.trim_coordinator.heartbeat(self.needed_position())
+        self._last_heartbeat = time.monotonic()
+        if self.gap is not None:
+            self.metrics.log_gap.set(1)
+            log.error("entries after %s were trimmed from the stream while this replica was silent (no heartbeat for %.0f s): "
+                      "re-seed it from a fresh snapshot (held out of readiness: /readyz answers 503 until then)",
+                      format_position(self.position) or "the stream's start", self.settings.replica_ttl_s)
 
     # ------------------------------------------------------------------ applying
 

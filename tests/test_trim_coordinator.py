@@ -63,13 +63,14 @@ def test_trims_behind_the_slowest_live_replica_only(redis_url: str, tmp_path: Pa
     client.close()
 
 
-def _starting_replica(redis_url: str, tmp_path: Path, stream: str, replica_id: str, position: tuple[int, int] | None) -> Applier:
+def _starting_replica(redis_url: str, tmp_path: Path, stream: str, replica_id: str, position: tuple[int, int] | None,
+                      ttl_s: float = 60) -> Applier:
     """An applier as a replica builds it at start (not started: no read, no step yet), over one
     table whose file holds the stream up to ``position`` (None: a seed copy, no entry)."""
     tables = TableRegistry("cpu")
     hosted = tables.add("t", compress_uniform(torch.randn(4, 2), RowClass(2, 32)))
     hosted.log_position = hosted.snapshot_position = position
-    settings = Settings(tables_dir=tmp_path / replica_id, redis_url=redis_url, redis_stream=stream, replica_id=replica_id, replica_ttl_s=60)
+    settings = Settings(tables_dir=tmp_path / replica_id, redis_url=redis_url, redis_stream=stream, replica_id=replica_id, replica_ttl_s=ttl_s)
     return Applier(open_log(redis_url, tmp_path / "x", stream), tables, ServiceMetrics(tables), settings)
 
 
@@ -96,6 +97,32 @@ def test_a_starting_replica_holds_the_stream_before_its_first_read(redis_url: st
         lost = _starting_replica(redis_url, tmp_path, stream, "fresh", None)
     assert any("were trimmed from the stream while this replica was away" in r.getMessage() for r in caplog.records)
     lost.log.close()
+    log.close()
+    client.close()
+
+
+def test_a_running_replica_silent_past_the_ttl_finds_the_gap_before_reading_past_it(redis_url: str, tmp_path: Path,
+                                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A replica that stalls (or loses Redis) longer than its TTL stops holding the stream back;
+    when it resumes, entries it had not read may be gone.  It must say so (and leave readiness)
+    instead of reading on from the first entry after the gap."""
+    stream = f"trim4:{uuid.uuid4().hex}"
+    log = open_log(redis_url, tmp_path / "x", stream)
+    read = [log.append(_entry()) for _ in range(3)]
+    client = redis.Redis.from_url(redis_url)
+    stalled = _starting_replica(redis_url, tmp_path, stream, "stalled", None, ttl_s=0.5)
+    stalled.step()  # reads and applies the three entries
+    assert stalled.position == read[-1] and stalled.gap is None
+    unread = [log.append(_entry()) for _ in range(3)]  # appended while it is stalled: no step, no heartbeat
+    other = ReplicaTrimCoordinator(client, stream, "other", ttl_s=60)
+    deadline = time.monotonic() + 10
+    while other.trim(unread[1]) == 0:  # once the stalled record expires, the stream goes up to unread[1]
+        assert time.monotonic() < deadline, "the stalled replica's record never expired"
+    with caplog.at_level(logging.ERROR, logger="embserve.applier"):
+        stalled.step()
+    assert stalled.gap is not None and stalled.gap.needed == read[-1] and stalled.gap.trimmed_through == unread[1]
+    assert any("while this replica was silent" in r.getMessage() for r in caplog.records)
+    stalled.log.close()
     log.close()
     client.close()
 
