@@ -596,6 +596,10 @@ class LookupFastPath:
         self.check_head(headers)
         body = await _read_body(receive, state.settings.max_body_bytes)
         content_type, binary, dtype = self.negotiate(headers)
+        if binary and content_type == BINARY_REQUEST_TYPE and (dtype is None or dtype == "f32"):
+            payload = self.answer_one_binary(body)  # the common request in one C call (granian, or the fast path off)
+            if payload is not None:
+                return payload, BINARY_RESPONSE_TYPE
         if self.inline(len(body)):
             return answer_bytes(state, body, content_type, binary, dtype)  # cheaper than a thread hop (~0.3 ms)
         return await run_in_threadpool(answer_bytes, state, body, content_type, binary, dtype)
