@@ -266,12 +266,13 @@ class CompressedTable:
         ``dtype`` (fp32, fp16, bf16): the Triton path writes it directly, others cast.
         ``out``: a float32 ``[n, D]`` contiguous tensor on the table's device to decode into (a
         view of a response buffer, so the service sends the rows without copying them)."""
-        if dtype is torch.float32 and self._pruned_classes is None and ids.dtype is torch.int64 and ids.dim() == 1 and ids.is_cpu:
+        if (dtype is torch.float32 and self._pruned_classes is None and self.decoder.entry_classes is not None
+                and ids.dtype is torch.int64 and ids.dim() == 1 and ids.is_cpu):
             # the common call through the compiled decoder's CPython entry (kernels/pyentry.c),
             # with nothing else around it: at batch 1 the Python and torch calls around the
             # decode were two thirds of the lookup (bench/results/lookup.md, the per-call row).
-            # Falls through to the general way when the table is not on that path (or ``out``
-            # is bad: the general way says why).
+            # Falls through to the general way when the table is not on that path (checked
+            # again under the lock) or ``out`` is bad (the general way says why).
             n = ids.shape[0]
             if out is None:
                 values = torch.empty(n, self.dim)

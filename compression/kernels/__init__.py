@@ -137,7 +137,8 @@ class Decoder:
         if self.compiled and self.rotation is not None and self.rotation.shape[1] > cpu_c.MAX_ROTATED_DIM:
             self.compiled = False  # the C decoder's per-row scratch is bounded
         self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t, self.codebooks) if self.compiled else None
-        # the class array when lookups can take the CPython entry (cpu_c.lookup_entry), else None
+        # the class array when lookups can take the CPython entry (cpu_c.ENTRY: table.lookup,
+        # table.lookup_to_buffer), else None
         self.entry_classes = self._classes_c if cpu_c.ENTRY_AVAILABLE else None
 
     @property

@@ -521,11 +521,10 @@ class LookupFastPath:
         try:
             self.check_head(headers)
             content_type, binary, dtype = self.negotiate(headers)
-            if binary and content_type == BINARY_REQUEST_TYPE and (dtype is None or dtype == "f32"):
-                payload = self.answer_one_binary(body)
-                if payload is not None:
-                    self.record(200, started)
-                    return 200, payload, BINARY_RESPONSE_TYPE, []
+            payload = self.answer_one_binary(body, content_type, binary, dtype)
+            if payload is not None:
+                self.record(200, started)
+                return 200, payload, BINARY_RESPONSE_TYPE, []
             if not self.inline(len(body)):
                 return None
             lookups, estimate = prepare_lookups(self.state, body, content_type, binary)
@@ -540,7 +539,8 @@ class LookupFastPath:
         self.record(reply[0], started)
         return reply
 
-    def answer_one_binary(self, body: bytes) -> bytes | bytearray | None:
+    def answer_one_binary(self, body: bytes, content_type: str = BINARY_REQUEST_TYPE, binary: bool = True,
+                          dtype: DType | None = None) -> bytes | bytearray | None:
         """The binary answer of the most common request - one table, no pooling, float32, a
         small answer - built with one C call (:meth:`CompressedTable.lookup_to_buffer`: IDs read
         from the body where they lie, rows and status bytes written into the answer), or None
@@ -549,9 +549,12 @@ class LookupFastPath:
         :func:`_lookup_binary_f32`; at batch 1 the general path's parse, checks and tensors
         were two thirds of the server's CPU for the request (bench/results/profile_batch1.md).
 
+        ``content_type``, ``binary``, ``dtype``: the request's negotiation (:meth:`negotiate`);
+        only a binary body asking for a binary float32 answer is taken.
+
         The answer's layout (service/wire.py): ``EMR1`` u32 count=1 | u32 rows, dim, n, unknown |
         float32 rows [n, dim] | u8 status [n] | zero padding to 4 bytes."""
-        if len(body) < _ONE_HEAD.size:
+        if not binary or content_type != BINARY_REQUEST_TYPE or dtype not in (None, "f32") or len(body) < _ONE_HEAD.size:
             return None
         magic, count, name_len, pooling, dtype_code, n, n_offsets = _ONE_HEAD.unpack_from(body)
         ids_at = _ONE_HEAD.size + name_len
@@ -596,10 +599,9 @@ class LookupFastPath:
         self.check_head(headers)
         body = await _read_body(receive, state.settings.max_body_bytes)
         content_type, binary, dtype = self.negotiate(headers)
-        if binary and content_type == BINARY_REQUEST_TYPE and (dtype is None or dtype == "f32"):
-            payload = self.answer_one_binary(body)  # the common request in one C call (granian, or the fast path off)
-            if payload is not None:
-                return payload, BINARY_RESPONSE_TYPE
+        payload = self.answer_one_binary(body, content_type, binary, dtype)  # granian, or the fast path off
+        if payload is not None:
+            return payload, BINARY_RESPONSE_TYPE
         if self.inline(len(body)):
             return answer_bytes(state, body, content_type, binary, dtype)  # cheaper than a thread hop (~0.3 ms)
         return await run_in_threadpool(answer_bytes, state, body, content_type, binary, dtype)
