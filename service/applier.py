@@ -99,10 +99,7 @@ class Applier:
             needed = self.needed_position()
             self.trim_coordinator.heartbeat(needed)
             self._last_heartbeat = time.monotonic()
-            self.gap = self.trim_coordinator.gap(needed)
-            if self.gap is not None:
-                log.error("entries after %s were trimmed from the stream while this replica was away: re-seed it from a fresh snapshot "
-                          "(held out of readiness: /readyz answers 503 until then)", format_position(needed) or "the stream's start")
+            self._record_gap(self.trim_coordinator.gap(needed), needed, "was away")
         # 1 for the life of this process: replaying what the stream still has cannot bring back
         # what was trimmed, and neither can a restart; only re-seeded tables can
         metrics.log_gap.set(0 if self.gap is None else 1)
@@ -163,14 +160,19 @@ class Applier:
         after the gap as if nothing were missing.  A gap holds it out of readiness for good, as
         one found at start does."""
         assert self.trim_coordinator is not None
-        self.gap = self.trim_coordinator.gap(self.position)
+        gap = self.trim_coordinator.gap(self.position)
         self.trim_coordinator.heartbeat(self.needed_position())
         self._last_heartbeat = time.monotonic()
-        if self.gap is not None:
-            self.metrics.log_gap.set(1)
-            log.error("entries after %s were trimmed from the stream while this replica was silent (no heartbeat for %.0f s): "
-                      "re-seed it from a fresh snapshot (held out of readiness: /readyz answers 503 until then)",
-                      format_position(self.position) or "the stream's start", self.settings.replica_ttl_s)
+        self._record_gap(gap, self.position, f"was silent (no heartbeat for {self.settings.replica_ttl_s:.0f} s)")
+
+    def _record_gap(self, gap: TrimGap | None, needed: Position | None, why: str) -> None:
+        """Hold this replica out of readiness for ``gap`` (entries after ``needed`` trimmed)."""
+        if gap is None:
+            return
+        self.gap = gap
+        self.metrics.log_gap.set(1)
+        log.error("entries after %s were trimmed from the stream while this replica %s: re-seed it from a fresh snapshot "
+                  "(held out of readiness: /readyz answers 503 until then)", format_position(needed) or "the stream's start", why)
 
     # ------------------------------------------------------------------ applying
 

@@ -291,8 +291,7 @@ class AsyncEmbeddingClient:
         lines = self._lines.get(headers)
         for attempt in (0, 1):
             try:
-                status, content, _ = await self._pool.request(method, self._prefix + path, body, lines)
-                return status, content
+                return await self._pool.request(method, self._prefix + path, body, lines)
             except ClosedBeforeAnswer as exc:
                 # a kept-alive connection the server closed meanwhile: once more on a new one
                 if not getattr(exc, "reused", False) or attempt:

@@ -207,10 +207,10 @@ class AsyncHttpPool:
         self._open.add(protocol)
         return protocol
 
-    async def request(self, method: str, target: str, body: bytes | None, headers: bytes) -> tuple[int, bytes, bool]:
-        """``(status, body, reused)`` of one request on an idle connection (or a new one);
-        ``reused`` says the connection had carried a request before (so a
-        :class:`ClosedBeforeAnswer` from it may be retried on a fresh one)."""
+    async def request(self, method: str, target: str, body: bytes | None, headers: bytes) -> tuple[int, bytes]:
+        """``(status, body)`` of one request on an idle connection (or a new one).  A
+        :class:`ClosedBeforeAnswer` carries ``reused``: whether the connection had carried a
+        request before (then it may be retried on a fresh one)."""
         head = _request_head(method, target, self._host_line, headers, body)
         data = head if body is None else head + body
         async with self._limit:
@@ -239,7 +239,7 @@ class AsyncHttpPool:
             else:
                 protocol.close()
                 self._open.discard(protocol)
-            return status, content, reused
+            return status, content
 
     async def aclose(self) -> None:
         for protocol in list(self._open):
