@@ -43,7 +43,6 @@ class _IndexC(ctypes.Structure):
         ("delta_locator", ctypes.c_void_p),
         ("n_delta", ctypes.c_int64),
         ("slots", ctypes.c_void_p),
-        ("hints", ctypes.c_void_p),
     ]
 
 

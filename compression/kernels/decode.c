@@ -280,7 +280,6 @@ typedef struct {
     const int32_t *delta_locator;
     int64_t n_delta;
     const uint8_t *slots; /* HASH: [n] 12-byte slots (hashslot.h) */
-    const uint8_t *hints; /* HASH: overflow bits, one per bucket, or NULL (hashslot.h) */
 } index_t;
 
 /* number of elements of sorted a[0..n) that are <= key.  Branch-free (the compiler emits a
@@ -311,20 +310,13 @@ static inline void stage_locate(int64_t lo, int64_t hi, const int64_t *ids, cons
             if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, 3);
         }
     } else if (ix->kind == INDEX_HASH) {
-        /* park each ID's home bucket in loc_out (capacity <= 2**30, so it fits an int32) and
-           prefetch it: one aligned 64-byte line (hashslot.h) */
-        const int64_t n_buckets = ix->n / HSLOT_PER_BUCKET;
+        /* park each ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
         for (int64_t i = lo; i < hi; i++) {
-            const int64_t b = hslot_home_bucket(ids[i], n_buckets);
-            loc_out[i] = (int32_t)b;
-            __builtin_prefetch(ix->slots + HSLOT_BUCKET_BYTES * b, 0, 3);
-#ifdef ALWAYS_NEXT
-            __builtin_prefetch(ix->slots + HSLOT_BUCKET_BYTES * (b + 1 == n_buckets ? 0 : b + 1), 0, 3);
-#endif
-#ifndef NO_HINTS
-            if (ix->hints && hslot_hint(ix->hints, b)) /* the bucket overflowed: its next line too */
-                __builtin_prefetch(ix->slots + HSLOT_BUCKET_BYTES * (b + 1 == n_buckets ? 0 : b + 1), 0, 3);
-#endif
+            const int64_t s = hslot_home(ids[i], ix->n);
+            loc_out[i] = (int32_t)s;
+            const uint8_t *slot = ix->slots + HSLOT_BYTES * s;
+            __builtin_prefetch(slot, 0, 3);
+            __builtin_prefetch(slot + 3 * HSLOT_BYTES - 1, 0, 3); /* through the 3rd slot: at most one more line */
         }
     } else if (ix->kind == INDEX_KEYED) {
         /* the fence searches of the whole block, one level at a time: the block's loads at a
@@ -360,7 +352,20 @@ static inline void stage_resolve(int64_t lo, int64_t hi, const int64_t *ids, con
         if (ix->kind == INDEX_DENSE) {
             loc = (key >= 0 && key < ix->n) ? ix->locator[key] : -1;
         } else if (ix->kind == INDEX_HASH) {
-            loc = hslot_probe(ix->slots, ix->n / HSLOT_PER_BUCKET, loc_out[i], key);
+            const int64_t cap = ix->n;
+            int64_t s = loc_out[i];
+            loc = -1;
+            if (key != HSLOT_EMPTY) {
+                for (;;) {
+                    const int64_t k = hslot_key(ix->slots, s);
+                    if (k == key) {
+                        loc = hslot_loc(ix->slots, s);
+                        break;
+                    }
+                    if (k == HSLOT_EMPTY) break;
+                    s = hslot_next(s, cap);
+                }
+            }
         } else if (ix->kind == INDEX_KEYED) {
             const int64_t f = loc_out[i];
             loc = -1;
@@ -463,8 +468,8 @@ int64_t embserve_lookup(const int64_t *ids, int64_t n, const index_t *index, con
                         int32_t n_classes, float *out, int64_t width, int32_t *loc_out, int32_t threads) {
     if (!f16_ready) embserve_init();
     if (n_classes != MAX_CLASSES || index->kind < INDEX_RESOLVED || index->kind > INDEX_HASH || index->kind == 3) return -1;
-    if (index->kind == INDEX_HASH && (index->n < HSLOT_PER_BUCKET || index->n > ((int64_t)1 << 30) || index->n % HSLOT_PER_BUCKET))
-        return -1; /* whole buckets (hashslot.h) */
+    if (index->kind == INDEX_HASH && (index->n < 2 || index->n > ((int64_t)1 << 30))) /* any capacity (hashslot.h) */
+        return -1;
     int64_t chunks = threads > 1 ? threads : 1;
     if (chunks > 1 && n < chunks * 4 * BLOCK) chunks = 1;
     /* one chunk: no OpenMP region at all (entering one, even with if(0), costs about a

@@ -20,9 +20,8 @@
 
 #include "hashslot.h"
 
-/* marker: this library lays slots out in 64-byte buckets of HSLOT_PER_BUCKET (hashslot.h);
- * returns the slots per bucket.  cpu_c.py hands slot arrays only to a library that has it. */
-int embserve_hslot_buckets(void) { return HSLOT_PER_BUCKET; }
+/* marker: this library takes any capacity (multiply-high home, compare wrap; hashslot.h) */
+int embserve_hslot_any_capacity(void) { return 1; }
 
 /* slot holding key, or -1 */
 static inline int64_t find_slot(const uint8_t *slots, int64_t cap, int64_t key) {
@@ -46,19 +45,16 @@ void embserve_hslot_find(const uint8_t *slots, int64_t cap, const int64_t *ids, 
 
 /* Upsert (ids[i] -> locs[i]) in order; a later duplicate wins.  Returns the number of keys
  * that were new.  The caller guarantees room (load stays < 1) and no EMPTY key. */
-int64_t embserve_hslot_upsert(uint8_t *slots, int64_t cap, uint8_t *hints, const int64_t *ids, const int32_t *locs, int64_t n) {
+int64_t embserve_hslot_upsert(uint8_t *slots, int64_t cap, const int64_t *ids, const int32_t *locs, int64_t n) {
     int64_t added = 0;
-    const int64_t n_buckets = cap / HSLOT_PER_BUCKET;
     for (int64_t i = 0; i < n; i++) {
         const int64_t key = ids[i];
-        const int64_t home = hslot_home_bucket(key, n_buckets);
-        int64_t s = HSLOT_PER_BUCKET * home;
+        int64_t s = hslot_home(key, cap);
         for (;;) {
             const int64_t k = hslot_key(slots, s);
             if (k == key) break;
             if (k == HSLOT_EMPTY) {
                 added++;
-                hslot_hint_passed(hints, home, s, n_buckets);
                 break;
             }
             s = hslot_next(s, cap);
@@ -71,7 +67,7 @@ int64_t embserve_hslot_upsert(uint8_t *slots, int64_t cap, uint8_t *hints, const
 /* Delete ids; old_out[i] gets the locator it had (-1 = absent).  Returns how many were held.
  * Backward shift: after emptying slot `hole`, walk the cluster; an entry at j whose home slot
  * h is not cyclically in (hole, j] would be unreachable past the hole, so it moves into it. */
-int64_t embserve_hslot_delete(uint8_t *slots, int64_t cap, uint8_t *hints, const int64_t *ids, int64_t n, int32_t *old_out) {
+int64_t embserve_hslot_delete(uint8_t *slots, int64_t cap, const int64_t *ids, int64_t n, int32_t *old_out) {
     int64_t removed = 0;
     for (int64_t i = 0; i < n; i++) {
         const int64_t s = find_slot(slots, cap, ids[i]);
@@ -94,33 +90,17 @@ int64_t embserve_hslot_delete(uint8_t *slots, int64_t cap, uint8_t *hints, const
             }
         }
         hslot_set(slots, hole, HSLOT_EMPTY, -1);
-        /* the hole's bucket now has a free slot, which no probe path crosses: nothing passes it */
-        if (hints) hints[(hole / HSLOT_PER_BUCKET) >> 3] &= (uint8_t)~(1u << ((hole / HSLOT_PER_BUCKET) & 7));
     }
     return removed;
 }
 
 /* Insert every entry of the old slots into the new (empty, larger) ones, in slot order. */
-void embserve_hslot_rehash(const uint8_t *old_slots, int64_t old_cap, uint8_t *slots, int64_t cap, uint8_t *hints) {
-    const int64_t n_buckets = cap / HSLOT_PER_BUCKET;
+void embserve_hslot_rehash(const uint8_t *old_slots, int64_t old_cap, uint8_t *slots, int64_t cap) {
     for (int64_t i = 0; i < old_cap; i++) {
         const int64_t key = hslot_key(old_slots, i);
         if (key == HSLOT_EMPTY) continue;
-        const int64_t home = hslot_home_bucket(key, n_buckets);
-        int64_t s = HSLOT_PER_BUCKET * home;
+        int64_t s = hslot_home(key, cap);
         while (hslot_key(slots, s) != HSLOT_EMPTY) s = hslot_next(s, cap);
         hslot_set(slots, s, key, hslot_loc(old_slots, i));
-        hslot_hint_passed(hints, home, s, n_buckets);
-    }
-}
-
-/* The overflow hints of a slot array from scratch (hashslot.h): hints holds ceil(n_buckets / 8)
- * bytes.  For slots written elsewhere (a file, the torch path). */
-void embserve_hslot_hints(const uint8_t *slots, int64_t cap, uint8_t *hints) {
-    const int64_t n_buckets = cap / HSLOT_PER_BUCKET;
-    memset(hints, 0, (size_t)((n_buckets + 7) / 8));
-    for (int64_t s = 0; s < cap; s++) {
-        const int64_t key = hslot_key(slots, s);
-        if (key != HSLOT_EMPTY) hslot_hint_passed(hints, hslot_home_bucket(key, n_buckets), s, n_buckets);
     }
 }
