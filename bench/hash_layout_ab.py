@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from interleave import Spread, ratio, run_rounds  # noqa: E402
+from lookup import machine  # noqa: E402
 
 from compression import candidate_classes, compress  # noqa: E402
 from compression.kernels import cpu_c  # noqa: E402
@@ -145,8 +146,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=256, help="batches per pass: short passes (64) gave A/A ratios 0.91..1.06")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--passes", type=int, default=3, help="passes per measurement; the best counts")
+    parser.add_argument("--out", type=Path, default=None, help="also append the report to this markdown file")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    report = [f"## `{' '.join(sys.argv[1:])}`", "", f"Machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC.", "", "```"]
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        report.append(line)
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"base": build("base", args.base or None, Path(tmp), args.base_cflags), "new": build("new", args.new or None, Path(tmp), args.new_cflags)}
         freqs = zipf_frequencies(args.rows)
@@ -164,11 +171,11 @@ def main() -> None:
         for name, load in [("base", x) for x in args.base_loads] + [("new", x) for x in args.loads]:
             raw, cap, hints = filled_slots(libs[name], kk, kl, load)
             label = f"{name} load {n / cap:.3f}"
-            print(f"{label}: {huge_kib(raw) / 1024:.0f} of {raw.numel() / 2**20:.0f} MiB in huge pages", flush=True)
+            say(f"{label}: {huge_kib(raw) / 1024:.0f} of {raw.numel() / 2**20:.0f} MiB in huge pages")
             if hints is not None:  # the same slots probed without hints, and with them
                 methods[f"{label} no hints"] = (libs[name], IndexView(kind=cpu_c.INDEX_HASH, n=cap, slots=raw.data_ptr()), raw, True, raw.numel())
                 ones = int(sum(bin(b).count("1") for b in hints.tolist()))
-                print(f"{label}: {ones / (cap // 5):.3f} of buckets hinted", flush=True)
+                say(f"{label}: {ones / (cap // 5):.3f} of buckets hinted")
                 label += " hints"
             view = IndexView(kind=cpu_c.INDEX_HASH, n=cap, slots=raw.data_ptr(), hints=None if hints is None else hints.data_ptr())
             methods[label] = (libs[name], view, (raw, hints), True, raw.numel())
@@ -201,12 +208,16 @@ def main() -> None:
                 assert torch.equal(out, want), m
             per_round = run_rounds({m: (lambda m=m: measure(m, feeds[m])) for m in methods}, args.rounds)
             base_name = next(m for m in methods if m.startswith("base"))
-            print(f"\n{d}, batch {args.batch}, {args.rounds} rounds (median, min..max of same-round ratios)")
+            say(f"{d}, batch {args.batch}, {args.rounds} rounds (median, min..max of same-round ratios)")
             for m in methods:
                 vs_dense = ratio(per_round[m], per_round["dense"])
                 vs_base = ratio(per_round[m], per_round[base_name])
-                print(f"  {m:18s} {methods[m][4] / 2**20:6.2f} MiB  {Spread.of(per_round[m]).median / 1e6:6.1f} M/s  "
-                      f"/dense {vs_dense.fmt()}  /base {vs_base.fmt()}", flush=True)
+                say(f"  {m:24s} {methods[m][4] / 2**20:6.2f} MiB  {Spread.of(per_round[m]).median / 1e6:6.1f} M/s  "
+                      f"/dense {vs_dense.fmt()}  /base {vs_base.fmt()}")
+
+    if args.out is not None:
+        with args.out.open("a") as f:
+            f.write("\n".join([*report, "```", "", ""]))
 
 
 if __name__ == "__main__":

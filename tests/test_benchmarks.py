@@ -147,6 +147,17 @@ def test_keyed_bench_fast(tmp_path: Path) -> None:
 
 
 @pytestmark_e2e
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="the A/B compiles both builds with gcc")
+def test_hash_layout_ab_fast(tmp_path: Path) -> None:
+    """Both builds (here both this tree: an A/A run) compile, fill their own slot arrays and
+    answer every batch alike (the script asserts it), and the report lands in --out."""
+    out = tmp_path / "ab.md"
+    _run(["bench/hash_layout_ab.py", "--base", "", "--rows", "20000", "--rounds", "2", "--batches", "2", "--passes", "1",
+          "--base-loads", "0.7", "--loads", "0.7", "--out", str(out)])
+    text = out.read_text()
+    assert "uniform, batch 4096" in text and "zipf, batch 4096" in text and "/base 1.00x (1.00..1.00)" in text
+
+
 def test_large_responses_bench_fast(tmp_path: Path) -> None:
     out = tmp_path / "large.md"
     _run(["bench/large_responses.py", "--quick", "--out", str(out)], timeout=300)
