@@ -1,6 +1,7 @@
-"""The command line as a newcomer meets it, through the real ``embserve`` process: every bad input
-to ``compress`` is one line on stderr and exit 2 (no traceback, nothing written), a budget that
-would prune every row is refused, progress covers every phase, and ``--help`` texts are intact."""
+"""The command line as a newcomer meets it: every bad input to ``compress`` is one line on stderr
+and exit 2 (no traceback, nothing written) - each case through the CLI's code in this process,
+one of each kind through the real ``embserve`` process - a budget that would prune every row is
+refused, progress covers every phase, and ``--help`` texts are intact."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from compression import compress
 from compression.synthetic import synthetic_table, zipf_frequencies
+from service.cli import app as cli_app
 
 pytestmark = pytest.mark.e2e  # real `embserve` processes
 N, D = 400, 16
@@ -72,22 +75,47 @@ BAD_INPUTS = [
 ]
 
 
-def test_every_bad_compress_input_is_one_line_and_exit_2(files: Path) -> None:
-    def run(case: tuple[list[str], str]) -> tuple[list[str], str, subprocess.CompletedProcess[str]]:
-        args, expected = case
-        args = [a.format(d=files) for a in args]
-        full = args[1:] if args[:1] == ["!"] else [str(files / "w.npy"), str(files / "out" / "t.safetensors"), *args]
-        return full, expected.format(d=files), _embserve("compress", *full)
+def _check_one_line(args: list[str], expected: str, returncode: int, stderr: str, stdout: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode == 2, (args, stderr)
+    assert len(lines) == 1 and lines[0].startswith("embserve compress: "), (args, stderr)
+    assert expected in lines[0], (args, lines[0])
+    assert "Traceback" not in stderr + stdout
 
-    with ThreadPoolExecutor(4) as pool:  # each is a real process (~1.5 s of imports)
-        results = list(pool.map(run, BAD_INPUTS))
-    for args, expected, result in results:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2, (args, result.stderr)
-        assert len(lines) == 1 and lines[0].startswith("embserve compress: "), (args, result.stderr)
-        assert expected in lines[0], (args, lines[0])
-        assert "Traceback" not in result.stderr + result.stdout
+
+def _case(files: Path, case: tuple[list[str], str]) -> tuple[list[str], str]:
+    args, expected = case
+    args = [a.format(d=files) for a in args]
+    full = args[1:] if args[:1] == ["!"] else [str(files / "w.npy"), str(files / "out" / "t.safetensors"), *args]
+    return full, expected.format(d=files)
+
+
+def test_every_bad_compress_input_is_one_line_and_exit_2(files: Path) -> None:
+    """Every case through the CLI's own code in this process (click's runner: the same parsing,
+    checks and exit path as the installed command, without ~1.5 s of imports per case)."""
+    runner = CliRunner()
+    for case in BAD_INPUTS:
+        args, expected = _case(files, case)
+        result = runner.invoke(cli_app, ["compress", *args], env={"COLUMNS": "200"})
+        _check_one_line(args, expected, result.exit_code, result.stderr, result.stdout)
     assert list((files / "out").iterdir()) == []  # nothing written, not even a temporary file
+
+
+# one case of each kind through a real `embserve` process: a usage error typer reports, a file
+# the library cannot read, a value the allocator refuses
+REAL_PROCESS_CASES = [BAD_INPUTS[1], BAD_INPUTS[5], BAD_INPUTS[16]]
+
+
+def test_bad_input_in_a_real_process_is_one_line_and_exit_2(files: Path) -> None:
+    def run(case: tuple[list[str], str]) -> tuple[list[str], str, subprocess.CompletedProcess[str]]:
+        args, expected = _case(files, case)
+        return args, expected, _embserve("compress", *args)
+
+    with ThreadPoolExecutor(len(REAL_PROCESS_CASES)) as pool:  # each is a real process (~1.5 s of imports)
+        results = list(pool.map(run, REAL_PROCESS_CASES))
+    for args, expected, result in results:
+        _check_one_line(args, expected, result.returncode, result.stderr, result.stdout)
+    assert list((files / "out").iterdir()) == []
 
 
 def test_compress_reports_every_phase() -> None:
