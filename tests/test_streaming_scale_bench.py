@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # slow: a benchmark's quick run (python -m pytest -m slow; .ci/run)
 
 ROOT = Path(__file__).resolve().parent.parent
 
