@@ -301,159 +301,187 @@ static inline int32_t find_in(const int64_t *keys, const int32_t *locator, int64
     return (pos >= 0 && keys[pos] == key) ? locator[pos] : -1;
 }
 
-/* Stage 0 of the pipeline, for IDs lo..hi: start the slowest loads.  KEYED parks the fence
- * position of each ID in loc_out. */
-static inline void stage_locate(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, int32_t *loc_out) {
-    if (ix->kind == INDEX_DENSE) {
-        for (int64_t i = lo; i < hi; i++) {
-            const int64_t key = ids[i];
-            if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, 3);
-        }
-    } else if (ix->kind == INDEX_HASH) {
-        /* park each ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
-        for (int64_t i = lo; i < hi; i++) {
-            const int64_t s = hslot_home(ids[i], ix->n);
-            loc_out[i] = (int32_t)s;
-            const uint8_t *slot = ix->slots + HSLOT_BYTES * s;
-            __builtin_prefetch(slot, 0, 3);
-            __builtin_prefetch(slot + 3 * HSLOT_BYTES - 1, 0, 3); /* through the 3rd slot: at most one more line */
-        }
-    } else if (ix->kind == INDEX_KEYED) {
-        /* the fence searches of the whole block, one level at a time: the block's loads at a
-           level are independent, so their cache misses overlap instead of queueing per ID */
-        int64_t base[BLOCK];
-        const int64_t m = hi - lo;
-        for (int64_t i = 0; i < m; i++) base[i] = 0;
-        int64_t len = ix->n_fence;
-        while (len > 1) {
-            const int64_t half = len >> 1;
-            for (int64_t i = 0; i < m; i++) base[i] = (ix->fence[base[i] + half] <= ids[lo + i]) ? base[i] + half : base[i];
-            len -= half;
-        }
-        for (int64_t i = lo; i < hi; i++) {
-            const int64_t f = ix->n_fence ? base[i - lo] + (ix->fence[base[i - lo]] <= ids[i]) - 1 : -1;
-            loc_out[i] = (int32_t)f;
-            if (f >= 0) {
-                const int64_t *run = ix->keys + f * FENCE;
-                for (int k = 0; k < FENCE * 8; k += 64) __builtin_prefetch((const char *)run + k, 0, 3);
-                __builtin_prefetch(ix->locator + f * FENCE, 0, 3);
-                __builtin_prefetch(ix->locator + f * FENCE + FENCE - 1, 0, 3);
-            }
-        }
-    }
-}
-
-/* Stage 1: the locator of each ID, and a prefetch of its row. */
-static inline void stage_resolve(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix,
-                                 const row_class_t *classes, int32_t *loc_out) {
-    for (int64_t i = lo; i < hi; i++) {
-        int32_t loc;
+/* The steps of one ID.  locate: start the slowest load (DENSE: the locator entry; HASH: the
+ * home slot, parked in loc_out).  resolve: the locator (the entry or slot is in cache by now),
+ * into loc_out, and a prefetch of its row.  KEYED locates a whole block at a time (below). */
+static inline __attribute__((always_inline)) void locate_one(const int kind, int64_t i, const int64_t *ids, const index_t *ix,
+                                                             int32_t *loc_out) {
+    if (kind == INDEX_DENSE) {
         const int64_t key = ids[i];
-        if (ix->kind == INDEX_DENSE) {
-            loc = (key >= 0 && key < ix->n) ? ix->locator[key] : -1;
-        } else if (ix->kind == INDEX_HASH) {
-            const int64_t cap = ix->n;
-            int64_t s = loc_out[i];
-            loc = -1;
-            if (key != HSLOT_EMPTY) {
-                for (;;) {
-                    const int64_t k = hslot_key(ix->slots, s);
-                    if (k == key) {
-                        loc = hslot_loc(ix->slots, s);
-                        break;
-                    }
-                    if (k == HSLOT_EMPTY) break;
-                    s = hslot_next(s, cap);
+        if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, 3);
+    } else if (kind == INDEX_HASH) {
+        /* park the ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
+        const int64_t s = hslot_home(ids[i], ix->n);
+        loc_out[i] = (int32_t)s;
+        const uint8_t *slot = ix->slots + HSLOT_BYTES * s;
+        __builtin_prefetch(slot, 0, 3);
+        __builtin_prefetch(slot + 3 * HSLOT_BYTES - 1, 0, 3); /* through the 3rd slot: at most one more line */
+    }
+}
+
+static inline __attribute__((always_inline)) void resolve_one(const int kind, int64_t i, const int64_t *ids, const index_t *ix,
+                                                              const row_class_t *classes, int32_t *loc_out) {
+    int32_t loc;
+    const int64_t key = ids[i];
+    if (kind == INDEX_DENSE) {
+        loc = (key >= 0 && key < ix->n) ? ix->locator[key] : -1;
+    } else if (kind == INDEX_HASH) {
+        const int64_t cap = ix->n;
+        int64_t s = loc_out[i];
+        loc = -1;
+        if (key != HSLOT_EMPTY) {
+            for (;;) {
+                const int64_t k = hslot_key(ix->slots, s);
+                if (k == key) {
+                    loc = hslot_loc(ix->slots, s);
+                    break;
                 }
+                if (k == HSLOT_EMPTY) break;
+                s = hslot_next(s, cap);
             }
-        } else if (ix->kind == INDEX_KEYED) {
-            const int64_t f = loc_out[i];
-            loc = -1;
-            if (f >= 0) {
-                const int64_t start = f * FENCE;
-                const int64_t len = ix->n - start < FENCE ? ix->n - start : FENCE;
-                loc = find_in(ix->keys + start, ix->locator + start, len, key);
-            }
-            if (ix->n_delta) {
-                const int64_t pos = count_le(ix->delta_keys, ix->n_delta, key) - 1;
-                if (pos >= 0 && ix->delta_keys[pos] == key) loc = ix->delta_locator[pos];
-            }
-        } else {
-            loc = (int32_t)key;
         }
-        loc_out[i] = loc;
-        if (loc >= 0) {
-            const row_class_t *c = &classes[loc >> CLASS_SHIFT];
-            if (c->row_bytes > 0) {
-                const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
-                __builtin_prefetch(row, 0, 3);
-                __builtin_prefetch(row + c->row_bytes - 1, 0, 3);
-            }
+    } else if (kind == INDEX_KEYED) {
+        const int64_t f = loc_out[i];
+        loc = -1;
+        if (f >= 0) {
+            const int64_t start = f * FENCE;
+            const int64_t len = ix->n - start < FENCE ? ix->n - start : FENCE;
+            loc = find_in(ix->keys + start, ix->locator + start, len, key);
+        }
+        if (ix->n_delta) {
+            const int64_t pos = count_le(ix->delta_keys, ix->n_delta, key) - 1;
+            if (pos >= 0 && ix->delta_keys[pos] == key) loc = ix->delta_locator[pos];
+        }
+    } else {
+        loc = (int32_t)key;
+    }
+    loc_out[i] = loc;
+    if (loc >= 0) {
+        const row_class_t *c = &classes[loc >> CLASS_SHIFT];
+        if (c->row_bytes > 0) {
+            const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
+            __builtin_prefetch(row, 0, 3);
+            __builtin_prefetch(row + c->row_bytes - 1, 0, 3);
         }
     }
 }
 
-/* Stage 2: decode; returns how many IDs had no row. */
-static inline int64_t stage_decode(int64_t lo, int64_t hi, const row_class_t *classes, float *out, int64_t width,
-                                   const int32_t *loc_out) {
-    int64_t unknown = 0;
+/* KEYED, stage 0 for IDs lo..hi: the fence searches of the whole block, one level at a time
+ * (the block's loads at a level are independent, so their cache misses overlap instead of
+ * queueing per ID); parks each ID's fence position in loc_out and prefetches its key run. */
+static inline void keyed_locate_block(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, int32_t *loc_out) {
+    int64_t base[BLOCK];
+    const int64_t m = hi - lo;
+    for (int64_t i = 0; i < m; i++) base[i] = 0;
+    int64_t len = ix->n_fence;
+    while (len > 1) {
+        const int64_t half = len >> 1;
+        for (int64_t i = 0; i < m; i++) base[i] = (ix->fence[base[i] + half] <= ids[lo + i]) ? base[i] + half : base[i];
+        len -= half;
+    }
     for (int64_t i = lo; i < hi; i++) {
-        const int32_t loc = loc_out[i];
-        float *o = out + i * width;
-        if (loc < 0) {
-            memset(o, 0, (size_t)width * 4);
-            unknown++;
-            continue;
+        const int64_t f = ix->n_fence ? base[i - lo] + (ix->fence[base[i - lo]] <= ids[i]) - 1 : -1;
+        loc_out[i] = (int32_t)f;
+        if (f >= 0) {
+            const int64_t *run = ix->keys + f * FENCE;
+            for (int k = 0; k < FENCE * 8; k += 64) __builtin_prefetch((const char *)run + k, 0, 3);
+            __builtin_prefetch(ix->locator + f * FENCE, 0, 3);
+            __builtin_prefetch(ix->locator + f * FENCE + FENCE - 1, 0, 3);
         }
-        const row_class_t *c = &classes[loc >> CLASS_SHIFT];
-        if (c->dim == 0) { /* pruned row: stored nothing, decodes to zeros */
-            memset(o, 0, (size_t)width * 4);
-            continue;
-        }
-        const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
-        if (c->rotation_t) {
-            /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k
-               (R^T is fp16: widened on load, F16C on x86) */
-            float y[MAX_ROTATED_DIM];
-            decode_any(row, c, c->dim, y);
+    }
+}
+
+/* Decode one located row into o; returns 1 when the ID had no row. */
+static inline __attribute__((always_inline)) int decode_one(int32_t loc, const row_class_t *classes, float *o, int64_t width) {
+    if (loc < 0) {
+        memset(o, 0, (size_t)width * 4);
+        return 1;
+    }
+    const row_class_t *c = &classes[loc >> CLASS_SHIFT];
+    if (c->dim == 0) { /* pruned row: stored nothing, decodes to zeros */
+        memset(o, 0, (size_t)width * 4);
+        return 0;
+    }
+    const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
+    if (c->rotation_t) {
+        /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k
+           (R^T is fp16: widened on load, F16C on x86) */
+        float y[MAX_ROTATED_DIM];
+        decode_any(row, c, c->dim, y);
 #ifdef HAVE_X86_SIMD
-            if (use_avx2) {
-                rotate_back_avx2(y, c->dim, c->rotation_t, width, o);
-                continue;
-            }
-#endif
-            memset(o, 0, (size_t)width * 4);
-            for (int k = 0; k < c->dim; k++) {
-                const float yk = y[k];
-                const uint16_t *restrict rk = c->rotation_t + (int64_t)k * width;
-                for (int64_t j = 0; j < width; j++) o[j] += yk * f16_table[rk[j]];
-            }
-        } else {
-            decode_any(row, c, (int)width, o);
+        if (use_avx2) {
+            rotate_back_avx2(y, c->dim, c->rotation_t, width, o);
+            return 0;
         }
+#endif
+        memset(o, 0, (size_t)width * 4);
+        for (int k = 0; k < c->dim; k++) {
+            const float yk = y[k];
+            const uint16_t *restrict rk = c->rotation_t + (int64_t)k * width;
+            for (int64_t j = 0; j < width; j++) o[j] += yk * f16_table[rk[j]];
+        }
+    } else {
+        decode_any(row, c, (int)width, o);
+    }
+    return 0;
+}
+
+#ifndef AHEAD
+#define AHEAD 16
+#endif
+
+/* DENSE, HASH and RESOLVED: a software pipeline per ID.  Iteration i locates ID i + 2*AHEAD,
+ * resolves ID i + AHEAD and decodes ID i, so each ID's two dependent loads are in flight for
+ * AHEAD decodes each, and misses are issued at an even rate. */
+static inline __attribute__((always_inline)) int64_t run_ids(const int kind, int64_t lo, int64_t hi, const int64_t *ids,
+                                                             const index_t *ix, const row_class_t *classes, float *out,
+                                                             int64_t width, int32_t *loc_out) {
+    int64_t unknown = 0, i = lo;
+    const int64_t warm = hi - lo < 2 * AHEAD ? hi : lo + 2 * AHEAD;
+    for (int64_t k = lo; k < warm; k++) locate_one(kind, k, ids, ix, loc_out);
+    for (int64_t k = lo; k < (hi - lo < AHEAD ? hi : lo + AHEAD); k++) resolve_one(kind, k, ids, ix, classes, loc_out);
+    for (; i + 2 * AHEAD < hi; i++) {
+        locate_one(kind, i + 2 * AHEAD, ids, ix, loc_out);
+        resolve_one(kind, i + AHEAD, ids, ix, classes, loc_out);
+        unknown += decode_one(loc_out[i], classes, out + i * width, width);
+    }
+    for (; i < hi; i++) {
+        if (i + AHEAD < hi) resolve_one(kind, i + AHEAD, ids, ix, classes, loc_out);
+        unknown += decode_one(loc_out[i], classes, out + i * width, width);
     }
     return unknown;
 }
 
 #define BLOCK_END(b) ((b) + BLOCK < hi ? (b) + BLOCK : hi)
 
-/* IDs lo..hi as a three-stage pipeline over blocks: while block k is decoded, block k+1 is
- * resolved (its rows prefetched) and block k+2 located (its index entries prefetched). */
+/* KEYED: the block pipeline.  While block k is decoded, block k+1 is resolved (rows
+ * prefetched) and block k+2 located (fence searched, key runs prefetched). */
+static inline int64_t run_keyed(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, const row_class_t *classes,
+                                float *out, int64_t width, int32_t *loc_out) {
+    int64_t unknown = 0;
+    keyed_locate_block(lo, BLOCK_END(lo), ids, ix, loc_out);
+    if (lo + BLOCK < hi) keyed_locate_block(lo + BLOCK, BLOCK_END(lo + BLOCK), ids, ix, loc_out);
+    for (int64_t k = lo; k < BLOCK_END(lo); k++) resolve_one(INDEX_KEYED, k, ids, ix, classes, loc_out);
+    for (int64_t start = lo; start < hi; start += BLOCK) {
+        const int64_t next = start + BLOCK, after = start + 2 * BLOCK;
+        if (after < hi) keyed_locate_block(after, BLOCK_END(after), ids, ix, loc_out);
+        if (next < hi)
+            for (int64_t k = next; k < BLOCK_END(next); k++) resolve_one(INDEX_KEYED, k, ids, ix, classes, loc_out);
+        for (int64_t k = start; k < BLOCK_END(start); k++) unknown += decode_one(loc_out[k], classes, out + k * width, width);
+    }
+    return unknown;
+}
+
 MULTIVERSION
 static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, const row_class_t *classes,
                          float *out, int64_t width, int32_t *loc_out) {
-    int64_t unknown = 0;
     if (lo >= hi) return 0;
-    stage_locate(lo, BLOCK_END(lo), ids, ix, loc_out);
-    if (lo + BLOCK < hi) stage_locate(lo + BLOCK, BLOCK_END(lo + BLOCK), ids, ix, loc_out);
-    stage_resolve(lo, BLOCK_END(lo), ids, ix, classes, loc_out);
-    for (int64_t start = lo; start < hi; start += BLOCK) {
-        const int64_t next = start + BLOCK, after = start + 2 * BLOCK;
-        if (after < hi) stage_locate(after, BLOCK_END(after), ids, ix, loc_out);
-        if (next < hi) stage_resolve(next, BLOCK_END(next), ids, ix, classes, loc_out);
-        unknown += stage_decode(start, BLOCK_END(start), classes, out, width, loc_out);
+    switch (ix->kind) {
+    case INDEX_DENSE: return run_ids(INDEX_DENSE, lo, hi, ids, ix, classes, out, width, loc_out);
+    case INDEX_HASH: return run_ids(INDEX_HASH, lo, hi, ids, ix, classes, out, width, loc_out);
+    case INDEX_KEYED: return run_keyed(lo, hi, ids, ix, classes, out, width, loc_out);
+    default: return run_ids(INDEX_RESOLVED, lo, hi, ids, ix, classes, out, width, loc_out);
     }
-    return unknown;
 }
 
 /* ids:      int64 [n]: raw IDs, or locators when index->kind == INDEX_RESOLVED
