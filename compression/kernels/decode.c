@@ -43,6 +43,12 @@
 #define BLOCK 32
 #endif
 #define MAX_CLASSES 8
+#ifndef LOC_HINT
+#define LOC_HINT 3
+#endif
+#ifndef ROW_HINT
+#define ROW_HINT 3
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -308,7 +314,7 @@ static inline __attribute__((always_inline)) void locate_one(const int kind, int
                                                              int32_t *loc_out) {
     if (kind == INDEX_DENSE) {
         const int64_t key = ids[i];
-        if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, 3);
+        if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, LOC_HINT);
     } else if (kind == INDEX_HASH) {
         /* park the ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
         const int64_t s = hslot_home(ids[i], ix->n);
@@ -360,8 +366,8 @@ static inline __attribute__((always_inline)) void resolve_one(const int kind, in
         const row_class_t *c = &classes[loc >> CLASS_SHIFT];
         if (c->row_bytes > 0) {
             const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
-            __builtin_prefetch(row, 0, 3);
-            __builtin_prefetch(row + c->row_bytes - 1, 0, 3);
+            __builtin_prefetch(row, 0, ROW_HINT);
+            __builtin_prefetch(row + c->row_bytes - 1, 0, ROW_HINT);
         }
     }
 }
@@ -391,18 +397,61 @@ static inline void keyed_locate_block(int64_t lo, int64_t hi, const int64_t *ids
     }
 }
 
-/* Decode one located row into o; returns 1 when the ID had no row. */
-static inline __attribute__((always_inline)) int decode_one(int32_t loc, const row_class_t *classes, float *o, int64_t width) {
-    if (loc < 0) {
-        memset(o, 0, (size_t)width * 4);
-        return 1;
+/* How the rows of a class decode, decided once per call from its row_class_t (not per row):
+ * the common quantized classes of a table's own width take a path compiled for their bit
+ * width (inlined into run_range, so each of its clones vectorizes it for its target); pruned
+ * rows are zeros; everything else (fp32/fp16, PQ, rotated, narrower than the table) takes
+ * decode_other. */
+enum { RK_ZERO = 0, RK_Q8, RK_Q4, RK_Q2, RK_Q1, RK_OTHER };
+
+static inline int row_kind(const row_class_t *c, int64_t width) {
+    if (c->dim == 0) return RK_ZERO;
+    if (c->rotation_t || c->pq_m > 0 || c->dim != width) return RK_OTHER;
+    switch (c->bits) {
+    case 8: return RK_Q8;
+    case 4: return RK_Q4;
+    case 2: return RK_Q2;
+    case 1: return RK_Q1;
+    default: return RK_OTHER;
     }
-    const row_class_t *c = &classes[loc >> CLASS_SHIFT];
-    if (c->dim == 0) { /* pruned row: stored nothing, decodes to zeros */
-        memset(o, 0, (size_t)width * 4);
-        return 0;
+}
+
+/* An fp16 scale or bias: F16C's vcvtph2ps in the x86-64-v3 clone (the 256 KiB f16_table
+ * would cost an L1 miss per load there), the table elsewhere.  Both are exact. */
+static inline __attribute__((always_inline)) float row_half(const uint8_t *p) {
+#if defined(HAVE_X86_SIMD) && defined(__FLT16_MAX__)
+    if (use_avx2) {
+        _Float16 h;
+        memcpy(&h, p, 2);
+        return (float)h;
     }
-    const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
+#endif
+    return load_half(p);
+}
+
+/* Quantized codes of a `bits`-wide class (planar, layout above), with bits a compile-time
+ * constant: plane p is the run of output floats o[p*stride ..) read from the code bytes
+ * shifted right by p*bits, a loop the compiler vectorizes. */
+static inline __attribute__((always_inline)) void dequant_q(const int bits, const uint8_t *restrict codes, int d, float scale,
+                                                            float bias, float *restrict o) {
+    const int per = 8 / bits, stride = (d + per - 1) / per;
+    for (int p = 0; p < per; p++) {
+        const int first = p * stride, count = d - first < stride ? d - first : stride;
+        float *restrict op = o + first;
+        for (int k = 0; k < count; k++) op[k] = (float)((codes[k] >> (p * bits)) & ((1 << bits) - 1)) * scale + bias;
+    }
+}
+
+static inline __attribute__((always_inline)) void decode_q(const int bits, const uint8_t *restrict row, int d, float *restrict o) {
+    const float scale = row_half(row), bias = row_half(row + 2);
+    if (d == 64) /* the common width: constant trip counts, no remainder loops */
+        dequant_q(bits, row + 4, 64, scale, bias, o);
+    else
+        dequant_q(bits, row + 4, d, scale, bias, o);
+}
+
+/* Rows of the classes without a specialised path (RK_OTHER). */
+static void decode_other(const uint8_t *restrict row, const row_class_t *c, int64_t width, float *restrict o) {
     if (c->rotation_t) {
         /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k
            (R^T is fp16: widened on load, F16C on x86) */
@@ -411,7 +460,7 @@ static inline __attribute__((always_inline)) int decode_one(int32_t loc, const r
 #ifdef HAVE_X86_SIMD
         if (use_avx2) {
             rotate_back_avx2(y, c->dim, c->rotation_t, width, o);
-            return 0;
+            return;
         }
 #endif
         memset(o, 0, (size_t)width * 4);
@@ -422,6 +471,28 @@ static inline __attribute__((always_inline)) int decode_one(int32_t loc, const r
         }
     } else {
         decode_any(row, c, (int)width, o);
+    }
+}
+
+/* Decode one located row into o; returns 1 when the ID had no row. */
+static inline __attribute__((always_inline)) int decode_one(int32_t loc, const row_class_t *classes, const uint8_t *kinds,
+                                                            float *restrict o, int64_t width) {
+    if (loc < 0) {
+        memset(o, 0, (size_t)width * 4);
+        return 1;
+    }
+    const int cls = loc >> CLASS_SHIFT;
+    const row_class_t *c = &classes[cls];
+    const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
+    switch (kinds[cls]) {
+    case RK_ZERO: /* pruned row: stored nothing, decodes to zeros */
+        memset(o, 0, (size_t)width * 4);
+        break;
+    case RK_Q4: decode_q(4, row, (int)width, o); break;
+    case RK_Q2: decode_q(2, row, (int)width, o); break;
+    case RK_Q8: decode_q(8, row, (int)width, o); break;
+    case RK_Q1: decode_q(1, row, (int)width, o); break;
+    default: decode_other(row, c, width, o);
     }
     return 0;
 }
@@ -434,8 +505,8 @@ static inline __attribute__((always_inline)) int decode_one(int32_t loc, const r
  * resolves ID i + AHEAD and decodes ID i, so each ID's two dependent loads are in flight for
  * AHEAD decodes each, and misses are issued at an even rate. */
 static inline __attribute__((always_inline)) int64_t run_ids(const int kind, int64_t lo, int64_t hi, const int64_t *ids,
-                                                             const index_t *ix, const row_class_t *classes, float *out,
-                                                             int64_t width, int32_t *loc_out) {
+                                                             const index_t *ix, const row_class_t *classes, const uint8_t *kinds,
+                                                             float *out, int64_t width, int32_t *loc_out) {
     int64_t unknown = 0, i = lo;
     const int64_t warm = hi - lo < 2 * AHEAD ? hi : lo + 2 * AHEAD;
     for (int64_t k = lo; k < warm; k++) locate_one(kind, k, ids, ix, loc_out);
@@ -443,11 +514,11 @@ static inline __attribute__((always_inline)) int64_t run_ids(const int kind, int
     for (; i + 2 * AHEAD < hi; i++) {
         locate_one(kind, i + 2 * AHEAD, ids, ix, loc_out);
         resolve_one(kind, i + AHEAD, ids, ix, classes, loc_out);
-        unknown += decode_one(loc_out[i], classes, out + i * width, width);
+        unknown += decode_one(loc_out[i], classes, kinds, out + i * width, width);
     }
     for (; i < hi; i++) {
         if (i + AHEAD < hi) resolve_one(kind, i + AHEAD, ids, ix, classes, loc_out);
-        unknown += decode_one(loc_out[i], classes, out + i * width, width);
+        unknown += decode_one(loc_out[i], classes, kinds, out + i * width, width);
     }
     return unknown;
 }
@@ -457,7 +528,7 @@ static inline __attribute__((always_inline)) int64_t run_ids(const int kind, int
 /* KEYED: the block pipeline.  While block k is decoded, block k+1 is resolved (rows
  * prefetched) and block k+2 located (fence searched, key runs prefetched). */
 static inline int64_t run_keyed(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, const row_class_t *classes,
-                                float *out, int64_t width, int32_t *loc_out) {
+                                const uint8_t *kinds, float *out, int64_t width, int32_t *loc_out) {
     int64_t unknown = 0;
     keyed_locate_block(lo, BLOCK_END(lo), ids, ix, loc_out);
     if (lo + BLOCK < hi) keyed_locate_block(lo + BLOCK, BLOCK_END(lo + BLOCK), ids, ix, loc_out);
@@ -467,7 +538,7 @@ static inline int64_t run_keyed(int64_t lo, int64_t hi, const int64_t *ids, cons
         if (after < hi) keyed_locate_block(after, BLOCK_END(after), ids, ix, loc_out);
         if (next < hi)
             for (int64_t k = next; k < BLOCK_END(next); k++) resolve_one(INDEX_KEYED, k, ids, ix, classes, loc_out);
-        for (int64_t k = start; k < BLOCK_END(start); k++) unknown += decode_one(loc_out[k], classes, out + k * width, width);
+        for (int64_t k = start; k < BLOCK_END(start); k++) unknown += decode_one(loc_out[k], classes, kinds, out + k * width, width);
     }
     return unknown;
 }
@@ -476,11 +547,13 @@ MULTIVERSION
 static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, const row_class_t *classes,
                          float *out, int64_t width, int32_t *loc_out) {
     if (lo >= hi) return 0;
+    uint8_t kinds[MAX_CLASSES];
+    for (int k = 0; k < MAX_CLASSES; k++) kinds[k] = (uint8_t)row_kind(&classes[k], width);
     switch (ix->kind) {
-    case INDEX_DENSE: return run_ids(INDEX_DENSE, lo, hi, ids, ix, classes, out, width, loc_out);
-    case INDEX_HASH: return run_ids(INDEX_HASH, lo, hi, ids, ix, classes, out, width, loc_out);
-    case INDEX_KEYED: return run_keyed(lo, hi, ids, ix, classes, out, width, loc_out);
-    default: return run_ids(INDEX_RESOLVED, lo, hi, ids, ix, classes, out, width, loc_out);
+    case INDEX_DENSE: return run_ids(INDEX_DENSE, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
+    case INDEX_HASH: return run_ids(INDEX_HASH, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
+    case INDEX_KEYED: return run_keyed(lo, hi, ids, ix, classes, kinds, out, width, loc_out);
+    default: return run_ids(INDEX_RESOLVED, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
     }
 }
 
