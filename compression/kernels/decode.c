@@ -50,7 +50,9 @@
 #define ROW_HINT 3
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* -DEMBSERVE_NO_CLONES: the baseline clone alone, run as on a CPU without AVX2 (use_avx2 stays
+   0), so tests can hold that build to the torch reference on any x86-64 machine */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(EMBSERVE_NO_CLONES)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
@@ -96,7 +98,7 @@ static float half_to_float(uint16_t h) {
 void embserve_init(void) {
     if (f16_ready) return;
     for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
-#ifdef HAVE_X86_SIMD
+#if defined(HAVE_X86_SIMD) && !defined(EMBSERVE_NO_CLONES)
     __builtin_cpu_init();
     use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
