@@ -15,16 +15,45 @@
  *
  * A locator is an int32: class in bits 28..30, slot in bits 0..27, -1 = no row (zeros).
  *
- * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread), and each chunk
- * runs as a three-stage pipeline over blocks of BLOCK IDs: block k+2 is located (index entries
- * prefetched), block k+1 resolved (its rows prefetched) while block k is decoded, so the random
- * loads are in flight before anything waits on them.  Sub-byte codes are decoded plane by plane: each plane is a
- * contiguous run of output floats, which the compiler vectorizes (an interleaved order such as
- * FBGEMM's low-nibble-even would need strided stores).
+ * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread).  Each chunk is a
+ * software pipeline per ID (run_ids): iteration i locates ID i + 2*AHEAD (prefetches its index
+ * entry: the dense locator, or the hash slot), resolves ID i + AHEAD (reads that entry, by now
+ * in cache, and prefetches the row) and decodes ID i, so each ID's two dependent random loads
+ * are in flight for AHEAD decodes each and misses are issued at an even rate.  Keyed (sorted)
+ * indexes keep a pipeline over blocks of BLOCK IDs (run_keyed): their fence search walks a
+ * whole block one level at a time so its misses overlap.  Decoding: each class gets a row kind
+ * once per call (row_kind), and the common ones - quantized rows as wide as the table - decode
+ * inline in run_range with the bit width a constant (decode_q), so each clone of run_range
+ * (below) vectorizes the planes for its own target; the rest (fp32/fp16, PQ, rotated, narrower
+ * classes) go through decode_other.  Sub-byte codes are decoded plane by plane: each plane is a
+ * contiguous run of output floats (an interleaved order such as FBGEMM's low-nibble-even would
+ * need strided stores).
+ *
+ * Why, measured (bench/results/lookup.md's 8x table: 1M x 64, batch 4096, one thread; ratios
+ * are interleaved A/B medians with min..max):
+ *   - The earlier pipeline worked in bursts over 32-ID blocks (32 locator prefetches, then 64
+ *     row prefetches, then 32 decodes with no memory traffic).  perf put most of the time on
+ *     the prefetch instructions themselves: a burst overflows the ~16 line fill buffers and
+ *     stalls until misses return.  Per-ID: 1.19x (1.16..1.33) uniform IDs, 1.11x (0.98..1.35)
+ *     Zipf.  AHEAD 4 / 8 / 16 / 24 / 32 / 48: 16 and up are level (within noise), 4 and 8 lose.
+ *   - The per-row dispatch (decode_any -> decode_row -> dequant_planes_avx2, called per row with
+ *     a runtime bit width and loop bounds) against row kinds with decode_q inlined: 1.60x
+ *     (1.50..1.74) uniform, 1.22x (1.16..1.35) Zipf.  Against FBGEMM INT4 the 8x table went
+ *     from 0.75x / 0.86x to 1.59x (1.48..1.76) / 1.46x (1.35..1.71).
+ *   - Tried without gain: scale/bias through F16C instead of the 256 KiB f16_table (1.00x,
+ *     then 1.03x against 1.02x for an identical copy: noise), prefetching index entries or
+ *     rows into L2 only (prefetcht1/t2: within noise), huge pages for every tensor
+ *     (THP_MEM_ALLOC_ENABLE=1, FBGEMM's too: no change beyond run-to-run noise; one process
+ *     per setting, so not interleaved).
+ *   What is left is memory: perf puts ~2/3 of run_range on the row prefetch waiting for a fill
+ *   buffer.  A dense ID costs two dependent misses (4-byte locator, then the row) where FBGEMM's
+ *   fixed-stride rows need one; given the locators (resolved IDs) the same decode is 1.26x
+ *   (1.11..1.42) faster with uniform IDs, 1.17x (1.00..1.32) Zipf.
  *
  * Built by setuptools as an optional extension and called through ctypes; it uses no Python
- * API.  On x86-64 the hot function is compiled twice (x86-64-v3: AVX2+FMA+F16C, and baseline)
- * and the loader picks the one the CPU supports.
+ * API.  On x86-64 the hot function (run_range, with the pipeline and decode_q inlined) is
+ * compiled twice (x86-64-v3: AVX2+FMA+F16C, and baseline) and the loader picks the one the CPU
+ * supports; -DEMBSERVE_NO_CLONES builds the baseline alone (tests/test_decode_pipeline.py).
  */
 #include <stdint.h>
 #include <string.h>
@@ -43,12 +72,6 @@
 #define BLOCK 32
 #endif
 #define MAX_CLASSES 8
-#ifndef LOC_HINT
-#define LOC_HINT 3
-#endif
-#ifndef ROW_HINT
-#define ROW_HINT 3
-#endif
 
 /* -DEMBSERVE_NO_CLONES: the baseline clone alone, run as on a CPU without AVX2 (use_avx2 stays
    0), so tests can hold that build to the torch reference on any x86-64 machine */
@@ -316,7 +339,7 @@ static inline __attribute__((always_inline)) void locate_one(const int kind, int
                                                              int32_t *loc_out) {
     if (kind == INDEX_DENSE) {
         const int64_t key = ids[i];
-        if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, LOC_HINT);
+        if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, 3);
     } else if (kind == INDEX_HASH) {
         /* park the ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
         const int64_t s = hslot_home(ids[i], ix->n);
@@ -368,8 +391,8 @@ static inline __attribute__((always_inline)) void resolve_one(const int kind, in
         const row_class_t *c = &classes[loc >> CLASS_SHIFT];
         if (c->row_bytes > 0) {
             const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
-            __builtin_prefetch(row, 0, ROW_HINT);
-            __builtin_prefetch(row + c->row_bytes - 1, 0, ROW_HINT);
+            __builtin_prefetch(row, 0, 3);
+            __builtin_prefetch(row + c->row_bytes - 1, 0, 3);
         }
     }
 }
@@ -418,19 +441,6 @@ static inline int row_kind(const row_class_t *c, int64_t width) {
     }
 }
 
-/* An fp16 scale or bias: F16C's vcvtph2ps in the x86-64-v3 clone (the 256 KiB f16_table
- * would cost an L1 miss per load there), the table elsewhere.  Both are exact. */
-static inline __attribute__((always_inline)) float row_half(const uint8_t *p) {
-#if defined(HAVE_X86_SIMD) && defined(__FLT16_MAX__)
-    if (use_avx2) {
-        _Float16 h;
-        memcpy(&h, p, 2);
-        return (float)h;
-    }
-#endif
-    return load_half(p);
-}
-
 /* Quantized codes of a `bits`-wide class (planar, layout above), with bits a compile-time
  * constant: plane p is the run of output floats o[p*stride ..) read from the code bytes
  * shifted right by p*bits, a loop the compiler vectorizes. */
@@ -445,7 +455,7 @@ static inline __attribute__((always_inline)) void dequant_q(const int bits, cons
 }
 
 static inline __attribute__((always_inline)) void decode_q(const int bits, const uint8_t *restrict row, int d, float *restrict o) {
-    const float scale = row_half(row), bias = row_half(row + 2);
+    const float scale = load_half(row), bias = load_half(row + 2);
     if (d == 64) /* the common width: constant trip counts, no remainder loops */
         dequant_q(bits, row + 4, 64, scale, bias, o);
     else
