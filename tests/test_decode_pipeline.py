@@ -117,3 +117,42 @@ def test_baseline_build_of_the_decoder_is_bit_exact_too(tmp_path: Path) -> None:
             served = ref.found  # rows the decoder writes; unknown and pruned ones are its zeros
             assert torch.equal(out[served], ref.values[served])
             assert not out[~served].any()
+
+
+@pytest.mark.parametrize("policy", ["zero", "default"])
+@pytest.mark.parametrize("index", ["dense", "hash"])
+def test_pruned_rows_on_the_entry_path_match_the_reference(policy: str, index: str) -> None:
+    """A table with a pruned class takes the CPython entry too (the pruned mask comes from
+    embserve_pruned_mask): same values, locators, pruned mask and counts as the torch path,
+    with pruned and unknown rows served by the unknown-ID policy."""
+    from compression.unknown import UnknownPolicy
+
+    if not cpu_c.ENTRY_PRUNED:
+        pytest.skip("CPython entry not built")
+    table, ids = _table(64, index)
+    table.unknown = UnknownPolicy("default", default=torch.full((64,), 0.5)) if policy == "default" else UnknownPolicy("zero")
+    assert table._pruned_classes is not None  # the class layout of _table has one
+    for n in (1, 2 * AHEAD + 1, 700):
+        query = _query(ids, n, seed=n)
+        table.backend = "compiled"
+        fast = table.lookup(query)
+        table.backend = "torch"
+        ref = table.lookup(query)
+        assert fast.pruned is not None and ref.pruned is not None
+        assert torch.equal(fast.values, ref.values) and torch.equal(fast.locators, ref.locators)
+        assert torch.equal(fast.pruned, ref.pruned) and fast.num_pruned == ref.num_pruned
+        assert fast.num_unknown == ref.num_unknown and torch.equal(fast.status, ref.status)
+    assert ref.num_pruned > 0 and ref.num_unknown > 0
+
+
+def test_pruned_mask_marks_exactly_the_dim0_classes() -> None:
+    if not cpu_c.ENTRY_PRUNED:
+        pytest.skip("CPython entry not built")
+    table, _ = _table(24, "dense")
+    classes_c = cpu_c.class_array(table.slabs, table.classes, None, table.decoder.codebooks)
+    shift = 28  # compression/layout.py: class in bits 28..30
+    loc = torch.tensor([-1, 0, (7 << shift) + 5, (6 << shift) + 2, (3 << shift), -7], dtype=torch.int32)
+    out = torch.full((6,), True)
+    count = cpu_c.ENTRY.pruned(loc.data_ptr(), 6, ctypes.addressof(classes_c), out.data_ptr())
+    assert table.classes[7].dim == 0 and count == 1
+    assert out.tolist() == [False, False, True, False, False, False]
