@@ -286,10 +286,10 @@ static inline void decode_any(const uint8_t *restrict row, const row_class_t *c,
 /* How IDs become locators.  kind RESOLVED: the IDs already are locators (the caller resolved
  * them).  DENSE: locator = dense_locator[id] for 0 <= id < n_dense.  HASH: `slots` is the
  * open-addressing table of hashindex.c (12-byte slots, hashslot.h) with `n` = its capacity (any
- * value in [16, 2**30]; home and wrap in hashslot.h): stage 0 hashes the block's IDs and
+ * value in [16, 2**30]; home and wrap in hashslot.h): locate_one hashes an ID and
  * prefetches the bytes of their home slot and the two after it (at load 0.7 a hit is 2.2 slots
- * from home on average; prefetching only the home slot left the next line to miss in stage 1:
- * 4-5% of keyed lookup speed, interleaved A/B), stage 1 probes (the slots already in cache) and
+ * from home on average; prefetching only the home slot left the next line to miss in resolve_one:
+ * 4-5% of keyed lookup speed, interleaved A/B), resolve_one probes (the slots already in cache) and
  * prefetches the row.  Kind 3 was the format-2 hash layout (separate key and locator
  * arrays); it is retired, so a library that predates kind 4 rejects the new one instead of
  * misreading it.  KEYED: `keys` is sorted;
@@ -397,7 +397,7 @@ static inline __attribute__((always_inline)) void resolve_one(const int kind, in
     }
 }
 
-/* KEYED, stage 0 for IDs lo..hi: the fence searches of the whole block, one level at a time
+/* KEYED, the locate step for IDs lo..hi: the fence searches of the whole block, one level at a time
  * (the block's loads at a level are independent, so their cache misses overlap instead of
  * queueing per ID); parks each ID's fence position in loc_out and prefetches its key run. */
 static inline void keyed_locate_block(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, int32_t *loc_out) {
