@@ -53,6 +53,7 @@ STATUS_UNKNOWN, STATUS_FOUND, STATUS_PRUNED = 0, 1, 2
 
 
 _INT32 = torch.empty(0, dtype=torch.int32)  # new_empty's prototype for locator arrays
+_BOOL = torch.empty(0, dtype=torch.bool)  # and for pruned masks
 
 
 @dataclass(slots=True)  # slots: built once per lookup, a batch-1 lookup feels its cost
@@ -266,7 +267,7 @@ class CompressedTable:
         ``dtype`` (fp32, fp16, bf16): the Triton path writes it directly, others cast.
         ``out``: a float32 ``[n, D]`` contiguous tensor on the table's device to decode into (a
         view of a response buffer, so the service sends the rows without copying them)."""
-        if (dtype is torch.float32 and self._pruned_classes is None and self.decoder.entry_classes is not None
+        if (dtype is torch.float32 and (self._pruned_classes is None or cpu_c.ENTRY_PRUNED) and self.decoder.entry_classes is not None
                 and ids.dtype is torch.int64 and ids.dim() == 1 and ids.is_cpu):
             # the common call through the compiled decoder's CPython entry (kernels/pyentry.c),
             # with nothing else around it: at batch 1 the Python and torch calls around the
@@ -295,9 +296,16 @@ class CompressedTable:
                             torch.get_num_threads() if n >= cpu_c.PARALLEL_MIN_ROWS else 1,
                         )
                 if view is not None:
-                    if num_unknown:
-                        self.unknown.fill(values, ids, loc < 0)  # the decoder wrote zeros for them
-                    return LookupResult(values, loc, num_unknown)
+                    pruned, num_pruned = None, 0
+                    if self._pruned_classes is not None:
+                        # a dim-0 row stores nothing: the decoder wrote zeros, the unknown-ID
+                        # policy serves it (the mask in one C pass: as torch ops it cost as
+                        # much as a 16x table's decode, bench/results/lookup.md)
+                        pruned = _BOOL.new_empty(n)
+                        num_pruned = cpu_c.ENTRY.pruned(loc.data_ptr(), n, classes_c.address, pruned.data_ptr())
+                    if (num_unknown or num_pruned) and self.unknown.kind != "zero":  # the decoder wrote zeros for them
+                        self.unknown.fill(values, ids, (loc < 0) if pruned is None else (loc < 0) | pruned)
+                    return LookupResult(values, loc, num_unknown, pruned, num_pruned)
         # each torch op costs microseconds; at batch 1 they are the whole bill, so skip the no-ops
         device = self.slabs[0].device
         if ids.dtype is not torch.int64 or ids.device != device:

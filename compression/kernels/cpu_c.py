@@ -279,6 +279,9 @@ def lookup(out: torch.Tensor, ids: torch.Tensor, index: _IndexC | None, classes_
 
 
 ENTRY_AVAILABLE = ENTRY is not None
+# the entry's pruned-row mask (absent from an _entry built before it: tables with a pruned class
+# then take the general lookup, which computes the mask with torch)
+ENTRY_PRUNED = ENTRY is not None and hasattr(ENTRY, "pruned")
 
 
 def lookup_answer(ids: bytes | bytearray | memoryview, ids_offset: int, n: int, index: _IndexC, classes_c: ctypes.Array[_RowClassC],

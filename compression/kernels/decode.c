@@ -15,16 +15,45 @@
  *
  * A locator is an int32: class in bits 28..30, slot in bits 0..27, -1 = no row (zeros).
  *
- * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread), and each chunk
- * runs as a three-stage pipeline over blocks of BLOCK IDs: block k+2 is located (index entries
- * prefetched), block k+1 resolved (its rows prefetched) while block k is decoded, so the random
- * loads are in flight before anything waits on them.  Sub-byte codes are decoded plane by plane: each plane is a
- * contiguous run of output floats, which the compiler vectorizes (an interleaved order such as
- * FBGEMM's low-nibble-even would need strided stores).
+ * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread).  Each chunk is a
+ * software pipeline per ID (run_ids): iteration i locates ID i + 2*AHEAD (prefetches its index
+ * entry: the dense locator, or the hash slot), resolves ID i + AHEAD (reads that entry, by now
+ * in cache, and prefetches the row) and decodes ID i, so each ID's two dependent random loads
+ * are in flight for AHEAD decodes each and misses are issued at an even rate.  Keyed (sorted)
+ * indexes keep a pipeline over blocks of BLOCK IDs (run_keyed): their fence search walks a
+ * whole block one level at a time so its misses overlap.  Decoding: each class gets a row kind
+ * once per call (row_kind), and the common ones - quantized rows as wide as the table - decode
+ * inline in run_range with the bit width a constant (decode_q), so each clone of run_range
+ * (below) vectorizes the planes for its own target; the rest (fp32/fp16, PQ, rotated, narrower
+ * classes) go through decode_other.  Sub-byte codes are decoded plane by plane: each plane is a
+ * contiguous run of output floats (an interleaved order such as FBGEMM's low-nibble-even would
+ * need strided stores).
+ *
+ * Why, measured (bench/results/lookup.md's 8x table: 1M x 64, batch 4096, one thread; ratios
+ * are interleaved A/B medians with min..max):
+ *   - The earlier pipeline worked in bursts over 32-ID blocks (32 locator prefetches, then 64
+ *     row prefetches, then 32 decodes with no memory traffic).  perf put most of the time on
+ *     the prefetch instructions themselves: a burst overflows the ~16 line fill buffers and
+ *     stalls until misses return.  Per-ID: 1.19x (1.16..1.33) uniform IDs, 1.11x (0.98..1.35)
+ *     Zipf.  AHEAD 4 / 8 / 16 / 24 / 32 / 48: 16 and up are level (within noise), 4 and 8 lose.
+ *   - The per-row dispatch (decode_any -> decode_row -> dequant_planes_avx2, called per row with
+ *     a runtime bit width and loop bounds) against row kinds with decode_q inlined: 1.60x
+ *     (1.50..1.74) uniform, 1.22x (1.16..1.35) Zipf.  Against FBGEMM INT4 the 8x table went
+ *     from 0.75x / 0.86x to 1.59x (1.48..1.76) / 1.46x (1.35..1.71).
+ *   - Tried without gain: scale/bias through F16C instead of the 256 KiB f16_table (1.00x,
+ *     then 1.03x against 1.02x for an identical copy: noise), prefetching index entries or
+ *     rows into L2 only (prefetcht1/t2: within noise), huge pages for every tensor
+ *     (THP_MEM_ALLOC_ENABLE=1, FBGEMM's too: no change beyond run-to-run noise; one process
+ *     per setting, so not interleaved).
+ *   What is left is memory: perf puts ~2/3 of run_range on the row prefetch waiting for a fill
+ *   buffer.  A dense ID costs two dependent misses (4-byte locator, then the row) where FBGEMM's
+ *   fixed-stride rows need one; given the locators (resolved IDs) the same decode is 1.26x
+ *   (1.11..1.42) faster with uniform IDs, 1.17x (1.00..1.32) Zipf.
  *
  * Built by setuptools as an optional extension and called through ctypes; it uses no Python
- * API.  On x86-64 the hot function is compiled twice (x86-64-v3: AVX2+FMA+F16C, and baseline)
- * and the loader picks the one the CPU supports.
+ * API.  On x86-64 the hot function (run_range, with the pipeline and decode_q inlined) is
+ * compiled twice (x86-64-v3: AVX2+FMA+F16C, and baseline) and the loader picks the one the CPU
+ * supports; -DEMBSERVE_NO_CLONES builds the baseline alone (tests/test_decode_pipeline.py).
  */
 #include <stdint.h>
 #include <string.h>
@@ -44,7 +73,9 @@
 #endif
 #define MAX_CLASSES 8
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* -DEMBSERVE_NO_CLONES: the baseline clone alone, run as on a CPU without AVX2 (use_avx2 stays
+   0), so tests can hold that build to the torch reference on any x86-64 machine */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(EMBSERVE_NO_CLONES)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
@@ -90,7 +121,7 @@ static float half_to_float(uint16_t h) {
 void embserve_init(void) {
     if (f16_ready) return;
     for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
-#ifdef HAVE_X86_SIMD
+#if defined(HAVE_X86_SIMD) && !defined(EMBSERVE_NO_CLONES)
     __builtin_cpu_init();
     use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
@@ -255,10 +286,10 @@ static inline void decode_any(const uint8_t *restrict row, const row_class_t *c,
 /* How IDs become locators.  kind RESOLVED: the IDs already are locators (the caller resolved
  * them).  DENSE: locator = dense_locator[id] for 0 <= id < n_dense.  HASH: `slots` is the
  * open-addressing table of hashindex.c (12-byte slots, hashslot.h) with `n` = its capacity (any
- * value in [16, 2**30]; home and wrap in hashslot.h): stage 0 hashes the block's IDs and
+ * value in [16, 2**30]; home and wrap in hashslot.h): locate_one hashes an ID and
  * prefetches the bytes of their home slot and the two after it (at load 0.7 a hit is 2.2 slots
- * from home on average; prefetching only the home slot left the next line to miss in stage 1:
- * 4-5% of keyed lookup speed, interleaved A/B), stage 1 probes (the slots already in cache) and
+ * from home on average; prefetching only the home slot left the next line to miss in resolve_one:
+ * 4-5% of keyed lookup speed, interleaved A/B), resolve_one probes (the slots already in cache) and
  * prefetches the row.  Kind 3 was the format-2 hash layout (separate key and locator
  * arrays); it is retired, so a library that predates kind 4 rejects the new one instead of
  * misreading it.  KEYED: `keys` is sorted;
@@ -301,159 +332,259 @@ static inline int32_t find_in(const int64_t *keys, const int32_t *locator, int64
     return (pos >= 0 && keys[pos] == key) ? locator[pos] : -1;
 }
 
-/* Stage 0 of the pipeline, for IDs lo..hi: start the slowest loads.  KEYED parks the fence
- * position of each ID in loc_out. */
-static inline void stage_locate(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, int32_t *loc_out) {
-    if (ix->kind == INDEX_DENSE) {
-        for (int64_t i = lo; i < hi; i++) {
-            const int64_t key = ids[i];
-            if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, 3);
-        }
-    } else if (ix->kind == INDEX_HASH) {
-        /* park each ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
-        for (int64_t i = lo; i < hi; i++) {
-            const int64_t s = hslot_home(ids[i], ix->n);
-            loc_out[i] = (int32_t)s;
-            const uint8_t *slot = ix->slots + HSLOT_BYTES * s;
-            __builtin_prefetch(slot, 0, 3);
-            __builtin_prefetch(slot + 3 * HSLOT_BYTES - 1, 0, 3); /* through the 3rd slot: at most one more line */
-        }
-    } else if (ix->kind == INDEX_KEYED) {
-        /* the fence searches of the whole block, one level at a time: the block's loads at a
-           level are independent, so their cache misses overlap instead of queueing per ID */
-        int64_t base[BLOCK];
-        const int64_t m = hi - lo;
-        for (int64_t i = 0; i < m; i++) base[i] = 0;
-        int64_t len = ix->n_fence;
-        while (len > 1) {
-            const int64_t half = len >> 1;
-            for (int64_t i = 0; i < m; i++) base[i] = (ix->fence[base[i] + half] <= ids[lo + i]) ? base[i] + half : base[i];
-            len -= half;
-        }
-        for (int64_t i = lo; i < hi; i++) {
-            const int64_t f = ix->n_fence ? base[i - lo] + (ix->fence[base[i - lo]] <= ids[i]) - 1 : -1;
-            loc_out[i] = (int32_t)f;
-            if (f >= 0) {
-                const int64_t *run = ix->keys + f * FENCE;
-                for (int k = 0; k < FENCE * 8; k += 64) __builtin_prefetch((const char *)run + k, 0, 3);
-                __builtin_prefetch(ix->locator + f * FENCE, 0, 3);
-                __builtin_prefetch(ix->locator + f * FENCE + FENCE - 1, 0, 3);
-            }
-        }
-    }
-}
-
-/* Stage 1: the locator of each ID, and a prefetch of its row. */
-static inline void stage_resolve(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix,
-                                 const row_class_t *classes, int32_t *loc_out) {
-    for (int64_t i = lo; i < hi; i++) {
-        int32_t loc;
+/* The steps of one ID.  locate: start the slowest load (DENSE: the locator entry; HASH: the
+ * home slot, parked in loc_out).  resolve: the locator (the entry or slot is in cache by now),
+ * into loc_out, and a prefetch of its row.  KEYED locates a whole block at a time (below). */
+static inline __attribute__((always_inline)) void locate_one(const int kind, int64_t i, const int64_t *ids, const index_t *ix,
+                                                             int32_t *loc_out) {
+    if (kind == INDEX_DENSE) {
         const int64_t key = ids[i];
-        if (ix->kind == INDEX_DENSE) {
-            loc = (key >= 0 && key < ix->n) ? ix->locator[key] : -1;
-        } else if (ix->kind == INDEX_HASH) {
-            const int64_t cap = ix->n;
-            int64_t s = loc_out[i];
-            loc = -1;
-            if (key != HSLOT_EMPTY) {
-                for (;;) {
-                    const int64_t k = hslot_key(ix->slots, s);
-                    if (k == key) {
-                        loc = hslot_loc(ix->slots, s);
-                        break;
-                    }
-                    if (k == HSLOT_EMPTY) break;
-                    s = hslot_next(s, cap);
+        if (key >= 0 && key < ix->n) __builtin_prefetch(ix->locator + key, 0, 3);
+    } else if (kind == INDEX_HASH) {
+        /* park the ID's home slot in loc_out (capacity <= 2**30, so it fits an int32) */
+        const int64_t s = hslot_home(ids[i], ix->n);
+        loc_out[i] = (int32_t)s;
+        const uint8_t *slot = ix->slots + HSLOT_BYTES * s;
+        __builtin_prefetch(slot, 0, 3);
+        __builtin_prefetch(slot + 3 * HSLOT_BYTES - 1, 0, 3); /* through the 3rd slot: at most one more line */
+    }
+}
+
+static inline __attribute__((always_inline)) void resolve_one(const int kind, int64_t i, const int64_t *ids, const index_t *ix,
+                                                              const row_class_t *classes, int32_t *loc_out) {
+    int32_t loc;
+    const int64_t key = ids[i];
+    if (kind == INDEX_DENSE) {
+        loc = (key >= 0 && key < ix->n) ? ix->locator[key] : -1;
+    } else if (kind == INDEX_HASH) {
+        const int64_t cap = ix->n;
+        int64_t s = loc_out[i];
+        loc = -1;
+        if (key != HSLOT_EMPTY) {
+            for (;;) {
+                const int64_t k = hslot_key(ix->slots, s);
+                if (k == key) {
+                    loc = hslot_loc(ix->slots, s);
+                    break;
                 }
+                if (k == HSLOT_EMPTY) break;
+                s = hslot_next(s, cap);
             }
-        } else if (ix->kind == INDEX_KEYED) {
-            const int64_t f = loc_out[i];
-            loc = -1;
-            if (f >= 0) {
-                const int64_t start = f * FENCE;
-                const int64_t len = ix->n - start < FENCE ? ix->n - start : FENCE;
-                loc = find_in(ix->keys + start, ix->locator + start, len, key);
-            }
-            if (ix->n_delta) {
-                const int64_t pos = count_le(ix->delta_keys, ix->n_delta, key) - 1;
-                if (pos >= 0 && ix->delta_keys[pos] == key) loc = ix->delta_locator[pos];
-            }
-        } else {
-            loc = (int32_t)key;
         }
-        loc_out[i] = loc;
-        if (loc >= 0) {
-            const row_class_t *c = &classes[loc >> CLASS_SHIFT];
-            if (c->row_bytes > 0) {
-                const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
-                __builtin_prefetch(row, 0, 3);
-                __builtin_prefetch(row + c->row_bytes - 1, 0, 3);
-            }
+    } else if (kind == INDEX_KEYED) {
+        const int64_t f = loc_out[i];
+        loc = -1;
+        if (f >= 0) {
+            const int64_t start = f * FENCE;
+            const int64_t len = ix->n - start < FENCE ? ix->n - start : FENCE;
+            loc = find_in(ix->keys + start, ix->locator + start, len, key);
+        }
+        if (ix->n_delta) {
+            const int64_t pos = count_le(ix->delta_keys, ix->n_delta, key) - 1;
+            if (pos >= 0 && ix->delta_keys[pos] == key) loc = ix->delta_locator[pos];
+        }
+    } else {
+        loc = (int32_t)key;
+    }
+    loc_out[i] = loc;
+    if (loc >= 0) {
+        const row_class_t *c = &classes[loc >> CLASS_SHIFT];
+        if (c->row_bytes > 0) {
+            const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
+            __builtin_prefetch(row, 0, 3);
+            __builtin_prefetch(row + c->row_bytes - 1, 0, 3);
         }
     }
 }
 
-/* Stage 2: decode; returns how many IDs had no row. */
-static inline int64_t stage_decode(int64_t lo, int64_t hi, const row_class_t *classes, float *out, int64_t width,
-                                   const int32_t *loc_out) {
-    int64_t unknown = 0;
+/* KEYED, the locate step for IDs lo..hi: the fence searches of the whole block, one level at a time
+ * (the block's loads at a level are independent, so their cache misses overlap instead of
+ * queueing per ID); parks each ID's fence position in loc_out and prefetches its key run. */
+static inline void keyed_locate_block(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, int32_t *loc_out) {
+    int64_t base[BLOCK];
+    const int64_t m = hi - lo;
+    for (int64_t i = 0; i < m; i++) base[i] = 0;
+    int64_t len = ix->n_fence;
+    while (len > 1) {
+        const int64_t half = len >> 1;
+        for (int64_t i = 0; i < m; i++) base[i] = (ix->fence[base[i] + half] <= ids[lo + i]) ? base[i] + half : base[i];
+        len -= half;
+    }
     for (int64_t i = lo; i < hi; i++) {
-        const int32_t loc = loc_out[i];
-        float *o = out + i * width;
-        if (loc < 0) {
-            memset(o, 0, (size_t)width * 4);
-            unknown++;
-            continue;
+        const int64_t f = ix->n_fence ? base[i - lo] + (ix->fence[base[i - lo]] <= ids[i]) - 1 : -1;
+        loc_out[i] = (int32_t)f;
+        if (f >= 0) {
+            const int64_t *run = ix->keys + f * FENCE;
+            for (int k = 0; k < FENCE * 8; k += 64) __builtin_prefetch((const char *)run + k, 0, 3);
+            __builtin_prefetch(ix->locator + f * FENCE, 0, 3);
+            __builtin_prefetch(ix->locator + f * FENCE + FENCE - 1, 0, 3);
         }
-        const row_class_t *c = &classes[loc >> CLASS_SHIFT];
-        if (c->dim == 0) { /* pruned row: stored nothing, decodes to zeros */
-            memset(o, 0, (size_t)width * 4);
-            continue;
-        }
-        const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
-        if (c->rotation_t) {
-            /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k
-               (R^T is fp16: widened on load, F16C on x86) */
-            float y[MAX_ROTATED_DIM];
-            decode_any(row, c, c->dim, y);
+    }
+}
+
+/* How the rows of a class decode, decided once per call from its row_class_t (not per row):
+ * the common quantized classes of a table's own width take a path compiled for their bit
+ * width (inlined into run_range, so each of its clones vectorizes it for its target); pruned
+ * rows are zeros; everything else (fp32/fp16, PQ, rotated, narrower than the table) takes
+ * decode_other. */
+enum { RK_ZERO = 0, RK_Q8, RK_Q4, RK_Q2, RK_Q1, RK_OTHER };
+
+static inline int row_kind(const row_class_t *c, int64_t width) {
+    if (c->dim == 0) return RK_ZERO;
+    if (c->rotation_t || c->pq_m > 0 || c->dim != width) return RK_OTHER;
+    switch (c->bits) {
+    case 8: return RK_Q8;
+    case 4: return RK_Q4;
+    case 2: return RK_Q2;
+    case 1: return RK_Q1;
+    default: return RK_OTHER;
+    }
+}
+
+/* Quantized codes of a `bits`-wide class (planar, layout above), with bits a compile-time
+ * constant: plane p is the run of output floats o[p*stride ..) read from the code bytes
+ * shifted right by p*bits, a loop the compiler vectorizes. */
+static inline __attribute__((always_inline)) void dequant_q(const int bits, const uint8_t *restrict codes, int d, float scale,
+                                                            float bias, float *restrict o) {
+    const int per = 8 / bits, stride = (d + per - 1) / per;
+    for (int p = 0; p < per; p++) {
+        const int first = p * stride, count = d - first < stride ? d - first : stride;
+        float *restrict op = o + first;
+        for (int k = 0; k < count; k++) op[k] = (float)((codes[k] >> (p * bits)) & ((1 << bits) - 1)) * scale + bias;
+    }
+}
+
+static inline __attribute__((always_inline)) void decode_q(const int bits, const uint8_t *restrict row, int d, float *restrict o) {
+    const float scale = load_half(row), bias = load_half(row + 2);
+    if (d == 64) /* the common width: constant trip counts, no remainder loops */
+        dequant_q(bits, row + 4, 64, scale, bias, o);
+    else
+        dequant_q(bits, row + 4, d, scale, bias, o);
+}
+
+/* Rows of the classes without a specialised path (RK_OTHER). */
+static void decode_other(const uint8_t *restrict row, const row_class_t *c, int64_t width, float *restrict o) {
+    if (c->rotation_t) {
+        /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k
+           (R^T is fp16: widened on load, F16C on x86) */
+        float y[MAX_ROTATED_DIM];
+        decode_any(row, c, c->dim, y);
 #ifdef HAVE_X86_SIMD
-            if (use_avx2) {
-                rotate_back_avx2(y, c->dim, c->rotation_t, width, o);
-                continue;
-            }
-#endif
-            memset(o, 0, (size_t)width * 4);
-            for (int k = 0; k < c->dim; k++) {
-                const float yk = y[k];
-                const uint16_t *restrict rk = c->rotation_t + (int64_t)k * width;
-                for (int64_t j = 0; j < width; j++) o[j] += yk * f16_table[rk[j]];
-            }
-        } else {
-            decode_any(row, c, (int)width, o);
+        if (use_avx2) {
+            rotate_back_avx2(y, c->dim, c->rotation_t, width, o);
+            return;
         }
+#endif
+        memset(o, 0, (size_t)width * 4);
+        for (int k = 0; k < c->dim; k++) {
+            const float yk = y[k];
+            const uint16_t *restrict rk = c->rotation_t + (int64_t)k * width;
+            for (int64_t j = 0; j < width; j++) o[j] += yk * f16_table[rk[j]];
+        }
+    } else {
+        decode_any(row, c, (int)width, o);
+    }
+}
+
+/* Decode one located row into o; returns 1 when the ID had no row. */
+static inline __attribute__((always_inline)) int decode_one(int32_t loc, const row_class_t *classes, const uint8_t *kinds,
+                                                            float *restrict o, int64_t width) {
+    if (loc < 0) {
+        memset(o, 0, (size_t)width * 4);
+        return 1;
+    }
+    const int cls = loc >> CLASS_SHIFT;
+    const row_class_t *c = &classes[cls];
+    const uint8_t *row = c->base + (int64_t)(loc & SLOT_MASK) * c->row_bytes;
+    switch (kinds[cls]) {
+    case RK_ZERO: /* pruned row: stored nothing, decodes to zeros */
+        memset(o, 0, (size_t)width * 4);
+        break;
+    case RK_Q4: decode_q(4, row, (int)width, o); break;
+    case RK_Q2: decode_q(2, row, (int)width, o); break;
+    case RK_Q8: decode_q(8, row, (int)width, o); break;
+    case RK_Q1: decode_q(1, row, (int)width, o); break;
+    default: decode_other(row, c, width, o);
+    }
+    return 0;
+}
+
+#ifndef AHEAD
+#define AHEAD 16
+#endif
+
+/* DENSE, HASH and RESOLVED: a software pipeline per ID.  Iteration i locates ID i + 2*AHEAD,
+ * resolves ID i + AHEAD and decodes ID i, so each ID's two dependent loads are in flight for
+ * AHEAD decodes each, and misses are issued at an even rate. */
+static inline __attribute__((always_inline)) int64_t run_ids(const int kind, int64_t lo, int64_t hi, const int64_t *ids,
+                                                             const index_t *ix, const row_class_t *classes, const uint8_t *kinds,
+                                                             float *out, int64_t width, int32_t *loc_out) {
+    int64_t unknown = 0, i = lo;
+    const int64_t warm = hi - lo < 2 * AHEAD ? hi : lo + 2 * AHEAD;
+    for (int64_t k = lo; k < warm; k++) locate_one(kind, k, ids, ix, loc_out);
+    for (int64_t k = lo; k < (hi - lo < AHEAD ? hi : lo + AHEAD); k++) resolve_one(kind, k, ids, ix, classes, loc_out);
+    for (; i + 2 * AHEAD < hi; i++) {
+        locate_one(kind, i + 2 * AHEAD, ids, ix, loc_out);
+        resolve_one(kind, i + AHEAD, ids, ix, classes, loc_out);
+        unknown += decode_one(loc_out[i], classes, kinds, out + i * width, width);
+    }
+    for (; i < hi; i++) {
+        if (i + AHEAD < hi) resolve_one(kind, i + AHEAD, ids, ix, classes, loc_out);
+        unknown += decode_one(loc_out[i], classes, kinds, out + i * width, width);
     }
     return unknown;
 }
 
 #define BLOCK_END(b) ((b) + BLOCK < hi ? (b) + BLOCK : hi)
 
-/* IDs lo..hi as a three-stage pipeline over blocks: while block k is decoded, block k+1 is
- * resolved (its rows prefetched) and block k+2 located (its index entries prefetched). */
+/* KEYED: the block pipeline.  While block k is decoded, block k+1 is resolved (rows
+ * prefetched) and block k+2 located (fence searched, key runs prefetched). */
+static inline int64_t run_keyed(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, const row_class_t *classes,
+                                const uint8_t *kinds, float *out, int64_t width, int32_t *loc_out) {
+    int64_t unknown = 0;
+    keyed_locate_block(lo, BLOCK_END(lo), ids, ix, loc_out);
+    if (lo + BLOCK < hi) keyed_locate_block(lo + BLOCK, BLOCK_END(lo + BLOCK), ids, ix, loc_out);
+    for (int64_t k = lo; k < BLOCK_END(lo); k++) resolve_one(INDEX_KEYED, k, ids, ix, classes, loc_out);
+    for (int64_t start = lo; start < hi; start += BLOCK) {
+        const int64_t next = start + BLOCK, after = start + 2 * BLOCK;
+        if (after < hi) keyed_locate_block(after, BLOCK_END(after), ids, ix, loc_out);
+        if (next < hi)
+            for (int64_t k = next; k < BLOCK_END(next); k++) resolve_one(INDEX_KEYED, k, ids, ix, classes, loc_out);
+        for (int64_t k = start; k < BLOCK_END(start); k++) unknown += decode_one(loc_out[k], classes, kinds, out + k * width, width);
+    }
+    return unknown;
+}
+
 MULTIVERSION
 static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix, const row_class_t *classes,
                          float *out, int64_t width, int32_t *loc_out) {
-    int64_t unknown = 0;
     if (lo >= hi) return 0;
-    stage_locate(lo, BLOCK_END(lo), ids, ix, loc_out);
-    if (lo + BLOCK < hi) stage_locate(lo + BLOCK, BLOCK_END(lo + BLOCK), ids, ix, loc_out);
-    stage_resolve(lo, BLOCK_END(lo), ids, ix, classes, loc_out);
-    for (int64_t start = lo; start < hi; start += BLOCK) {
-        const int64_t next = start + BLOCK, after = start + 2 * BLOCK;
-        if (after < hi) stage_locate(after, BLOCK_END(after), ids, ix, loc_out);
-        if (next < hi) stage_resolve(next, BLOCK_END(next), ids, ix, classes, loc_out);
-        unknown += stage_decode(start, BLOCK_END(start), classes, out, width, loc_out);
+    uint8_t kinds[MAX_CLASSES];
+    for (int k = 0; k < MAX_CLASSES; k++) kinds[k] = (uint8_t)row_kind(&classes[k], width);
+    switch (ix->kind) {
+    case INDEX_DENSE: return run_ids(INDEX_DENSE, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
+    case INDEX_HASH: return run_ids(INDEX_HASH, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
+    case INDEX_KEYED: return run_keyed(lo, hi, ids, ix, classes, kinds, out, width, loc_out);
+    default: return run_ids(INDEX_RESOLVED, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
     }
-    return unknown;
+}
+
+/* pruned[i] = 1 where loc[i] names a row of a pruned (dim-0) class, else 0; returns how many.
+ * A table serves its pruned rows by its unknown-ID policy, so its lookup needs this mask: one
+ * pass here where torch took five ops over the locators (as long as the decode of a 16x table,
+ * whose pruned rows are a quarter of its traffic).  classes: MAX_CLASSES entries, as for
+ * embserve_lookup. */
+int64_t embserve_pruned_mask(const int32_t *loc, int64_t n, const row_class_t *classes, uint8_t *pruned) {
+    uint8_t zero[MAX_CLASSES];
+    for (int k = 0; k < MAX_CLASSES; k++) zero[k] = classes[k].dim == 0;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t l = loc[i];
+        const uint8_t p = l >= 0 && zero[l >> CLASS_SHIFT];
+        pruned[i] = p;
+        count += p;
+    }
+    return count;
 }
 
 /* ids:      int64 [n]: raw IDs, or locators when index->kind == INDEX_RESOLVED

@@ -22,6 +22,7 @@
 void embserve_init(void);
 int64_t embserve_lookup(const int64_t *ids, int64_t n, const void *index, const void *classes, int32_t n_classes,
                         float *out, int64_t width, int32_t *loc_out, int32_t threads);
+int64_t embserve_pruned_mask(const int32_t *loc, int64_t n, const void *classes, uint8_t *pruned);
 
 #define N_CLASSES 8 /* MAX_CLASSES of decode.c */
 /* below this many IDs the GIL is kept: releasing and retaking it costs more than the decode */
@@ -154,10 +155,33 @@ done:
     return result;
 }
 
+/* pruned(loc_addr, n, classes_addr, out_addr) -> count
+ *
+ * embserve_pruned_mask: bool (uint8) out [n] = the locator names a row of a pruned (dim-0)
+ * class; returns how many do.  The caller keeps the int32 loc [n], the class array and out
+ * alive for the call. */
+static PyObject *py_pruned(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t v[4];
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "pruned takes 4 integer arguments");
+        return NULL;
+    }
+    for (int k = 0; k < 4; k++)
+        if (as_int64(args[k], &v[k]) < 0) return NULL;
+    if (v[1] < 0) {
+        PyErr_SetString(PyExc_ValueError, "pruned: negative length");
+        return NULL;
+    }
+    return PyLong_FromLongLong(embserve_pruned_mask((const int32_t *)(intptr_t)v[0], v[1], (const void *)(intptr_t)v[2],
+                                                    (uint8_t *)(intptr_t)v[3]));
+}
+
 static PyMethodDef methods[] = {
     {"lookup", (PyCFunction)(void (*)(void))py_lookup, METH_FASTCALL, "embserve_lookup by addresses (see pyentry.c)"},
     {"lookup_answer", (PyCFunction)(void (*)(void))py_lookup_answer, METH_FASTCALL,
      "decode IDs from one buffer into rows and status bytes of another (see pyentry.c)"},
+    {"pruned", (PyCFunction)(void (*)(void))py_pruned, METH_FASTCALL, "embserve_pruned_mask by addresses (see pyentry.c)"},
     {NULL, NULL, 0, NULL},
 };
 
