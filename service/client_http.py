@@ -45,8 +45,10 @@ class HttpConnection:
         self.sock: socket.socket | None = None
         self._host_line = _host_line(scheme, host, port)
         # the answer being parsed (httptools calls these methods back)
+        self._parser: httptools.HttpResponseParser | None = None
         self._chunks: list[bytes] = []
         self._complete = False
+        self._keep_alive = False
 
     def connect(self) -> None:
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -88,9 +90,10 @@ class HttpConnection:
         return status, content
 
     def _read_answer(self, sock: socket.socket) -> tuple[int, bytes, bool]:
-        parser = httptools.HttpResponseParser(self)
+        parser = self._parser = httptools.HttpResponseParser(self)
         self._chunks = []
         self._complete = False
+        self._keep_alive = False
         received = False
         while not self._complete:
             data = sock.recv(_RECV_BYTES)
@@ -104,7 +107,7 @@ class HttpConnection:
             except httptools.HttpParserError as exc:
                 raise ResponseError(f"unreadable answer: {exc}") from exc
         content = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        return parser.get_status_code(), content, parser.should_keep_alive()
+        return parser.get_status_code(), content, self._keep_alive
 
     # httptools callbacks
     def on_body(self, body: bytes) -> None:
@@ -112,6 +115,10 @@ class HttpConnection:
 
     def on_message_complete(self) -> None:
         self._complete = True
+        # read now: once the callback returns, llhttp resets the message's flags and
+        # should_keep_alive() says False for every answer (httptools 0.9)
+        assert self._parser is not None
+        self._keep_alive = self._parser.should_keep_alive()
 
 
 # ------------------------------------------------------------------ asyncio
