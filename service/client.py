@@ -97,18 +97,18 @@ def _lookup_request(lookups: Sequence[ParsedLookup], binary: bool) -> tuple[byte
     return orjson.dumps(body), {"content-type": "application/json", "accept": "application/json"}
 
 
-def _raise_for(status: int, content: bytes) -> None:
+def _raise_for(status: int, content: bytes | memoryview) -> None:
     if 200 <= status < 300:
         return
     try:
         err = orjson.loads(content)["error"]
         code, message = err.get("code", "error"), err.get("message", "")
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        code, message = "error", content[:200].decode("utf-8", "replace")
+        code, message = "error", bytes(content[:200]).decode("utf-8", "replace")
     raise EmbservError(status, code, message)
 
 
-def _lookup_answer(status: int, content: bytes, binary: bool, dtypes: Sequence[str | None]) -> list[Embeddings]:
+def _lookup_answer(status: int, content: bytes | memoryview, binary: bool, dtypes: Sequence[str | None]) -> list[Embeddings]:
     _raise_for(status, content)
     if binary:
         return [
@@ -151,7 +151,7 @@ def _update_request(upsert_ids: Any, vectors: Any, delete_ids: Any) -> bytes:
     return encode_binary_updates(ids, vecs, deletes)
 
 
-def _update_answer(status: int, content: bytes) -> UpdateAck:
+def _update_answer(status: int, content: bytes | memoryview) -> UpdateAck:
     _raise_for(status, content)
     body = orjson.loads(content)
     return UpdateAck(body["position"], bool(body["applied"]), int(body["upserts"]), int(body["deletes"]))
@@ -213,7 +213,7 @@ class EmbeddingClient:
                 self._connections.append(conn)
         return conn
 
-    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes | memoryview]:
         lines = self._lines.get(headers)
         for attempt in (0, 1):
             conn = self._connection()
@@ -287,7 +287,7 @@ class AsyncEmbeddingClient:
         self._pool = AsyncHttpPool(scheme, host, port, timeout, max_connections)
         self._lines = _HeaderLines(_headers(token))
 
-    async def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    async def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes | memoryview]:
         lines = self._lines.get(headers)
         for attempt in (0, 1):
             try:
