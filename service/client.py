@@ -111,10 +111,7 @@ def _raise_for(status: int, content: bytes | memoryview) -> None:
 def _lookup_answer(status: int, content: bytes | memoryview, binary: bool, dtypes: Sequence[str | None]) -> list[Embeddings]:
     _raise_for(status, content)
     if binary:
-        return [
-            Embeddings(values, status == STATUS_FOUND, unknown, status, int((status == STATUS_PRUNED).sum()))
-            for values, status, unknown in decode_binary_statuses(content)
-        ]
+        return [_embeddings(values, status, unknown) for values, status, unknown in decode_binary_statuses(content)]
     out = []
     for r, dtype in zip(orjson.loads(content)["results"], dtypes, strict=True):
         values = np.asarray(r["embeddings"], dtype=np.float16 if dtype == "f16" else np.float32).reshape(r["shape"])
@@ -123,6 +120,13 @@ def _lookup_answer(status: int, content: bytes | memoryview, binary: bool, dtype
         # JSON carries counts, not per-ID statuses: unknown and pruned IDs both read found=false
         out.append(Embeddings(values, found, int(r["unknown"]), None, pruned))
     return out
+
+
+def _embeddings(values: np.ndarray, status: np.ndarray, unknown: int) -> Embeddings:
+    found = status == STATUS_FOUND
+    # every ID found (the common case): none pruned, without a second pass over the statuses
+    pruned = 0 if np.count_nonzero(found) == found.size else int(np.count_nonzero(status == STATUS_PRUNED))
+    return Embeddings(values, found, unknown, status, pruned)
 
 
 def _as_lookups(specs: Mapping[str, Any] | Sequence[LookupSpec], dtype: DType | None) -> list[ParsedLookup]:

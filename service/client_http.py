@@ -17,12 +17,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
+import sys
 
 import httptools
 import numpy as np
 
 # an answer's first read: its head and, up to about batch 120 at 64 dims, its whole body
 _HEAD_READ = 32 * 1024
+# plain connections time out through SO_RCVTIMEO / SO_SNDTIMEO (struct timeval: two C longs
+# on Linux; elsewhere, Python's own timeouts)
+_KERNEL_TIMEOUTS = sys.platform == "linux"
 # bodies of a known length from this size are received straight into their own buffer
 _DIRECT_MIN = 64 * 1024
 _JOIN_BELOW = 64 * 1024  # smaller bodies go out in the same buffer as the head: one send
@@ -64,6 +69,16 @@ class HttpConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one write: do not wait for an ACK
         if self.scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+        elif _KERNEL_TIMEOUTS:
+            # a blocking socket whose sends and receives time out in the kernel: with Python's own
+            # timeout every send and receive is preceded by a poll(), one system call and one GIL
+            # hand-off more per call (three per lookup); an expired one raises BlockingIOError,
+            # which request() turns into the TimeoutError a timed-out socket raises
+            whole = int(self.timeout)
+            timeval = struct.pack("ll", whole, int((self.timeout - whole) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            sock.settimeout(None)
         self.sock = sock
 
     def close(self) -> None:
@@ -92,6 +107,9 @@ class HttpConnection:
                 sock.sendall(head)
                 sock.sendall(body)
             status, content, keep_alive = self._read_answer(sock)
+        except BlockingIOError as exc:  # a kernel timeout ran out (connect)
+            self.close()
+            raise TimeoutError(f"timed out ({self.timeout:g} s)") from exc
         except BaseException:
             self.close()  # a request cut anywhere leaves the connection mid-message
             raise
