@@ -97,24 +97,21 @@ def _lookup_request(lookups: Sequence[ParsedLookup], binary: bool) -> tuple[byte
     return orjson.dumps(body), {"content-type": "application/json", "accept": "application/json"}
 
 
-def _raise_for(status: int, content: bytes) -> None:
+def _raise_for(status: int, content: bytes | memoryview) -> None:
     if 200 <= status < 300:
         return
     try:
         err = orjson.loads(content)["error"]
         code, message = err.get("code", "error"), err.get("message", "")
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        code, message = "error", content[:200].decode("utf-8", "replace")
+        code, message = "error", bytes(content[:200]).decode("utf-8", "replace")
     raise EmbservError(status, code, message)
 
 
-def _lookup_answer(status: int, content: bytes, binary: bool, dtypes: Sequence[str | None]) -> list[Embeddings]:
+def _lookup_answer(status: int, content: bytes | memoryview, binary: bool, dtypes: Sequence[str | None]) -> list[Embeddings]:
     _raise_for(status, content)
     if binary:
-        return [
-            Embeddings(values, status == STATUS_FOUND, unknown, status, int((status == STATUS_PRUNED).sum()))
-            for values, status, unknown in decode_binary_statuses(content)
-        ]
+        return [_embeddings(values, status, unknown) for values, status, unknown in decode_binary_statuses(content)]
     out = []
     for r, dtype in zip(orjson.loads(content)["results"], dtypes, strict=True):
         values = np.asarray(r["embeddings"], dtype=np.float16 if dtype == "f16" else np.float32).reshape(r["shape"])
@@ -123,6 +120,13 @@ def _lookup_answer(status: int, content: bytes, binary: bool, dtypes: Sequence[s
         # JSON carries counts, not per-ID statuses: unknown and pruned IDs both read found=false
         out.append(Embeddings(values, found, int(r["unknown"]), None, pruned))
     return out
+
+
+def _embeddings(values: np.ndarray, status: np.ndarray, unknown: int) -> Embeddings:
+    found = status == STATUS_FOUND
+    # every ID found (the common case): none pruned, without a second pass over the statuses
+    pruned = 0 if np.count_nonzero(found) == found.size else int(np.count_nonzero(status == STATUS_PRUNED))
+    return Embeddings(values, found, unknown, status, pruned)
 
 
 def _as_lookups(specs: Mapping[str, Any] | Sequence[LookupSpec], dtype: DType | None) -> list[ParsedLookup]:
@@ -151,7 +155,7 @@ def _update_request(upsert_ids: Any, vectors: Any, delete_ids: Any) -> bytes:
     return encode_binary_updates(ids, vecs, deletes)
 
 
-def _update_answer(status: int, content: bytes) -> UpdateAck:
+def _update_answer(status: int, content: bytes | memoryview) -> UpdateAck:
     _raise_for(status, content)
     body = orjson.loads(content)
     return UpdateAck(body["position"], bool(body["applied"]), int(body["upserts"]), int(body["deletes"]))
@@ -213,7 +217,7 @@ class EmbeddingClient:
                 self._connections.append(conn)
         return conn
 
-    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes | memoryview]:
         lines = self._lines.get(headers)
         for attempt in (0, 1):
             conn = self._connection()
@@ -287,7 +291,7 @@ class AsyncEmbeddingClient:
         self._pool = AsyncHttpPool(scheme, host, port, timeout, max_connections)
         self._lines = _HeaderLines(_headers(token))
 
-    async def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    async def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes | memoryview]:
         lines = self._lines.get(headers)
         for attempt in (0, 1):
             try:

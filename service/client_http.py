@@ -17,10 +17,19 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
+import sys
 
 import httptools
+import numpy as np
 
-_RECV_BYTES = 256 * 1024
+# an answer's first read: its head and, up to about batch 120 at 64 dims, its whole body
+_HEAD_READ = 32 * 1024
+# plain connections time out through SO_RCVTIMEO / SO_SNDTIMEO (struct timeval: two C longs
+# on Linux; elsewhere, Python's own timeouts)
+_KERNEL_TIMEOUTS = sys.platform == "linux"
+# bodies of a known length from this size are received straight into their own buffer
+_DIRECT_MIN = 64 * 1024
 _JOIN_BELOW = 64 * 1024  # smaller bodies go out in the same buffer as the head: one send
 
 
@@ -45,14 +54,31 @@ class HttpConnection:
         self.sock: socket.socket | None = None
         self._host_line = _host_line(scheme, host, port)
         # the answer being parsed (httptools calls these methods back)
+        self._parser: httptools.HttpResponseParser | None = None
         self._chunks: list[bytes] = []
         self._complete = False
+        self._keep_alive = False
+        self._length: int | None = None  # the answer's Content-Length
+        self._chunked = False  # it came with a Transfer-Encoding
+        # where each answer's head (and a small body) is received: reused, the body leaves it as bytes
+        self._scratch = bytearray(_HEAD_READ)
+        self._scratch_view = memoryview(self._scratch)
 
     def connect(self) -> None:
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one write: do not wait for an ACK
         if self.scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+        elif _KERNEL_TIMEOUTS:
+            # a blocking socket whose sends and receives time out in the kernel: with Python's own
+            # timeout every send and receive is preceded by a poll(), one system call and one GIL
+            # hand-off more per call (three per lookup); an expired one raises BlockingIOError,
+            # which request() turns into the TimeoutError a timed-out socket raises
+            whole = int(self.timeout)
+            timeval = struct.pack("ll", whole, int((self.timeout - whole) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            sock.settimeout(None)
         self.sock = sock
 
     def close(self) -> None:
@@ -60,8 +86,9 @@ class HttpConnection:
             self.sock.close()
             self.sock = None
 
-    def request(self, method: str, target: str, body: bytes | None, headers: bytes) -> tuple[int, bytes]:
-        """Send one request and read its whole answer: ``(status, body)``.  ``headers``: header
+    def request(self, method: str, target: str, body: bytes | None, headers: bytes) -> tuple[int, bytes | memoryview]:
+        """Send one request and read its whole answer: ``(status, body)``; a large body of known
+        length comes as a read-only memoryview of its own buffer, others as bytes.  ``headers``: header
         lines, each ending in CRLF, without Host and Content-Length.  Raises
         :class:`ClosedBeforeAnswer` when the server closed the connection before answering,
         :class:`ResponseError` for an unreadable answer, ``OSError`` (timeouts included) for the
@@ -80,6 +107,9 @@ class HttpConnection:
                 sock.sendall(head)
                 sock.sendall(body)
             status, content, keep_alive = self._read_answer(sock)
+        except BlockingIOError as exc:  # a kernel timeout ran out (connect)
+            self.close()
+            raise TimeoutError(f"timed out ({self.timeout:g} s)") from exc
         except BaseException:
             self.close()  # a request cut anywhere leaves the connection mid-message
             raise
@@ -87,31 +117,80 @@ class HttpConnection:
             self.close()
         return status, content
 
-    def _read_answer(self, sock: socket.socket) -> tuple[int, bytes, bool]:
-        parser = httptools.HttpResponseParser(self)
+    def _read_answer(self, sock: socket.socket) -> tuple[int, bytes | memoryview, bool]:
+        """Receive one answer.  The head (and a small body with it) is read into the connection's
+        scratch buffer and parsed by httptools; a body of known length from ``_DIRECT_MIN`` bytes
+        is then received straight into a buffer of its own, never passing the parser: a 256 KiB
+        answer was copied twice more before (httptools hands each chunk over as a new bytes, and
+        the chunks were joined), two of the three copies a batch-1024 answer cost the client."""
+        parser = self._parser = httptools.HttpResponseParser(self)
         self._chunks = []
-        self._complete = False
-        received = False
-        while not self._complete:
-            data = sock.recv(_RECV_BYTES)
-            if not data:
-                if not received:
+        self._complete = self._keep_alive = False
+        self._length = None
+        self._chunked = False
+        scratch, view = self._scratch, self._scratch_view
+        got = 0
+        end = -1
+        while end < 0 and got < len(scratch):  # until the head's blank line is in (one read, normally)
+            n = sock.recv_into(view[got:])
+            if not n:
+                if not got:
                     raise ClosedBeforeAnswer("the server closed the connection before answering")
                 raise ResponseError("the server closed the connection in the middle of its answer")
-            received = True
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                raise ResponseError(f"unreadable answer: {exc}") from exc
+            end = scratch.find(b"\r\n\r\n", max(0, got - 3), got + n)
+            got += n
+        head_end = end + 4 if end >= 0 else got  # no blank line in the first 32 KiB: the parser decides
+        self._feed(parser, view[:head_end])
+        length = self._length
+        if not self._complete and length is not None and length >= _DIRECT_MIN and not self._chunked:
+            body = memoryview(np.empty(length, dtype=np.uint8))  # no zero-fill: every byte is received over
+            have = min(got - head_end, length)
+            body[:have] = view[head_end : head_end + have]
+            while have < length:
+                n = sock.recv_into(body[have:])
+                if not n:
+                    raise ResponseError("the server closed the connection in the middle of its answer")
+                have += n
+            # bytes past the answer are no answer to anything this client sent: not kept alive
+            return parser.get_status_code(), body.toreadonly(), self._keep_alive and got - head_end <= length
+        if got > head_end:
+            self._feed(parser, view[head_end:got])
+        while not self._complete:
+            n = sock.recv_into(view)
+            if not n:
+                raise ResponseError("the server closed the connection in the middle of its answer")
+            self._feed(parser, view[:n])
         content = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        return parser.get_status_code(), content, parser.should_keep_alive()
+        return parser.get_status_code(), content, self._keep_alive
+
+    @staticmethod
+    def _feed(parser: httptools.HttpResponseParser, data: memoryview) -> None:
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            raise ResponseError(f"unreadable answer: {exc}") from exc
 
     # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length" and value.isdigit():  # llhttp itself refuses duplicates and odd values
+            self._length = int(value)
+        elif name == b"transfer-encoding":
+            self._chunked = True
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        self._keep_alive = self._parser.should_keep_alive()
+
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
 
     def on_message_complete(self) -> None:
         self._complete = True
+        # read now: once the callback returns, llhttp resets the message's flags and
+        # should_keep_alive() says False for every answer (httptools 0.9)
+        assert self._parser is not None
+        self._keep_alive = self._parser.should_keep_alive()
 
 
 # ------------------------------------------------------------------ asyncio

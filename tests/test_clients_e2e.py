@@ -120,6 +120,31 @@ def test_unmodified_triton_client_calls_the_v2_protocol(server: str, binary: boo
 # ------------------------------------------------- the blocking client's connection (client_http.py)
 
 
+def test_kept_alive_connections_carry_the_next_request(server: str) -> None:
+    """An answer without ``Connection: close`` leaves the connection open: the next request goes
+    on the same socket (httptools forgets keep-alive once a message is parsed, so it must be
+    read while the message completes; a client that reconnected for every request paid a TCP
+    handshake, a slow-starting window and the server's per-connection setup on each lookup)."""
+    ids = np.arange(1000, dtype=np.int64)  # a 64 KB answer, more than one recv
+    with EmbeddingClient(server) as client:
+        client.lookup("items", ids)
+        sock = client._connection().sock
+        assert sock is not None
+        port = sock.getsockname()[1]
+        for _ in range(3):
+            client.lookup("items", ids[:5])
+            client.lookup("items", ids)
+        assert client._connection().sock is sock and sock.getsockname()[1] == port
+
+    async def run() -> None:
+        async with AsyncEmbeddingClient(server, max_connections=4) as client:
+            for _ in range(3):
+                await client.lookup("items", ids)
+            assert len(client._pool._open) == 1 and len(client._pool._idle) == 1
+
+    asyncio.run(run())
+
+
 def test_large_chunked_and_closing_answers_read_whole(server: str) -> None:
     """A JSON answer over 1 MiB comes chunked (service/buffered.py); ``Connection: close`` makes
     the client open a new connection for the next request."""

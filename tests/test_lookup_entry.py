@@ -53,7 +53,9 @@ def test_lookup_to_buffer_equals_lookup(kind: str, picks: list[int], unknown: li
     expected = table.lookup(query)
     body = b"\x07" * offset + query.numpy().astype("<i8").tobytes() + b"tail"
     rows_at = 4 * ((offset + 3) // 4)
-    answer = bytearray(rows_at + 4 * 16 * n + n + 3)
+    # junk where rows and statuses go: every byte must be written (the service's answers are
+    # not zero-filled first: cpu_c.answer_buffer)
+    answer = bytearray(b"\xab" * (rows_at + 4 * 16 * n + n + 3))
     got_unknown = table.lookup_to_buffer(body, offset, n, answer, rows_at, rows_at + 4 * 16 * n)
     assert got_unknown == expected.num_unknown
     values = np.frombuffer(answer, dtype=np.float32, count=16 * n, offset=rows_at).reshape(n, 16)
@@ -136,8 +138,12 @@ def test_one_table_binary_answers_are_the_general_paths_bytes(service_state: obj
     state = app.state.embserve  # type: ignore[attr-defined]
     fast = LookupFastPath(app, state)  # type: ignore[arg-type]
     held = state.tables.get("t").table.index.live_items()[0]
-    for ids in ([int(held[0])], [int(held[3]), 10**15, int(held[3])], [int(k) for k in held[:37]], [-(2**63)]):
+    big = [int(k) for k in held[:400]] * 3 + [10**15] * 5  # 1205 IDs: a 78 KB answer, kept as the bytearray
+    for ids in ([int(held[0])], [int(held[3]), 10**15, int(held[3])], [int(k) for k in held[:37]], [-(2**63)], big, big[:1203]):
         body = encode_binary_request([ParsedLookup("t", np.array(ids, dtype=np.int64), None, "none", None)])
+        # the answer buffer is not zero-filled: leave junk in the memory it is likely to reuse
+        junk = bytearray(b"\xab" * (24 + 65 * len(ids) + 8))
+        del junk
         got = fast.answer_one_binary(body)
         assert got is not None
         expected, _ = answer_bytes(state, body, BINARY_REQUEST_TYPE, True)

@@ -297,6 +297,15 @@ def lookup_answer(ids: bytes | bytearray | memoryview, ids_offset: int, n: int, 
     )
 
 
+def answer_buffer(size: int) -> bytearray:
+    """A ``size``-byte bytearray for an answer whose every byte the caller writes (head,
+    :func:`lookup_answer`'s rows and statuses, padding): not zero-filled first when the compiled
+    entry is built (pyentry.c), zeros otherwise."""
+    if ENTRY is None:
+        return bytearray(size)
+    return ENTRY.answer_buffer(size)  # type: ignore[attr-defined,no-any-return]
+
+
 # Count-min sketches: ``cells`` is a contiguous CPU [depth, width] float32 or int32 tensor,
 # ``mult`` the int64 [depth] row multipliers, ``ids`` contiguous int64 (see sketch.c).
 

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from compression.kernels.cpu_c import answer_buffer
 from compression.pooling import validate_offsets
 from compression.table import LookupResult
 
@@ -577,8 +578,12 @@ class LookupFastPath:
         size = values_end + n + (-n % 4)
         if size > STREAM_MIN_BYTES or 4 * n * dim + n > settings.max_response_bytes:
             return None
-        answer = bytearray(size)
+        # not zero-filled (9 us at batch 1024): the head, the decoder's rows (unknown IDs' too)
+        # and status bytes, and the padding below are every byte of it
+        answer = answer_buffer(size)
         _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, 0)
+        if size > values_end + n:
+            answer[values_end + n :] = bytes(size - values_end - n)  # zero padding to 4 bytes
         started = time.perf_counter()
         num_unknown = table.lookup_to_buffer(body, ids_at, n, answer, _ONE_ROWS_AT, values_end)
         if num_unknown is None:
