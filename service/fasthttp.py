@@ -207,12 +207,13 @@ class LeanLookupProtocol(asyncio.Protocol):
     re-armed per request): at batch 1 that machinery was half the server's CPU, and a protocol
     that parses a request and writes a constant costs 8 us against uvicorn's 33-41.
 
-    Anything else - another route or method, a request it would not take, pipelined bytes past
-    the request, an answer ``answer_now`` leaves to ASGI - hands the connection over for good to
-    :class:`LookupProtocol` (uvicorn's protocol), which gets the bytes of that request from its
-    first byte, as if it had had the connection all along.  A lookup still arriving (head or
-    body in pieces) is kept until it is whole; a client gone meanwhile is counted as the ASGI
-    path counts it."""
+    Pipelined lookups are answered in order, one after another.  Anything else - another route
+    or method, a request it would not take, an answer ``answer_now`` leaves to ASGI - hands the
+    connection over for good to :class:`LookupProtocol` (uvicorn's protocol), which gets the
+    bytes from that request's first byte on, as if it had had the connection all along.  A
+    lookup still arriving (head or body in pieces, at most a 16 KiB head and the inline body
+    limit) is kept until it is whole; a client gone meanwhile is counted as the ASGI path
+    counts it."""
 
     fallback: type[LookupProtocol]  # set on the subclass protocol_class builds, with:
     responder: LookupFastPath
