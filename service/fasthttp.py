@@ -28,6 +28,10 @@ The bytes written are the ASGI path's: uvicorn's status line and default headers
 ``server``), then ``content-type``, ``content-length``, any error header, and ``connection:
 close`` when the connection is not kept alive (tests/test_fasthttp.py compares both paths
 byte for byte).  ``EMBSERVE_HTTP_FAST_PATH=false`` turns it off.
+
+A connection starts on :class:`LeanLookupProtocol`, which answers whole lookups with even less
+(no per-request callbacks, cycle or timer: 52 -> 47 us of server CPU per batch-1 lookup, same
+run) and hands the connection to :class:`LookupProtocol` at the first request it would not take.
 """
 
 from __future__ import annotations
