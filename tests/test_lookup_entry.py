@@ -148,9 +148,18 @@ def test_one_table_binary_answers_are_the_general_paths_bytes(service_state: obj
         assert got is not None
         expected, _ = answer_bytes(state, body, BINARY_REQUEST_TYPE, True)
         assert got == bytes(expected)
+    # 16-bit values: the general path's bytes too (its conversion is the same rounding), asked
+    # for by the lookup's dtype code or, with code 0, by the Accept header's dtype=
+    sixteen = [[int(held[0])], [int(held[3]), 10**15, int(held[3])], [int(k) for k in held[:37]], big, big[:1203]]
+    for ids in sixteen:
+        for asked, accept in (("f16", None), ("bf16", None), (None, "f16"), (None, "bf16"), ("f32", "f16")):
+            body = encode_binary_request([ParsedLookup("t", np.array(ids, dtype=np.int64), None, "none", asked)])
+            got = fast.answer_one_binary(body, BINARY_REQUEST_TYPE, True, accept)  # type: ignore[arg-type]
+            assert got is not None
+            expected, _ = answer_bytes(state, body, BINARY_REQUEST_TYPE, True, accept)  # type: ignore[arg-type]
+            assert got == bytes(expected), (asked, accept, len(ids))
     # what it leaves to the general path: None, nothing counted
     leave = [
-        encode_binary_request([ParsedLookup("t", np.array([1]), None, "none", "f16")]),  # 16-bit values
         encode_binary_request([ParsedLookup("t", np.array([1, 2]), np.array([0]), "sum", None)]),  # pooled
         encode_binary_request([ParsedLookup("t", np.array([1]), None, "none", None)] * 2),  # two lookups
         encode_binary_request([ParsedLookup("nope", np.array([1]), None, "none", None)]),  # unknown table: a 404 there

@@ -40,6 +40,7 @@ from ..wire import (
     OCTET_STREAM,
     REQUEST_MAGIC,
     RESPONSE_MAGIC,
+    RESPONSE_MAGIC_16,
     DType,
     STATUS_PRUNED,
     LookupOutput,
@@ -265,6 +266,10 @@ def _lookup_binary_f32(state: AppState, item: ParsedLookup) -> bytes:
 _ONE_HEAD = struct.Struct("<4sIHBBII")
 _ONE_ANSWER_HEAD = struct.Struct("<4sIIIII")
 _ONE_ROWS_AT = _ONE_ANSWER_HEAD.size
+# the same for a 16-bit answer (EMR2: _HEAD then one _RESULT_16, which adds the dtype code)
+_ONE_ANSWER_HEAD_16 = struct.Struct("<4sIIIIII")
+_ONE_ROWS_AT_16 = _ONE_ANSWER_HEAD_16.size
+_DTYPE_OF_CODE: dict[int, DType] = {1: "f32", 2: "f16", 3: "bf16"}  # a lookup's own dtype code (0: the request's default)
 
 
 # up to this many IDs the status bytes are written from a Python list: cheaper than the three
@@ -542,25 +547,30 @@ class LookupFastPath:
 
     def answer_one_binary(self, body: bytes, content_type: str = BINARY_REQUEST_TYPE, binary: bool = True,
                           dtype: DType | None = None) -> bytes | bytearray | None:
-        """The binary answer of the most common request - one table, no pooling, float32, a
-        small answer - built with one C call (:meth:`CompressedTable.lookup_to_buffer`: IDs read
-        from the body where they lie, rows and status bytes written into the answer), or None
-        for anything else, a malformed body included, which the general path then answers (and
-        refuses) as it always did.  Same bytes, metrics and frequency feed as
-        :func:`_lookup_binary_f32`; at batch 1 the general path's parse, checks and tensors
-        were two thirds of the server's CPU for the request (bench/results/profile_batch1.md).
+        """The binary answer of the most common request - one table, no pooling, a small
+        answer, float32 or 16-bit values - built with one C call
+        (:meth:`CompressedTable.lookup_to_buffer`: IDs read from the body where they lie, rows
+        and status bytes written into the answer; 16-bit values take one conversion pass more),
+        or None for anything else, a malformed body included, which the general path then
+        answers (and refuses) as it always did.  Same bytes, metrics and frequency feed as
+        :func:`lookup_binary`; at batch 1 the general path's parse, checks and tensors were two
+        thirds of the server's CPU for the request (bench/results/profile_batch1.md), and a
+        16-bit answer, which asks for half the bytes, cost twice a float32 one there.
 
         ``content_type``, ``binary``, ``dtype``: the request's negotiation (:meth:`negotiate`);
-        only a binary body asking for a binary float32 answer is taken.
+        only a binary body asking for a binary answer is taken; ``dtype`` (the Accept header's)
+        applies when the lookup's own dtype code is 0.
 
         The answer's layout (service/wire.py): ``EMR1`` u32 count=1 | u32 rows, dim, n, unknown |
-        float32 rows [n, dim] | u8 status [n] | zero padding to 4 bytes."""
-        if not binary or content_type != BINARY_REQUEST_TYPE or dtype not in (None, "f32") or len(body) < _ONE_HEAD.size:
+        float32 rows [n, dim] | u8 status [n] | zero padding to 4 bytes; for f16/bf16 ``EMR2``,
+        whose result head adds u32 dtype and whose rows are 2 bytes a value."""
+        if not binary or content_type != BINARY_REQUEST_TYPE or len(body) < _ONE_HEAD.size:
             return None
         magic, count, name_len, pooling, dtype_code, n, n_offsets = _ONE_HEAD.unpack_from(body)
         ids_at = _ONE_HEAD.size + name_len
-        if magic != REQUEST_MAGIC or count != 1 or pooling or dtype_code > 1 or n_offsets or len(body) != ids_at + 8 * n or not n:
+        if magic != REQUEST_MAGIC or count != 1 or pooling or dtype_code > 3 or n_offsets or len(body) != ids_at + 8 * n or not n:
             return None
+        out_dtype = (dtype or "f32") if dtype_code == 0 else _DTYPE_OF_CODE[dtype_code]
         state = self.state
         settings = state.settings
         if n > settings.max_ids_per_request or len(body) > settings.inline_max_body_bytes or batching_on(state):
@@ -574,26 +584,45 @@ class LookupFastPath:
             return None
         table = hosted.table
         dim = table.dim
-        values_end = _ONE_ROWS_AT + 4 * n * dim
-        size = values_end + n + (-n % 4)
-        if size > STREAM_MIN_BYTES or 4 * n * dim + n > settings.max_response_bytes:
+        wide = out_dtype != "f32"
+        value_bytes = (2 if wide else 4) * n * dim
+        rows_at = _ONE_ROWS_AT_16 if wide else _ONE_ROWS_AT
+        values_end = rows_at + value_bytes
+        size = values_end + n + (-(value_bytes + n) % 4)
+        if size > STREAM_MIN_BYTES or value_bytes + n > settings.max_response_bytes:
             return None
         # not zero-filled (9 us at batch 1024): the head, the decoder's rows (unknown IDs' too)
         # and status bytes, and the padding below are every byte of it
         answer = answer_buffer(size)
-        _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, 0)
         if size > values_end + n:
             answer[values_end + n :] = bytes(size - values_end - n)  # zero padding to 4 bytes
         started = time.perf_counter()
-        num_unknown = table.lookup_to_buffer(body, ids_at, n, answer, _ONE_ROWS_AT, values_end)
-        if num_unknown is None:
-            return None
+        if wide:
+            # float32 rows and the status bytes into a scratch answer (unknown IDs' rows filled
+            # there by the table's policy), then one conversion pass into the answer: torch's
+            # copy_, the general path's very rounding (round to nearest even)
+            f32_bytes = 4 * n * dim
+            scratch = answer_buffer(f32_bytes + n)
+            num_unknown = table.lookup_to_buffer(body, ids_at, n, scratch, 0, f32_bytes)
+            if num_unknown is None:
+                return None
+            torch.frombuffer(answer, dtype=_TORCH_DTYPES[out_dtype], count=n * dim, offset=rows_at).copy_(
+                torch.frombuffer(scratch, dtype=torch.float32, count=n * dim)
+            )
+            answer[values_end : values_end + n] = memoryview(scratch)[f32_bytes:]
+            _ONE_ANSWER_HEAD_16.pack_into(answer, 0, RESPONSE_MAGIC_16, 1, n, dim, n, num_unknown, DTYPE_CODES[out_dtype])
+        else:
+            _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, 0)
+            num_unknown = table.lookup_to_buffer(body, ids_at, n, answer, rows_at, values_end)
+            if num_unknown is None:
+                return None
         latency, counted, unknown = state.metrics.table_children(name)
         latency.observe(time.perf_counter() - started)
         counted.inc(n)
         if num_unknown:
             unknown.inc(num_unknown)
-            _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, num_unknown)
+            if not wide:
+                _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, num_unknown)
         if state.applier is not None:
             # the IDs as the sketch takes them: a read-only view of the body (bytes: immutable)
             state.applier.record_lookup(name, np.frombuffer(body, dtype="<i8", count=n, offset=ids_at))
