@@ -161,8 +161,9 @@ def test_large_chunked_and_closing_answers_read_whole(server: str) -> None:
 
 def _peer(answer: bytes | None, close_first: bool = False) -> tuple[socket.socket, threading.Thread]:
     """A loopback peer that reads one request and writes ``answer`` (None: writes nothing and
-    keeps the connection open), or with ``close_first`` closes a kept-alive connection before its
-    second request, like a server whose idle timeout fired."""
+    keeps the connection open), or with ``close_first`` answers the first request with a
+    kept-alive 200, then reads the second and closes without answering it, like a server whose
+    idle timeout fired as the request arrived."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -204,8 +205,10 @@ def test_a_kept_alive_connection_the_server_closed_is_retried_once() -> None:
 
     retry = threading.Thread(target=lambda: _answer_once(listener, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry"), daemon=True)
     retry.start()
-    thread.join(5)  # the peer closed the first connection
+    # the second request goes out on the kept-alive connection, which the peer closes without
+    # answering: the client retries it once on a new connection (the retry thread answers)
     assert client._request("GET", "/second") == (200, b"retry")
+    thread.join(5)
     retry.join(5)
     listener.close()
     client.close()
@@ -229,8 +232,8 @@ def test_async_pool_reads_chunked_answers_retries_and_fails_clearly(server: str)
         assert await client._request("GET", "/first") == (200, b"ok")
         retry = threading.Thread(target=lambda: _answer_once(listener, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry"), daemon=True)
         retry.start()
+        assert await client._request("GET", "/second") == (200, b"retry")  # as in the sync test above
         thread.join(5)
-        assert await client._request("GET", "/second") == (200, b"retry")
         await client.aclose()
         retry.join(5)
         listener.close()
