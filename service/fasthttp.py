@@ -50,6 +50,7 @@ from uvicorn.server import ServerState
 
 from .errors import ApiError
 from .routers.lookup import LookupFastPath, Reply, is_large
+from .wire import BINARY_REQUEST_TYPE, BINARY_RESPONSE_TYPE
 
 # uvicorn releases the byte-for-byte tests (tests/test_fasthttp.py) ran against: this class
 # subclasses uvicorn's protocol internals, so another release gets the plain ASGI path
@@ -87,6 +88,33 @@ def write_reply(transport: asyncio.Transport, default_headers: list[tuple[bytes,
         transport.write(b"".join(head))
     else:
         transport.writelines((b"".join(head), payload))
+
+
+_BINARY_REQUEST = BINARY_REQUEST_TYPE.encode()
+_BINARY_RESPONSE = BINARY_RESPONSE_TYPE.encode()
+
+
+class OkBinaryHead:
+    """The head of a kept-alive 200 binary answer up to its ``Content-Length`` value: what
+    :func:`write_reply` writes before the length, built once per ``default_headers`` list.
+    uvicorn assigns a new list when its ``date`` changes (once a second), and this holds the list
+    it was built from, so an ``is`` test says whether it is still current."""
+
+    __slots__ = ("headers", "prefix")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        self.prefix = b""
+
+    def get(self, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+        if default_headers is not self.headers:
+            head = [STATUS_LINE[200]]
+            for name, value in default_headers:  # date, server: as write_reply
+                head += (name, b": ", value, b"\r\n")
+            head += (b"content-type: ", _BINARY_RESPONSE, b"\r\ncontent-length: ")
+            self.prefix = b"".join(head)
+            self.headers = default_headers
+        return self.prefix
 
 
 def abandoned_status(responder: LookupFastPath, headers: dict[bytes, bytes]) -> int:
@@ -223,6 +251,7 @@ class LeanLookupProtocol(asyncio.Protocol):
     responder: LookupFastPath
     body_limit: int
     fast_counter: Any
+    ok_head: OkBinaryHead
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -244,6 +273,10 @@ class LeanLookupProtocol(asyncio.Protocol):
         self._body_at = 0  # where its body starts
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        # the head asks exactly for a binary answer to a binary body (then answer_binary_now
+        # answers it), and its Authorization value: found in _take_head's pass over the headers
+        self._binary = False
+        self._authorization: bytes | None = None
         self._keep_alive = True
         self._started = 0.0
         self._write_paused = False
@@ -338,15 +371,24 @@ class LeanLookupProtocol(asyncio.Protocol):
         if self._write_paused or self.transport.is_closing():
             return 0
         length = None
+        content_type = accept = authorization = None  # last value wins, as in dict(headers)
         for name, value in self._headers:
             if name == b"content-length":
                 if length is not None or not value.isdigit():
                     return 0
                 length = int(value)
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"accept":
+                accept = value
+            elif name == b"authorization":
+                authorization = value
             elif name in (b"transfer-encoding", b"expect"):
                 return 0
         if length is None or length > self.body_limit:
             return 0
+        self._binary = content_type == _BINARY_REQUEST and accept == _BINARY_RESPONSE
+        self._authorization = authorization
         self._body_at = head_end
         return head_end + length
 
@@ -360,14 +402,23 @@ class LeanLookupProtocol(asyncio.Protocol):
             except httptools.HttpParserError:
                 self._hand_over(data)
                 return False
-        headers = dict(self._headers)  # last value wins, as in LookupFastPath
-        reply = self.responder.answer_now(headers, body, self._started)
-        if reply is None:  # for the ASGI path: uvicorn gets the request from its first byte
-            self._hand_over(data)
-            return False
-        self.fast_counter.inc()
         keep_alive = self._keep_alive and not self._close_after
-        write_reply(self.transport, self.server_state.default_headers, reply, keep_alive)
+        payload = self.responder.answer_binary_now(self._authorization, body, self._started) if self._binary else None
+        if payload is not None and keep_alive:
+            # the common answer: write_reply's bytes, its head's fixed part built once a second
+            # (payload: at most STREAM_MIN_BYTES, so content-type comes before content-length)
+            self.transport.write(b"".join((self.ok_head.get(self.server_state.default_headers), b"%d\r\n\r\n" % len(payload), payload)))
+        else:
+            if payload is not None:
+                reply: Reply | None = (200, payload, BINARY_RESPONSE_TYPE, [])
+            else:
+                headers = dict(self._headers)  # last value wins, as in LookupFastPath
+                reply = self.responder.answer_now(headers, body, self._started)
+                if reply is None:  # for the ASGI path: uvicorn gets the request from its first byte
+                    self._hand_over(data)
+                    return False
+            write_reply(self.transport, self.server_state.default_headers, reply, keep_alive)
+        self.fast_counter.inc()
         self.server_state.total_requests += 1
         if not keep_alive:
             self.transport.close()
@@ -415,11 +466,13 @@ def protocol_class(app: Any) -> type[LeanLookupProtocol]:
     :func:`service.app.create_app`): its lookups answered with the app's state and metrics."""
     state = app.state.embserve
     settings = state.settings
+    metrics = state.metrics
     attrs = {
-        "responder": LookupFastPath(app, state),
-        "fast_counter": state.metrics.http_fast_path,
+        # both protocols run on the event loop's thread only: lock-free metric series
+        "responder": LookupFastPath(app, state, loop_thread=True),
+        "fast_counter": metrics.loop_series(metrics.http_fast_path),
         # bodies the ASGI path would take inline and uvicorn would buffer without pausing reads
         "body_limit": min(settings.inline_max_body_bytes, settings.max_body_bytes, HIGH_WATER_LIMIT),
     }
     fallback = type("EmbserveLookupProtocol", (LookupProtocol,), attrs)
-    return type("EmbserveLeanLookupProtocol", (LeanLookupProtocol,), {**attrs, "fallback": fallback})  # type: ignore[return-value]
+    return type("EmbserveLeanLookupProtocol", (LeanLookupProtocol,), {**attrs, "fallback": fallback, "ok_head": OkBinaryHead()})  # type: ignore[return-value]

@@ -423,15 +423,33 @@ class LookupFastPath:
 
     PATH = "/v1/lookup"
 
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
+    def __init__(self, app: ASGIApp, state: AppState, loop_thread: bool = False) -> None:
+        """``loop_thread``: this instance is only ever called on one thread, the event loop's
+        (service/fasthttp.py's protocols), so it counts into lock-free series
+        (:meth:`ServiceMetrics.loop_series`) that a scrape adds to the locked ones."""
         self.app = app
         self.state = state
+        self.loop_thread = loop_thread
         self.route = next((r for r in router.routes if getattr(r, "path", None) == self.PATH), None)
         metrics = state.metrics
-        self._latency = metrics.http_latency.labels(self.PATH, "POST")
+        self._latency = self._child(metrics.http_latency, self.PATH, "POST")
         # status -> counter children, cached: labels() takes a lock and builds a key (microseconds)
         self._requests: dict[int, Any] = {}
         self._errors: dict[int, Any] = {}
+        # settings read per request, fixed for the app's life (Settings is never changed at run
+        # time, nor is the batching window): attribute reads a batch-1 lookup need not pay
+        settings = state.settings
+        self._read_token = settings.read_token
+        self._max_ids = settings.max_ids_per_request
+        self._inline_max = settings.inline_max_body_bytes
+        self._max_response = settings.max_response_bytes
+        self._batching = batching_on(state)
+
+    def _child(self, metric: Any, *labelvalues: str) -> Any:
+        """The series of ``metric`` this instance counts into: lock-free on the loop thread."""
+        if self.loop_thread:
+            return self.state.metrics.loop_series(metric, *labelvalues)
+        return metric.labels(*labelvalues)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.PATH or scope["method"] != "POST":
@@ -462,13 +480,13 @@ class LookupFastPath:
         """Count and time one answered request (``embserve_http_*``, route template ``/v1/lookup``)."""
         counter = self._requests.get(status)
         if counter is None:
-            counter = self._requests[status] = self.state.metrics.http_requests.labels(self.PATH, "POST", str(status))
+            counter = self._requests[status] = self._child(self.state.metrics.http_requests, self.PATH, "POST", str(status))
         counter.inc()
         self._latency.observe(time.perf_counter() - started)
         if status >= 400:
             errors = self._errors.get(status)
             if errors is None:
-                errors = self._errors[status] = self.state.metrics.http_errors.labels(self.PATH, str(status))
+                errors = self._errors[status] = self._child(self.state.metrics.http_errors, self.PATH, str(status))
             errors.inc()
 
     @staticmethod
@@ -540,6 +558,23 @@ class LookupFastPath:
         self.record(reply[0], started)
         return reply
 
+    def answer_binary_now(self, authorization: bytes | None, body: bytes, started: float) -> bytes | bytearray | None:
+        """:meth:`answer_now` for a head already known to ask exactly for a binary answer to a
+        binary body (``Content-Type`` and ``Accept`` the two media types, nothing else) with a
+        valid ``Content-Length`` under the body limit: the 200 answer's body, counted and timed,
+        or None - nothing counted, nothing looked up - for :meth:`answer_now` to answer (a
+        refused token, a request :meth:`answer_one_binary` does not take).  Why: at batch 1 the
+        general checks and negotiation were a fifth of the request's Python."""
+        if self._read_token is not None:
+            try:
+                check_reader(self.state, None if authorization is None else authorization.decode("latin-1"))
+            except ApiError:
+                return None
+        payload = self.answer_one_binary(body)
+        if payload is not None:
+            self.record(200, started)
+        return payload
+
     def answer_one_binary(self, body: bytes, content_type: str = BINARY_REQUEST_TYPE, binary: bool = True,
                           dtype: DType | None = None) -> bytes | bytearray | None:
         """The binary answer of the most common request - one table, no pooling, float32, a
@@ -561,10 +596,9 @@ class LookupFastPath:
         ids_at = _ONE_HEAD.size + name_len
         if magic != REQUEST_MAGIC or count != 1 or pooling or dtype_code > 1 or n_offsets or len(body) != ids_at + 8 * n or not n:
             return None
-        state = self.state
-        settings = state.settings
-        if n > settings.max_ids_per_request or len(body) > settings.inline_max_body_bytes or batching_on(state):
+        if n > self._max_ids or len(body) > self._inline_max or self._batching:
             return None
+        state = self.state
         try:
             name = body[_ONE_HEAD.size : ids_at].decode("utf-8")
         except UnicodeDecodeError:
@@ -576,7 +610,7 @@ class LookupFastPath:
         dim = table.dim
         values_end = _ONE_ROWS_AT + 4 * n * dim
         size = values_end + n + (-n % 4)
-        if size > STREAM_MIN_BYTES or 4 * n * dim + n > settings.max_response_bytes:
+        if size > STREAM_MIN_BYTES or 4 * n * dim + n > self._max_response:
             return None
         # not zero-filled (9 us at batch 1024): the head, the decoder's rows (unknown IDs' too)
         # and status bytes, and the padding below are every byte of it
@@ -588,7 +622,8 @@ class LookupFastPath:
         num_unknown = table.lookup_to_buffer(body, ids_at, n, answer, _ONE_ROWS_AT, values_end)
         if num_unknown is None:
             return None
-        latency, counted, unknown = state.metrics.table_children(name)
+        metrics = state.metrics
+        latency, counted, unknown = metrics.loop_table_children(name) if self.loop_thread else metrics.table_children(name)
         latency.observe(time.perf_counter() - started)
         counted.inc(n)
         if num_unknown:
