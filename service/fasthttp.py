@@ -277,6 +277,11 @@ class LeanLookupProtocol(asyncio.Protocol):
         # answers it), and its Authorization value: found in _take_head's pass over the headers
         self._binary = False
         self._authorization: bytes | None = None
+        # the last head taken (parsed and checked) and its Content-Length; whether the request
+        # being answered was fed to the parser (a repeat of that head is not: see data_received)
+        self._head = b""
+        self._length = 0
+        self._parsed = False
         self._keep_alive = True
         self._started = 0.0
         self._write_paused = False
@@ -307,7 +312,16 @@ class LeanLookupProtocol(asyncio.Protocol):
                     else:
                         self._pending = data
                     return
-                want = self._take_head(data, end + 4)
+                head_end = end + 4
+                head = self._head
+                if head_end == len(head) and data.startswith(head) and not self._write_paused and not self.transport.is_closing():
+                    # the same head as the last request taken: the same answer to every check,
+                    # and the parser, not fed it, stays at the message boundary it is at
+                    self._started = time.perf_counter()
+                    self._parsed = False
+                    want = head_end + self._length
+                else:
+                    want = self._take_head(data, head_end)
                 if not want:
                     self._hand_over(data)
                     return
@@ -361,9 +375,11 @@ class LeanLookupProtocol(asyncio.Protocol):
         0 when it is not (then the parser is left mid-message: the connection is handed over)."""
         self._url = b""
         self._headers = []
+        self._head = b""
         parser = self.parser
+        head = data[:head_end]
         try:
-            parser.feed_data(data[:head_end])
+            parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             return 0
         if self._url != _PATH or parser.get_method() != b"POST" or parser.get_http_version() != "1.1" or parser.should_upgrade():
@@ -390,13 +406,16 @@ class LeanLookupProtocol(asyncio.Protocol):
         self._binary = content_type == _BINARY_REQUEST and accept == _BINARY_RESPONSE
         self._authorization = authorization
         self._body_at = head_end
+        self._head = head
+        self._length = length
+        self._parsed = True
         return head_end + length
 
     def _answer(self, data: bytes, end: int) -> bool:
         """Answer the whole request ``data[:end]`` (its head already parsed); False when the
         connection was handed over or closed instead."""
         body = data[self._body_at : end]
-        if body:
+        if body and self._parsed:
             try:
                 self.parser.feed_data(body)  # back to a message boundary for the next request
             except httptools.HttpParserError:
