@@ -80,7 +80,7 @@ class Applier:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lookups: deque[tuple[str, np.ndarray]] = deque(maxlen=_LOOKUP_QUEUE_MAX)
+        self._lookups: deque[tuple[str, np.ndarray | bytes]] = deque(maxlen=_LOOKUP_QUEUE_MAX)
         self._drain_lock = threading.Lock()
         self._rng = np.random.default_rng()
         self._last_snapshot = time.monotonic()
@@ -278,8 +278,11 @@ class Applier:
 
     # ------------------------------------------------------------------ frequencies and classes
 
-    def record_lookup(self, table: str, ids: np.ndarray) -> None:
-        """Called on the request path: queue only; the sketch is fed from this thread."""
+    def record_lookup(self, table: str, ids: np.ndarray | bytes) -> None:
+        """Called on the request path: queue only; the sketch is fed from this thread.  ``ids``:
+        an int64 array, or the IDs' bytes as a binary request carries them (little-endian
+        int64): a batch-1 binary lookup hands over a slice of its body, and the arrays are
+        built here, one per table and round, not one per request (a microsecond each)."""
         self._lookups.append((table, ids))
 
     def _drain_lookups(self) -> None:
@@ -288,9 +291,15 @@ class Applier:
         # called from a request thread drains too, and sketch updates must not interleave.
         with self._drain_lock:
             pending: dict[str, list[np.ndarray]] = {}
+            raw: dict[str, list[bytes]] = {}
             while self._lookups:
                 name, ids = self._lookups.popleft()
-                pending.setdefault(name, []).append(ids)
+                if not isinstance(ids, np.ndarray):
+                    raw.setdefault(name, []).append(ids)
+                else:
+                    pending.setdefault(name, []).append(ids)
+            for name, parts in raw.items():
+                pending.setdefault(name, []).append(np.frombuffer(b"".join(parts), dtype="<i8"))
             for name, chunks in pending.items():
                 hosted = self.tables.get(name)
                 if hosted is None or hosted.sketch is None:

@@ -231,3 +231,17 @@ def test_lookup_fast_path_keeps_metrics_limits_and_routing(client: TestClient) -
     assert 'embserve_http_requests_total{method="POST",route="/v1/lookup",status="200"}' in metrics
     assert 'embserve_http_requests_total{method="POST",route="/v1/lookup",status="400"}' in metrics
     assert client.get("/v1/lookup").status_code == 405
+
+
+def test_every_lookup_feeds_the_frequency_sketch(client: TestClient) -> None:
+    """Binary batch-1 lookups hand the applier their IDs' bytes, JSON and larger ones arrays: the
+    sketch that drives the allocator counts every looked-up ID either way."""
+    state = client.app.state.embserve  # type: ignore[attr-defined]
+    headers = {"content-type": BINARY_REQUEST_TYPE, "accept": BINARY_RESPONSE_TYPE}
+    for ids in [[7]] * 30 + [[9, 9, 11]] * 5:
+        body = encode_binary_request([ParsedLookup("items", np.asarray(ids, dtype=np.int64), None, "none")])
+        assert client.post("/v1/lookup", content=body, headers=headers).status_code == 200
+    lookup(client, {"table": "items", "ids": [7, 11]})
+    state.applier.step()  # drains what was queued (the applier's own thread may have already)
+    estimate = state.tables.get("items").sketch.estimate(torch.tensor([7, 9, 11, 500])).tolist()
+    assert estimate == pytest.approx([31, 10, 6, 0], rel=1e-2)  # a one-hour half-life: ten seconds decay 0.2%

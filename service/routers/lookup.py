@@ -630,8 +630,8 @@ class LookupFastPath:
             unknown.inc(num_unknown)
             _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, num_unknown)
         if state.applier is not None:
-            # the IDs as the sketch takes them: a read-only view of the body (bytes: immutable)
-            state.applier.record_lookup(name, np.frombuffer(body, dtype="<i8", count=n, offset=ids_at))
+            # the IDs' bytes as they came (little-endian int64); the applier makes the arrays
+            state.applier.record_lookup(name, body[ids_at : ids_at + 8 * n])
         return bytes(answer) if size < _COPY_BELOW else answer  # type: ignore[return-value]  # as _lookup_binary_f32
 
     async def _answer(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[Answer, str]:
