@@ -245,3 +245,23 @@ def test_every_lookup_feeds_the_frequency_sketch(client: TestClient) -> None:
     state.applier.step()  # drains what was queued (the applier's own thread may have already)
     estimate = state.tables.get("items").sketch.estimate(torch.tensor([7, 9, 11, 500])).tolist()
     assert estimate == pytest.approx([31, 10, 6, 0], rel=1e-2)  # a one-hour half-life: ten seconds decay 0.2%
+
+
+def test_a_table_replaced_or_removed_under_the_same_request_is_answered_anew(client: TestClient, tables: TableRegistry) -> None:
+    """A binary batch-1 answer is planned once per request head (table name, ID count): the plan
+    must follow the registry - another table under that name, another dimension, or none."""
+    headers = {"content-type": BINARY_REQUEST_TYPE, "accept": BINARY_RESPONSE_TYPE}
+    body = encode_binary_request([ParsedLookup("items", np.asarray([3], dtype=np.int64), None, "none")])
+
+    def values() -> np.ndarray:
+        r = client.post("/v1/lookup", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        return decode_binary_response(r.content)[0][0]
+
+    assert np.array_equal(values(), ROWS[3:4].numpy())
+    assert np.array_equal(values(), ROWS[3:4].numpy())  # planned now
+    tables.add("items", compress_uniform(ROWS[:, :8] * 2, RowClass(8, 32)))
+    assert np.array_equal(values(), ROWS[3:4, :8].numpy() * 2)
+    tables.remove("items")
+    r = client.post("/v1/lookup", content=body, headers=headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_table"

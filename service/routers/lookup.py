@@ -13,7 +13,7 @@ import logging
 import struct
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -265,6 +265,26 @@ def _lookup_binary_f32(state: AppState, item: ParsedLookup) -> bytes:
 _ONE_HEAD = struct.Struct("<4sIHBBII")
 _ONE_ANSWER_HEAD = struct.Struct("<4sIIIII")
 _ONE_ROWS_AT = _ONE_ANSWER_HEAD.size
+# LookupFastPath keeps at most this many plans (one per body length seen); then starts over
+_PLANS_MAX = 64
+
+
+class _OnePlan(NamedTuple):
+    """What :meth:`LookupFastPath.answer_one_binary` works out from a request's head (every body
+    byte before the IDs) and its table: the same for every request with that head, so worked
+    out once.  Valid while the registry still hosts ``hosted`` holding ``table``."""
+
+    prefix: bytes  # the body up to its IDs: magic, count, name length, pooling, dtype, n, offsets, name
+    name: str
+    hosted: Any  # the HostedTable
+    table: Any  # its CompressedTable when planned
+    n: int  # IDs
+    ids_at: int  # where the IDs start in the body
+    size: int  # answer bytes
+    values_end: int  # where the float32 rows end and the status bytes start
+    padding: bytes  # zeros after the status bytes, to 4 bytes
+    answer_head: bytes  # EMR1, 1 | rows, dim, n, unknown=0
+    series: tuple[Any, Any, Any]  # the table's lookup latency, IDs and unknown-IDs series
 
 
 # up to this many IDs the status bytes are written from a Python list: cheaper than the three
@@ -444,6 +464,8 @@ class LookupFastPath:
         self._inline_max = settings.inline_max_body_bytes
         self._max_response = settings.max_response_bytes
         self._batching = batching_on(state)
+        # body length -> the plan of the last batch-1-style binary request of that length
+        self._plans: dict[int, _OnePlan] = {}
 
     def _child(self, metric: Any, *labelvalues: str) -> Any:
         """The series of ``metric`` this instance counts into: lock-free on the loop thread."""
@@ -592,18 +614,52 @@ class LookupFastPath:
         float32 rows [n, dim] | u8 status [n] | zero padding to 4 bytes."""
         if not binary or content_type != BINARY_REQUEST_TYPE or dtype not in (None, "f32") or len(body) < _ONE_HEAD.size:
             return None
+        plan = self._plans.get(len(body))
+        if plan is None or not body.startswith(plan.prefix) or self.state.tables.get(plan.name) is not plan.hosted or plan.hosted.table is not plan.table:
+            plan = self._plan_one(body)
+            if plan is None:
+                return None
+        n = plan.n
+        size = plan.size
+        values_end = plan.values_end
+        # not zero-filled (9 us at batch 1024): the head, the decoder's rows (unknown IDs' too)
+        # and status bytes, and the padding are every byte of it
+        answer = answer_buffer(size)
+        answer[:_ONE_ROWS_AT] = plan.answer_head
+        if plan.padding:
+            answer[values_end + n :] = plan.padding  # zero padding to 4 bytes
+        started = time.perf_counter()
+        num_unknown = plan.table.lookup_to_buffer(body, plan.ids_at, n, answer, _ONE_ROWS_AT, values_end)
+        if num_unknown is None:
+            return None
+        latency, counted, unknown = plan.series
+        latency.observe(time.perf_counter() - started)
+        counted.inc(n)
+        if num_unknown:
+            unknown.inc(num_unknown)
+            _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, plan.table.dim, n, num_unknown)
+        applier = self.state.applier
+        if applier is not None:
+            # the IDs' bytes as they came (little-endian int64); the applier makes the arrays
+            applier.record_lookup(plan.name, body[plan.ids_at :])
+        return bytes(answer) if size < _COPY_BELOW else answer  # type: ignore[return-value]  # as _lookup_binary_f32
+
+    def _plan_one(self, body: bytes) -> _OnePlan | None:
+        """The checks and sizes of :meth:`answer_one_binary` for ``body``'s head (all of the body
+        but its IDs), or None when it is not taken; remembered by the body's length, for the
+        next request with the same head (the same table, number of IDs and settings give the
+        same answer to every check)."""
         magic, count, name_len, pooling, dtype_code, n, n_offsets = _ONE_HEAD.unpack_from(body)
         ids_at = _ONE_HEAD.size + name_len
         if magic != REQUEST_MAGIC or count != 1 or pooling or dtype_code > 1 or n_offsets or len(body) != ids_at + 8 * n or not n:
             return None
         if n > self._max_ids or len(body) > self._inline_max or self._batching:
             return None
-        state = self.state
         try:
             name = body[_ONE_HEAD.size : ids_at].decode("utf-8")
         except UnicodeDecodeError:
             return None
-        hosted = state.tables.get(name)
+        hosted = self.state.tables.get(name)
         if hosted is None:
             return None
         table = hosted.table
@@ -612,27 +668,14 @@ class LookupFastPath:
         size = values_end + n + (-n % 4)
         if size > STREAM_MIN_BYTES or 4 * n * dim + n > self._max_response:
             return None
-        # not zero-filled (9 us at batch 1024): the head, the decoder's rows (unknown IDs' too)
-        # and status bytes, and the padding below are every byte of it
-        answer = answer_buffer(size)
-        _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, 0)
-        if size > values_end + n:
-            answer[values_end + n :] = bytes(size - values_end - n)  # zero padding to 4 bytes
-        started = time.perf_counter()
-        num_unknown = table.lookup_to_buffer(body, ids_at, n, answer, _ONE_ROWS_AT, values_end)
-        if num_unknown is None:
-            return None
-        metrics = state.metrics
-        latency, counted, unknown = metrics.loop_table_children(name) if self.loop_thread else metrics.table_children(name)
-        latency.observe(time.perf_counter() - started)
-        counted.inc(n)
-        if num_unknown:
-            unknown.inc(num_unknown)
-            _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, num_unknown)
-        if state.applier is not None:
-            # the IDs' bytes as they came (little-endian int64); the applier makes the arrays
-            state.applier.record_lookup(name, body[ids_at : ids_at + 8 * n])
-        return bytes(answer) if size < _COPY_BELOW else answer  # type: ignore[return-value]  # as _lookup_binary_f32
+        metrics = self.state.metrics
+        series = metrics.loop_table_children(name) if self.loop_thread else metrics.table_children(name)
+        plan = _OnePlan(body[:ids_at], name, hosted, table, n, ids_at, size, values_end, bytes(size - values_end - n),
+                        _ONE_ANSWER_HEAD.pack(RESPONSE_MAGIC, 1, n, dim, n, 0), series)
+        if len(self._plans) >= _PLANS_MAX:
+            self._plans.clear()
+        self._plans[len(body)] = plan
+        return plan
 
     async def _answer(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[Answer, str]:
         state = self.state
