@@ -426,7 +426,11 @@ class LeanLookupProtocol(asyncio.Protocol):
         if payload is not None and keep_alive:
             # the common answer: write_reply's bytes, its head's fixed part built once a second
             # (payload: at most STREAM_MIN_BYTES, so content-type comes before content-length)
-            self.transport.write(b"".join((self.ok_head.get(self.server_state.default_headers), b"%d\r\n\r\n" % len(payload), payload)))
+            head = self.ok_head.get(self.server_state.default_headers)
+            if len(payload) < _JOIN_BELOW:
+                self.transport.write(b"".join((head, b"%d\r\n\r\n" % len(payload), payload)))
+            else:
+                self.transport.writelines((head + b"%d\r\n\r\n" % len(payload), payload))
         else:
             if payload is not None:
                 reply: Reply | None = (200, payload, BINARY_RESPONSE_TYPE, [])
