@@ -464,6 +464,7 @@ class LookupFastPath:
         self._inline_max = settings.inline_max_body_bytes
         self._max_response = settings.max_response_bytes
         self._batching = batching_on(state)
+        self._granted: bytes | None = None  # the last Authorization value that passed the read check
         # body length -> the plan of the last batch-1-style binary request of that length
         self._plans: dict[int, _OnePlan] = {}
 
@@ -587,11 +588,12 @@ class LookupFastPath:
         or None - nothing counted, nothing looked up - for :meth:`answer_now` to answer (a
         refused token, a request :meth:`answer_one_binary` does not take).  Why: at batch 1 the
         general checks and negotiation were a fifth of the request's Python."""
-        if self._read_token is not None:
+        if self._read_token is not None and (authorization is None or authorization != self._granted):
             try:
                 check_reader(self.state, None if authorization is None else authorization.decode("latin-1"))
             except ApiError:
                 return None
+            self._granted = authorization  # tokens are settings, fixed: it will pass again
         payload = self.answer_one_binary(body)
         if payload is not None:
             self.record(200, started)
