@@ -9,6 +9,7 @@ was looked up (the counters do not move either)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import struct
 import time
@@ -588,7 +589,10 @@ class LookupFastPath:
         or None - nothing counted, nothing looked up - for :meth:`answer_now` to answer (a
         refused token, a request :meth:`answer_one_binary` does not take).  Why: at batch 1 the
         general checks and negotiation were a fifth of the request's Python."""
-        if self._read_token is not None and (authorization is None or authorization != self._granted):
+        # compare_digest: the remembered value is a valid token, so its comparison must not
+        # say by its timing how much of a guess matched (as security.py compares tokens)
+        granted = self._granted
+        if self._read_token is not None and (authorization is None or granted is None or not hmac.compare_digest(authorization, granted)):
             try:
                 check_reader(self.state, None if authorization is None else authorization.decode("latin-1"))
             except ApiError:
