@@ -647,7 +647,7 @@ class LookupFastPath:
         applier = self.state.applier
         if applier is not None:
             # the IDs' bytes as they came (little-endian int64); the applier makes the arrays
-            applier.record_lookup(plan.name, body[plan.ids_at :])
+            applier.record_lookup_bytes(plan.name, body[plan.ids_at :])
         return bytes(answer) if size < _COPY_BELOW else answer  # type: ignore[return-value]  # as _lookup_binary_f32
 
     def _plan_one(self, body: bytes) -> _OnePlan | None:
