@@ -38,7 +38,7 @@ binary answer to a binary body goes to :meth:`LookupFastPath.answer_binary_now` 
 no negotiation), whose checks and sizes are planned once per request head; the 200 head's fixed
 part is built once a second; metrics go to lock-free loop-side series (service/metrics.py); the
 sketch gets the IDs' bytes.  Together: 24 -> 5 us of Python per batch-1 lookup in process, and
-0.59x (0.51..0.68) the server CPU of the commit before, same run (bench/batch1_cpu.py).
+0.59x (0.55..0.65) the server CPU of the commit before, same run (bench/batch1_cpu.py).
 """
 
 from __future__ import annotations
