@@ -231,3 +231,57 @@ def test_lookup_fast_path_keeps_metrics_limits_and_routing(client: TestClient) -
     assert 'embserve_http_requests_total{method="POST",route="/v1/lookup",status="200"}' in metrics
     assert 'embserve_http_requests_total{method="POST",route="/v1/lookup",status="400"}' in metrics
     assert client.get("/v1/lookup").status_code == 405
+
+
+def test_every_lookup_feeds_the_frequency_sketch(client: TestClient) -> None:
+    """Binary batch-1 lookups hand the applier their IDs' bytes, JSON and larger ones arrays: the
+    sketch that drives the allocator counts every looked-up ID either way."""
+    state = client.app.state.embserve  # type: ignore[attr-defined]
+    headers = {"content-type": BINARY_REQUEST_TYPE, "accept": BINARY_RESPONSE_TYPE}
+    for ids in [[7]] * 30 + [[9, 9, 11]] * 5:
+        body = encode_binary_request([ParsedLookup("items", np.asarray(ids, dtype=np.int64), None, "none")])
+        assert client.post("/v1/lookup", content=body, headers=headers).status_code == 200
+    lookup(client, {"table": "items", "ids": [7, 11]})
+    state.applier.step()  # drains what was queued (the applier's own thread may have already)
+    estimate = state.tables.get("items").sketch.estimate(torch.tensor([7, 9, 11, 500])).tolist()
+    assert estimate == pytest.approx([31, 10, 6, 0], rel=1e-2)  # a one-hour half-life: ten seconds decay 0.2%
+
+
+def test_a_table_replaced_or_removed_under_the_same_request_is_answered_anew(client: TestClient, tables: TableRegistry) -> None:
+    """A binary batch-1 answer is planned once per request head (table name, ID count): the plan
+    must follow the registry - another table under that name, another dimension, or none."""
+    headers = {"content-type": BINARY_REQUEST_TYPE, "accept": BINARY_RESPONSE_TYPE}
+    body = encode_binary_request([ParsedLookup("items", np.asarray([3], dtype=np.int64), None, "none")])
+
+    def values() -> np.ndarray:
+        r = client.post("/v1/lookup", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        return decode_binary_response(r.content)[0][0]
+
+    assert np.array_equal(values(), ROWS[3:4].numpy())
+    assert np.array_equal(values(), ROWS[3:4].numpy())  # planned now
+    tables.add("items", compress_uniform(ROWS[:, :8] * 2, RowClass(8, 32)))
+    assert np.array_equal(values(), ROWS[3:4, :8].numpy() * 2)
+    tables.remove("items")
+    r = client.post("/v1/lookup", content=body, headers=headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_table"
+
+
+def test_binary_lookup_bytes_wait_bounded_and_none_is_lost_across_rounds(client: TestClient) -> None:
+    """The request path hands the applier IDs' bytes per table; a round takes what is there,
+    what comes after waits for the next, and at most _LOOKUP_QUEUE_MAX slices wait per table."""
+    from service.applier import _LOOKUP_QUEUE_MAX
+
+    state = client.app.state.embserve  # type: ignore[attr-defined]
+    applier = state.applier
+    applier.stop()  # rounds driven here, one at a time
+    sketch = state.tables.get("items").sketch
+    one = np.asarray([42], dtype="<i8").tobytes()
+    for _ in range(3 * _LOOKUP_QUEUE_MAX):
+        applier.record_lookup_bytes("items", one)
+    applier.step()
+    assert sketch.estimate(torch.tensor([42])).item() == pytest.approx(_LOOKUP_QUEUE_MAX, rel=1e-2)
+    applier.record_lookup_bytes("items", np.asarray([43, 43], dtype="<i8").tobytes())
+    applier.record_lookup("items", np.asarray([43], dtype=np.int64))
+    applier.step()
+    assert sketch.estimate(torch.tensor([43])).item() == pytest.approx(3, rel=1e-2)

@@ -301,3 +301,32 @@ def test_a_request_arriving_in_pieces_is_answered_the_same(servers: tuple[str, s
         conn.close()
     assert answers[0] == answers[1] == answers[2] == answers[3]
     assert fast_count(fast) - before == 2
+
+
+def test_a_repeated_head_is_answered_as_a_parsed_one(servers: tuple[str, str]) -> None:
+    """The lean protocol does not re-parse a head identical to the last one it took (same bytes:
+    same checks, and its parser stays at the message boundary): whatever follows such a head -
+    other IDs, another table, a body it cannot read - and the heads around it are answered as
+    the ASGI path answers them, one by one and pipelined, with the same metrics.  A read token
+    that passed is remembered: one that differs from it is still checked (403)."""
+    fast, _ = servers
+    first = binary_post([1])
+    head = first[: first.index(b"\r\n\r\n") + 4]
+    other_table = binary_post([1], table="nopex")  # a name as long as "items": the very same head
+    garbage = head + b"\xff" * (len(first) - len(head))
+    assert other_table.startswith(head) and other_table != first
+    near_token = f"Authorization: Bearer {TOKEN[:-1]}{chr(ord(TOKEN[-1]) + 1)}\r\n"  # a token granted a moment ago, but its last byte
+    requests = [first, binary_post([2]), binary_post([10**9]), other_table, garbage, binary_post([3], auth=""),
+                binary_post([4]), binary_post([5, 6]), binary_post([7]), json_post({"lookups": [{"table": "items", "ids": [8]}]}), binary_post([9]),
+                binary_post([10], auth=near_token), binary_post([11])]
+    for pipelined in (False, True):
+        before = [lookup_metrics(base) for base in servers]
+        count_before = fast_count(fast)
+        got, want = both(servers, requests, pipelined)
+        assert got == want
+        assert [int(r.split(b" ", 2)[1]) for r in got] == [200, 200, 200, 404, 400, 401, 200, 200, 200, 200, 200, 403, 200]
+        assert fast_count(fast) - count_before == len(requests)
+        deltas = [{k: v - was.get(k, 0.0) for k, v in lookup_metrics(base).items() if v != was.get(k, 0.0)}
+                  for base, was in zip(servers, before, strict=True)]
+        assert deltas[0] == deltas[1]
+        assert deltas[0]['embserve_lookup_unknown_ids_total{table="items"}'] == 1

@@ -9,11 +9,12 @@ was looked up (the counters do not move either)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import struct
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -266,10 +267,36 @@ def _lookup_binary_f32(state: AppState, item: ParsedLookup) -> bytes:
 _ONE_HEAD = struct.Struct("<4sIHBBII")
 _ONE_ANSWER_HEAD = struct.Struct("<4sIIIII")
 _ONE_ROWS_AT = _ONE_ANSWER_HEAD.size
-# the same for a 16-bit answer (EMR2: _HEAD then one _RESULT_16, which adds the dtype code)
+# the same for a 16-bit answer (EMR2: _HEAD then one _RESULT_16, which adds the dtype code); the
+# unknown count sits at the same offset in both heads
 _ONE_ANSWER_HEAD_16 = struct.Struct("<4sIIIIII")
 _ONE_ROWS_AT_16 = _ONE_ANSWER_HEAD_16.size
+_ONE_UNKNOWN = struct.Struct("<I")
+_ONE_UNKNOWN_AT = 20
 _DTYPE_OF_CODE: dict[int, DType] = {1: "f32", 2: "f16", 3: "bf16"}  # a lookup's own dtype code (0: the request's default)
+# LookupFastPath keeps at most this many plans (one per body length seen); then starts over
+_PLANS_MAX = 64
+
+
+class _OnePlan(NamedTuple):
+    """What :meth:`LookupFastPath.answer_one_binary` works out from a request's head (every body
+    byte before the IDs) and its table: the same for every request with that head, so worked
+    out once.  Valid while the registry still hosts ``hosted`` holding ``table``."""
+
+    prefix: bytes  # the body up to its IDs: magic, count, name length, pooling, dtype, n, offsets, name
+    name: str
+    hosted: Any  # the HostedTable
+    table: Any  # its CompressedTable when planned
+    n: int  # IDs
+    ids_at: int  # where the IDs start in the body
+    size: int  # answer bytes
+    rows_at: int  # where the rows start (after the answer head)
+    values_end: int  # where the rows end and the status bytes start
+    padding: bytes  # zeros after the status bytes, to 4 bytes
+    answer_head: bytes  # EMR1, 1 | rows, dim, n, unknown=0 (EMR2 with the dtype code for 16-bit values)
+    series: tuple[Any, Any, Any]  # the table's lookup latency, IDs and unknown-IDs series
+    accept: DType | None  # the Accept header's dtype it was planned for
+    wide: torch.dtype | None  # the 16-bit dtype of the answer's values, None for float32
 
 
 # up to this many IDs the status bytes are written from a Python list: cheaper than the three
@@ -428,15 +455,36 @@ class LookupFastPath:
 
     PATH = "/v1/lookup"
 
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
+    def __init__(self, app: ASGIApp, state: AppState, loop_thread: bool = False) -> None:
+        """``loop_thread``: this instance is only ever called on one thread, the event loop's
+        (service/fasthttp.py's protocols), so it counts into lock-free series
+        (:meth:`ServiceMetrics.loop_series`) that a scrape adds to the locked ones."""
         self.app = app
         self.state = state
+        self.loop_thread = loop_thread
         self.route = next((r for r in router.routes if getattr(r, "path", None) == self.PATH), None)
         metrics = state.metrics
-        self._latency = metrics.http_latency.labels(self.PATH, "POST")
+        self._latency = self._child(metrics.http_latency, self.PATH, "POST")
         # status -> counter children, cached: labels() takes a lock and builds a key (microseconds)
         self._requests: dict[int, Any] = {}
         self._errors: dict[int, Any] = {}
+        # settings read per request, fixed for the app's life (Settings is never changed at run
+        # time, nor is the batching window): attribute reads a batch-1 lookup need not pay
+        settings = state.settings
+        self._read_token = settings.read_token
+        self._max_ids = settings.max_ids_per_request
+        self._inline_max = settings.inline_max_body_bytes
+        self._max_response = settings.max_response_bytes
+        self._batching = batching_on(state)
+        self._granted: bytes | None = None  # the last Authorization value that passed the read check
+        # body length -> the plan of the last batch-1-style binary request of that length
+        self._plans: dict[int, _OnePlan] = {}
+
+    def _child(self, metric: Any, *labelvalues: str) -> Any:
+        """The series of ``metric`` this instance counts into: lock-free on the loop thread."""
+        if self.loop_thread:
+            return self.state.metrics.loop_series(metric, *labelvalues)
+        return metric.labels(*labelvalues)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.PATH or scope["method"] != "POST":
@@ -467,13 +515,13 @@ class LookupFastPath:
         """Count and time one answered request (``embserve_http_*``, route template ``/v1/lookup``)."""
         counter = self._requests.get(status)
         if counter is None:
-            counter = self._requests[status] = self.state.metrics.http_requests.labels(self.PATH, "POST", str(status))
+            counter = self._requests[status] = self._child(self.state.metrics.http_requests, self.PATH, "POST", str(status))
         counter.inc()
         self._latency.observe(time.perf_counter() - started)
         if status >= 400:
             errors = self._errors.get(status)
             if errors is None:
-                errors = self._errors[status] = self.state.metrics.http_errors.labels(self.PATH, str(status))
+                errors = self._errors[status] = self._child(self.state.metrics.http_errors, self.PATH, str(status))
             errors.inc()
 
     @staticmethod
@@ -545,6 +593,27 @@ class LookupFastPath:
         self.record(reply[0], started)
         return reply
 
+    def answer_binary_now(self, authorization: bytes | None, body: bytes, started: float) -> bytes | bytearray | None:
+        """:meth:`answer_now` for a head already known to ask exactly for a binary answer to a
+        binary body (``Content-Type`` and ``Accept`` the two media types, nothing else) with a
+        valid ``Content-Length`` under the body limit: the 200 answer's body, counted and timed,
+        or None - nothing counted, nothing looked up - for :meth:`answer_now` to answer (a
+        refused token, a request :meth:`answer_one_binary` does not take).  Why: at batch 1 the
+        general checks and negotiation were a fifth of the request's Python."""
+        # compare_digest: the remembered value is a valid token, so its comparison must not
+        # say by its timing how much of a guess matched (as security.py compares tokens)
+        granted = self._granted
+        if self._read_token is not None and (authorization is None or granted is None or not hmac.compare_digest(authorization, granted)):
+            try:
+                check_reader(self.state, None if authorization is None else authorization.decode("latin-1"))
+            except ApiError:
+                return None
+            self._granted = authorization  # tokens are settings, fixed: it will pass again
+        payload = self.answer_one_binary(body)
+        if payload is not None:
+            self.record(200, started)
+        return payload
+
     def answer_one_binary(self, body: bytes, content_type: str = BINARY_REQUEST_TYPE, binary: bool = True,
                           dtype: DType | None = None) -> bytes | bytearray | None:
         """The binary answer of the most common request - one table, no pooling, a small
@@ -566,67 +635,91 @@ class LookupFastPath:
         whose result head adds u32 dtype and whose rows are 2 bytes a value."""
         if not binary or content_type != BINARY_REQUEST_TYPE or len(body) < _ONE_HEAD.size:
             return None
+        plan = self._plans.get(len(body))
+        if (plan is None or plan.accept != dtype or not body.startswith(plan.prefix) or self.state.tables.get(plan.name) is not plan.hosted
+                or plan.hosted.table is not plan.table):
+            plan = self._plan_one(body, dtype)
+            if plan is None:
+                return None
+        n = plan.n
+        size = plan.size
+        rows_at = plan.rows_at
+        values_end = plan.values_end
+        table = plan.table
+        # not zero-filled (9 us at batch 1024): the head, the decoder's rows (unknown IDs' too)
+        # and status bytes, and the padding are every byte of it
+        answer = answer_buffer(size)
+        answer[:rows_at] = plan.answer_head
+        if plan.padding:
+            answer[values_end + n :] = plan.padding  # zero padding to 4 bytes
+        started = time.perf_counter()
+        if plan.wide is None:
+            num_unknown = table.lookup_to_buffer(body, plan.ids_at, n, answer, rows_at, values_end)
+            if num_unknown is None:
+                return None
+        else:
+            # float32 rows and the status bytes into a scratch answer (unknown IDs' rows filled
+            # there by the table's policy), then one conversion pass into the answer: torch's
+            # copy_, the general path's very rounding (round to nearest even)
+            count = n * table.dim
+            scratch = answer_buffer(4 * count + n)
+            num_unknown = table.lookup_to_buffer(body, plan.ids_at, n, scratch, 0, 4 * count)
+            if num_unknown is None:
+                return None
+            torch.frombuffer(answer, dtype=plan.wide, count=count, offset=rows_at).copy_(torch.frombuffer(scratch, dtype=torch.float32, count=count))
+            answer[values_end : values_end + n] = memoryview(scratch)[4 * count :]
+        latency, counted, unknown = plan.series
+        latency.observe(time.perf_counter() - started)
+        counted.inc(n)
+        if num_unknown:
+            unknown.inc(num_unknown)
+            _ONE_UNKNOWN.pack_into(answer, _ONE_UNKNOWN_AT, num_unknown)  # the same field in EMR1 and EMR2 heads
+        applier = self.state.applier
+        if applier is not None:
+            # the IDs' bytes as they came (little-endian int64); the applier makes the arrays
+            applier.record_lookup_bytes(plan.name, body[plan.ids_at :])
+        return bytes(answer) if size < _COPY_BELOW else answer  # type: ignore[return-value]  # as _lookup_binary_f32
+
+    def _plan_one(self, body: bytes, accept: DType | None) -> _OnePlan | None:
+        """The checks and sizes of :meth:`answer_one_binary` for ``body``'s head (all of the body
+        but its IDs) and the Accept header's dtype, or None when it is not taken; remembered by
+        the body's length, for the next request with the same head (the same table, number of
+        IDs, dtype and settings give the same answer to every check)."""
         magic, count, name_len, pooling, dtype_code, n, n_offsets = _ONE_HEAD.unpack_from(body)
         ids_at = _ONE_HEAD.size + name_len
         if magic != REQUEST_MAGIC or count != 1 or pooling or dtype_code > 3 or n_offsets or len(body) != ids_at + 8 * n or not n:
             return None
-        out_dtype = (dtype or "f32") if dtype_code == 0 else _DTYPE_OF_CODE[dtype_code]
-        state = self.state
-        settings = state.settings
-        if n > settings.max_ids_per_request or len(body) > settings.inline_max_body_bytes or batching_on(state):
+        if n > self._max_ids or len(body) > self._inline_max or self._batching:
             return None
         try:
             name = body[_ONE_HEAD.size : ids_at].decode("utf-8")
         except UnicodeDecodeError:
             return None
-        hosted = state.tables.get(name)
+        hosted = self.state.tables.get(name)
         if hosted is None:
             return None
         table = hosted.table
         dim = table.dim
-        wide = out_dtype != "f32"
-        value_bytes = (2 if wide else 4) * n * dim
-        rows_at = _ONE_ROWS_AT_16 if wide else _ONE_ROWS_AT
+        out_dtype = (accept or "f32") if dtype_code == 0 else _DTYPE_OF_CODE[dtype_code]
+        if out_dtype == "f32":
+            wide, rows_at = None, _ONE_ROWS_AT
+            answer_head = _ONE_ANSWER_HEAD.pack(RESPONSE_MAGIC, 1, n, dim, n, 0)
+        else:
+            wide, rows_at = _TORCH_DTYPES[out_dtype], _ONE_ROWS_AT_16
+            answer_head = _ONE_ANSWER_HEAD_16.pack(RESPONSE_MAGIC_16, 1, n, dim, n, 0, DTYPE_CODES[out_dtype])
+        value_bytes = DTYPE_ITEMSIZE[out_dtype] * n * dim
         values_end = rows_at + value_bytes
         size = values_end + n + (-(value_bytes + n) % 4)
-        if size > STREAM_MIN_BYTES or value_bytes + n > settings.max_response_bytes:
+        if size > STREAM_MIN_BYTES or value_bytes + n > self._max_response:
             return None
-        # not zero-filled (9 us at batch 1024): the head, the decoder's rows (unknown IDs' too)
-        # and status bytes, and the padding below are every byte of it
-        answer = answer_buffer(size)
-        if size > values_end + n:
-            answer[values_end + n :] = bytes(size - values_end - n)  # zero padding to 4 bytes
-        started = time.perf_counter()
-        if wide:
-            # float32 rows and the status bytes into a scratch answer (unknown IDs' rows filled
-            # there by the table's policy), then one conversion pass into the answer: torch's
-            # copy_, the general path's very rounding (round to nearest even)
-            f32_bytes = 4 * n * dim
-            scratch = answer_buffer(f32_bytes + n)
-            num_unknown = table.lookup_to_buffer(body, ids_at, n, scratch, 0, f32_bytes)
-            if num_unknown is None:
-                return None
-            torch.frombuffer(answer, dtype=_TORCH_DTYPES[out_dtype], count=n * dim, offset=rows_at).copy_(
-                torch.frombuffer(scratch, dtype=torch.float32, count=n * dim)
-            )
-            answer[values_end : values_end + n] = memoryview(scratch)[f32_bytes:]
-            _ONE_ANSWER_HEAD_16.pack_into(answer, 0, RESPONSE_MAGIC_16, 1, n, dim, n, num_unknown, DTYPE_CODES[out_dtype])
-        else:
-            _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, 0)
-            num_unknown = table.lookup_to_buffer(body, ids_at, n, answer, rows_at, values_end)
-            if num_unknown is None:
-                return None
-        latency, counted, unknown = state.metrics.table_children(name)
-        latency.observe(time.perf_counter() - started)
-        counted.inc(n)
-        if num_unknown:
-            unknown.inc(num_unknown)
-            if not wide:
-                _ONE_ANSWER_HEAD.pack_into(answer, 0, RESPONSE_MAGIC, 1, n, dim, n, num_unknown)
-        if state.applier is not None:
-            # the IDs as the sketch takes them: a read-only view of the body (bytes: immutable)
-            state.applier.record_lookup(name, np.frombuffer(body, dtype="<i8", count=n, offset=ids_at))
-        return bytes(answer) if size < _COPY_BELOW else answer  # type: ignore[return-value]  # as _lookup_binary_f32
+        metrics = self.state.metrics
+        series = metrics.loop_table_children(name) if self.loop_thread else metrics.table_children(name)
+        plan = _OnePlan(body[:ids_at], name, hosted, table, n, ids_at, size, rows_at, values_end, bytes(size - values_end - n),
+                        answer_head, series, accept, wide)
+        if len(self._plans) >= _PLANS_MAX:
+            self._plans.clear()
+        self._plans[len(body)] = plan
+        return plan
 
     async def _answer(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[Answer, str]:
         state = self.state
