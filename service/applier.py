@@ -37,6 +37,12 @@ log = logging.getLogger("embserve.applier")
 
 _READ_BATCH = 256
 _LOOKUP_QUEUE_MAX = 4096
+# binary lookups' ID slices of at most _SMALL_SLICE_BYTES (8 IDs) may wait up to this many per
+# table (4 MiB): at 60k batch-1 lookups/s a round's worth is far more than _LOOKUP_QUEUE_MAX, and
+# the slices dropped past a count cap were lookups the sketch, and so admission and the
+# allocator, never counted; larger slices (up to the inline body limit each) keep the count cap
+_SMALL_SLICE_BYTES = 64
+_SMALL_SLICES_MAX = 65536
 # lookup IDs fed to a table's sketch per applier round, at most; beyond it a uniform sample
 # stands for all of them, each sampled ID counting total/sample (an unbiased estimate), so the
 # applier's CPU stays bounded however hot the traffic
@@ -290,12 +296,14 @@ class Applier:
         bytes, a slice of its body): a batch-1 lookup builds no array, and this thread joins a
         round's slices of a table and makes one array of them, with no Python step per request
         (the per-request queue and its drain loop were about 8% of a batch-1 lookup's server
-        CPU).  At most ``_LOOKUP_QUEUE_MAX`` slices wait per table; later ones are dropped until
-        the next round, as the array queue drops its oldest."""
+        CPU).  At most ``_LOOKUP_QUEUE_MAX`` slices wait per table, ``_SMALL_SLICES_MAX`` when
+        they are small (a few IDs each, the batch-1 traffic that arrives fastest); later ones are
+        dropped until the next round, as the array queue drops its oldest."""
         parts = self._raw_lookups.get(table)
         if parts is None:
             parts = self._raw_lookups.setdefault(table, [])
-        if len(parts) < _LOOKUP_QUEUE_MAX:
+        waiting = len(parts)
+        if waiting < _LOOKUP_QUEUE_MAX or (waiting < _SMALL_SLICES_MAX and len(ids) <= _SMALL_SLICE_BYTES):
             parts.append(ids)
 
     def _drain_lookups(self) -> None:

@@ -269,18 +269,27 @@ def test_a_table_replaced_or_removed_under_the_same_request_is_answered_anew(cli
 
 def test_binary_lookup_bytes_wait_bounded_and_none_is_lost_across_rounds(client: TestClient) -> None:
     """The request path hands the applier IDs' bytes per table; a round takes what is there,
-    what comes after waits for the next, and at most _LOOKUP_QUEUE_MAX slices wait per table."""
-    from service.applier import _LOOKUP_QUEUE_MAX
+    what comes after waits for the next, and at most _SMALL_SLICES_MAX small slices (batch-1
+    lookups) or _LOOKUP_QUEUE_MAX larger ones wait per table."""
+    from service.applier import _LOOKUP_QUEUE_MAX, _SMALL_SLICES_MAX
 
     state = client.app.state.embserve  # type: ignore[attr-defined]
     applier = state.applier
     applier.stop()  # rounds driven here, one at a time
     sketch = state.tables.get("items").sketch
     one = np.asarray([42], dtype="<i8").tobytes()
-    for _ in range(3 * _LOOKUP_QUEUE_MAX):
+    for _ in range(3 * _SMALL_SLICES_MAX):
         applier.record_lookup_bytes("items", one)
     applier.step()
-    assert sketch.estimate(torch.tensor([42])).item() == pytest.approx(_LOOKUP_QUEUE_MAX, rel=1e-2)
+    assert sketch.estimate(torch.tensor([42])).item() == pytest.approx(_SMALL_SLICES_MAX, rel=1e-2)
+    # larger slices stop at the count cap: past it only small ones still get in
+    sixteen = np.full(16, 44, dtype="<i8").tobytes()
+    for _ in range(2 * _LOOKUP_QUEUE_MAX):
+        applier.record_lookup_bytes("items", sixteen)
+    applier.record_lookup_bytes("items", np.asarray([45], dtype="<i8").tobytes())
+    assert len(applier._raw_lookups["items"]) == _LOOKUP_QUEUE_MAX + 1  # the small one got in past the count cap
+    applier.step()
+    assert sketch.estimate(torch.tensor([44])).item() == pytest.approx(16 * _LOOKUP_QUEUE_MAX, rel=1e-2)
     applier.record_lookup_bytes("items", np.asarray([43, 43], dtype="<i8").tobytes())
     applier.record_lookup("items", np.asarray([43], dtype=np.int64))
     applier.step()
