@@ -288,8 +288,15 @@ class Applier:
     # ------------------------------------------------------------------ frequencies and classes
 
     def record_lookup(self, table: str, ids: np.ndarray) -> None:
-        """Called on the request path: queue only; the sketch is fed from this thread."""
-        self._lookups.append((table, ids))
+        """Called on the request path: queue only; the sketch is fed from this thread.  A full
+        queue drops its oldest entry, counted in ``embserve_sketch_dropped_lookups_total``."""
+        lookups = self._lookups
+        if len(lookups) == lookups.maxlen:
+            try:
+                self.metrics.sketch_dropped.labels(lookups[0][0]).inc()
+            except IndexError:  # drained meanwhile: nothing dropped
+                pass
+        lookups.append((table, ids))
 
     def record_lookup_bytes(self, table: str, ids: bytes) -> None:
         """:meth:`record_lookup` for IDs as a binary request carries them (little-endian int64
@@ -305,6 +312,8 @@ class Applier:
         waiting = len(parts)
         if waiting < _LOOKUP_QUEUE_MAX or (waiting < _SMALL_SLICES_MAX and len(ids) <= _SMALL_SLICE_BYTES):
             parts.append(ids)
+        else:
+            self.metrics.sketch_dropped.labels(table).inc()  # a lock, but only past the cap
 
     def _drain_lookups(self) -> None:
         # one sketch update per table for everything queued since the last round: the torch

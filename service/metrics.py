@@ -217,6 +217,11 @@ class ServiceMetrics:
             "embserve_updates_rejected_total", "Log entries the applier skipped (malformed, unknown table, invalid)", ["reason"], registry=self.registry
         )
         self.updates_appended = Counter("embserve_updates_appended_total", "Update requests acknowledged (durably in the log)", ["table"], registry=self.registry)
+        self.sketch_dropped = Counter(
+            "embserve_sketch_dropped_lookups_total",
+            "Lookups the frequency sketch did not count: its queue for an applier round was full (service/applier.py)",
+            ["table"], registry=self.registry,
+        )
         self.log_lag_entries = Gauge("embserve_update_log_lag_entries", "Log entries not applied yet", registry=self.registry)
         self.log_lag_seconds = Gauge("embserve_update_log_lag_seconds", "Age of the oldest unapplied log entry", registry=self.registry)
         self.log_gap = Gauge(

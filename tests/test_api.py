@@ -290,6 +290,13 @@ def test_binary_lookup_bytes_wait_bounded_and_none_is_lost_across_rounds(client:
     assert len(applier._raw_lookups["items"]) == _LOOKUP_QUEUE_MAX + 1  # the small one got in past the count cap
     applier.step()
     assert sketch.estimate(torch.tensor([44])).item() == pytest.approx(16 * _LOOKUP_QUEUE_MAX, rel=1e-2)
+    # every lookup left out was counted where an operator sees it
+    dropped = state.metrics.registry.get_sample_value("embserve_sketch_dropped_lookups_total", {"table": "items"})
+    assert dropped == 2 * _SMALL_SLICES_MAX + _LOOKUP_QUEUE_MAX
+    for _ in range(_LOOKUP_QUEUE_MAX + 10):  # the array queue (JSON lookups) drops its oldest
+        applier.record_lookup("items", np.asarray([46], dtype=np.int64))
+    assert state.metrics.registry.get_sample_value("embserve_sketch_dropped_lookups_total", {"table": "items"}) == dropped + 10
+    applier.step()
     applier.record_lookup_bytes("items", np.asarray([43, 43], dtype="<i8").tobytes())
     applier.record_lookup("items", np.asarray([43], dtype=np.int64))
     applier.step()
