@@ -35,6 +35,18 @@ static int as_int64(PyObject *o, int64_t *v) {
     return 0;
 }
 
+/* The `count` integer arguments of an entry taking addresses and sizes, into v; -1 with a
+ * TypeError naming `name` for a wrong count, or the integer conversion's error. */
+static int int_args(PyObject *const *args, Py_ssize_t nargs, int count, int64_t *v, const char *name) {
+    if (nargs != count) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d integer arguments", name, count);
+        return -1;
+    }
+    for (int k = 0; k < count; k++)
+        if (as_int64(args[k], &v[k]) < 0) return -1;
+    return 0;
+}
+
 /* lookup(ids_addr, n, index_addr, classes_addr, out_addr, width, loc_addr, threads) -> unknown
  *
  * The ctypes ``embserve_lookup`` call of cpu_c.lookup with the same arguments (addresses of
@@ -43,12 +55,7 @@ static int as_int64(PyObject *o, int64_t *v) {
 static PyObject *py_lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int64_t v[8];
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "lookup takes 8 integer arguments");
-        return NULL;
-    }
-    for (int k = 0; k < 8; k++)
-        if (as_int64(args[k], &v[k]) < 0) return NULL;
+    if (int_args(args, nargs, 8, v, "lookup") < 0) return NULL;
     const int64_t n = v[1];
     int64_t rc;
     if (n >= GIL_RELEASE_MIN) {
@@ -163,12 +170,7 @@ done:
 static PyObject *py_pruned(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int64_t v[4];
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "pruned takes 4 integer arguments");
-        return NULL;
-    }
-    for (int k = 0; k < 4; k++)
-        if (as_int64(args[k], &v[k]) < 0) return NULL;
+    if (int_args(args, nargs, 4, v, "pruned") < 0) return NULL;
     if (v[1] < 0) {
         PyErr_SetString(PyExc_ValueError, "pruned: negative length");
         return NULL;

@@ -272,7 +272,7 @@ _ONE_ROWS_AT = _ONE_ANSWER_HEAD.size
 _ONE_ANSWER_HEAD_16 = struct.Struct("<4sIIIIII")
 _ONE_ROWS_AT_16 = _ONE_ANSWER_HEAD_16.size
 _ONE_UNKNOWN = struct.Struct("<I")
-_ONE_UNKNOWN_AT = 20
+_ONE_UNKNOWN_AT = _ONE_ANSWER_HEAD.size - _ONE_UNKNOWN.size  # the last field of the EMR1 head
 _DTYPE_OF_CODE: dict[int, DType] = {1: "f32", 2: "f16", 3: "bf16"}  # a lookup's own dtype code (0: the request's default)
 # LookupFastPath keeps at most this many plans (one per body length seen); then starts over
 _PLANS_MAX = 64
