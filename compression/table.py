@@ -56,15 +56,41 @@ _INT32 = torch.empty(0, dtype=torch.int32)  # new_empty's prototype for locator 
 _BOOL = torch.empty(0, dtype=torch.bool)  # and for pruned masks
 
 
-@dataclass(slots=True)  # slots: built once per lookup, a batch-1 lookup feels its cost
 class LookupResult:
-    values: torch.Tensor  # [n, D], or [bags, D] when pooled; float32 unless a dtype was asked for
-    locators: torch.Tensor  # int32 [n], -1 where the ID has no row
-    num_unknown: int
-    # bool [n]: the ID's row was pruned (a dim-0 class: stored nothing) and the unknown-ID
-    # policy served it, like an unknown ID; None when the table has no dim-0 class
-    pruned: torch.Tensor | None = None
-    num_pruned: int = 0
+    """What a lookup returns: the rows, which IDs had one, and how many did not.
+
+    ``locators`` (int32 [n], -1 where the ID has no row) is made on first use when the lookup
+    handed over raw bytes instead (``locator_bytes``: the compiled entry's bytearray of native
+    int32s): most callers read only ``values`` and ``num_unknown``, and at batch 1 building the
+    tensor up front was a quarter of ``CompressedTable.lookup``.  Slots: one is built per lookup."""
+
+    __slots__ = ("values", "_locators", "_locator_bytes", "num_unknown", "pruned", "num_pruned")
+
+    def __init__(self, values: torch.Tensor, locators: torch.Tensor | None, num_unknown: int, pruned: torch.Tensor | None = None,
+                 num_pruned: int = 0, *, locator_bytes: bytearray | None = None) -> None:
+        if locators is None and locator_bytes is None:
+            raise ValueError("a LookupResult needs locators or locator_bytes")
+        self.values = values  # [n, D], or [bags, D] when pooled; float32 unless a dtype was asked for
+        self._locators = locators
+        self._locator_bytes = locator_bytes
+        self.num_unknown = num_unknown
+        # bool [n]: the ID's row was pruned (a dim-0 class: stored nothing) and the unknown-ID
+        # policy served it, like an unknown ID; None when the table has no dim-0 class
+        self.pruned = pruned
+        self.num_pruned = num_pruned
+
+    @property
+    def locators(self) -> torch.Tensor:
+        """int32 [n]: each ID's locator (compression/layout.py), -1 where it has no row."""
+        if self._locators is None:
+            raw = self._locator_bytes
+            # frombuffer shares the bytearray's memory (and keeps it alive); it rejects an empty one
+            self._locators = torch.frombuffer(raw, dtype=torch.int32) if raw else _INT32.new_empty(0)
+            self._locator_bytes = None
+        return self._locators
+
+    def __repr__(self) -> str:
+        return f"LookupResult(values={tuple(self.values.shape)}, num_unknown={self.num_unknown}, num_pruned={self.num_pruned})"
 
     @property
     def found(self) -> torch.Tensor:
@@ -284,18 +310,22 @@ class CompressedTable:
             if values is not None:
                 if not ids.is_contiguous():
                     ids = ids.contiguous()
-                loc = _INT32.new_empty(n)  # a quarter microsecond under torch.empty(n, dtype=...)
                 with self.lock:
                     # read under the lock: a writer growing a slab refreshes the decoder's class
                     # array, and a rehash replaces the index's arrays
                     classes_c = self.decoder.entry_classes
                     view = None if classes_c is None else self.index.c_view()
                     if view is not None:
-                        num_unknown = cpu_c.ENTRY.lookup(  # the decode, by addresses
-                            ids.data_ptr(), n, view.address, classes_c.address, values.data_ptr(), self.dim, loc.data_ptr(),
+                        # the decode, by addresses; the locators come back as a bytearray, a
+                        # tensor only if asked for (LookupResult.locators)
+                        num_unknown, loc_bytes = cpu_c.ENTRY.lookup_loc(
+                            ids.data_ptr(), n, view.address, classes_c.address, values.data_ptr(), self.dim,
                             torch.get_num_threads() if n >= cpu_c.PARALLEL_MIN_ROWS else 1,
                         )
                 if view is not None:
+                    if self._pruned_classes is None and not (num_unknown and self.unknown.kind != "zero"):
+                        return LookupResult(values, None, num_unknown, locator_bytes=loc_bytes)
+                    loc = torch.frombuffer(loc_bytes, dtype=torch.int32) if n else _INT32.new_empty(0)
                     pruned, num_pruned = None, 0
                     if self._pruned_classes is not None:
                         # a dim-0 row stores nothing: the decoder wrote zeros, the unknown-ID

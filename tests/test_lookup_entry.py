@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compression import RowClass, build_table, save_table
+from compression import LookupResult, RowClass, build_table, save_table
 from compression.kernels import cpu_c
 from compression.unknown import UnknownPolicy
 
@@ -78,6 +78,34 @@ def test_lookup_short_path_equals_the_general_one(kind: str) -> None:
     out = torch.empty(query.numel(), 16)
     table.backend = "compiled"  # type: ignore[assignment]
     assert table.lookup(query, out=out).values is out and torch.equal(out, slow.values)
+
+
+@pytest.mark.parametrize("kind", ["dense", "hash", "keyed"])
+def test_lazy_locators_equal_the_general_paths(kind: str) -> None:
+    """With a zero unknown-ID policy the short path hands back the locators as raw bytes and
+    LookupResult makes the tensor on first use: it must equal the torch backend's, for a
+    batch of one (the case the bytes are for), a larger batch, and an empty one."""
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(300, 16, generator=g)
+    cls = torch.randint(0, len(CLASSES), (300,), generator=g)
+    ids = None if kind == "dense" else torch.randperm(40_000, generator=g)[:300] * 7 + 11
+    table = build_table(rows, cls, CLASSES, ids=ids, index={"dense": "dense", "hash": "hash", "keyed": "sorted"}[kind])
+    held = torch.arange(300) if ids is None else ids
+    for query in (held[5:6], torch.cat([held[::9], torch.tensor([10**12, -3])]), held[:0]):
+        fast = table.lookup(query)
+        table.backend = "torch"  # type: ignore[assignment]
+        slow = table.lookup(query)
+        table.backend = "compiled"  # type: ignore[assignment]
+        assert fast.num_unknown == slow.num_unknown
+        assert torch.equal(fast.values, slow.values)
+        assert fast.locators.dtype == torch.int32 and torch.equal(fast.locators, slow.locators)
+        assert torch.equal(fast.found, slow.found) and torch.equal(fast.status, slow.status)
+        assert fast.locators is fast.locators  # made once
+
+
+def test_a_lookup_result_needs_its_locators() -> None:
+    with pytest.raises(ValueError, match="locators"):
+        LookupResult(torch.zeros(1, 4), None, 0)
 
 
 def test_lookup_to_buffer_declines_pruned_tables_and_bad_ranges() -> None:

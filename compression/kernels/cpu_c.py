@@ -186,7 +186,8 @@ def _load_entry() -> object | None:
         from . import _entry
     except ImportError:
         return None
-    return _entry if hasattr(_entry, "lookup_answer") else None
+    # lookup_loc is the newest entry point: an _entry built before it (a stale build) is not used
+    return _entry if hasattr(_entry, "lookup_loc") else None
 
 
 ENTRY: Any = _load_entry()
