@@ -17,7 +17,7 @@ precision search, extended with per-group dimension).
 
 Dimension candidates below ``D`` are evaluated in a frequency-weighted PCA basis
 (:mod:`compression.rotation`), full-dimension ones on the rows as they are (that is how each is
-stored, see :mod:`compression.table`).  The rotation costs ``D x K`` fp16 bytes, ``K`` the widest
+stored, see :mod:`compression.table`).  The rotation costs ``D x K`` fp16 bytes plus the C decoder's fp32 copy, ``K`` the widest
 truncated class, so the knapsack is solved once per ``K`` with that reserved; and once with
 truncation in the stored basis (no rotation: for tables trained with a dimension mask).
 

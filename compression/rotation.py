@@ -34,5 +34,7 @@ def stored_rotation(rotation: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 def rotation_bytes(dim: int, columns: int) -> int:
-    """Bytes of :func:`stored_rotation` for a ``[dim, columns]`` rotation."""
-    return 2 * dim * columns
+    """Bytes a ``[dim, columns]`` rotation costs in memory: :func:`stored_rotation` (fp16) plus
+    the compiled decoder's fp32 ``R^T`` (kernels/__init__.py: made on the CPU path, which most
+    tables take; a budget that holds with it holds without)."""
+    return 2 * dim * columns + 4 * columns * dim

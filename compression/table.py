@@ -557,7 +557,7 @@ class CompressedTable:
 
     def held_tensors(self) -> dict[str, torch.Tensor]:
         """Everything the table holds in memory: its state plus derived index structures."""
-        return {**self.state_tensors(), **self.index.held_tensors()}
+        return {**self.state_tensors(), **self.index.held_tensors(), **self.decoder.held_tensors()}
 
     @property
     def nbytes(self) -> int:

@@ -185,7 +185,11 @@ def test_reported_bytes_match_the_tensors_held(mixed_table: CompressedTable) -> 
     assert mixed_table.nbytes == sum(storages.values())
     stats = mixed_table.stats()
     assert stats.nbytes == stats.index_bytes + stats.row_bytes + stats.other_bytes
-    assert stats.other_bytes == mixed_table.unknown.nbytes + (0 if mixed_table.rotation is None else mixed_table.rotation.numel() * mixed_table.rotation.element_size())
+    rotation = 0 if mixed_table.rotation is None else mixed_table.rotation.numel() * mixed_table.rotation.element_size()
+    decoder = sum(t.numel() * t.element_size() for t in mixed_table.decoder.held_tensors().values())  # the C decoder's fp32 R^T
+    assert stats.other_bytes == mixed_table.unknown.nbytes + rotation + decoder
+    if mixed_table.rotation is not None and mixed_table.decoder.compiled:
+        assert decoder == 4 * mixed_table.rotation.numel()  # held, and counted
 
 
 def test_bag_pooling_matches_manual_sums() -> None:

@@ -116,10 +116,12 @@ class Decoder:
         self.codebooks = codebooks if codebooks is not None else [None] * len(classes)
         self.backend = backend
         self.rotation = rotation
-        # R^T row-major, fp16 (what the C decoder reads; an fp32 rotation of an old file is
-        # narrowed, which is how it will be written next time): row k is the direction
-        # coordinate k of a truncated row contributes
-        self._rotation_t = None if rotation is None else rotation.T.to(torch.float16).contiguous()
+        # the C decoder's R^T, row-major fp32, made when the compiled path is taken: row k is the
+        # direction coordinate k of a truncated row contributes.  fp32, not the stored fp16:
+        # widening it on every multiply-add was a sixth of a rotated row's decode
+        # (kernels/decode.c, rotate_back_avx2); counted in held_tensors, and in the budget
+        # (rotation.rotation_bytes)
+        self._rotation_t: torch.Tensor | None = None
         self.refresh(slabs)
 
     def refresh(self, slabs: list[torch.Tensor]) -> None:
@@ -136,10 +138,16 @@ class Decoder:
         self._triton_args = triton_module().class_args(slabs, self.classes, self.rotation) if self.path == "triton" else None
         if self.compiled and self.rotation is not None and self.rotation.shape[1] > cpu_c.MAX_ROTATED_DIM:
             self.compiled = False  # the C decoder's per-row scratch is bounded
+        if self.compiled and self.rotation is not None and self._rotation_t is None:
+            self._rotation_t = self.rotation.T.to(torch.float32).contiguous()
         self._classes_c = cpu_c.class_array(slabs, self.classes, self._rotation_t, self.codebooks) if self.compiled else None
         # the class array when lookups can take the CPython entry (cpu_c.ENTRY: table.lookup,
         # table.lookup_to_buffer), else None
         self.entry_classes = self._classes_c if cpu_c.ENTRY_AVAILABLE else None
+
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        """What the decoder holds besides the table's own tensors (the C decoder's R^T)."""
+        return {} if self._rotation_t is None else {"decoder.rotation_t": self._rotation_t}
 
     @property
     def fills_unknown(self) -> bool:

@@ -91,6 +91,10 @@ def _load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))
         except OSError:
             continue
+        if not hasattr(lib, "embserve_rotation_f32"):
+            # built when row_class_t carried an fp16 R^T: it would misread the fp32 one (and
+            # the _entry of that build likewise); torch decodes until the package is rebuilt
+            continue
         lib.embserve_lookup.restype = ctypes.c_int64
         lib.embserve_lookup.argtypes = [
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -228,14 +232,14 @@ def class_array(
     codebooks: list[torch.Tensor | None] | None = None,
 ) -> ctypes.Array[_RowClassC]:
     """The C view of a table's classes: slab addresses and shapes, padded to MAX_CLASSES,
-    ``R^T`` (fp16 ``[K, D]``) for truncated classes of a rotated table, and the fp16 codebook
-    of PQ classes.
+    ``R^T`` (fp32 ``[K, D]``, the decoder's copy) for truncated classes of a rotated table, and
+    the fp16 codebook of PQ classes.
 
     Valid until a slab is reallocated; tables rebuild it when they grow a slab."""
     arr = (_RowClassC * MAX_CLASSES)()
     width = None if rotation_t is None else rotation_t.shape[1]
-    if rotation_t is not None and rotation_t.dtype != torch.float16:
-        raise ValueError("the compiled decoder reads the rotation as fp16")
+    if rotation_t is not None and (rotation_t.dtype != torch.float32 or not rotation_t.is_contiguous()):
+        raise ValueError("the compiled decoder reads the rotation as a contiguous fp32 R^T")
     for k, (slab, rc) in enumerate(zip(slabs, classes, strict=True)):
         if slab.device.type != "cpu" or not slab.is_contiguous():
             raise ValueError("the compiled decoder needs contiguous CPU slabs")

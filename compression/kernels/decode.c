@@ -86,7 +86,7 @@ typedef struct {
     int64_t row_bytes;
     int32_t dim;
     int32_t bits;
-    const uint16_t *rotation_t; /* truncated class of a rotated table: fp16 R^T [K, width] (K >= dim), else NULL */
+    const float *rotation_t; /* truncated class of a rotated table: fp32 R^T [K, width] (K >= dim), else NULL */
     int32_t pq_m;            /* > 0: product-quantization class of pq_m sub-vectors */
     int32_t pad;
     const uint16_t *codebook; /* pq: fp16 [pq_m, 2**bits, dim / pq_m] */
@@ -96,7 +96,8 @@ typedef struct {
 
 static float f16_table[65536];
 static int f16_ready = 0;
-static int use_avx2 = 0; /* set once by embserve_init from CPUID */
+static int use_avx2 = 0;   /* set once by embserve_init from CPUID */
+static int use_avx512 = 0; /* avx512f as well: the rotation's multiply-add (rotate_back_avx512) */
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -118,12 +119,17 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
+/* A library whose row_class_t.rotation_t is fp32 (before, fp16): cpu_c.py does not use one
+   without this name, which would read an fp32 R^T as halves. */
+int embserve_rotation_f32(void) { return 1; }
+
 void embserve_init(void) {
     if (f16_ready) return;
     for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
 #if defined(HAVE_X86_SIMD) && !defined(EMBSERVE_NO_CLONES)
     __builtin_cpu_init();
     use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    use_avx512 = use_avx2 && __builtin_cpu_supports("avx512f");
 #endif
     f16_ready = 1;
 }
@@ -181,8 +187,11 @@ __attribute__((target("avx2,f16c"))) static inline void half_to_float_f16c(const
 }
 
 /* x = sum_k y[k] * R^T[k, :] with the output held in registers, 64 floats (8 accumulators) at a
-   time: each R^T row is streamed once per 64 outputs and no partial sum goes back to memory. */
-__attribute__((target("avx2,fma,f16c"))) static inline void rotate_back_avx2(const float *y, int d, const uint16_t *rot_t,
+   time: each R^T row is streamed once per 64 outputs and no partial sum goes back to memory.
+   R^T is fp32 (the decoder's copy, kernels/__init__.py): a row of a dims-16x table is 16 x 64
+   multiply-adds, and widening an fp16 R^T on every load made that part 1.18x (1.13..1.24)
+   slower with uniform IDs (interleaved A/B, bench/results/lookup.md's dims 16x table). */
+__attribute__((target("avx2,fma,f16c"))) static inline void rotate_back_avx2(const float *y, int d, const float *rot_t,
                                                                              int64_t width, float *o) {
     int64_t j0 = 0;
     for (; j0 + 64 <= width; j0 += 64) {
@@ -190,15 +199,38 @@ __attribute__((target("avx2,fma,f16c"))) static inline void rotate_back_avx2(con
         for (int a = 0; a < 8; a++) acc[a] = _mm256_setzero_ps();
         for (int k = 0; k < d; k++) {
             const __m256 yk = _mm256_set1_ps(y[k]);
-            const uint16_t *rk = rot_t + (int64_t)k * width + j0;
-            for (int a = 0; a < 8; a++)
-                acc[a] = _mm256_fmadd_ps(yk, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rk + 8 * a))), acc[a]);
+            const float *rk = rot_t + (int64_t)k * width + j0;
+            for (int a = 0; a < 8; a++) acc[a] = _mm256_fmadd_ps(yk, _mm256_loadu_ps(rk + 8 * a), acc[a]);
         }
         for (int a = 0; a < 8; a++) _mm256_storeu_ps(o + j0 + 8 * a, acc[a]);
     }
     for (int64_t j = j0; j < width; j++) {
         float sum = 0.0f;
-        for (int k = 0; k < d; k++) sum += y[k] * f16_table[rot_t[(int64_t)k * width + j]];
+        for (int k = 0; k < d; k++) sum += y[k] * rot_t[(int64_t)k * width + j];
+        o[j] = sum;
+    }
+}
+
+/* The same with 16-float registers, where the CPU has AVX-512: half the multiply-add
+   instructions, which is what a rotated row's decode is bound by (1.06x (1.04..1.07) over the
+   AVX2 loop with uniform IDs on the dims-16x table, interleaved A/B; same sums in the same
+   order, so the same floats). */
+__attribute__((target("avx512f"))) static inline void rotate_back_avx512(const float *y, int d, const float *rot_t, int64_t width,
+                                                                        float *o) {
+    int64_t j0 = 0;
+    for (; j0 + 64 <= width; j0 += 64) {
+        __m512 acc[4];
+        for (int a = 0; a < 4; a++) acc[a] = _mm512_setzero_ps();
+        for (int k = 0; k < d; k++) {
+            const __m512 yk = _mm512_set1_ps(y[k]);
+            const float *rk = rot_t + (int64_t)k * width + j0;
+            for (int a = 0; a < 4; a++) acc[a] = _mm512_fmadd_ps(yk, _mm512_loadu_ps(rk + 16 * a), acc[a]);
+        }
+        for (int a = 0; a < 4; a++) _mm512_storeu_ps(o + j0 + 16 * a, acc[a]);
+    }
+    for (int64_t j = j0; j < width; j++) {
+        float sum = 0.0f;
+        for (int k = 0; k < d; k++) sum += y[k] * rot_t[(int64_t)k * width + j];
         o[j] = sum;
     }
 }
@@ -483,10 +515,14 @@ static inline __attribute__((always_inline)) void decode_f16(const uint8_t *rest
 static void decode_other(const uint8_t *restrict row, const row_class_t *c, int64_t width, float *restrict o) {
     if (c->rotation_t) {
         /* stored y = (x R)[:dim]; x = sum_k y[k] * R^T[k, :], one contiguous axpy per k
-           (R^T is fp16: widened on load, F16C on x86) */
+           (R^T fp32: the decoder's copy, read as it is) */
         float y[MAX_ROTATED_DIM];
         decode_any(row, c, c->dim, y);
 #ifdef HAVE_X86_SIMD
+        if (use_avx512) {
+            rotate_back_avx512(y, c->dim, c->rotation_t, width, o);
+            return;
+        }
         if (use_avx2) {
             rotate_back_avx2(y, c->dim, c->rotation_t, width, o);
             return;
@@ -495,8 +531,8 @@ static void decode_other(const uint8_t *restrict row, const row_class_t *c, int6
         memset(o, 0, (size_t)width * 4);
         for (int k = 0; k < c->dim; k++) {
             const float yk = y[k];
-            const uint16_t *restrict rk = c->rotation_t + (int64_t)k * width;
-            for (int64_t j = 0; j < width; j++) o[j] += yk * f16_table[rk[j]];
+            const float *restrict rk = c->rotation_t + (int64_t)k * width;
+            for (int64_t j = 0; j < width; j++) o[j] += yk * rk[j];
         }
     } else {
         decode_any(row, c, (int)width, o);
