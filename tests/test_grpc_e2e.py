@@ -76,10 +76,14 @@ def test_infer_matches_the_http_answer(server: tuple[str, str]) -> None:
     client = grpcclient.InferenceServerClient(address)
     result = client.infer("items", [ids_input(wanted)], headers=HEADERS)
     embeddings, found = result.as_numpy("embeddings"), result.as_numpy("found")
-    assert embeddings.shape == (4, 1, 16) and found.tolist() == [[True], [True], [True], [False]]
+    assert embeddings.shape == (4, 1, 16) and found.shape == (4, 1)
     with EmbeddingClient(base, token=TOKEN) as http:
-        expected = http.lookup("items", wanted.reshape(-1)).values
+        answer = http.lookup("items", wanted.reshape(-1))
+        expected = answer.values
         np.testing.assert_array_equal(embeddings.reshape(4, 16), expected)
+        # which IDs have a row of their own depends on the allocator's plan (it may prune some);
+        # the unknown one never does, and both protocols agree on every one
+        assert found.reshape(-1).tolist() == list(answer.found) and not found[3, 0] and found.any()
         # the same rows at 16 bits, over both protocols and both precisions
         for datatype, dtype, torch_dtype in (("FP16", "f16", torch.float16), ("BF16", "bf16", torch.bfloat16)):
             half = client.infer("items", [ids_input(wanted)], headers=HEADERS, parameters={"embeddings_datatype": datatype})
