@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from compression import BudgetTooSmall, RowClass, build_table, compress, load_table, save_table
 from compression.allocation import index_bytes, objective_weights
 from compression.index import DenseIndex, KeyedIndex, RunIndex
-from compression.rotation import weighted_pca_rotation
+from compression.rotation import rotation_bytes, weighted_pca_rotation
 from compression.storage import MANIFEST_KEY
 from compression.synthetic import synthetic_table, zipf_frequencies
 from compression.table import STATUS_FOUND, STATUS_PRUNED, STATUS_UNKNOWN
@@ -160,7 +160,7 @@ def test_rotation_is_stored_as_fp16_columns_and_old_files_still_load(tmp_path: P
     table = build_table(rows, cls, classes, rotation=rotation)
     assert table.rotation is not None and table.rotation.dtype == torch.float16
     assert tuple(table.rotation.shape) == (64, 16)  # only the columns the widest truncated class reads
-    assert table.stats().other_bytes == 64 * 16 * 2
+    assert table.stats().other_bytes == 64 * 16 * 2 + 16 * 64 * 4 == rotation_bytes(64, 16)  # stored fp16 + the decoder's fp32 R^T
     ids = torch.arange(3000)
     expected = table.lookup(ids).values
     path = save_table(table, tmp_path / "t.safetensors")
