@@ -5,7 +5,13 @@
     python bench/hash_layout_ab.py --base main --rows 200000 --rounds 5
 
 bench/results/hash_layout_ab.md records the runs behind kernels/hashslot.h's "tried and not
-kept" notes.
+kept" notes, bench/results/keyed_probe_ab.md those on probe order and probe code (issue 11).
+
+More builds of this tree in the same run: ``--variants LABEL:FLAGS:ORDER`` (gcc flags such as
+``-DAHEAD=24``; ORDER ``slot`` fills the slots in the table's row order, ``freq`` hottest row
+first, as ``HashIndex.build(frequencies=...)`` does).  Each packed build prints where its keys
+sit (share at home and within the 3 prefetched slots, by key and by Zipf traffic).
+``--no-check`` times builds that answer wrongly (cost attribution only).
 
 Both builds' ``decode.c`` + ``hashindex.c`` (+ ``hashslot.h``) are compiled into their own
 shared library (the base taken from ``git show REV:...``), each library fills its own slot array
@@ -132,6 +138,22 @@ def filled_slots(lib: ctypes.CDLL, keys: torch.Tensor, locs: torch.Tensor, load:
     return raw, cap, None
 
 
+def placement(raw: torch.Tensor, cap: int, freqs: torch.Tensor, keys: torch.Tensor) -> str:
+    """How far the packed slots' keys sit from their home slot: the share at home and within the
+    3-slot window the pipeline prefetches, by key and by Zipf traffic."""
+    from compression.hash_index import home_slots, slot_keys
+
+    slots = raw[: 12 * cap].view(torch.int32).view(cap, 3)
+    held = torch.nonzero(slot_keys(slots) != EMPTY).flatten()
+    k = slot_keys(slots, held)
+    disp = (held - home_slots(k, cap)) % cap
+    row = torch.searchsorted(torch.sort(keys).values, k)
+    w = freqs[torch.sort(keys).indices[row]].double()
+    w = w / w.sum()
+    return (f"at home {float((disp == 0).double().mean()):.3f} of keys, {float(w[disp == 0].sum()):.3f} of zipf traffic; "
+            f"within 3 slots {float((disp <= 2).double().mean()):.3f} / {float(w[disp <= 2].sum()):.3f}; mean displacement {float(disp.double().mean()):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="main", help="git revision (or a directory holding the sources) of the base build; empty: this tree")
@@ -140,12 +162,17 @@ def main() -> None:
     parser.add_argument("--new", default="", help="git revision (or a directory holding the sources) of the new build; empty: this tree")
     parser.add_argument("--base-cflags", nargs="*", default=[], help="extra gcc flags for the base build")
     parser.add_argument("--new-cflags", nargs="*", default=[], help="extra gcc flags for the new build (e.g. -DFOO=1)")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="LABEL:FLAGS:ORDER",
+                        help="more builds of this tree, each at the first --loads value: LABEL, gcc flags (space-separated, may be empty), "
+                             "and the order its slots are filled in (slot: the table's row order; freq: hottest row first)")
+    parser.add_argument("--order", choices=["slot", "freq"], default="slot", help="the order base and new builds fill their slots in")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--batches", type=int, default=256, help="batches per pass: short passes (64) gave A/A ratios 0.91..1.06")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--passes", type=int, default=3, help="passes per measurement; the best counts")
+    parser.add_argument("--no-check", action="store_true", help="time builds that answer wrongly (ATTR_ attribution variants)")
     parser.add_argument("--out", type=Path, default=None, help="also append the report to this markdown file")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -156,6 +183,13 @@ def main() -> None:
         report.append(line)
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"base": build("base", args.base or None, Path(tmp), args.base_cflags), "new": build("new", args.new or None, Path(tmp), args.new_cflags)}
+        variants = []  # (label, order)
+        for spec in args.variants:
+            label, flags, order = spec.split(":")
+            if order not in ("slot", "freq"):
+                raise SystemExit(f"variant {spec!r}: order must be slot or freq")
+            libs[label] = build(label, None, Path(tmp), flags.split())
+            variants.append((label, order))
         freqs = zipf_frequencies(args.rows)
         rows = synthetic_table(args.rows, args.dim, freqs)
         table, _ = compress(rows, freqs, ratio=8, candidates=candidate_classes(args.dim, dims=[args.dim, 0]))
@@ -165,13 +199,19 @@ def main() -> None:
         keys = torch.randperm(n, generator=torch.Generator().manual_seed(9)) * 1_000_003 - 7 * n
         positions, locs = table.index.live_items()
         kk, kl = keys[positions].contiguous(), locs.to(torch.int32).contiguous()
+        hot = torch.argsort(freqs[positions], descending=True, stable=True)  # the fill order "freq": hottest row first
+        fills = {"slot": (kk, kl), "freq": (kk[hot].contiguous(), kl[hot].contiguous())}
         # method -> (library, index view, the arrays it keeps alive, keyed?, index bytes)
         dense_view = cpu_c.dense_index(table.index.locator)
         methods: dict[str, tuple[ctypes.CDLL, object, object, bool, int]] = {"dense": (libs["new"], dense_view, None, False, table.index.locator.numel() * 4)}
-        for name, load in [("base", x) for x in args.base_loads] + [("new", x) for x in args.loads]:
-            raw, cap, hints = filled_slots(libs[name], kk, kl, load)
-            label = f"{name} load {n / cap:.3f}"
+        builds = [("base", x, args.order) for x in args.base_loads] + [("new", x, args.order) for x in args.loads]
+        builds += [(label, args.loads[0], order) for label, order in variants]
+        for name, load, order in builds:
+            raw, cap, hints = filled_slots(libs[name], *fills[order], load)
+            label = f"{name} load {n / cap:.3f}" + (" freq" if order == "freq" else "")
             say(f"{label}: {huge_kib(raw) / 1024:.0f} of {raw.numel() / 2**20:.0f} MiB in huge pages")
+            if hints is None:  # (computed with the format's home formula: meaningless for a build that changes the hash)
+                say(f"{label}: {placement(raw, cap, freqs, keys)}")
             if hints is not None:  # the same slots probed without hints, and with them
                 methods[f"{label} no hints"] = (libs[name], IndexView(kind=cpu_c.INDEX_HASH, n=cap, slots=raw.data_ptr()), raw, True, raw.numel())
                 ones = int(sum(bin(b).count("1") for b in hints.tolist()))
@@ -205,7 +245,7 @@ def main() -> None:
             for m in methods:  # every build answers alike
                 call(m, feeds[m][0])
                 want = out.clone() if want is None else want
-                assert torch.equal(out, want), m
+                assert args.no_check or torch.equal(out, want), m
             per_round = run_rounds({m: (lambda m=m: measure(m, feeds[m])) for m in methods}, args.rounds)
             base_name = next(m for m in methods if m.startswith("base"))
             say(f"{d}, batch {args.batch}, {args.rounds} rounds (median, min..max of same-round ratios)")

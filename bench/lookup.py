@@ -136,7 +136,8 @@ def build_methods(rows: torch.Tensor, freqs: torch.Tensor, quick: bool) -> list[
         tables[f"ours mixed precision {times}x"] = (table, "knapsack over bits {32..1, pruned}")
     keys = torch.randperm(n, generator=torch.Generator().manual_seed(9)) * 1_000_003 - 7 * n  # arbitrary int64 IDs
     positions, locs = tables["ours mixed precision 8x"][0].index.live_items()
-    same = same_rows(tables["ours mixed precision 8x"][0], HashIndex.build(keys[positions], locs))
+    # hottest IDs inserted first, as compress(ids=...) builds a keyed table's hash index
+    same = same_rows(tables["ours mixed precision 8x"][0], HashIndex.build(keys[positions], locs, frequencies=freqs[positions]))
     tables[KEYED_SAME_ROWS] = (same, "the 8x table's own slabs behind a hash index of the keys: keyed vs dense on the same rows")
     if not quick:
         table, _ = compress(rows, freqs, ratio=16)

@@ -637,6 +637,7 @@ def build_table(
     index: str | None = None,
     codebooks: Sequence[torch.Tensor | None] | None = None,
     keyed_index: KeyedKind = "hash",
+    frequencies: torch.Tensor | None = None,
 ) -> CompressedTable:
     """Encode ``rows`` (original coordinates) into a table; row ``i`` goes to class ``row_class_of[i]``
     (a PQ class encodes against ``codebooks[class]``: nearest centroids).
@@ -649,7 +650,8 @@ def build_table(
     left out (its ID has no row).  Within a class, slots follow ascending ID, so a run of
     consecutive IDs in one class is one run of the run-length index.  ``rotation`` is stored
     as its first K columns in fp16 (K = the widest truncated class), and encoding uses exactly
-    that, so what is stored is what decodes.
+    that, so what is stored is what decodes.  ``frequencies`` (expected lookups per row): a hash
+    index inserts the hottest IDs first, so they sit in their home slots (:meth:`HashIndex.build`).
     """
     n, dim = rows.shape
     widest = max((rc.dim for rc in classes if 0 < rc.dim < dim), default=0)
@@ -698,7 +700,11 @@ def build_table(
     if index in ("hash", "sorted"):
         present = locator >= 0
         keys = ids if ids is not None else torch.arange(n, dtype=torch.int64)
-        id_index = HashIndex.build(keys[present], locator[present]) if index == "hash" else KeyedIndex.build(keys[present], locator[present])
+        if index == "hash":
+            hot = None if frequencies is None else frequencies.reshape(-1)[present]
+            id_index = HashIndex.build(keys[present], locator[present], frequencies=hot)
+        else:
+            id_index = KeyedIndex.build(keys[present], locator[present])
     elif index in ("dense", "runs"):
         if ids is not None:
             if n and int(ids.min()) < 0:
@@ -964,7 +970,7 @@ def compress(
 
     table = build_table(
         rows, row_class_of, table_classes, ids=ids, rotation=rotation if uses_rotation else None, unknown=policy,
-        progress=encoded, index=best.index, codebooks=books, keyed_index=keyed_index,
+        progress=encoded, index=best.index, codebooks=books, keyed_index=keyed_index, frequencies=freqs,
     )
     col_of_group = []
     rank = 0
@@ -1005,4 +1011,4 @@ def compress_uniform(
         raise ValueError("a uniform table keeps every coordinate; use compress() for dimension reduction")
     weights = torch.ones(n, dtype=torch.float64) if frequencies is None else frequencies.to(torch.float64)
     policy = build_unknown_policy(unknown, rows, ids if ids is not None else torch.arange(n), weights)
-    return build_table(rows, torch.zeros(n, dtype=torch.int64), [row_class], ids=ids, unknown=policy, index=index)
+    return build_table(rows, torch.zeros(n, dtype=torch.int64), [row_class], ids=ids, unknown=policy, index=index, frequencies=frequencies)

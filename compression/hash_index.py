@@ -314,13 +314,33 @@ class HashIndex:
         return cls(new_slots(capacity, device))
 
     @classmethod
-    def build(cls, ids: torch.Tensor, locators: torch.Tensor, capacity: int | None = None) -> "HashIndex":
-        """Index ``ids`` (unique); ``capacity`` defaults to the smallest that keeps MAX_LOAD."""
+    def build(
+        cls, ids: torch.Tensor, locators: torch.Tensor, capacity: int | None = None, frequencies: torch.Tensor | None = None
+    ) -> "HashIndex":
+        """Index ``ids`` (unique); ``capacity`` defaults to the smallest that keeps MAX_LOAD.
+
+        ``frequencies`` (expected lookups per ID, any scale, aligned with ``ids``): insert the
+        hottest IDs first.  Linear probing puts a key in its home slot exactly when that slot is
+        free at its insertion, so the IDs inserted first take their home slots and the probe
+        lengths (their sum is the same in any order) fall on the cold ones.  Under skewed traffic
+        nearly every lookup then resolves in its home slot: at load 0.7, 97% of a Zipf(1.05)
+        stream's lookups against 65% in ID order, and the 8x table's keyed lookups ran 1.24x
+        (1.15..1.32) faster (bench/results/keyed_probe_ab.md).  Readers are unchanged: this is
+        only an insertion order.  The compiled writes insert strictly in order; the torch
+        fallback's rounds let the first in order win each contested slot, which places the
+        hottest IDs first too, less strictly."""
         ids = ids.to(torch.int64).reshape(-1)
         if ids.numel() > 1 and torch.unique(ids).numel() != ids.numel():
             raise ValueError("IDs must be unique")
+        locators = locators.to(torch.int32).reshape(-1)
+        if frequencies is not None:
+            frequencies = frequencies.reshape(-1)
+            if frequencies.numel() != ids.numel():
+                raise ValueError(f"{frequencies.numel()} frequencies for {ids.numel()} IDs")
+            hot_first = torch.argsort(frequencies.to(device=ids.device, dtype=torch.float64), descending=True, stable=True)
+            ids, locators = ids[hot_first], locators.to(ids.device)[hot_first]
         index = cls.empty(capacity or capacity_for(ids.numel()), ids.device)
-        index.assign(ids, locators.to(torch.int32))
+        index.assign(ids, locators)
         return index
 
     @property

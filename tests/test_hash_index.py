@@ -16,6 +16,7 @@ from compression import CompressedTable, RowClass, compress, load_table, save_ta
 from compression import hash_index as hi
 from compression.hash_index import EMPTY, HashIndex, capacity_for, home_slots
 from compression.kernels import cpu_c
+from compression.synthetic import sample_ids, zipf_frequencies
 
 PATHS = ["torch"] + (["compiled"] if cpu_c.HASH_OPS_AVAILABLE else [])
 
@@ -358,3 +359,73 @@ def test_an_8x_keyed_table_spends_its_budget_on_rows_not_index_padding() -> None
     slow = table.lookup(probe)
     assert torch.equal(fast.locators, slow.locators) and torch.allclose(fast.values, slow.values, atol=1e-6)
     assert bool((fast.found | fast.pruned).all())
+
+
+def _home_share(index: HashIndex, keys: torch.Tensor, freqs: torch.Tensor) -> tuple[float, float]:
+    """(share of keys, share of the traffic ``freqs`` sends to them) resolved in their home slot."""
+    slot_keys = index.keys
+    held = torch.nonzero(slot_keys != EMPTY).flatten()
+    at_home = home_slots(slot_keys[held], index.capacity) == held
+    home_keys = slot_keys[held[at_home]]
+    weight = freqs.double() / freqs.double().sum()
+    return float(at_home.double().mean()), float(weight[torch.isin(keys, home_keys)].sum())
+
+
+@pytest.mark.parametrize("impl", PATHS)
+def test_a_frequency_ordered_build_puts_the_hot_ids_in_their_home_slots(impl: str) -> None:
+    """Inserted hottest first, the IDs most lookups ask for take their home slots (one slot, one
+    line, no probe); the index holds the same IDs, exactly as reachable as any insertion order."""
+    saved = cpu_c.HASH_OPS_AVAILABLE
+    cpu_c.HASH_OPS_AVAILABLE = saved and impl == "compiled"
+    try:
+        n = 30_000
+        freqs = zipf_frequencies(n, seed=4)
+        keys = torch.randperm(n, generator=torch.Generator().manual_seed(4)) * 1_000_003 - 7 * n
+        locs = torch.randperm(n, generator=torch.Generator().manual_seed(5)).to(torch.int32)
+        plain = HashIndex.build(keys, locs)
+        hot = HashIndex.build(keys, locs, frequencies=freqs)
+        assert hot.capacity == plain.capacity == capacity_for(n) and 0.69 < hot.load <= hi.MAX_LOAD
+        check_invariants(hot, dict(zip(keys.tolist(), locs.tolist(), strict=True)))
+        assert torch.equal(hot.resolve(keys), locs) and torch.equal(plain.resolve(keys), locs)
+        hottest = keys[int(torch.argmax(freqs))]
+        assert int(hot.resolve(hottest.view(1))[0]) == int(locs[int(torch.argmax(freqs))])
+        assert int(home_slots(hottest.view(1), hot.capacity)[0]) == int(torch.nonzero(hot.keys == hottest).flatten()[0])
+        keys_plain, traffic_plain = _home_share(plain, keys, freqs)
+        keys_hot, traffic_hot = _home_share(hot, keys, freqs)
+        assert abs(keys_hot - keys_plain) < 0.02  # as many keys at home in any order ...
+        assert traffic_plain < 0.75 and traffic_hot > 0.9  # ... but the ones the traffic asks for
+    finally:
+        cpu_c.HASH_OPS_AVAILABLE = saved
+
+
+def test_frequency_ordered_hash_lookups_equal_dense_lookups_of_the_same_rows(zipf_rows) -> None:  # type: ignore[no-untyped-def]
+    """The 8x table's own slabs behind a hot-first hash index of arbitrary int64 keys answer
+    exactly what the dense index answers for the same rows, through the compiled pipeline and
+    the torch reference; keys that are not held stay unknown."""
+    rows, freqs = zipf_rows
+    dense, _ = compress(rows, freqs, ratio=8, candidates=[RowClass(32, b) for b in (16, 8, 4, 2, 1)] + [RowClass(0, 32)])
+    n = rows.shape[0]
+    keys = torch.randperm(n, generator=torch.Generator().manual_seed(6)) * 1_000_003 - 7 * n
+    positions, locs = dense.index.live_items()
+    index = HashIndex.build(keys[positions], locs, frequencies=freqs[positions])
+    hashed = CompressedTable(dense.dim, dense.classes, dense.slabs, dense.used, index, dense.free, dense.rotation, dense.unknown)
+    probe = torch.cat([sample_ids(freqs, 6000, seed=7), torch.randint(0, n, (3000,), generator=torch.Generator().manual_seed(8))])
+    want = dense.lookup(probe)
+    for backend in ("compiled", "torch") if cpu_c.AVAILABLE else ("torch",):
+        hashed.backend = backend
+        got = hashed.lookup(keys[probe])
+        assert torch.equal(got.values, want.values) and torch.equal(got.locators, want.locators)
+        missing = hashed.lookup(torch.tensor([EMPTY, 12345, -(10**15)]))
+        assert missing.num_unknown == 3
+
+
+def test_compress_builds_a_keyed_tables_hash_index_hottest_first(zipf_rows) -> None:  # type: ignore[no-untyped-def]
+    rows, freqs = zipf_rows
+    ids = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(2)) * 7919 - 10**9
+    table, _ = compress(rows, freqs, ratio=4, ids=ids)
+    assert isinstance(table.index, HashIndex)
+    assert _home_share(table.index, ids, freqs)[1] > 0.9
+    hottest = ids[int(torch.argmax(freqs))]
+    assert int(home_slots(hottest.view(1), table.index.capacity)[0]) == int(torch.nonzero(table.index.keys == hottest).flatten()[0])
+    with pytest.raises(ValueError, match="frequencies for"):
+        HashIndex.build(ids, torch.zeros(ids.numel(), dtype=torch.int32), frequencies=freqs[:10])
