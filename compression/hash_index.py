@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 import mmap
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -431,6 +432,29 @@ class HashIndex:
             removed, old = _torch_delete(self.slots, ids)
         self.count -= removed
         return old
+
+    def place_hot_first(self, frequency_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Lay the held IDs out again, same capacity, inserted hottest first (see :meth:`build`).
+
+        An index that grew by online upserts holds its IDs in arrival order, and every rehash
+        re-inserts them in slot order, so the hot-first placement of a one-go build does not
+        survive a table that lives on a stream.  ``frequency_of(ids)`` gives each held ID's
+        expected lookups (the service passes its traffic sketch's estimates, at a re-decision).
+        O(N log N) once per call; the IDs, their locators and every lookup stay as they were."""
+        ids, locs = self.live_items()
+        if ids.numel() < 2:
+            return
+        freqs = frequency_of(ids).reshape(-1)
+        if freqs.numel() != ids.numel():
+            raise ValueError(f"{freqs.numel()} frequencies for {ids.numel()} IDs")
+        order = torch.argsort(freqs.to(device=ids.device, dtype=torch.float64), descending=True, stable=True)
+        ids, locs = ids[order].contiguous(), locs[order].contiguous()
+        slots = new_slots(self.capacity, self.slots.device)
+        if self._compiled():
+            cpu_c.hash_upsert(slots, ids, locs)
+        else:
+            _torch_upsert(slots, ids, locs)
+        self.slots = slots  # readers take the new array at their next view (c_view)
 
     def live_items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Held IDs and their locators, in slot order."""

@@ -23,6 +23,7 @@ import torch
 
 from compression.allocation import BudgetTooSmall
 from compression.hash_index import EMPTY as KEY_EMPTY
+from compression.hash_index import HashIndex
 from compression.layout import LOCATOR_CLASS_SHIFT
 from compression.policies import apply_decision
 
@@ -398,6 +399,10 @@ class Applier:
             hosted.over_budget = None
             moved = apply_decision(table, ids, decision)
             hosted.rank_map = decision.rank_map
+            if isinstance(table.index, HashIndex) and hosted.sketch is not None:
+                # the IDs the traffic asks for most back in their home slots: arrival order and
+                # rehashes had scattered them (HashIndex.place_hot_first)
+                table.index.place_hot_first(hosted.sketch.estimate)
         hosted.updates_since_decision = 0
         hosted.last_decision_at = time.monotonic()
         hosted.dirty = True

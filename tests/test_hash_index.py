@@ -429,3 +429,38 @@ def test_compress_builds_a_keyed_tables_hash_index_hottest_first(zipf_rows) -> N
     assert int(home_slots(hottest.view(1), table.index.capacity)[0]) == int(torch.nonzero(table.index.keys == hottest).flatten()[0])
     with pytest.raises(ValueError, match="frequencies for"):
         HashIndex.build(ids, torch.zeros(ids.numel(), dtype=torch.int32), frequencies=freqs[:10])
+
+
+@pytest.mark.parametrize("impl", PATHS)
+def test_place_hot_first_relays_an_arrival_ordered_index_without_changing_it(impl: str) -> None:
+    """An index filled coldest first (the worst arrival order) and then laid out again by
+    frequency holds the same IDs at the same locators, at the same capacity, with the traffic's
+    IDs in their home slots."""
+    saved = cpu_c.HASH_OPS_AVAILABLE
+    cpu_c.HASH_OPS_AVAILABLE = saved and impl == "compiled"
+    try:
+        n = 20_000
+        freqs = zipf_frequencies(n, seed=8)
+        keys = torch.randperm(n, generator=torch.Generator().manual_seed(8)) * 999_983 + 5
+        locs = torch.arange(n, dtype=torch.int32)
+        index = HashIndex.empty()
+        cold_first = torch.argsort(freqs)
+        for part in torch.chunk(cold_first, 4):  # grows (rehashes) on the way, like a stream
+            index.assign(keys[part], locs[part])
+        capacity = index.capacity
+        _, traffic_before = _home_share(index, keys, freqs)
+        index.place_hot_first(lambda ids: freqs[_positions(keys, ids)])
+        _, traffic_after = _home_share(index, keys, freqs)
+        assert index.capacity == capacity and index.count == n
+        check_invariants(index, dict(zip(keys.tolist(), locs.tolist(), strict=True)))
+        assert traffic_before < 0.75 and traffic_after > 0.9
+        with pytest.raises(ValueError, match="frequencies"):
+            index.place_hot_first(lambda ids: torch.ones(3))
+    finally:
+        cpu_c.HASH_OPS_AVAILABLE = saved
+
+
+def _positions(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Where each of ``ids`` sits in ``keys`` (all present)."""
+    order = torch.argsort(keys)
+    return order[torch.searchsorted(keys[order], ids)]
