@@ -44,14 +44,14 @@ from compression.index import KeyedIndex  # noqa: E402
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies  # noqa: E402
 
 
-def hash_at_load(keys: torch.Tensor, locs: torch.Tensor, load: float) -> HashIndex:
+def hash_at_load(keys: torch.Tensor, locs: torch.Tensor, load: float, frequencies: torch.Tensor | None = None) -> HashIndex:
     """Hash index of ``keys`` alone in the smallest capacity (a multiple of 16) at which their
     load is at most ``load``.  Earlier runs padded a power-of-two index with never-looked-up keys
     inserted after the real ones; the real keys then sat where a load-0.48 insert put them (an
     insert never moves a held key), so those runs measured the misses' longer clusters but not
     the hits' longer probes, and showed loads 0.6-0.9 as fast as 0.48."""
     cap = -(-math.ceil(keys.numel() / load) // 16) * 16
-    return HashIndex.build(keys, locs, capacity=cap)
+    return HashIndex.build(keys, locs, capacity=cap, frequencies=frequencies)
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"thread": time.thread_time, "wall": time.perf_counter}
@@ -102,12 +102,14 @@ def main() -> None:
         random_keys = torch.randint(-(2**62), 2**62, (n,))
     # method -> (table, which IDs it is fed: None = the dense IDs, else the keys they map through)
     methods: dict[str, tuple[CompressedTable, torch.Tensor | None]] = {"dense (IDs 0..N-1)": (dense, None)}
-    hashed = same_rows(dense, HashIndex.build(keys[positions], locs))
+    # hash indexes built hottest first, as compress() and the service's re-decisions lay them out
+    hot = freqs[positions]
+    hashed = same_rows(dense, HashIndex.build(keys[positions], locs, frequencies=hot))
     methods[f"keyed, hash index (load {hashed.index.load:.2f})"] = (hashed, keys)  # type: ignore[attr-defined]
-    methods["keyed, hash index, random int64 IDs"] = (same_rows(dense, HashIndex.build(random_keys[positions], locs)), random_keys)
+    methods["keyed, hash index, random int64 IDs"] = (same_rows(dense, HashIndex.build(random_keys[positions], locs, frequencies=hot)), random_keys)
     methods["keyed, sorted index + fence"] = (same_rows(dense, KeyedIndex.build(keys[positions], locs)), keys)
     for load in args.loads:
-        index = hash_at_load(keys[positions], locs, load)
+        index = hash_at_load(keys[positions], locs, load, hot)
         methods[f"keyed, hash index at load {index.load:.2f}"] = (same_rows(dense, index), keys)
     count = max(1, args.ids_per_round // args.batch)
     streams = {
