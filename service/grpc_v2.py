@@ -20,29 +20,45 @@ mapped to its gRPC code (400/422 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403 PERM
 ``pruned`` (int64: IDs whose pruned row the unknown-ID policy filled), as over HTTP.  Calls are
 counted in ``embserve_grpc_requests_total{method, code}`` and timed in
 ``embserve_grpc_request_duration_seconds{method}``.
+
+Cost: ``ModelInfer`` takes the request's bytes (no deserializer) and answers bytes (no
+serializer).  The common request - one INT64 ``ids`` input as raw contents, no pooling - is
+answered by a *plan* worked out once per request head (every byte before the IDs, see
+:class:`_InferPlan`): one C call decodes the rows and found flags straight into the response,
+whose protobuf frame (service/grpc_wire.py) the plan holds.  Anything else - another ID type,
+typed contents, pooling, a pruned table, an error - is parsed with ``ModelInferRequest`` and
+answered by the general path, with the same answers and refusals as before.  A malformed
+message is INVALID_ARGUMENT.  The rest of a call's cost is grpcio's own
+(bench/results/grpc_cpu.md).
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import numpy as np
+import torch
+from google.protobuf.message import DecodeError
 from starlette.concurrency import run_in_threadpool
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from compression.kernels.cpu_c import answer_buffer
+
 from . import __version__
 from .errors import ApiError
+from .grpc_wire import encode_infer_response, infer_response_frame, varint
 from .response_size import check_infer_response
-from .routers.lookup import check_limits, run_lookups
+from .routers.lookup import batching_on, check_limits, run_lookups
 from .security import check_reader
 from .state import AppState
-from .v2wire import EMBEDDING_DATATYPES, ID_DTYPES, embedding_bytes
+from .v2wire import EMBEDDING_DATATYPES, ID_DTYPES, embedding_array
 from .wire import DTYPE_ITEMSIZE, ParsedLookup
 
 log = logging.getLogger("embserve")
@@ -67,7 +83,9 @@ _Call = TypeVar("_Call", bound=Callable[..., Awaitable[Any]])
 def _recorded(method: _Call) -> _Call:
     """Count the call by method and final status code and time it
     (``embserve_grpc_requests_total`` / ``embserve_grpc_request_duration_seconds``); an abort
-    arrives here as the exception ``context.abort`` raises, with the code already set."""
+    arrives here as the exception ``context.abort`` raises, with the code already set.  The
+    series are looked up once per (method, code): ``labels()`` takes a lock and builds a key."""
+    name = method.__name__
 
     @functools.wraps(method)
     async def call(self: "InferenceService", request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -80,9 +98,7 @@ def _recorded(method: _Call) -> _Call:
             code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
             raise
         finally:
-            m = self.state.metrics
-            m.grpc_requests.labels(method.__name__, code).inc()
-            m.grpc_latency.labels(method.__name__).observe(time.perf_counter() - started)
+            self.count(name, code, time.perf_counter() - started)
 
     return call  # type: ignore[return-value]
 
@@ -125,19 +141,91 @@ def _tensor(entry: Any, raw: bytes | None) -> np.ndarray:
     return values.astype(np.int64).reshape(shape)
 
 
+# the ModelInferRequest field that carries raw input tensors: field 7, wire type 2 (bytes)
+_RAW_INPUT_TAG = bytes([7 << 3 | 2])
+# InferenceService keeps at most this many ModelInfer plans (one per request length seen); then starts over
+_PLANS_MAX = 64
+
+
+def _without_raw_inputs(head: bytes) -> bool:
+    """``head`` is a whole message with no raw input contents: then ``head`` + one field-7
+    entry parses as that message with exactly that one raw input."""
+    try:
+        return not pb.ModelInferRequest.FromString(head).raw_input_contents
+    except DecodeError:
+        return False
+
+
+class _InferPlan(NamedTuple):
+    """What :meth:`InferenceService.answer_planned` needs to answer a ``ModelInfer`` request of
+    a given head: worked out once from a parsed request (:meth:`InferenceService.plan_infer`),
+    valid for every request whose bytes are ``prefix`` followed by ``8 * n`` bytes of IDs,
+    while the registry still hosts ``hosted`` holding ``table``.
+
+    Why that is sound: a protobuf message's bytes parse as the merge of their parts, so a
+    request ``prefix + ids`` parses as the message ``prefix`` ends in - every field the plan was
+    checked against - plus one last ``raw_input_contents`` entry of exactly those IDs; only
+    the IDs differ between two such requests, and the plan's checks do not depend on them."""
+
+    prefix: bytes  # the request up to its IDs, the tag and length of its one raw input included
+    name: str
+    hosted: Any  # the HostedTable
+    table: Any  # its CompressedTable when planned
+    n: int  # IDs
+    start: int  # where the response starts in the buffer (0..3 bytes: its float32 rows 4-aligned)
+    size: int  # response bytes
+    alloc: int  # buffer bytes: the response, then scratch for what the decoder writes but the response lacks
+    pieces: tuple[tuple[int, bytes], ...]  # (buffer offset, bytes) of the response's protobuf frame
+    f32_at: int  # where the decoder writes the float32 rows
+    status_at: int  # where it writes the found flags (1 found, 0 unknown)
+    wide: tuple[torch.dtype, int] | None  # 16-bit values: (dtype, offset of the response's rows), converted from f32_at
+    series: tuple[Any, Any, Any]  # the table's lookup latency, IDs and unknown-IDs series
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The endpoints; every refusal is an :class:`ApiError` turned into its gRPC status."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
+        settings = state.settings
+        # settings read per call, fixed for the app's life
+        self._read_token = settings.read_token
+        self._inline_max = settings.inline_max_body_bytes
+        self._granted: str | None = None  # the last authorization value that passed the read check
+        self._plans: dict[int, _InferPlan] = {}  # request length -> plan of the last request of that length
+        self._calls: dict[tuple[str, str], Any] = {}  # (method, code) -> counter series
+        self._latency: dict[str, Any] = {}  # method -> histogram series
+
+    def count(self, method: str, code: str, seconds: float) -> None:
+        """One call in the gRPC metrics; the series cached (the handlers run on the event loop)."""
+        counter = self._calls.get((method, code))
+        if counter is None:
+            counter = self._calls[(method, code)] = self.state.metrics.grpc_requests.labels(method, code)
+        counter.inc()
+        latency = self._latency.get(method)
+        if latency is None:
+            latency = self._latency[method] = self.state.metrics.grpc_latency.labels(method)
+        latency.observe(seconds)
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: ApiError) -> None:
         await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
 
     def _auth(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
-        token = metadata.get("authorization")
-        check_reader(self.state, token if isinstance(token, str) else None)
+        """The read check on metadata ``authorization`` (keys compared case-blind; the last one
+        wins, as a dict of the metadata gave); a value that passed once passes again (tokens are
+        settings, fixed), compared in constant time as security.py compares tokens."""
+        if self._read_token is None:
+            return
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key.lower() == "authorization":
+                token = value
+        token = token if isinstance(token, str) else None
+        granted = self._granted
+        if token is not None and granted is not None and hmac.compare_digest(token.encode(), granted.encode()):
+            return
+        check_reader(self.state, token)
+        self._granted = token
 
     def _hosted(self, name: str, version: str) -> Any:
         hosted = self.state.tables.get(name)
@@ -185,19 +273,157 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self._ready())
 
     @_recorded
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
+        """``request``: the serialized ``ModelInferRequest``; returns the serialized response."""
         try:
             self._auth(context)
-            if request.ByteSize() <= self.state.settings.inline_max_body_bytes:
-                return self._infer(request)  # small: cheaper than a thread hop, as on HTTP
-            return await run_in_threadpool(self._infer, request)
+            answer = self.answer_planned(request)
+            if answer is not None:
+                return answer
+            if len(request) <= self._inline_max:
+                return self.infer_bytes(request)  # small: cheaper than a thread hop, as on HTTP
+            return await run_in_threadpool(self.infer_bytes, request)
         except ApiError as exc:
             await self._fail(context, exc)
         except Exception:  # noqa: BLE001 - as on HTTP: log it, say nothing about the internals
             log.exception("unhandled error in gRPC ModelInfer")
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        raise AssertionError("unreachable: abort raises")
 
-    def _infer(self, request: Any) -> Any:
+    def answer_planned(self, request: bytes) -> bytes | None:
+        """The answer of a request a remembered plan covers (same length, same bytes up to the
+        IDs, same table), or None: nothing looked up, nothing counted."""
+        plan = self._plans.get(len(request))
+        if plan is None or not request.startswith(plan.prefix) or self.state.tables.get(plan.name) is not plan.hosted or plan.hosted.table is not plan.table:
+            return None
+        return self._answer(plan, request, len(plan.prefix))
+
+    def infer_bytes(self, raw: bytes) -> bytes:
+        """Parse a serialized request (malformed: INVALID_ARGUMENT) and answer it: by a plan,
+        remembered for the next request of that head, when it is the common request, else by
+        :meth:`_infer`."""
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except DecodeError as exc:
+            raise _bad(f"malformed ModelInferRequest: {exc}") from None
+        plan = self.plan_infer(request, raw)
+        if plan is not None:
+            ids = request.raw_input_contents[0]
+            answer = self._answer(plan, ids, 0)
+            if answer is not None:
+                return answer
+        return self._infer(request)
+
+    def plan_infer(self, request: Any, raw: bytes) -> _InferPlan | None:
+        """The plan of ``request`` (parsed from ``raw``), or None when the general path must
+        answer it: anything but one INT64 ``ids`` input in raw contents with no pooling, on the
+        event loop, with cross-request batching off; or any request the general path would
+        refuse (it refuses it then, with its own message).  Remembered when ``raw`` ends with
+        the IDs (what tritonclient sends: raw contents are the message's last field)."""
+        state = self.state
+        if len(raw) > self._inline_max or batching_on(state) or len(request.inputs) != 1 or len(request.raw_input_contents) != 1:
+            return None
+        entry = request.inputs[0]
+        if entry.name != "ids" or entry.datatype != "INT64":
+            return None
+        shape = [int(d) for d in entry.shape]
+        if len(shape) > 8 or any(d < 0 for d in shape):
+            return None
+        n = int(np.prod(shape)) if shape else 1
+        ids = request.raw_input_contents[0]
+        if not n or len(ids) != 8 * n or n > state.settings.max_ids_per_request:
+            return None
+        name, version = request.model_name, request.model_version
+        hosted = state.tables.get(name)
+        if hosted is None or version not in ("", MODEL_VERSION):
+            return None
+        params = request.parameters  # others than these two the general path ignores too
+        for key in ("pooling", "embeddings_datatype"):
+            if key in params and params[key].WhichOneof("parameter_choice") != "string_param":
+                return None
+        if "pooling" in params and params["pooling"].string_param != "none":
+            return None
+        datatype = params["embeddings_datatype"].string_param if "embeddings_datatype" in params else "FP32"
+        if datatype not in EMBEDDING_DATATYPES:
+            return None
+        wanted = [o.name for o in request.outputs] or ["embeddings", "found"]
+        if sorted(wanted) not in (["embeddings"], ["found"], ["embeddings", "found"]):
+            return None
+        table = hosted.table
+        dim = table.dim
+        itemsize = DTYPE_ITEMSIZE[EMBEDDING_DATATYPES[datatype]]
+        try:
+            check_infer_response(state, dim, n, None, "none", dict.fromkeys(wanted, True), itemsize)
+        except ApiError:
+            return None
+        sizes = {"embeddings": itemsize * n * dim, "found": n}
+        shapes = {"embeddings": [*shape, dim], "found": shape}
+        types = {"embeddings": datatype, "found": "BOOL"}
+        frame = infer_response_frame(name, MODEL_VERSION, request.id, 0, [(o, types[o], shapes[o], sizes[o]) for o in wanted])
+        offsets, at = [], 0  # of each piece and each content, in the response
+        for piece, out_name in zip(frame, wanted, strict=True):
+            offsets.append((at, at + len(piece)))
+            at += len(piece) + sizes[out_name]
+        size = at
+        contents_at = {out_name: content for out_name, (_, content) in zip(wanted, offsets, strict=True)}
+        # the response starts `start` bytes into the buffer, so that its rows sit at a multiple of
+        # 4 (the decoder writes float32 rows only there; the buffer itself is malloc-aligned)
+        start = -contents_at["embeddings"] % 4 if "embeddings" in contents_at else 0
+        pieces = tuple((start + piece_at, piece) for (piece_at, _), piece in zip(offsets, frame, strict=True))
+        alloc = start + size
+        # what the response lacks the decoder still writes: into scratch after the response
+        if "found" in contents_at:
+            status_at = start + contents_at["found"]
+        else:
+            status_at, alloc = alloc, alloc + n
+        wide = None
+        if "embeddings" in contents_at and datatype == "FP32":
+            f32_at = start + contents_at["embeddings"]
+        else:
+            f32_at = alloc + (-alloc % 4)
+            alloc = f32_at + 4 * n * dim
+            if "embeddings" in contents_at:
+                wide = (torch.float16 if datatype == "FP16" else torch.bfloat16), start + contents_at["embeddings"]
+        # the tag and length of the one raw input sit right before its bytes when they end the message
+        head = _RAW_INPUT_TAG + varint(len(ids))
+        prefix = raw[: len(raw) - len(ids)]
+        plan = _InferPlan(prefix, name, hosted, table, n, start, size, alloc, pieces, f32_at, status_at, wide, state.metrics.table_children(name))
+        if raw.endswith(ids) and prefix.endswith(head) and _without_raw_inputs(prefix[: len(prefix) - len(head)]):
+            if len(self._plans) >= _PLANS_MAX:
+                self._plans.clear()
+            self._plans[len(raw)] = plan
+        return plan
+
+    def _answer(self, plan: _InferPlan, ids: bytes, ids_at: int) -> bytes | None:
+        """Run a plan on the ``plan.n`` int64 IDs at ``ids[ids_at:]``: the serialized response,
+        counted and timed as every lookup is, or None (nothing written, nothing counted) when
+        the table cannot answer this way (a pruned class, no compiled decoder)."""
+        n, table = plan.n, plan.table
+        # not zero-filled: the frame, the decoder's rows and flags are every byte of the response
+        answer = answer_buffer(plan.alloc)
+        for at, piece in plan.pieces:
+            answer[at : at + len(piece)] = piece
+        started = time.perf_counter()
+        num_unknown = table.lookup_to_buffer(ids, ids_at, n, answer, plan.f32_at, plan.status_at)
+        if num_unknown is None:
+            return None
+        if plan.wide is not None:
+            # one conversion pass, torch's copy_: the general path's rounding (round to nearest even)
+            dtype, rows_at = plan.wide
+            count = n * table.dim
+            torch.frombuffer(answer, dtype=dtype, count=count, offset=rows_at).copy_(torch.frombuffer(answer, dtype=torch.float32, count=count, offset=plan.f32_at))
+        latency, counted, unknown = plan.series
+        latency.observe(time.perf_counter() - started)
+        counted.inc(n)
+        if num_unknown:
+            unknown.inc(num_unknown)
+        applier = self.state.applier
+        if applier is not None:
+            applier.record_lookup_bytes(plan.name, ids[ids_at : ids_at + 8 * n])  # frequencies, fed off the request path
+        # grpc sends bytes: one copy, of the response alone when scratch surrounds it
+        return bytes(answer) if plan.alloc == plan.size else bytes(memoryview(answer)[plan.start : plan.start + plan.size])
+
+    def _infer(self, request: Any) -> bytes:
         name = request.model_name
         self._hosted(name, request.model_version)
         raw = list(request.raw_input_contents)
@@ -243,16 +469,36 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         dim = output.values.shape[1]
         embeddings = output.values if pooling != "none" else output.values.reshape(*ids.shape, dim)
         found = output.found.reshape(ids.shape)
-        response = pb.ModelInferResponse(model_name=name, model_version=MODEL_VERSION, id=request.id)
-        response.parameters["pruned"].int64_param = output.pruned  # as HTTP's parameters.pruned
+        parts: list[tuple[str, str, list[int], Any]] = []
         for out_name in wanted:
             if out_name == "embeddings":
-                response.outputs.add(name=out_name, datatype=datatype, shape=list(embeddings.shape))
-                response.raw_output_contents.append(embedding_bytes(embeddings, datatype))
+                parts.append((out_name, datatype, list(embeddings.shape), embedding_array(embeddings, datatype)))
             else:
-                response.outputs.add(name=out_name, datatype="BOOL", shape=list(found.shape))
-                response.raw_output_contents.append(np.ascontiguousarray(found, dtype=np.uint8).tobytes())
-        return response
+                parts.append((out_name, "BOOL", list(found.shape), np.ascontiguousarray(found, dtype=np.uint8)))
+        return encode_infer_response(name, MODEL_VERSION, request.id, output.pruned, parts)  # pruned: as HTTP's parameters.pruned
+
+
+# the methods served, each with its handler's request and response types from the generated
+# descriptor; every other method of the service is UNIMPLEMENTED (grpc answers that itself)
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+_SERVED = ("ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata", "ModelReady", "ModelInfer")
+
+
+def method_handlers(service: InferenceService) -> dict[str, grpc.RpcMethodHandler]:
+    """The served methods' handlers: the generated messages for every method but ModelInfer,
+    which takes and answers bytes (:meth:`InferenceService.ModelInfer`)."""
+    handlers = {}
+    for method in _SERVICE.methods:
+        if method.name not in _SERVED:
+            continue
+        if method.name == "ModelInfer":
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(service.ModelInfer)
+        else:
+            request_type, response_type = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                getattr(service, method.name), request_deserializer=request_type.FromString, response_serializer=response_type.SerializeToString
+            )
+    return handlers
 
 
 async def start(state: AppState) -> grpc.aio.Server:
@@ -260,7 +506,10 @@ async def start(state: AppState) -> grpc.aio.Server:
     settings = state.settings
     limit = settings.max_body_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
+    handlers = method_handlers(InferenceService(state))
+    # as the generated add_..._to_server does: registered (matched in the core) and generic
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(_SERVICE.full_name, handlers)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
     if port == 0:

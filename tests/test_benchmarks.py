@@ -186,3 +186,10 @@ def test_profile_batch1_fast(tmp_path: Path) -> None:
 def test_batch1_cpu_bench_fast() -> None:
     proc = _run(["bench/batch1_cpu.py", "--fast"], timeout=180)
     assert "server CPU per batch-1 binary lookup" in proc.stdout and "- this tree:" in proc.stdout
+
+
+@bench_smoke
+def test_grpc_cpu_bench_fast() -> None:
+    pytest.importorskip("tritonclient.grpc")
+    proc = _run(["bench/grpc_cpu.py", "--fast"], timeout=180)
+    assert "gRPC / HTTP" in proc.stdout and "gRPC / the gRPC floor" in proc.stdout and "| gRPC floor (noop_grpc.py) | gRPC | 1 |" in proc.stdout

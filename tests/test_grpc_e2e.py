@@ -160,3 +160,21 @@ def test_pruned_count_and_grpc_metrics(server: tuple[str, str]) -> None:
     assert counts.get('code="OK",method="ModelInfer"', 0) >= 1, counts
     assert counts.get('code="UNAUTHENTICATED",method="ModelInfer"', 0) >= 1, counts
     assert 'embserve_grpc_request_duration_seconds_count{method="ModelInfer"}' in text
+
+
+def test_malformed_message_is_invalid_argument(server: tuple[str, str]) -> None:
+    """Bytes that are no ModelInferRequest: INVALID_ARGUMENT with the parser's reason (they
+    were grpcio's deserialization failure, UNKNOWN), and the server answers the next call."""
+    import grpc
+
+    with grpc.insecure_channel(server[1]) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+        for junk in (b"\x0a\x05ab", b"\xff" * 9, b"\x3a\x80"):
+            with pytest.raises(grpc.RpcError) as info:
+                infer(junk, metadata=(("authorization", f"Bearer {TOKEN}"),))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed ModelInferRequest" in str(info.value.details())
+        with pytest.raises(grpc.RpcError) as info:
+            infer(b"\xff" * 9)  # the token is checked first, as for every call
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    client = grpcclient.InferenceServerClient(server[1])
+    assert client.infer("items", [ids_input(np.array([1], dtype=np.int64))], headers=HEADERS).as_numpy("embeddings").shape == (1, 16)
