@@ -100,10 +100,10 @@ def test_baseline_build_of_the_decoder_is_bit_exact_too(tmp_path: Path) -> None:
     lib.embserve_lookup.restype = i64
     lib.embserve_lookup.argtypes = [p, i64, p, p, i32, p, i64, p, i32]
     lib.embserve_init()
-    cases = [_table(d, index) for d in (64, 24) for index in ("dense", "hash", "sorted")] + [_pq_table()]
+    cases = [_table(d, index) for d in (64, 24) for index in ("dense", "hash", "sorted")] + [_pq_table(), _rotated_table("dense")]
     for table, ids in cases:
         table.backend = "compiled"
-        classes_c = cpu_c.class_array(table.slabs, table.classes, None, table.decoder.codebooks)
+        classes_c = cpu_c.class_array(table.slabs, table.classes, table.decoder._rotation_t, table.decoder.codebooks)
         view = table.index.c_view()
         table.backend = "torch"
         for n in (2 * AHEAD + 1, 700):
@@ -115,7 +115,10 @@ def test_baseline_build_of_the_decoder_is_bit_exact_too(tmp_path: Path) -> None:
                                           loc.data_ptr(), 1)
             assert torch.equal(loc, ref.locators) and unknown == ref.num_unknown
             served = ref.found  # rows the decoder writes; unknown and pruned ones are its zeros
-            assert torch.equal(out[served], ref.values[served])
+            if table.rotation is None:
+                assert torch.equal(out[served], ref.values[served])
+            else:  # rotated back by the scalar loop: the same sums as torch's matmul, in another order
+                torch.testing.assert_close(out[served], ref.values[served], rtol=1e-5, atol=1e-5)
             assert not out[~served].any()
 
 
@@ -156,3 +159,37 @@ def test_pruned_mask_marks_exactly_the_dim0_classes() -> None:
     count = cpu_c.ENTRY.pruned(loc.data_ptr(), 6, ctypes.addressof(classes_c), out.data_ptr())
     assert table.classes[7].dim == 0 and count == 1
     assert out.tolist() == [False, False, True, False, False, False]
+
+
+def _rotated_table(index: str) -> tuple[CompressedTable, torch.Tensor]:
+    """A rotated table whose truncated classes cover the inline rotated kinds (8, 4 and 2 bits:
+    decode_rot) and the ones left to decode_other (fp16 and 1-bit truncated rows), next to full
+    and pruned rows."""
+    from compression.rotation import weighted_pca_rotation
+
+    gen = torch.Generator().manual_seed(11)
+    n = 2000
+    rows = torch.randn(n, 6, generator=gen) @ torch.randn(6, 64, generator=gen) + 0.1 * torch.randn(n, 64, generator=gen)
+    classes = [RowClass(64, 8), RowClass(16, 8), RowClass(16, 4), RowClass(32, 2), RowClass(8, 1), RowClass(16, 16), RowClass(0, 32)]
+    cls = torch.randint(0, len(classes), (n,), generator=gen)
+    rotation = weighted_pca_rotation(rows, torch.ones(n))
+    if index == "dense":
+        return build_table(rows, cls, classes, rotation=rotation), torch.arange(n)
+    ids = torch.randperm(10 * n, generator=gen)[:n] * 3 + 1
+    return build_table(rows, cls, classes, ids=ids, keyed_index=index, rotation=rotation), ids  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("index", ["dense", "hash"])
+def test_rotated_classes_match_the_reference(index: str) -> None:
+    """Truncated rows come back through R^T: the C decoder (an fp32 R^T, AVX-512 or AVX2
+    multiply-adds in k order) agrees with torch's matmul up to the order of the sums."""
+    table, ids = _rotated_table(index)
+    assert table.rotation is not None and table.decoder.compiled
+    for n in (1, 2 * AHEAD + 1, 700):
+        query = _query(ids, n, seed=n)
+        table.backend = "compiled"
+        fast = table.lookup(query)
+        table.backend = "torch"
+        ref = table.lookup(query)
+        assert torch.equal(fast.locators, ref.locators) and fast.num_unknown == ref.num_unknown
+        torch.testing.assert_close(fast.values, ref.values, rtol=1e-5, atol=1e-5)

@@ -24,8 +24,9 @@
  * whole block one level at a time so its misses overlap.  Decoding: each class gets a row kind
  * once per call (row_kind), and the common ones - quantized rows as wide as the table - decode
  * inline in run_range with the bit width a constant (decode_q), so each clone of run_range
- * (below) vectorizes the planes for its own target; the rest (fp32/fp16, PQ, rotated, narrower
- * classes) go through decode_other.  Sub-byte codes are decoded plane by plane: each plane is a
+ * (below) vectorizes the planes for its own target, as do fp16/fp32 rows and the truncated
+ * quantized classes of a rotated table (decode_rot); the rest (PQ, narrower classes of an
+ * unrotated table, widths past 64) go through decode_other.  Sub-byte codes are decoded plane by plane: each plane is a
  * contiguous run of output floats (an interleaved order such as FBGEMM's low-nibble-even would
  * need strided stores).
  *
@@ -467,10 +468,19 @@ static inline void keyed_locate_block(int64_t lo, int64_t hi, const int64_t *ids
  * of a frequency-allocated table are its fp16 ones, so Zipf traffic decodes them most (8x table,
  * batch 4096, interleaved A/B against the call through decode_other: 1.05x (0.91..1.22) and
  * 1.08x (1.02..1.23) Zipf in two runs, uniform unchanged). */
-enum { RK_ZERO = 0, RK_Q8, RK_Q4, RK_Q2, RK_Q1, RK_F16, RK_F32, RK_OTHER };
+enum { RK_ZERO = 0, RK_Q8, RK_Q4, RK_Q2, RK_Q1, RK_F16, RK_F32, RK_R8, RK_R4, RK_R2, RK_OTHER };
+/* RK_R*: a truncated (dim < width, dim <= 64) quantized class of a rotated table (decode_rot) */
 
 static inline int row_kind(const row_class_t *c, int64_t width) {
     if (c->dim == 0) return RK_ZERO;
+    if (c->rotation_t && c->pq_m == 0 && c->dim <= 64 && c->dim < width) {
+        switch (c->bits) {
+        case 8: return RK_R8;
+        case 4: return RK_R4;
+        case 2: return RK_R2;
+        default: return RK_OTHER;
+        }
+    }
     if (c->rotation_t || c->pq_m > 0 || c->dim != width) return RK_OTHER;
     switch (c->bits) {
     case 8: return RK_Q8;
@@ -544,6 +554,34 @@ static void decode_other(const uint8_t *restrict row, const row_class_t *c, int6
     }
 }
 
+/* A truncated quantized row of a rotated table (RK_R8/4/2: the bulk of a dims-16x table's rows):
+   its dim coordinates y dequantized with the bit width a constant, then x = y R^T.  Against the
+   call through decode_other (runtime bit width, decode_any's dispatch): 1.16x (1.12..1.18) with
+   uniform IDs, 1.04x Zipf, on bench/results/lookup.md's dims-16x table (interleaved A/B, same
+   floats). */
+static inline __attribute__((always_inline)) void decode_rot(const int bits, const uint8_t *restrict row, const row_class_t *c,
+                                                             int64_t width, float *restrict o) {
+    float y[64];
+    const int d = c->dim;
+    dequant_q(bits, row + 4, d, load_half(row), load_half(row + 2), y);
+#ifdef HAVE_X86_SIMD
+    if (use_avx512) {
+        rotate_back_avx512(y, d, c->rotation_t, width, o);
+        return;
+    }
+    if (use_avx2) {
+        rotate_back_avx2(y, d, c->rotation_t, width, o);
+        return;
+    }
+#endif
+    memset(o, 0, (size_t)width * 4);
+    for (int k = 0; k < d; k++) {
+        const float yk = y[k];
+        const float *restrict rk = c->rotation_t + (int64_t)k * width;
+        for (int64_t j = 0; j < width; j++) o[j] += yk * rk[j];
+    }
+}
+
 /* Decode one located row into o; returns 1 when the ID had no row. */
 static inline __attribute__((always_inline)) int decode_one(int32_t loc, const row_class_t *classes, const uint8_t *kinds,
                                                             float *restrict o, int64_t width) {
@@ -564,6 +602,9 @@ static inline __attribute__((always_inline)) int decode_one(int32_t loc, const r
     case RK_Q1: decode_q(1, row, (int)width, o); break;
     case RK_F16: decode_f16(row, (int)width, o); break;
     case RK_F32: memcpy(o, row, (size_t)width * 4); break;
+    case RK_R4: decode_rot(4, row, c, width, o); break;
+    case RK_R2: decode_rot(2, row, c, width, o); break;
+    case RK_R8: decode_rot(8, row, c, width, o); break;
     default: decode_other(row, c, width, o);
     }
     return 0;
