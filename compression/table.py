@@ -364,24 +364,27 @@ class CompressedTable:
         return LookupResult(values, loc, num_unknown, pruned, num_pruned)
 
     def lookup_to_buffer(self, ids: bytes | bytearray | memoryview, ids_offset: int, n: int, answer: bytearray, rows_offset: int,
-                         status_offset: int) -> int | None:
+                         status_offset: int, dtype: torch.dtype = torch.float32) -> int | None:
         """Decode the ``n`` int64 IDs (native byte order: little-endian on every host the C
         decoder builds for) at ``ids[ids_offset:]`` - a request body as it came - straight into
-        ``answer``, a response buffer: float32 rows ``[n, D]`` at ``rows_offset`` and one status
-        byte per ID at ``status_offset`` (1 the ID's row, 0 unknown: its row is the unknown-ID
-        policy's).  One C call, no tensor, no copy of the IDs: a server's small answers
-        (service/routers/lookup.py).  Returns the unknown count, or None - nothing written -
-        when the table is not on the compiled path or has a pruned class (call :meth:`lookup`)."""
-        if self._pruned_classes is not None:
+        ``answer``, a response buffer: rows ``[n, D]`` of ``dtype`` (float32, fp16 or bf16: the
+        16-bit ones rounded to nearest even in C, as torch's conversion rounds finite values) at
+        ``rows_offset`` and one status byte per ID at ``status_offset`` (1 the ID's row, 0
+        unknown: its row is the unknown-ID policy's).  One C call, no tensor, no copy of the IDs:
+        a server's small answers (service/routers/lookup.py).  Returns the unknown count, or None
+        - nothing written - when the table is not on the compiled path, has a pruned class, or
+        the compiled entry cannot write ``dtype`` (call :meth:`lookup`)."""
+        if self._pruned_classes is not None or (dtype is not torch.float32 and not cpu_c.ENTRY_NARROW):
             return None
         with self.lock:
             classes_c = self.decoder.entry_classes
             view = None if classes_c is None else self.index.c_view()
             if view is None:
                 return None
-            num_unknown = cpu_c.lookup_answer(ids, ids_offset, n, view, classes_c, answer, rows_offset, self.dim, status_offset)
+            num_unknown = cpu_c.lookup_answer(ids, ids_offset, n, view, classes_c, answer, rows_offset, self.dim, status_offset, dtype)
         if num_unknown:
-            values = torch.frombuffer(answer, dtype=torch.float32, count=n * self.dim, offset=rows_offset).view(n, self.dim)
+            # the policy's rows, cast to dtype by torch (for 16 bits: the same rounding, once)
+            values = torch.frombuffer(answer, dtype=dtype, count=n * self.dim, offset=rows_offset).view(n, self.dim)
             unknown = torch.frombuffer(answer, dtype=torch.uint8, count=n, offset=status_offset) == 0
             id_tensor = torch.tensor(memoryview(ids)[ids_offset : ids_offset + 8 * n].cast("q"), dtype=torch.int64)
             self.unknown.fill(values, id_tensor, unknown)

@@ -103,6 +103,9 @@ def _load() -> ctypes.CDLL | None:
         _declare_hash_ops(lib)
         _declare_encoder(lib)
         _declare_sketch_ops(lib)
+        if hasattr(lib, "embserve_narrow"):  # float32 -> fp16 / bf16 (a library built before it lacks it)
+            lib.embserve_narrow.restype = ctypes.c_int32
+            lib.embserve_narrow.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
         lib.embserve_init()
         return lib
     return None
@@ -289,17 +292,42 @@ ENTRY_AVAILABLE = ENTRY is not None
 ENTRY_PRUNED = ENTRY is not None and hasattr(ENTRY, "pruned")
 
 
+# the wire's dtype codes for lookup_answer's rows (service/wire.py): 16-bit answers narrowed in C
+ANSWER_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+# the entry's lookup_answer takes a dtype (absent from an _entry built before: 16-bit answers
+# then take the general path)
+ENTRY_NARROW = ENTRY is not None and hasattr(ENTRY, "ANSWER_DTYPES")
+
+
 def lookup_answer(ids: bytes | bytearray | memoryview, ids_offset: int, n: int, index: _IndexC, classes_c: ctypes.Array[_RowClassC],
-                  answer: bytearray, rows_offset: int, width: int, status_offset: int) -> int:
+                  answer: bytearray, rows_offset: int, width: int, status_offset: int, dtype: torch.dtype = torch.float32) -> int:
     """Decode the ``n`` int64 IDs at ``ids[ids_offset:]`` (a request body) straight into
-    ``answer`` (a response buffer): float32 rows ``[n, width]`` at ``rows_offset`` and one status
-    byte per ID at ``status_offset`` (1 has a row, 0 unknown).  One call, no tensors: the
-    service's small binary answers (pyentry.c).  Returns the unknown count; unknown IDs' rows
-    are the decoder's zeros, for the caller to fill."""
+    ``answer`` (a response buffer): rows ``[n, width]`` of ``dtype`` (float32, or fp16 / bf16
+    rounded to nearest even in C: :data:`ENTRY_NARROW`) at ``rows_offset`` and one status byte
+    per ID at ``status_offset`` (1 has a row, 0 unknown).  One call, no tensors: the service's
+    small binary answers (pyentry.c).  Returns the unknown count; unknown IDs' rows are the
+    decoder's zeros, for the caller to fill."""
     assert ENTRY is not None
+    if dtype is torch.float32:
+        return ENTRY.lookup_answer(  # type: ignore[attr-defined,no-any-return]
+            ids, ids_offset, n, index.address, classes_c.address, answer, rows_offset, width, status_offset,  # type: ignore[attr-defined]
+        )
+    assert ENTRY_NARROW
     return ENTRY.lookup_answer(  # type: ignore[attr-defined,no-any-return]
         ids, ids_offset, n, index.address, classes_c.address, answer, rows_offset, width, status_offset,  # type: ignore[attr-defined]
+        ANSWER_DTYPE_CODES[dtype],
     )
+
+
+def narrow(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` (contiguous float32 CPU) as ``dtype`` (fp16 or bf16) by the C pass 16-bit
+    answers use (decode.c's embserve_narrow): what tests hold to torch's own conversion."""
+    assert _LIB is not None and hasattr(_LIB, "embserve_narrow")
+    assert values.dtype == torch.float32 and values.is_contiguous() and values.device.type == "cpu"
+    out = torch.empty(values.shape, dtype=dtype)
+    if _LIB.embserve_narrow(values.data_ptr(), values.numel(), out.data_ptr(), ANSWER_DTYPE_CODES[dtype]) != 0:
+        raise ValueError(f"no C narrowing to {dtype}")
+    return out
 
 
 def answer_buffer(size: int) -> bytearray:

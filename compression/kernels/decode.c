@@ -670,6 +670,99 @@ static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const index
     }
 }
 
+/* float32 -> fp16 and bf16, round to nearest even: the service's 16-bit answers, narrowed from
+ * the decoder's float32 rows in one pass (pyentry.c's lookup_answer) where torch's copy_ took
+ * two tensor wrappers and, for bf16, a slower loop (a batch-1024 bf16 answer cost twice a
+ * float32 one).  Finite values come out exactly as torch's conversions give them; NaN becomes
+ * a quiet NaN of the same sign (fp16: 0x7e00 | sign without F16C, the payload's top bits with
+ * it, as torch's scalar and vector paths differ there too) and 0x7fc0 for bf16.
+ *
+ * fp16 without F16C: rebias the exponent and round the 13 dropped mantissa bits to even on the
+ * integer, with floats doing the work for results below fp16's normal range (the hardware
+ * rounds x * 2^-14 ... exactly once there); fp-contract off so that no multiply-add fuses. */
+__attribute__((optimize("fp-contract=off"))) static uint16_t float_to_half_rne(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504: infinity */
+    if (ax < 0x38800000u) {
+        /* below 2^-14: a subnormal (or zero) fp16, units of 2^-24.  Adding 0.5 (2^-1) to
+           |f| in float rounds |f| to a multiple of 2^-24 (the ulp of a float in [0.5, 1)) to
+           nearest even, in one rounding; the mantissa then holds the count */
+        float a;
+        memcpy(&a, &ax, 4);
+        const float biased = a + 0.5f;
+        uint32_t b;
+        memcpy(&b, &biased, 4);
+        return (uint16_t)(sign | (b - 0x3f000000u));
+    }
+    const uint32_t r = ax - 0x38000000u; /* exponent 127 -> 15 bias */
+    return (uint16_t)(sign | ((r + 0x0fffu + ((r >> 13) & 1u)) >> 13));
+}
+
+static inline uint16_t float_to_bf16_rne(uint32_t x) {
+    if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+#ifdef HAVE_X86_SIMD
+__attribute__((target("avx2,f16c"))) static void narrow_f16_f16c(const float *src, int64_t count, uint16_t *dst) {
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < count; i++) dst[i] = (uint16_t)_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+/* float_to_bf16_rne 16 values at a time (gcc leaves the scalar loop with its NaN test unvectorized) */
+__attribute__((target("avx2"))) static inline __m256i bf16_rne_avx2(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+}
+
+__attribute__((target("avx2"))) static void narrow_bf16_avx2(const float *src, int64_t count, uint16_t *dst) {
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+        const __m256i lo = bf16_rne_avx2(_mm256_loadu_ps(src + i)), hi = bf16_rne_avx2(_mm256_loadu_ps(src + i + 8));
+        /* packus interleaves 128-bit lanes (lo0-3 hi0-3 lo4-7 hi4-7): put them back in order */
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8));
+    }
+    const uint32_t *bits = (const uint32_t *)src;
+    for (; i < count; i++) dst[i] = float_to_bf16_rne(bits[i]);
+}
+#endif
+
+/* kind 2: fp16, kind 3: bf16 (the wire's dtype codes, service/wire.py); -1 for another kind. */
+int32_t embserve_narrow(const float *src, int64_t count, uint16_t *dst, int32_t kind) {
+    if (!f16_ready) embserve_init();
+    if (kind == 2) {
+#ifdef HAVE_X86_SIMD
+        if (use_avx2) {
+            narrow_f16_f16c(src, count, dst);
+            return 0;
+        }
+#endif
+        for (int64_t i = 0; i < count; i++) dst[i] = float_to_half_rne(src[i]);
+        return 0;
+    }
+    if (kind == 3) {
+#ifdef HAVE_X86_SIMD
+        if (use_avx2) {
+            narrow_bf16_avx2(src, count, dst);
+            return 0;
+        }
+#endif
+        const uint32_t *bits = (const uint32_t *)src;
+        for (int64_t i = 0; i < count; i++) dst[i] = float_to_bf16_rne(bits[i]);
+        return 0;
+    }
+    return -1;
+}
+
 /* pruned[i] = 1 where loc[i] names a row of a pruned (dim-0) class, else 0; returns how many.
  * A table serves its pruned rows by its unknown-ID policy, so its lookup needs this mask: one
  * pass here where torch took five ops over the locators (as long as the decode of a 16x table,

@@ -23,6 +23,11 @@ void embserve_init(void);
 int64_t embserve_lookup(const int64_t *ids, int64_t n, const void *index, const void *classes, int32_t n_classes,
                         float *out, int64_t width, int32_t *loc_out, int32_t threads);
 int64_t embserve_pruned_mask(const int32_t *loc, int64_t n, const void *classes, uint8_t *pruned);
+int32_t embserve_narrow(const float *src, int64_t count, uint16_t *dst, int32_t kind);
+
+/* 16-bit answers decode this many float32 values at a time into a scratch, then narrow them into
+   the answer: the scratch stays in cache, and no float32 copy of the whole answer is made */
+#define NARROW_CHUNK_VALUES 16384
 
 #define N_CLASSES 8 /* MAX_CLASSES of decode.c */
 /* below this many IDs the GIL is kept: releasing and retaking it costs more than the decode */
@@ -110,31 +115,57 @@ static PyObject *py_lookup_loc(PyObject *self, PyObject *const *args, Py_ssize_t
     return Py_BuildValue("(LN)", (long long)rc, loc);
 }
 
-/* lookup_answer(ids, ids_offset, n, index_addr, classes_addr, answer, rows_offset, width, status_offset) -> unknown
+/* lookup_answer's decode, without the GIL's help (it may run with the GIL released): float32
+ * rows straight into the answer, or 16-bit ones `chunk` rows at a time through `scratch`. */
+static int64_t decode_answer(const int64_t *ids, int64_t n, int64_t index_addr, int64_t classes_addr, char *rows_at, int64_t width,
+                             int32_t *loc, int32_t dtype, float *scratch, int64_t chunk) {
+    if (dtype < 2)
+        return embserve_lookup(ids, n, (const void *)(intptr_t)index_addr, (const void *)(intptr_t)classes_addr, N_CLASSES,
+                               (float *)rows_at, width, loc, 1);
+    int64_t unknown = 0;
+    for (int64_t k = 0; k < n; k += chunk) {
+        const int64_t m = n - k < chunk ? n - k : chunk;
+        const int64_t got = embserve_lookup(ids + k, m, (const void *)(intptr_t)index_addr, (const void *)(intptr_t)classes_addr,
+                                            N_CLASSES, scratch, width, loc + k, 1);
+        if (got < 0) return got;
+        unknown += got;
+        embserve_narrow(scratch, m * width, (uint16_t *)(rows_at + 2 * k * width), dtype);
+    }
+    return unknown;
+}
+
+/* lookup_answer(ids, ids_offset, n, index_addr, classes_addr, answer, rows_offset, width, status_offset[, dtype]) -> unknown
  *
  * A lookup decoded straight into a response buffer, for the service's binary answers:
  *   ids:     any buffer (the request body) holding int64 little-endian IDs [n] at ids_offset
  *            (any alignment: they are copied out first when misaligned);
- *   answer:  a writable buffer (the response bytearray): float32 rows [n, width] are written at
+ *   answer:  a writable buffer (the response bytearray): rows [n, width] are written at
  *            rows_offset, and one status byte per ID at status_offset: 1 the ID has a row, 0 not
  *            (the caller fills unknown rows and marks pruned ones; see service/wire.py for the
- *            layout around them).
+ *            layout around them);
+ *   dtype:   the rows' type, the wire's codes: 0 or 1 float32 (4 bytes a value), 2 fp16, 3 bf16
+ *            (2 bytes, rounded to nearest even by embserve_narrow, NARROW_CHUNK_VALUES at a time).
  * Both ranges are checked against the buffers' lengths.  Returns how many IDs had no row. */
 static PyObject *py_lookup_answer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "lookup_answer takes 9 arguments");
+    if (nargs != 9 && nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "lookup_answer takes 9 or 10 arguments");
         return NULL;
     }
-    int64_t ids_off, n, index_addr, classes_addr, rows_off, width, status_off;
+    int64_t ids_off, n, index_addr, classes_addr, rows_off, width, status_off, dtype = 0;
     if (as_int64(args[1], &ids_off) < 0 || as_int64(args[2], &n) < 0 || as_int64(args[3], &index_addr) < 0 ||
         as_int64(args[4], &classes_addr) < 0 || as_int64(args[6], &rows_off) < 0 || as_int64(args[7], &width) < 0 ||
-        as_int64(args[8], &status_off) < 0)
+        as_int64(args[8], &status_off) < 0 || (nargs == 10 && as_int64(args[9], &dtype) < 0))
         return NULL;
     if (n < 0 || width <= 0 || ids_off < 0 || rows_off < 0 || status_off < 0 || n > ((int64_t)1 << 40) / (width + 9)) {
         PyErr_SetString(PyExc_ValueError, "lookup_answer: negative or oversized arguments");
         return NULL;
     }
+    if (dtype < 0 || dtype > 3) {
+        PyErr_SetString(PyExc_ValueError, "lookup_answer: dtype must be 0/1 (float32), 2 (fp16) or 3 (bf16)");
+        return NULL;
+    }
+    const int64_t value_bytes = dtype >= 2 ? 2 : 4;
     Py_buffer ids_view, out_view;
     if (PyObject_GetBuffer(args[0], &ids_view, PyBUF_SIMPLE) < 0) return NULL;
     if (PyObject_GetBuffer(args[5], &out_view, PyBUF_WRITABLE) < 0) {
@@ -146,7 +177,8 @@ static PyObject *py_lookup_answer(PyObject *self, PyObject *const *args, Py_ssiz
     int64_t ids_small[64];
     int32_t *loc = loc_small;
     int64_t *ids_copy = NULL;
-    if (ids_off + 8 * n > ids_view.len || rows_off + 4 * n * width > out_view.len || status_off + n > out_view.len) {
+    float *scratch = NULL;
+    if (ids_off + 8 * n > ids_view.len || rows_off + value_bytes * n * width > out_view.len || status_off + n > out_view.len) {
         PyErr_SetString(PyExc_ValueError, "lookup_answer: a range runs past its buffer");
         goto done;
     }
@@ -168,20 +200,27 @@ static PyObject *py_lookup_answer(PyObject *self, PyObject *const *args, Py_ssiz
         memcpy(ids_copy, ids_at, (size_t)n * 8);
         ids = ids_copy;
     }
-    float *rows = (float *)((char *)out_view.buf + rows_off);
-    if (((uintptr_t)rows & 3) != 0) {
-        PyErr_SetString(PyExc_ValueError, "lookup_answer: rows_offset leaves the float32 rows misaligned");
+    char *rows_at = (char *)out_view.buf + rows_off;
+    if (((uintptr_t)rows_at & (uintptr_t)(value_bytes - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "lookup_answer: rows_offset leaves the rows misaligned");
         goto done;
+    }
+    /* 16-bit rows: chunks of whole rows through a float32 scratch */
+    const int64_t chunk = value_bytes == 4 ? n : (NARROW_CHUNK_VALUES / width > 0 ? NARROW_CHUNK_VALUES / width : 1);
+    if (value_bytes == 2 && n > 0) {
+        scratch = (float *)PyMem_Malloc((size_t)(chunk < n ? chunk : n) * (size_t)width * sizeof(float));
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
     }
     int64_t rc;
     if (n >= GIL_RELEASE_MIN) {
         Py_BEGIN_ALLOW_THREADS
-        rc = embserve_lookup(ids, n, (const void *)(intptr_t)index_addr, (const void *)(intptr_t)classes_addr, N_CLASSES,
-                             rows, width, loc, 1);
+        rc = decode_answer(ids, n, index_addr, classes_addr, rows_at, width, loc, (int32_t)dtype, scratch, chunk);
         Py_END_ALLOW_THREADS
     } else {
-        rc = embserve_lookup(ids, n, (const void *)(intptr_t)index_addr, (const void *)(intptr_t)classes_addr, N_CLASSES,
-                             rows, width, loc, 1);
+        rc = decode_answer(ids, n, index_addr, classes_addr, rows_at, width, loc, (int32_t)dtype, scratch, chunk);
     }
     if (rc < 0) {
         PyErr_SetString(PyExc_RuntimeError, "compiled decoder rejected its arguments");
@@ -192,6 +231,7 @@ static PyObject *py_lookup_answer(PyObject *self, PyObject *const *args, Py_ssiz
     result = PyLong_FromLongLong(rc);
 done:
     if (loc != loc_small && loc != NULL) PyMem_Free(loc);
+    if (scratch != NULL) PyMem_Free(scratch);
     if (ids_copy != NULL && ids_copy != ids_small) PyMem_Free(ids_copy);
     PyBuffer_Release(&out_view);
     PyBuffer_Release(&ids_view);
@@ -247,5 +287,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_entry", "CPython en
 
 PyMODINIT_FUNC PyInit__entry(void) {
     embserve_init();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* lookup_answer takes its dtype argument (16-bit answers): cpu_c.ENTRY_NARROW */
+    if (m != NULL && PyModule_AddIntConstant(m, "ANSWER_DTYPES", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
