@@ -176,10 +176,14 @@ class _InferPlan(NamedTuple):
     size: int  # response bytes
     alloc: int  # buffer bytes: the response, then scratch for what the decoder writes but the response lacks
     pieces: tuple[tuple[int, bytes], ...]  # (buffer offset, bytes) of the response's protobuf frame
-    f32_at: int  # where the decoder writes the float32 rows
+    rows_at: int  # where the decoder writes the rows (the response's, or scratch when it asks for none)
     status_at: int  # where it writes the found flags (1 found, 0 unknown)
-    wide: tuple[torch.dtype, int] | None  # 16-bit values: (dtype, offset of the response's rows), converted from f32_at
+    dtype: torch.dtype  # of the rows: float32, or fp16 / bf16 narrowed in C as they are decoded
     series: tuple[Any, Any, Any]  # the table's lookup latency, IDs and unknown-IDs series
+
+
+# the rows' torch dtype for each embeddings datatype the fast path answers
+EMBEDDING_TORCH_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -376,18 +380,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             status_at = start + contents_at["found"]
         else:
             status_at, alloc = alloc, alloc + n
-        wide = None
-        if "embeddings" in contents_at and datatype == "FP32":
-            f32_at = start + contents_at["embeddings"]
+        if "embeddings" in contents_at:
+            rows_at, dtype = start + contents_at["embeddings"], EMBEDDING_TORCH_DTYPES[datatype]
         else:
-            f32_at = alloc + (-alloc % 4)
-            alloc = f32_at + 4 * n * dim
-            if "embeddings" in contents_at:
-                wide = (torch.float16 if datatype == "FP16" else torch.bfloat16), start + contents_at["embeddings"]
+            rows_at, dtype = alloc + (-alloc % 4), torch.float32
+            alloc = rows_at + 4 * n * dim
         # the tag and length of the one raw input sit right before its bytes when they end the message
         head = _RAW_INPUT_TAG + varint(len(ids))
         prefix = raw[: len(raw) - len(ids)]
-        plan = _InferPlan(prefix, name, hosted, table, n, start, size, alloc, pieces, f32_at, status_at, wide, state.metrics.table_children(name))
+        plan = _InferPlan(prefix, name, hosted, table, n, start, size, alloc, pieces, rows_at, status_at, dtype, state.metrics.table_children(name))
         if raw.endswith(ids) and prefix.endswith(head) and _without_raw_inputs(prefix[: len(prefix) - len(head)]):
             if len(self._plans) >= _PLANS_MAX:
                 self._plans.clear()
@@ -404,14 +405,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         for at, piece in plan.pieces:
             answer[at : at + len(piece)] = piece
         started = time.perf_counter()
-        num_unknown = table.lookup_to_buffer(ids, ids_at, n, answer, plan.f32_at, plan.status_at)
+        # 16-bit rows are narrowed in C as they are decoded, rounded to nearest even like the
+        # general path's conversion (a float32 copy and torch's copy_ cost more than the decode)
+        num_unknown = table.lookup_to_buffer(ids, ids_at, n, answer, plan.rows_at, plan.status_at, plan.dtype)
         if num_unknown is None:
             return None
-        if plan.wide is not None:
-            # one conversion pass, torch's copy_: the general path's rounding (round to nearest even)
-            dtype, rows_at = plan.wide
-            count = n * table.dim
-            torch.frombuffer(answer, dtype=dtype, count=count, offset=rows_at).copy_(torch.frombuffer(answer, dtype=torch.float32, count=count, offset=plan.f32_at))
         latency, counted, unknown = plan.series
         latency.observe(time.perf_counter() - started)
         counted.inc(n)
