@@ -55,7 +55,7 @@ from . import __version__
 from .errors import ApiError
 from .grpc_wire import encode_infer_response, infer_response_frame, varint
 from .response_size import check_infer_response
-from .routers.lookup import batching_on, check_limits, run_lookups
+from .routers.lookup import batching_on, check_limits, decode_into_answer, run_lookups
 from .security import check_reader
 from .state import AppState
 from .v2wire import EMBEDDING_DATATYPES, ID_DTYPES, embedding_array
@@ -404,20 +404,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         answer = answer_buffer(plan.alloc)
         for at, piece in plan.pieces:
             answer[at : at + len(piece)] = piece
-        started = time.perf_counter()
         # 16-bit rows are narrowed in C as they are decoded, rounded to nearest even like the
         # general path's conversion (a float32 copy and torch's copy_ cost more than the decode)
-        num_unknown = table.lookup_to_buffer(ids, ids_at, n, answer, plan.rows_at, plan.status_at, plan.dtype)
-        if num_unknown is None:
+        if decode_into_answer(self.state, plan.name, table, plan.series, ids, ids_at, n, answer, plan.rows_at, plan.status_at, plan.dtype) is None:
             return None
-        latency, counted, unknown = plan.series
-        latency.observe(time.perf_counter() - started)
-        counted.inc(n)
-        if num_unknown:
-            unknown.inc(num_unknown)
-        applier = self.state.applier
-        if applier is not None:
-            applier.record_lookup_bytes(plan.name, ids[ids_at : ids_at + 8 * n])  # frequencies, fed off the request path
         # grpc sends bytes: one copy, of the response alone when scratch surrounds it
         return bytes(answer) if plan.alloc == plan.size else bytes(memoryview(answer)[plan.start : plan.start + plan.size])
 

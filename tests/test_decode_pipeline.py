@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression import CompressedTable, RowClass, build_table
+from compression import CompressedTable, LookupResult, RowClass, build_table
 from compression.kernels import COMPILED_AVAILABLE, cpu_c
 
 pytestmark = pytest.mark.skipif(not COMPILED_AVAILABLE, reason="compiled decoder not built")
@@ -46,16 +46,20 @@ def _query(ids: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.where(unknown, torch.randint(-10**6, 10**6, (n,), generator=gen) * 13 + 1, q)
 
 
+def _both_paths(table: CompressedTable, query: torch.Tensor) -> tuple[LookupResult, LookupResult]:
+    """``query`` looked up on the compiled decoder and on the torch reference."""
+    table.backend = "compiled"
+    fast = table.lookup(query)
+    table.backend = "torch"
+    return fast, table.lookup(query)
+
+
 @pytest.mark.parametrize("index", ["dense", "hash", "sorted"])
 @pytest.mark.parametrize("d", [64, 24])
 def test_every_batch_size_and_row_kind_matches_the_reference(index: str, d: int) -> None:
     table, ids = _table(d, index)
     for n in SIZES:
-        query = _query(ids, n, seed=n)
-        table.backend = "compiled"
-        fast = table.lookup(query)
-        table.backend = "torch"
-        ref = table.lookup(query)
+        fast, ref = _both_paths(table, _query(ids, n, seed=n))
         assert torch.equal(fast.values, ref.values), (index, d, n)
         assert torch.equal(fast.locators, ref.locators) and fast.num_unknown == ref.num_unknown, (index, d, n)
 
@@ -136,11 +140,7 @@ def test_pruned_rows_on_the_entry_path_match_the_reference(policy: str, index: s
     table.unknown = UnknownPolicy("default", default=torch.full((64,), 0.5)) if policy == "default" else UnknownPolicy("zero")
     assert table._pruned_classes is not None  # the class layout of _table has one
     for n in (1, 2 * AHEAD + 1, 700):
-        query = _query(ids, n, seed=n)
-        table.backend = "compiled"
-        fast = table.lookup(query)
-        table.backend = "torch"
-        ref = table.lookup(query)
+        fast, ref = _both_paths(table, _query(ids, n, seed=n))
         assert fast.pruned is not None and ref.pruned is not None
         assert torch.equal(fast.values, ref.values) and torch.equal(fast.locators, ref.locators)
         assert torch.equal(fast.pruned, ref.pruned) and fast.num_pruned == ref.num_pruned
@@ -186,10 +186,6 @@ def test_rotated_classes_match_the_reference(index: str) -> None:
     table, ids = _rotated_table(index)
     assert table.rotation is not None and table.decoder.compiled
     for n in (1, 2 * AHEAD + 1, 700):
-        query = _query(ids, n, seed=n)
-        table.backend = "compiled"
-        fast = table.lookup(query)
-        table.backend = "torch"
-        ref = table.lookup(query)
+        fast, ref = _both_paths(table, _query(ids, n, seed=n))
         assert torch.equal(fast.locators, ref.locators) and fast.num_unknown == ref.num_unknown
         torch.testing.assert_close(fast.values, ref.values, rtol=1e-5, atol=1e-5)

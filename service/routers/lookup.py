@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from compression.kernels.cpu_c import answer_buffer
 from compression.pooling import validate_offsets
-from compression.table import LookupResult
+from compression.table import CompressedTable, LookupResult
 
 from ..buffered import SLICE_BYTES, STREAM_MIN_BYTES, BufferResponse
 from ..errors import ApiError, error_body, parse_json_body
@@ -152,6 +152,30 @@ def check_limits(state: AppState, lookups: list[ParsedLookup]) -> None:
 def batching_on(state: AppState) -> bool:
     """Cross-request batching is on (merging needs requests answered on worker threads)."""
     return state.batching is not None and state.batching.enabled
+
+
+def decode_into_answer(state: AppState, name: str, table: CompressedTable, series: tuple[Any, Any, Any], ids: bytes | bytearray, ids_at: int,
+                       n: int, answer: bytearray, rows_at: int, status_at: int, dtype: torch.dtype) -> int | None:
+    """The one-call answers of both protocols (HTTP's :meth:`LookupFastPath.answer_one_binary`,
+    gRPC's planned ModelInfer): the ``n`` int64 IDs at ``ids[ids_at:]`` decoded into ``answer``
+    (:meth:`CompressedTable.lookup_to_buffer`: rows of ``dtype``, 16-bit ones narrowed in C as
+    they are decoded, and status bytes), timed and counted in the table's ``series`` (latency,
+    IDs, unknown IDs) as every lookup is, and fed to the frequency sketch.  Returns the unknown
+    count, or None when the table cannot answer this way (nothing written, nothing counted)."""
+    started = time.perf_counter()
+    num_unknown = table.lookup_to_buffer(ids, ids_at, n, answer, rows_at, status_at, dtype)
+    if num_unknown is None:
+        return None
+    latency, counted, unknown = series
+    latency.observe(time.perf_counter() - started)
+    counted.inc(n)
+    if num_unknown:
+        unknown.inc(num_unknown)
+    applier = state.applier
+    if applier is not None:
+        # the IDs' bytes as they came (little-endian int64); the applier makes the arrays, off the request path
+        applier.record_lookup_bytes(name, ids[ids_at : ids_at + 8 * n])
+    return num_unknown
 
 
 def lookup_one(state: AppState, item: ParsedLookup, out: torch.Tensor | None = None) -> LookupResult:
@@ -652,23 +676,15 @@ class LookupFastPath:
         answer[:rows_at] = plan.answer_head
         if plan.padding:
             answer[values_end + n :] = plan.padding  # zero padding to 4 bytes
-        started = time.perf_counter()
         # 16-bit rows (plan.wide) are narrowed in C as they are decoded, rounded to nearest even
         # like the general path's torch conversion; that pass through a float32 scratch answer
         # and torch's copy_ made a batch-1024 fp16 answer cost 1.45x a float32 one, bf16 2.2x
-        num_unknown = table.lookup_to_buffer(body, plan.ids_at, n, answer, rows_at, values_end, plan.wide or torch.float32)
+        num_unknown = decode_into_answer(self.state, plan.name, table, plan.series, body, plan.ids_at, n, answer, rows_at, values_end,
+                                         plan.wide or torch.float32)
         if num_unknown is None:
             return None
-        latency, counted, unknown = plan.series
-        latency.observe(time.perf_counter() - started)
-        counted.inc(n)
         if num_unknown:
-            unknown.inc(num_unknown)
             _ONE_UNKNOWN.pack_into(answer, _ONE_UNKNOWN_AT, num_unknown)  # the same field in EMR1 and EMR2 heads
-        applier = self.state.applier
-        if applier is not None:
-            # the IDs' bytes as they came (little-endian int64); the applier makes the arrays
-            applier.record_lookup_bytes(plan.name, body[plan.ids_at :])
         return bytes(answer) if size < _COPY_BELOW else answer  # type: ignore[return-value]  # as _lookup_binary_f32
 
     def _plan_one(self, body: bytes, accept: DType | None) -> _OnePlan | None:
