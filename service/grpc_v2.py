@@ -55,7 +55,7 @@ from . import __version__
 from .errors import ApiError
 from .grpc_wire import encode_infer_response, infer_response_frame, varint
 from .response_size import check_infer_response
-from .routers.lookup import batching_on, check_limits, decode_into_answer, run_lookups
+from .routers.lookup import TORCH_DTYPES, batching_on, check_limits, decode_into_answer, run_lookups
 from .security import check_reader
 from .state import AppState
 from .v2wire import EMBEDDING_DATATYPES, ID_DTYPES, embedding_array
@@ -180,10 +180,6 @@ class _InferPlan(NamedTuple):
     status_at: int  # where it writes the found flags (1 found, 0 unknown)
     dtype: torch.dtype  # of the rows: float32, or fp16 / bf16 narrowed in C as they are decoded
     series: tuple[Any, Any, Any]  # the table's lookup latency, IDs and unknown-IDs series
-
-
-# the rows' torch dtype for each embeddings datatype the fast path answers
-EMBEDDING_TORCH_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -381,7 +377,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         else:
             status_at, alloc = alloc, alloc + n
         if "embeddings" in contents_at:
-            rows_at, dtype = start + contents_at["embeddings"], EMBEDDING_TORCH_DTYPES[datatype]
+            rows_at, dtype = start + contents_at["embeddings"], TORCH_DTYPES[EMBEDDING_DATATYPES[datatype]]
         else:
             rows_at, dtype = alloc + (-alloc % 4), torch.float32
             alloc = rows_at + 4 * n * dim

@@ -255,7 +255,7 @@ def lookup_binary(state: AppState, lookups: list[ParsedLookup], default_dtype: D
         head = pos
         pos = write_result_head(buf, head, rows, dim, n, 0, dtype, wide)
         count = rows * dim
-        view = torch.frombuffer(buf, dtype=_TORCH_DTYPES[dtype], count=count, offset=pos).view(rows, dim) if count else None
+        view = torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype], count=count, offset=pos).view(rows, dim) if count else None
         direct = view is not None and dtype == "f32" and item.pooling == "none"
         result = lookup_one(state, item, view if direct else None)
         if view is not None and not direct:
@@ -344,7 +344,7 @@ def _write_statuses(buf: bytearray, pos: int, n: int, result: LookupResult) -> N
         status[result.pruned.cpu().numpy()] = STATUS_PRUNED
 
 
-_TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}  # of each wire dtype
 # small answers go out as bytes (what every server writes fastest); big ones as the bytearray
 # itself, so the rows are never copied after decoding
 _COPY_BELOW = 64 * 1024
@@ -712,7 +712,7 @@ class LookupFastPath:
             wide, rows_at = None, _ONE_ROWS_AT
             answer_head = _ONE_ANSWER_HEAD.pack(RESPONSE_MAGIC, 1, n, dim, n, 0)
         else:
-            wide, rows_at = _TORCH_DTYPES[out_dtype], _ONE_ROWS_AT_16
+            wide, rows_at = TORCH_DTYPES[out_dtype], _ONE_ROWS_AT_16
             answer_head = _ONE_ANSWER_HEAD_16.pack(RESPONSE_MAGIC_16, 1, n, dim, n, 0, DTYPE_CODES[out_dtype])
         value_bytes = DTYPE_ITEMSIZE[out_dtype] * n * dim
         values_end = rows_at + value_bytes
