@@ -187,6 +187,17 @@ __attribute__((target("avx2,f16c"))) static inline void half_to_float_f16c(const
     for (; j < d; j++) o[j] = load_half(src + 2 * j);
 }
 
+/* Output columns j0.. of x = y R^T one at a time: the vector loops' tail past the last full 64
+   (always inlined, so it compiles for its caller's target and rounds as before). */
+static inline __attribute__((always_inline)) void rotate_back_columns(const float *y, int d, const float *rot_t, int64_t width,
+                                                                      int64_t j0, float *o) {
+    for (int64_t j = j0; j < width; j++) {
+        float sum = 0.0f;
+        for (int k = 0; k < d; k++) sum += y[k] * rot_t[(int64_t)k * width + j];
+        o[j] = sum;
+    }
+}
+
 /* x = sum_k y[k] * R^T[k, :] with the output held in registers, 64 floats (8 accumulators) at a
    time: each R^T row is streamed once per 64 outputs and no partial sum goes back to memory.
    R^T is fp32 (the decoder's copy, kernels/__init__.py): a row of a dims-16x table is 16 x 64
@@ -205,11 +216,7 @@ __attribute__((target("avx2,fma,f16c"))) static inline void rotate_back_avx2(con
         }
         for (int a = 0; a < 8; a++) _mm256_storeu_ps(o + j0 + 8 * a, acc[a]);
     }
-    for (int64_t j = j0; j < width; j++) {
-        float sum = 0.0f;
-        for (int k = 0; k < d; k++) sum += y[k] * rot_t[(int64_t)k * width + j];
-        o[j] = sum;
-    }
+    rotate_back_columns(y, d, rot_t, width, j0, o);
 }
 
 /* The same with 16-float registers, where the CPU has AVX-512: half the multiply-add
@@ -229,11 +236,7 @@ __attribute__((target("avx512f"))) static inline void rotate_back_avx512(const f
         }
         for (int a = 0; a < 4; a++) _mm512_storeu_ps(o + j0 + 16 * a, acc[a]);
     }
-    for (int64_t j = j0; j < width; j++) {
-        float sum = 0.0f;
-        for (int k = 0; k < d; k++) sum += y[k] * rot_t[(int64_t)k * width + j];
-        o[j] = sum;
-    }
+    rotate_back_columns(y, d, rot_t, width, j0, o);
 }
 #endif
 
@@ -526,6 +529,28 @@ static inline __attribute__((always_inline)) void decode_f16(const uint8_t *rest
     for (int j = 0; j < d; j++) o[j] = load_half(row + 2 * j);
 }
 
+/* x = y R^T for a truncated row's dim coordinates y (decode_other, decode_rot): AVX-512 or AVX2
+   multiply-adds where the CPU has them, else one contiguous axpy per k. */
+static inline __attribute__((always_inline)) void rotate_back(const float *y, int d, const float *rot_t, int64_t width,
+                                                              float *restrict o) {
+#ifdef HAVE_X86_SIMD
+    if (use_avx512) {
+        rotate_back_avx512(y, d, rot_t, width, o);
+        return;
+    }
+    if (use_avx2) {
+        rotate_back_avx2(y, d, rot_t, width, o);
+        return;
+    }
+#endif
+    memset(o, 0, (size_t)width * 4);
+    for (int k = 0; k < d; k++) {
+        const float yk = y[k];
+        const float *restrict rk = rot_t + (int64_t)k * width;
+        for (int64_t j = 0; j < width; j++) o[j] += yk * rk[j];
+    }
+}
+
 /* Rows of the classes without a specialised path (RK_OTHER). */
 static void decode_other(const uint8_t *restrict row, const row_class_t *c, int64_t width, float *restrict o) {
     if (c->rotation_t) {
@@ -533,22 +558,7 @@ static void decode_other(const uint8_t *restrict row, const row_class_t *c, int6
            (R^T fp32: the decoder's copy, read as it is) */
         float y[MAX_ROTATED_DIM];
         decode_any(row, c, c->dim, y);
-#ifdef HAVE_X86_SIMD
-        if (use_avx512) {
-            rotate_back_avx512(y, c->dim, c->rotation_t, width, o);
-            return;
-        }
-        if (use_avx2) {
-            rotate_back_avx2(y, c->dim, c->rotation_t, width, o);
-            return;
-        }
-#endif
-        memset(o, 0, (size_t)width * 4);
-        for (int k = 0; k < c->dim; k++) {
-            const float yk = y[k];
-            const float *restrict rk = c->rotation_t + (int64_t)k * width;
-            for (int64_t j = 0; j < width; j++) o[j] += yk * rk[j];
-        }
+        rotate_back(y, c->dim, c->rotation_t, width, o);
     } else {
         decode_any(row, c, (int)width, o);
     }
@@ -564,22 +574,7 @@ static inline __attribute__((always_inline)) void decode_rot(const int bits, con
     float y[64];
     const int d = c->dim;
     dequant_q(bits, row + 4, d, load_half(row), load_half(row + 2), y);
-#ifdef HAVE_X86_SIMD
-    if (use_avx512) {
-        rotate_back_avx512(y, d, c->rotation_t, width, o);
-        return;
-    }
-    if (use_avx2) {
-        rotate_back_avx2(y, d, c->rotation_t, width, o);
-        return;
-    }
-#endif
-    memset(o, 0, (size_t)width * 4);
-    for (int k = 0; k < d; k++) {
-        const float yk = y[k];
-        const float *restrict rk = c->rotation_t + (int64_t)k * width;
-        for (int64_t j = 0; j < width; j++) o[j] += yk * rk[j];
-    }
+    rotate_back(y, d, c->rotation_t, width, o);
 }
 
 /* Decode one located row into o; returns 1 when the ID had no row. */
