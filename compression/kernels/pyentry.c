@@ -52,6 +52,22 @@ static int int_args(PyObject *const *args, Py_ssize_t nargs, int count, int64_t 
     return 0;
 }
 
+/* embserve_lookup of lookup and lookup_loc, from their leading integer arguments v = (ids_addr,
+ * n, index_addr, classes_addr, out_addr, width, ...) and the locator array: with the GIL released
+ * and `threads` threads from GIL_RELEASE_MIN IDs on, else holding it, on the calling thread. */
+static int64_t lookup_addressed(const int64_t *v, int32_t *loc, int32_t threads) {
+    const int64_t n = v[1];
+    if (n < GIL_RELEASE_MIN)
+        return embserve_lookup((const int64_t *)(intptr_t)v[0], n, (const void *)(intptr_t)v[2], (const void *)(intptr_t)v[3], N_CLASSES,
+                               (float *)(intptr_t)v[4], v[5], loc, 1);
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = embserve_lookup((const int64_t *)(intptr_t)v[0], n, (const void *)(intptr_t)v[2], (const void *)(intptr_t)v[3], N_CLASSES,
+                         (float *)(intptr_t)v[4], v[5], loc, threads);
+    Py_END_ALLOW_THREADS
+    return rc;
+}
+
 /* lookup(ids_addr, n, index_addr, classes_addr, out_addr, width, loc_addr, threads) -> unknown
  *
  * The ctypes ``embserve_lookup`` call of cpu_c.lookup with the same arguments (addresses of
@@ -61,17 +77,7 @@ static PyObject *py_lookup(PyObject *self, PyObject *const *args, Py_ssize_t nar
     (void)self;
     int64_t v[8];
     if (int_args(args, nargs, 8, v, "lookup") < 0) return NULL;
-    const int64_t n = v[1];
-    int64_t rc;
-    if (n >= GIL_RELEASE_MIN) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = embserve_lookup((const int64_t *)(intptr_t)v[0], n, (const void *)(intptr_t)v[2], (const void *)(intptr_t)v[3],
-                             N_CLASSES, (float *)(intptr_t)v[4], v[5], (int32_t *)(intptr_t)v[6], (int32_t)v[7]);
-        Py_END_ALLOW_THREADS
-    } else {
-        rc = embserve_lookup((const int64_t *)(intptr_t)v[0], n, (const void *)(intptr_t)v[2], (const void *)(intptr_t)v[3],
-                             N_CLASSES, (float *)(intptr_t)v[4], v[5], (int32_t *)(intptr_t)v[6], 1);
-    }
+    const int64_t rc = lookup_addressed(v, (int32_t *)(intptr_t)v[6], (int32_t)v[7]);
     if (rc < 0) {
         PyErr_SetString(PyExc_RuntimeError, "compiled decoder rejected its arguments");
         return NULL;
@@ -96,17 +102,7 @@ static PyObject *py_lookup_loc(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     PyObject *loc = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(4 * n));
     if (loc == NULL) return NULL;
-    int32_t *loc_at = (int32_t *)PyByteArray_AS_STRING(loc);
-    int64_t rc;
-    if (n >= GIL_RELEASE_MIN) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = embserve_lookup((const int64_t *)(intptr_t)v[0], n, (const void *)(intptr_t)v[2], (const void *)(intptr_t)v[3],
-                             N_CLASSES, (float *)(intptr_t)v[4], v[5], loc_at, (int32_t)v[6]);
-        Py_END_ALLOW_THREADS
-    } else {
-        rc = embserve_lookup((const int64_t *)(intptr_t)v[0], n, (const void *)(intptr_t)v[2], (const void *)(intptr_t)v[3],
-                             N_CLASSES, (float *)(intptr_t)v[4], v[5], loc_at, 1);
-    }
+    const int64_t rc = lookup_addressed(v, (int32_t *)PyByteArray_AS_STRING(loc), (int32_t)v[6]);
     if (rc < 0) {
         Py_DECREF(loc);
         PyErr_SetString(PyExc_RuntimeError, "compiled decoder rejected its arguments");
