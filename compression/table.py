@@ -56,6 +56,12 @@ _INT32 = torch.empty(0, dtype=torch.int32)  # new_empty's prototype for locator 
 _BOOL = torch.empty(0, dtype=torch.bool)  # and for pruned masks
 
 
+def locator_tensor(raw: bytearray) -> torch.Tensor:
+    """The int32 locators the compiled entry returned as bytes (native order), as a tensor over
+    the same memory (frombuffer keeps the bytearray alive; it rejects an empty one)."""
+    return torch.frombuffer(raw, dtype=torch.int32) if raw else _INT32.new_empty(0)
+
+
 class LookupResult:
     """What a lookup returns: the rows, which IDs had one, and how many did not.
 
@@ -83,9 +89,7 @@ class LookupResult:
     def locators(self) -> torch.Tensor:
         """int32 [n]: each ID's locator (compression/layout.py), -1 where it has no row."""
         if self._locators is None:
-            raw = self._locator_bytes
-            # frombuffer shares the bytearray's memory (and keeps it alive); it rejects an empty one
-            self._locators = torch.frombuffer(raw, dtype=torch.int32) if raw else _INT32.new_empty(0)
+            self._locators = locator_tensor(self._locator_bytes)  # type: ignore[arg-type]
             self._locator_bytes = None
         return self._locators
 
@@ -325,7 +329,7 @@ class CompressedTable:
                 if view is not None:
                     if self._pruned_classes is None and not (num_unknown and self.unknown.kind != "zero"):
                         return LookupResult(values, None, num_unknown, locator_bytes=loc_bytes)
-                    loc = torch.frombuffer(loc_bytes, dtype=torch.int32) if n else _INT32.new_empty(0)
+                    loc = locator_tensor(loc_bytes)
                     pruned, num_pruned = None, 0
                     if self._pruned_classes is not None:
                         # a dim-0 row stores nothing: the decoder wrote zeros, the unknown-ID
