@@ -287,6 +287,16 @@ def _last_occurrence(ids: torch.Tensor) -> torch.Tensor:
     return torch.sort(last).values
 
 
+def _hottest_first(ids: torch.Tensor, locators: torch.Tensor, frequencies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` and their ``locators`` in descending ``frequencies`` (aligned with ``ids``; ties in
+    their order): the insertion order that puts the hot IDs in their home slots."""
+    frequencies = frequencies.reshape(-1)
+    if frequencies.numel() != ids.numel():
+        raise ValueError(f"{frequencies.numel()} frequencies for {ids.numel()} IDs")
+    order = torch.argsort(frequencies.to(device=ids.device, dtype=torch.float64), descending=True, stable=True)
+    return ids[order], locators[order]
+
+
 class HashIndex:
     """Open-addressing ID -> locator map (layout in the module docstring)."""
 
@@ -335,11 +345,7 @@ class HashIndex:
             raise ValueError("IDs must be unique")
         locators = locators.to(torch.int32).reshape(-1)
         if frequencies is not None:
-            frequencies = frequencies.reshape(-1)
-            if frequencies.numel() != ids.numel():
-                raise ValueError(f"{frequencies.numel()} frequencies for {ids.numel()} IDs")
-            hot_first = torch.argsort(frequencies.to(device=ids.device, dtype=torch.float64), descending=True, stable=True)
-            ids, locators = ids[hot_first], locators.to(ids.device)[hot_first]
+            ids, locators = _hottest_first(ids, locators.to(ids.device), frequencies)
         index = cls.empty(capacity or capacity_for(ids.numel()), ids.device)
         index.assign(ids, locators)
         return index
@@ -444,11 +450,8 @@ class HashIndex:
         ids, locs = self.live_items()
         if ids.numel() < 2:
             return
-        freqs = frequency_of(ids).reshape(-1)
-        if freqs.numel() != ids.numel():
-            raise ValueError(f"{freqs.numel()} frequencies for {ids.numel()} IDs")
-        order = torch.argsort(freqs.to(device=ids.device, dtype=torch.float64), descending=True, stable=True)
-        ids, locs = ids[order].contiguous(), locs[order].contiguous()
+        ids, locs = _hottest_first(ids, locs, frequency_of(ids))
+        ids, locs = ids.contiguous(), locs.contiguous()
         slots = new_slots(self.capacity, self.slots.device)
         if self._compiled():
             cpu_c.hash_upsert(slots, ids, locs)
