@@ -31,6 +31,10 @@
  * lookup speed (uniform / Zipf).  Homes at a bucket's start overflow for 18% of keys at 0.75, and
  * those misses cost more than the half line per key this layout prefetches beyond one.
  * Prefetching 5 or 6 slots instead of 3 (runs not recorded there): 1.00x-1.05x, within the noise.
+ * A single-position static index beside these slots (PTHash-style pilots, one slot per ID; bench/
+ * results/keyed_probe_ab.md): 1.17x this layout's uniform lookups, 0.91x its Zipf ones (the pilot
+ * is one more line per ID, and hot IDs that sat in one cached line now need two), at 13.2 bytes
+ * per ID against 17.1.
  *
  * Why fmix64 (MurmurHash3's 64-bit finalizer: xor-shift 33, multiply, xor-shift 33, multiply,
  * xor-shift 33) and not a single multiply (Fibonacci hashing, the format-2 hash): IDs in an
