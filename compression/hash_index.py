@@ -1,4 +1,5 @@
-"""Open-addressing hash index for keyed tables: exact, O(1) expected probes, updated in place.
+"""Hash index for keyed tables: exact, O(1) expected probes, updated in place; a static part
+(one slot per ID) over open-addressing overflow slots.
 
 Layout (shared with the C kernel in ``kernels/hashslot.h`` - ``decode.c`` / ``hashindex.c`` -
 and the Triton kernel; keep it exactly):
@@ -59,6 +60,34 @@ touches a few slots instead of merging a delta part into the whole sorted array.
 load 0.47-0.7 as it grows) against 12.5 for the sorted index; with ``max_ids`` set the capacity stops at
 ``capacity_for(max_ids, CHURN_LOAD)`` (24 B per ID: such a table churns, see CHURN_LOAD).
 
+The static part (format 4).  A hash index built in one go (``build``; ``compress`` and
+``build_table`` build keyed tables so), or rebuilt at a re-decision (``rebuild``), keeps its IDs
+in a second slot array where each has exactly one slot, found without probing:
+
+    index.static_slots  int32 [m, 3]   slots of the layout above; m = ceil(IDs / STATIC_LOAD)
+    index.pilots        int16 [nb]     uint16 bits; nb = ceil(IDs / BUCKET_IDS)
+    h = fmix64(uint64(id)); bucket = (((h >> 32) * nb) >> 32)
+    x = ((h & 0xFFFFFFFF) ^ (pilot[bucket] * 0x9E3779B1)) * 0x85EBCA6B   (uint32 arithmetic)
+    static slot = (x * m) >> 32
+
+The build (``kernels/hashindex.c``, PTHash's / CHD's search) takes the buckets largest first and
+gives each the first pilot that lands all its IDs on distinct free slots; an ID whose bucket no
+pilot in [0, 65536) can seat (none in 1M, in practice) goes to the overflow, which is the
+open-addressing slots above (``index.slots``).  An ID is held in its static slot or in the
+overflow, never both: a lookup reads the static slot (the pilot before it is an L2-sized array,
+prefetched a stage earlier in the C pipeline) and probes the overflow only when that slot holds
+another key.  Writes keep it so: an upsert repoints a held ID where it is, puts a new ID in its
+static slot when that slot is free (an ID deleted there, or never used) and otherwise in the
+overflow; a delete frees a static slot (no shifting) or shifts the overflow back.  The overflow
+grows as before; ``rebuild`` merges it into a new static part.
+
+Why (bench/results/keyed_probe_ab.md, the 8x table, raw C, interleaved): 13.2 bytes per ID
+instead of 17.1 (load 0.94 instead of 0.7; 0.4 of pilots), and one slot read per ID, so uniform
+IDs, ~13% of which lie past the 3 slots the open-addressing probe prefetches, ran 1.20x
+(1.17..1.25) faster.  The pilot is one more dependent load for every ID, so Zipf IDs, whose hot
+home slots were already in cache, ran 0.96x (0.95..0.97).  A keyed table's index bytes come out
+of its budget, so at 8x and 64 dims the 3.9 bytes per ID go to rows.
+
 Writes and the serial find run in C (``kernels/hashindex.c``) on CPU tables when the library
 was built; the torch code below is the reference (any device) and the fallback without a
 compiler.  Its delete removes the IDs and re-inserts the rest of each touched cluster, which
@@ -103,6 +132,15 @@ GROWTH = 1.5
 # server took 66k update rows/s of a Zipf stream over 100M IDs into a 1M-ID table, 85% of its CPU
 # in the index (bench/streaming_scale.py); sized at 0.5 it holds 24 MiB instead of 16.3 at 1M.
 CHURN_LOAD = 0.5
+# The static part (module docstring): its slots' load and the IDs per pilot.  0.94 / 5 placed every
+# one of 1M IDs with pilots up to 9839 of 65535 in 0.35 s (C); 0.97 / 6 left 75 IDs to the overflow
+# and took 1.2 s; 0.9 / 4 holds 5% more bytes and looked up no faster (bench/results/keyed_probe_ab.md).
+STATIC_LOAD = 0.94
+BUCKET_IDS = 5
+PILOT_MULT = 0x9E3779B1  # x = ((low32(h) ^ (pilot * PILOT_MULT)) * POS_MULT) mod 2**32
+POS_MULT = 0x85EBCA6B  # pos = (x * m) >> 32
+PILOT_BYTES = 2  # uint16, held as int16
+MAX_STATIC = (1 << 31) - 1  # static slots: the C pipeline parks a slot number in an int32
 
 
 def capacity_for(num_ids: int, max_load: float = MAX_LOAD) -> int:
@@ -117,8 +155,30 @@ def capacity_for(num_ids: int, max_load: float = MAX_LOAD) -> int:
     return cap
 
 
+def static_shape(num_ids: int) -> tuple[int, int]:
+    """(static slots, pilots) of a static part over ``num_ids`` IDs; (0, 0) for none."""
+    if num_ids <= 0:
+        return 0, 0
+    m = math.ceil(num_ids / STATIC_LOAD)
+    if m > MAX_STATIC:
+        raise ValueError(f"a hash index's static part holds at most {int(MAX_STATIC * STATIC_LOAD)} IDs")
+    return m, math.ceil(num_ids / BUCKET_IDS)
+
+
+def static_available() -> bool:
+    """Whether this process builds static parts: the compiled library has them (and its hash
+    writes are switched on; tests switch them off to run the torch paths)."""
+    return cpu_c.HASH_OPS_AVAILABLE and cpu_c.STATIC_OPS_AVAILABLE
+
+
 def hash_index_bytes(num_ids: int) -> int:
-    """Bytes a hash index of ``num_ids`` IDs built in one go holds."""
+    """Bytes a hash index of ``num_ids`` IDs built in one go holds: with the compiled library, a
+    static part over all of them (12 bytes per static slot, 2 per pilot) and an empty overflow of
+    MIN_CAPACITY slots (13.2 bytes per ID at 1M); without it, the open-addressing slots at
+    MAX_LOAD (17.1)."""
+    if static_available() and num_ids > 0:
+        m, nb = static_shape(num_ids)
+        return SLOT_BYTES * (m + MIN_CAPACITY) + PILOT_BYTES * nb
     return SLOT_BYTES * capacity_for(num_ids)
 
 
@@ -279,6 +339,63 @@ def _torch_delete(slots: torch.Tensor, ids: torch.Tensor) -> tuple[int, torch.Te
     return int(held.sum()), old
 
 
+def static_positions(ids: torch.Tensor, pilots: torch.Tensor, m: int) -> torch.Tensor:
+    """``int64`` static slot of each ID (the formula in the module docstring; ``m`` > 0)."""
+    h = mix(ids)
+    nb = pilots.numel()
+    bucket = (((h >> 32) & _LOW32) * nb) >> 32
+    pilot = pilots[bucket].to(torch.int64) & 0xFFFF  # uint16 bits held as int16
+    x = (((h & _LOW32) ^ ((pilot * PILOT_MULT) & _LOW32)) * POS_MULT) & _LOW32
+    return (x * m) >> 32
+
+
+def _torch_static_find(static: torch.Tensor, pilots: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Static slot holding each ID, or -1."""
+    if static.shape[0] == 0:
+        return torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
+    pos = static_positions(ids, pilots, static.shape[0])
+    return torch.where((slot_keys(static, pos) == ids) & (ids != EMPTY), pos, -1)
+
+
+def _torch_two_find(static: torch.Tensor, pilots: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Locator of each ID (-1 = absent): its static slot, else the overflow."""
+    out = torch.full(ids.shape, -1, dtype=torch.int32, device=ids.device)
+    sp = _torch_static_find(static, pilots, ids)
+    ins = sp >= 0
+    out[ins] = static[sp[ins], 2]
+    rest = torch.nonzero(~ins).flatten()
+    found = _torch_slots(slots, ids[rest])
+    held = found >= 0
+    out[rest[held]] = slots[found[held], 2]
+    return out
+
+
+def _torch_two_upsert(static: torch.Tensor, pilots: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> tuple[int, int]:
+    """Upsert unique ``ids`` (kernels/hashindex.c's embserve_hidx_upsert, batched): IDs held in
+    either part are repointed where they are; a new ID takes its static slot when that is free
+    (the first in batch order, when several new IDs share one), else an overflow slot.  Returns
+    the new IDs (in the static part, in the overflow)."""
+    sp = _torch_static_find(static, pilots, ids)
+    ins = sp >= 0
+    static[sp[ins], 2] = locs[ins].to(torch.int32)
+    rest = torch.nonzero(~ins).flatten()
+    if rest.numel() == 0:
+        return 0, 0
+    rid, rloc = ids[rest], locs[rest]
+    to_static = torch.zeros(rid.shape, dtype=torch.bool, device=ids.device)
+    if static.shape[0]:
+        new = _torch_slots(slots, rid) < 0
+        pos = static_positions(rid, pilots, static.shape[0])
+        free = new & (slot_keys(static, pos) == EMPTY)
+        if bool(free.any()):
+            order = torch.arange(rid.numel(), device=ids.device)
+            claim = torch.full((static.shape[0],), rid.numel(), dtype=torch.int64, device=ids.device)
+            claim.scatter_reduce_(0, pos[free], order[free], reduce="amin")
+            to_static = free & (claim[pos] == order)
+            _write(static, pos[to_static], rid[to_static], rloc[to_static])
+    return int(to_static.sum()), _torch_upsert(slots, rid[~to_static], rloc[~to_static])
+
+
 def _last_occurrence(ids: torch.Tensor) -> torch.Tensor:
     """Positions of the last occurrence of each distinct ID, in first-seen-last order."""
     uniq, inverse = torch.unique(ids, return_inverse=True)
@@ -297,28 +414,85 @@ def _hottest_first(ids: torch.Tensor, locators: torch.Tensor, frequencies: torch
     return ids[order], locators[order]
 
 
+class _Parts:
+    """The arrays of one :class:`HashIndex` state, replaced as one object (a reader that takes
+    ``index.parts`` once sees a static part and the overflow that go together)."""
+
+    __slots__ = ("static", "pilots", "slots", "__weakref__")
+
+    def __init__(self, static: torch.Tensor, pilots: torch.Tensor, slots: torch.Tensor) -> None:
+        self.static, self.pilots, self.slots = static, pilots, slots
+
+
+def _no_static(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty((0, SLOT_WORDS), dtype=torch.int32, device=device), torch.empty(0, dtype=torch.int16, device=device)
+
+
 class HashIndex:
-    """Open-addressing ID -> locator map (layout in the module docstring)."""
+    """ID -> locator map: a static part (one slot per ID, pilots) and open-addressing overflow
+    slots (layout in the module docstring)."""
 
     kind = "hash"
     positional = False
 
-    def __init__(self, slots: torch.Tensor) -> None:
+    def __init__(self, slots: torch.Tensor, static: torch.Tensor | None = None, pilots: torch.Tensor | None = None) -> None:
         if slots.dtype != torch.int32 or slots.dim() != 2 or slots.shape[1] != SLOT_WORDS or not slots.is_contiguous():
             raise ValueError("a hash index needs a contiguous int32 [capacity, 3] slot array")
         cap = slots.shape[0]
         if cap < MIN_CAPACITY or cap > MAX_CAPACITY:
             raise ValueError(f"hash index capacity must be in [{MIN_CAPACITY}, {MAX_CAPACITY}], got {cap}")
-        self.slots = slots
+        if static is None or pilots is None:
+            if static is not None or pilots is not None:
+                raise ValueError("a hash index's static part needs both its slots and its pilots")
+            static, pilots = _no_static(slots.device)
+        if static.dtype != torch.int32 or static.dim() != 2 or static.shape[1] != SLOT_WORDS or not static.is_contiguous():
+            raise ValueError("a hash index's static part needs a contiguous int32 [m, 3] slot array")
+        if pilots.dtype != torch.int16 or pilots.dim() != 1 or not pilots.is_contiguous():
+            raise ValueError("a hash index's pilots must be a contiguous int16 [buckets] array")
+        m = static.shape[0]
+        if m > MAX_STATIC or (m > 0) != (pilots.numel() > 0):
+            raise ValueError(f"a hash index's static part needs 1..{MAX_STATIC} slots and at least one pilot, or neither")
         keys = slot_keys(slots)
         occupied = keys != EMPTY
-        self.count = int(occupied.sum())
-        if self.count > cap * MAX_LOAD + 1:
+        self.overflow_count = int(occupied.sum())
+        if self.overflow_count > cap * MAX_LOAD + 1:
             raise ValueError("hash index is fuller than its maximum load")
         if bool((slots[~occupied, 2] != -1).any()):
             raise ValueError("a free hash slot has a locator")
-        if self.count and not bool((_torch_slots(slots, keys[occupied]) == torch.nonzero(occupied).flatten()).all()):
+        if self.overflow_count and not bool((_torch_slots(slots, keys[occupied]) == torch.nonzero(occupied).flatten()).all()):
             raise ValueError("hash index keys are not where probing finds them (duplicate or misplaced key)")
+        static_count = 0
+        if m:
+            skeys = slot_keys(static)
+            held = skeys != EMPTY
+            static_count = int(held.sum())
+            if bool((static[~held, 2] != -1).any()):
+                raise ValueError("a free static slot has a locator")
+            if not bool((static_positions(skeys[held], pilots, m) == torch.nonzero(held).flatten()).all()):
+                raise ValueError("hash index keys are not in their static slots (misplaced key, or pilots of another build)")
+            if self.overflow_count and bool(torch.isin(keys[occupied], skeys[held]).any()):
+                raise ValueError("hash index holds an ID in both its static part and its overflow")
+        self.parts = _Parts(static, pilots, slots)
+        self.count = static_count + self.overflow_count
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """The overflow's open-addressing slots (all of the index when it has no static part)."""
+        return self.parts.slots
+
+    @slots.setter
+    def slots(self, slots: torch.Tensor) -> None:  # a rehash: same static part, one store
+        self.parts = _Parts(self.parts.static, self.parts.pilots, slots)
+
+    @property
+    def static(self) -> torch.Tensor:
+        """The static part's int32 [m, 3] slots (m = 0: none)."""
+        return self.parts.static
+
+    @property
+    def pilots(self) -> torch.Tensor:
+        """The static part's pilots, uint16 bits held as int16 [buckets]."""
+        return self.parts.pilots
 
     @classmethod
     def empty(cls, capacity: int = MIN_CAPACITY, device: torch.device | str = "cpu") -> "HashIndex":
@@ -326,33 +500,76 @@ class HashIndex:
 
     @classmethod
     def build(
-        cls, ids: torch.Tensor, locators: torch.Tensor, capacity: int | None = None, frequencies: torch.Tensor | None = None
+        cls,
+        ids: torch.Tensor,
+        locators: torch.Tensor,
+        capacity: int | None = None,
+        frequencies: torch.Tensor | None = None,
+        static: bool | None = None,
     ) -> "HashIndex":
-        """Index ``ids`` (unique); ``capacity`` defaults to the smallest that keeps MAX_LOAD.
+        """Index ``ids`` (unique).
+
+        ``static`` (default: when the compiled library has the static part and no ``capacity``
+        is given): every ID gets a slot of its own in a static part (module docstring), built on
+        CPU (and copied to the IDs' device); IDs no pilot can seat go to the overflow.  Otherwise
+        all IDs go to open-addressing slots: ``capacity`` defaults to the smallest that keeps
+        MAX_LOAD.
 
         ``frequencies`` (expected lookups per ID, any scale, aligned with ``ids``): insert the
-        hottest IDs first.  Linear probing puts a key in its home slot exactly when that slot is
-        free at its insertion, so the IDs inserted first take their home slots and the probe
-        lengths (their sum is the same in any order) fall on the cold ones.  Under skewed traffic
-        nearly every lookup then resolves in its home slot: at load 0.7, 97% of a Zipf(1.05)
-        stream's lookups against 65% in ID order, and the 8x table's keyed lookups ran 1.24x
-        (1.15..1.32) faster (bench/results/keyed_probe_ab.md).  Readers are unchanged: this is
-        only an insertion order.  The compiled writes insert strictly in order; the torch
-        fallback's rounds let the first in order win each contested slot, which places the
-        hottest IDs first too, less strictly."""
+        hottest IDs first into the open-addressing slots.  Linear probing puts a key in its home
+        slot exactly when that slot is free at its insertion, so the IDs inserted first take their
+        home slots and the probe lengths (their sum is the same in any order) fall on the cold
+        ones.  Under skewed traffic nearly every lookup then resolves in its home slot: at load
+        0.7, 97% of a Zipf(1.05) stream's lookups against 65% in ID order, and the 8x table's
+        keyed lookups ran 1.24x (1.15..1.32) faster (bench/results/keyed_probe_ab.md).  Readers
+        are unchanged: this is only an insertion order.  The compiled writes insert strictly in
+        order; the torch fallback's rounds let the first in order win each contested slot, which
+        places the hottest IDs first too, less strictly.  (A static slot is one read whatever the
+        order, so the static part ignores them.)"""
         ids = ids.to(torch.int64).reshape(-1)
         if ids.numel() > 1 and torch.unique(ids).numel() != ids.numel():
             raise ValueError("IDs must be unique")
-        locators = locators.to(torch.int32).reshape(-1)
+        if bool((ids == EMPTY).any()):
+            raise ValueError("ID -2**63 (INT64_MIN) marks free slots of a hash index and cannot be stored")
+        locators = locators.to(torch.int32).reshape(-1).to(ids.device)
+        if frequencies is not None and frequencies.numel() != ids.numel():
+            raise ValueError(f"{frequencies.numel()} frequencies for {ids.numel()} IDs")
+        if static is None:
+            static = capacity is None and static_available()
+        if static and ids.numel():
+            if not static_available():
+                raise ValueError("building a hash index's static part needs the compiled library (python setup.py build_ext --inplace)")
+            return cls._build_static(ids, locators, frequencies)
         if frequencies is not None:
-            ids, locators = _hottest_first(ids, locators.to(ids.device), frequencies)
+            ids, locators = _hottest_first(ids, locators, frequencies)
         index = cls.empty(capacity or capacity_for(ids.numel()), ids.device)
         index.assign(ids, locators)
         return index
 
+    @classmethod
+    def _build_static(cls, ids: torch.Tensor, locators: torch.Tensor, frequencies: torch.Tensor | None) -> "HashIndex":
+        device = ids.device
+        ids_c, locs_c = ids.cpu().contiguous(), locators.cpu().contiguous()
+        m, nb = static_shape(ids_c.numel())
+        static, pilots = new_slots(m), torch.zeros(nb, dtype=torch.int16)
+        placed = cpu_c.static_build(ids_c, locs_c, static, pilots)
+        rest_ids, rest_locs = ids_c[~placed], locs_c[~placed]
+        if frequencies is not None and rest_ids.numel() > 1:
+            rest_ids, rest_locs = _hottest_first(rest_ids, rest_locs, frequencies.reshape(-1).cpu()[~placed])
+        slots = new_slots(capacity_for(rest_ids.numel()))
+        if rest_ids.numel():
+            cpu_c.hash_upsert(slots, rest_ids.contiguous(), rest_locs.contiguous())
+        index = cls(slots, static, pilots)
+        return index if device.type == "cpu" else index.to(device)
+
     @property
     def capacity(self) -> int:
-        return int(self.slots.shape[0])
+        """All slots: static and overflow."""
+        return int(self.parts.static.shape[0] + self.parts.slots.shape[0])
+
+    @property
+    def overflow_capacity(self) -> int:
+        return int(self.parts.slots.shape[0])
 
     @property
     def load(self) -> float:
@@ -360,53 +577,61 @@ class HashIndex:
 
     @property
     def keys(self) -> torch.Tensor:
-        """The int64 key of every slot (a copy: the slots hold it as two int32 words)."""
+        """The int64 key of every overflow slot (a copy: the slots hold it as two int32 words)."""
         return slot_keys(self.slots)
 
     @property
     def locator(self) -> torch.Tensor:
-        """The locator of every slot (a strided view into the slots: writes go through)."""
+        """The locator of every overflow slot (a strided view into the slots: writes go through)."""
         return self.slots[:, 2]
 
     def _compiled(self) -> bool:
-        return self.slots.device.type == "cpu" and cpu_c.HASH_OPS_AVAILABLE
+        parts = self.parts
+        if parts.slots.device.type != "cpu" or not cpu_c.HASH_OPS_AVAILABLE:
+            return False
+        return parts.static.shape[0] == 0 or cpu_c.STATIC_OPS_AVAILABLE
 
     def resolve(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(device=self.slots.device, dtype=torch.int64).reshape(-1)
+        parts = self.parts
+        ids = ids.to(device=parts.slots.device, dtype=torch.int64).reshape(-1)
         if self._compiled():
-            return cpu_c.hash_find(self.slots, ids.contiguous())
-        found = _torch_slots(self.slots, ids)
-        out = torch.full(ids.shape, -1, dtype=torch.int32, device=ids.device)
-        held = found >= 0
-        out[held] = self.slots[found[held], 2]
-        return out
+            if parts.static.shape[0]:
+                return cpu_c.hidx_find(parts.static, parts.pilots, parts.slots, ids.contiguous())
+            return cpu_c.hash_find(parts.slots, ids.contiguous())
+        return _torch_two_find(parts.static, parts.pilots, parts.slots, ids)
+
+    def _overflow_items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = slot_keys(self.slots)
+        held = keys != EMPTY
+        return keys[held], self.slots[held, 2]
 
     def _grow_for(self, extra: int, max_ids: int | None = None) -> None:
-        """Rehash into a larger slot array when ``extra`` new IDs would pass MAX_LOAD (CHURN_LOAD
-        with ``max_ids``): to
-        ``capacity_for(max(count + extra, GROWTH * count))``, geometric so that many small
-        batches cost amortized O(1) per ID; with ``max_ids`` (a table that evicts there, so never
-        holds more) no larger than ``capacity_for(max_ids, CHURN_LOAD)`` unless this batch itself
-        needs it, and sized at CHURN_LOAD on the way there."""
-        need = self.count + extra
+        """Rehash the overflow into a larger slot array when ``extra`` new IDs would pass MAX_LOAD
+        (CHURN_LOAD with ``max_ids``): to ``capacity_for(max(count + extra, GROWTH * count))``
+        (counts of the overflow), geometric so that many small batches cost amortized O(1) per ID;
+        with ``max_ids`` (a table that evicts there, so never holds more) no larger than
+        ``capacity_for(max_ids, CHURN_LOAD)`` unless this batch itself needs it, and sized at
+        CHURN_LOAD on the way there."""
+        need = self.overflow_count + extra
         load = MAX_LOAD if max_ids is None else CHURN_LOAD  # a table that will churn at max_ids: see CHURN_LOAD
-        if need <= self.capacity * load:
+        if need <= self.overflow_capacity * load:
             return
-        target = max(need, math.ceil(GROWTH * self.count))
+        target = max(need, math.ceil(GROWTH * self.overflow_count))
         if max_ids is not None:
             target = min(target, max(need, max_ids))
         slots = new_slots(capacity_for(target, load), self.slots.device)
         if self._compiled():
             cpu_c.hash_rehash(self.slots, slots)
         else:
-            keys, locs = self.live_items()
+            keys, locs = self._overflow_items()
             _torch_upsert(slots, keys, locs)
         self.slots = slots
 
     def assign(self, ids: torch.Tensor, locators: torch.Tensor, max_ids: int | None = None) -> None:
         """Point ``ids`` at ``locators``; ``-1`` deletes.  A later duplicate wins.  In place: a
-        write touches the probed slots only (plus a rehash when the load would pass MAX_LOAD;
-        ``max_ids`` caps how far that grows, :meth:`_grow_for`)."""
+        write touches an ID's static slot and the probed overflow slots only (plus a rehash of the
+        overflow when its load would pass MAX_LOAD; ``max_ids`` caps how far that grows,
+        :meth:`_grow_for`)."""
         if ids.numel() == 0:
             return
         ids = ids.to(device=self.slots.device, dtype=torch.int64).reshape(-1)
@@ -421,74 +646,122 @@ class HashIndex:
         ids, locators = ids[live].contiguous(), locators[live].contiguous()
         if ids.numel() == 0:
             return
-        new = int((self.resolve(ids) < 0).sum())
+        new = int((self.resolve(ids) < 0).sum())  # room for all of them in the overflow: some may take static slots
         self._grow_for(new, max_ids)
-        if self._compiled():
-            added = cpu_c.hash_upsert(self.slots, ids, locators)
+        parts = self.parts
+        if self._compiled() and parts.static.shape[0]:
+            to_static, to_overflow = cpu_c.hidx_upsert(parts.static, parts.pilots, parts.slots, ids, locators)
+        elif self._compiled():
+            to_static, to_overflow = 0, cpu_c.hash_upsert(parts.slots, ids, locators)
         else:
-            added = _torch_upsert(self.slots, ids, locators)
-        self.count += added
+            to_static, to_overflow = _torch_two_upsert(parts.static, parts.pilots, parts.slots, ids, locators)
+        self.count += to_static + to_overflow
+        self.overflow_count += to_overflow
 
     def delete(self, ids: torch.Tensor) -> torch.Tensor:
-        """Remove ``ids`` (backward shift); returns the locators they had (-1 = not held)."""
-        ids = ids.to(device=self.slots.device, dtype=torch.int64).reshape(-1).contiguous()
-        if self._compiled():
-            removed, old = cpu_c.hash_delete(self.slots, ids)
+        """Remove ``ids`` (a static slot is freed; the overflow shifts back); returns the locators
+        they had (-1 = not held)."""
+        parts = self.parts
+        ids = ids.to(device=parts.slots.device, dtype=torch.int64).reshape(-1).contiguous()
+        if self._compiled() and parts.static.shape[0]:
+            from_static, from_overflow, old = cpu_c.hidx_delete(parts.static, parts.pilots, parts.slots, ids)
+        elif self._compiled():
+            from_overflow, old = cpu_c.hash_delete(parts.slots, ids)
+            from_static = 0
         else:
-            removed, old = _torch_delete(self.slots, ids)
-        self.count -= removed
+            old = torch.full(ids.shape, -1, dtype=torch.int32, device=ids.device)
+            sp = _torch_static_find(parts.static, parts.pilots, ids)
+            ins = sp >= 0
+            old[ins] = parts.static[sp[ins], 2]
+            _write(parts.static, sp[ins], torch.full_like(sp[ins], EMPTY), torch.full_like(sp[ins], -1))
+            from_static = int(ins.sum())
+            rest = torch.nonzero(~ins).flatten()
+            from_overflow, old_rest = _torch_delete(parts.slots, ids[rest])
+            old[rest] = old_rest
+        self.count -= from_static + from_overflow
+        self.overflow_count -= from_overflow
         return old
 
-    def place_hot_first(self, frequency_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Lay the held IDs out again, same capacity, inserted hottest first (see :meth:`build`).
+    def rebuild(self, frequency_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Lay the held IDs out again: a new static part over all of them (their overflow merged
+        into it), or, without the compiled static part, the same slots inserted hottest first (see
+        :meth:`build`).
 
-        An index that grew by online upserts holds its IDs in arrival order, and every rehash
-        re-inserts them in slot order, so the hot-first placement of a one-go build does not
-        survive a table that lives on a stream.  ``frequency_of(ids)`` gives each held ID's
-        expected lookups (the service passes its traffic sketch's estimates, at a re-decision).
-        O(N log N) once per call; the IDs, their locators and every lookup stay as they were."""
+        An index that lives on a stream adds its new IDs to the overflow (or to static slots
+        that deletions freed), so its overflow grows between re-decisions, which call this; and
+        arrival order and rehashes scatter the hot IDs of open-addressing slots.
+        ``frequency_of(ids)`` gives each held ID's expected lookups (the service passes its traffic
+        sketch's estimates).  O(N) (plus a sort for the hottest-first order) once per call; the
+        IDs, their locators and every lookup stay as they were."""
         ids, locs = self.live_items()
         if ids.numel() < 2:
             return
-        ids, locs = _hottest_first(ids, locs, frequency_of(ids))
-        ids, locs = ids.contiguous(), locs.contiguous()
-        slots = new_slots(self.capacity, self.slots.device)
-        if self._compiled():
-            cpu_c.hash_upsert(slots, ids, locs)
+        freqs = None if frequency_of is None else frequency_of(ids)
+        if static_available():
+            rebuilt = HashIndex.build(ids, locs, frequencies=freqs, static=True)
+        elif freqs is not None:
+            ids, locs = _hottest_first(ids, locs, freqs)
+            rebuilt = HashIndex(new_slots(self.overflow_capacity, self.slots.device))
+            rebuilt.assign(ids.contiguous(), locs.contiguous())
         else:
-            _torch_upsert(slots, ids, locs)
-        self.slots = slots  # readers take the new array at their next view (c_view)
+            return
+        self.parts, self.count, self.overflow_count = rebuilt.parts, rebuilt.count, rebuilt.overflow_count  # readers take the new arrays at their next view (c_view)
 
     def live_items(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Held IDs and their locators, in slot order."""
-        keys = slot_keys(self.slots)
-        held = keys != EMPTY
-        return keys[held], self.slots[held, 2]
+        """Held IDs and their locators: the static part's in slot order, then the overflow's."""
+        parts = self.parts
+        skeys = slot_keys(parts.static)
+        sheld = skeys != EMPTY
+        okeys, olocs = self._overflow_items()
+        return torch.cat([skeys[sheld], okeys]), torch.cat([parts.static[sheld, 2], olocs])
 
     def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Held IDs (and locators) at ``count`` slots drawn uniformly with ``generator``: the
-        candidates of sampled eviction.  Free slots drawn are dropped; a slot drawn twice
-        gives its ID once."""
-        drawn = torch.unique(torch.randint(0, self.capacity, (count,), generator=generator)).to(self.slots.device)
-        keys = slot_keys(self.slots, drawn)
+        """Held IDs (and locators) at ``count`` slots drawn uniformly over both parts with
+        ``generator``: the candidates of sampled eviction.  Free slots drawn are dropped; a slot
+        drawn twice gives its ID once."""
+        parts = self.parts
+        m = parts.static.shape[0]
+        drawn = torch.unique(torch.randint(0, self.capacity, (count,), generator=generator)).to(parts.slots.device)
+        in_static = drawn < m
+        s_at, o_at = drawn[in_static], drawn[~in_static] - m
+        keys = torch.cat([slot_keys(parts.static, s_at), slot_keys(parts.slots, o_at)])
+        locs = torch.cat([parts.static[s_at, 2], parts.slots[o_at, 2]])
         held = keys != EMPTY
-        return keys[held], self.slots[drawn[held], 2]
+        return keys[held], locs[held]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"index.slots": self.slots}
+        """``index.slots`` (the overflow), and the static part when there is one:
+        ``index.static_slots`` / ``index.pilots`` (format 4, compression/storage.py)."""
+        parts = self.parts
+        if parts.static.shape[0] == 0:
+            return {"index.slots": parts.slots}
+        return {"index.slots": parts.slots, "index.static_slots": parts.static, "index.pilots": parts.pilots}
+
+    @property
+    def has_static(self) -> bool:
+        return self.parts.static.shape[0] > 0
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor]) -> "HashIndex":
-        """From a table file's tensors: ``index.slots`` (format 3), or format 2's
-        ``index.keys`` / ``index.locator`` (the old hash, separate arrays), whose IDs are
-        re-inserted into slots of the same capacity."""
+        """From a table file's tensors: ``index.slots`` (format 3), with ``index.static_slots`` /
+        ``index.pilots`` (format 4), or format 2's ``index.keys`` / ``index.locator`` (the old
+        hash, separate arrays), whose IDs are re-inserted into slots of the same capacity."""
         if "index.slots" in tensors:
             loaded = tensors["index.slots"]
             if loaded.dtype != torch.int32 or loaded.dim() != 2 or loaded.shape[1] != SLOT_WORDS:
                 raise ValueError(f"index.slots must be int32 [capacity, {SLOT_WORDS}], got {loaded.dtype} {list(loaded.shape)}")
             slots = new_slots(loaded.shape[0], loaded.device)
             slots.copy_(loaded)  # on CPU into huge-page backed memory (new_slots)
-            return cls(slots)
+            if ("index.static_slots" in tensors) != ("index.pilots" in tensors):
+                raise ValueError("a hash index's static part needs both index.static_slots and index.pilots")
+            if "index.static_slots" not in tensors:
+                return cls(slots)
+            loaded_static = tensors["index.static_slots"]
+            if loaded_static.dtype != torch.int32 or loaded_static.dim() != 2 or loaded_static.shape[1] != SLOT_WORDS:
+                raise ValueError(f"index.static_slots must be int32 [m, {SLOT_WORDS}], got {loaded_static.dtype} {list(loaded_static.shape)}")
+            static = new_slots(loaded_static.shape[0], loaded_static.device)
+            static.copy_(loaded_static)
+            return cls(slots, static, tensors["index.pilots"].contiguous())
         keys, locator = tensors["index.keys"], tensors["index.locator"]
         if keys.dtype != torch.int64 or locator.dtype != torch.int32 or keys.dim() != 1 or keys.shape != locator.shape:
             raise ValueError("a format-2 hash index needs int64 keys and int32 locators of one length")
@@ -503,23 +776,29 @@ class HashIndex:
 
     def to(self, device: torch.device) -> "HashIndex":
         device = torch.device(device)
-        if device == self.slots.device:
-            return HashIndex(self.slots)
-        slots = new_slots(self.capacity, device)
-        slots.copy_(self.slots)
-        return HashIndex(slots)
+        parts = self.parts
+        if device == parts.slots.device:
+            return HashIndex(parts.slots, parts.static, parts.pilots)
+        slots, static = new_slots(parts.slots.shape[0], device), new_slots(parts.static.shape[0], device)
+        slots.copy_(parts.slots)
+        static.copy_(parts.static)
+        return HashIndex(slots, static, parts.pilots.to(device))
 
     def c_view(self) -> Any:
-        """The compiled decoder's view of the slot array (None off the C path), rebuilt when a
-        rehash replaces the array.  The check is one weak reference (per lookup: a batch-1
-        lookup is a few microseconds), which also lets a replaced array be freed at once."""
-        slots = self.slots
+        """The compiled decoder's view of the index (None off the C path), rebuilt when a rehash or
+        a rebuild replaces the arrays.  The check is one weak reference (per lookup: a batch-1
+        lookup is a few microseconds), which also lets replaced arrays be freed at once."""
+        parts = self.parts
         ref = getattr(self, "_c_of", None)
-        if ref is not None and ref() is slots:
+        if ref is not None and ref() is parts:
             return self._c_view
         if not self._compiled():
             return None
-        self._c_view, self._c_of = cpu_c.hash_index(slots), weakref.ref(slots)
+        if parts.static.shape[0]:
+            view = cpu_c.static_hash_index(parts.static, parts.pilots, parts.slots)
+        else:
+            view = cpu_c.hash_index(parts.slots)
+        self._c_view, self._c_of = view, weakref.ref(parts)
         return self._c_view
 
     def held_tensors(self) -> dict[str, torch.Tensor]:
@@ -527,7 +806,8 @@ class HashIndex:
 
     @property
     def nbytes(self) -> int:
-        return SLOT_BYTES * self.capacity
+        parts = self.parts
+        return SLOT_BYTES * (parts.slots.shape[0] + parts.static.shape[0]) + PILOT_BYTES * parts.pilots.numel()
 
     @property
     def num_ids(self) -> int:

@@ -13,7 +13,9 @@ Tensors, by name (all that :meth:`CompressedTable.state_tensors` returns):
     index.keys                    int64 [N]          keyed: sorted IDs (format-2 hash: int64 [cap])
     index.slots                   int32 [cap, 3]     hash (format 3): 12-byte slots, int64 key (2 words,
                                                      low first; INT64_MIN = free) + int32 locator
-                                                     (layout and slot formula: compression/hash_index.py)
+                                                     (layout and slot formula: compression/hash_index.py);
+                                                     with a static part, its overflow
+    index.static_slots / pilots   int32 [m, 3] / int16 [B]   hash (format 4): the static part
     index.delta_keys / _locator   int64 / int32      keyed: unmerged inserts
     index.bounds / index.bases    int64 [R+1] / int32 [R]   runs: run-length encoded dense locator
     class.{k}.slab                uint8 [cap_k, row_bytes_k]   rows of class k (compression.layout)
@@ -43,7 +45,7 @@ the ``hash`` index and the fp16 ``[D, K]`` rotation: a version-1 reader would ta
 ``(dim, bits)`` for a scalar class, not know the index, or read the rotation as fp32 ``[D, D]``,
 so it must refuse such a file, and it does: its version check
 names the newer version and says to upgrade.  Version 3 changes the ``hash`` index's layout
-(below).  This reader reads all three.
+(below), version 4 adds its static part.  This reader reads all four.
 
 The ``runs`` index and the ``qr`` / ``binary_hash`` unknown-ID kinds were added without a
 format version bump: they are new names, so a reader that predates them refuses such a file
@@ -62,6 +64,11 @@ is a power of two, so those files load unchanged).  New files are still version 
 from before that change loads the ones whose capacity happens to be a power of two and refuses
 the others with "inconsistent table file (hash index capacity must be a power of two ...)",
 never probing them with the wrong home.
+Version 4 adds the hash index's static part (``index.static_slots`` int32 [m, 3], 12-byte slots
+as above; ``index.pilots`` int16 [buckets], uint16 bits; formula in compression/hash_index.py),
+which holds most of its IDs: a version-3 reader would find them missing from ``index.slots``,
+so it refuses the file with its "newer than this embserve reads" error.  A hash index without a
+static part (the torch fallback builds none) is still written as version 3.
 Every other table is still written as version 1 (or 2 for PQ classes and the fp16 rotation),
 so files an older reader could read stay readable by it, and this reader loads every older file.
 
@@ -87,10 +94,11 @@ from .lifecycle import IdLifecycle
 from .table import CompressedTable
 from .unknown import UnknownPolicy
 
-FORMAT_VERSION = 3  # the newest version this reader reads
+FORMAT_VERSION = 4  # the newest version this reader reads
 # the oldest version that can hold each feature: a file is written with the smallest version
 # that holds everything it uses, so a table an older reader could read stays readable by it
 _INDEX_VERSIONS = {"hash": 3}  # format 2 had the split-array hash layout (still read)
+_STATIC_HASH_VERSION = 4  # a hash index with a static part (index.static_slots / index.pilots)
 _PQ_VERSION = 2
 _ROTATION_VERSION = 2  # fp16 [D, K]; a version-1 reader expects fp32 [D, D]
 MANIFEST_KEY = "embserve.manifest"
@@ -105,6 +113,7 @@ def manifest_of(table: CompressedTable, log_position: str | None = None, extra: 
     return {
         "format_version": max(
             _INDEX_VERSIONS.get(table.index.kind, 1),
+            _STATIC_HASH_VERSION if getattr(table.index, "has_static", False) else 1,
             _PQ_VERSION if any(rc.pq for rc in table.classes) else 1,
             _ROTATION_VERSION if table.rotation is not None else 1,
         ),

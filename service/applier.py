@@ -399,10 +399,10 @@ class Applier:
             hosted.over_budget = None
             moved = apply_decision(table, ids, decision)
             hosted.rank_map = decision.rank_map
-            if isinstance(table.index, HashIndex) and hosted.sketch is not None:
-                # the IDs the traffic asks for most back in their home slots: arrival order and
-                # rehashes had scattered them (HashIndex.place_hot_first)
-                table.index.place_hot_first(hosted.sketch.estimate)
+            if isinstance(table.index, HashIndex):
+                # the IDs that arrived since the last one into the static part (one slot read
+                # each), or the hottest back in their home slots (HashIndex.rebuild)
+                table.index.rebuild(None if hosted.sketch is None else hosted.sketch.estimate)
         hosted.updates_since_decision = 0
         hosted.last_decision_at = time.monotonic()
         hosted.dirty = True

@@ -25,9 +25,16 @@ def check_invariants(index: HashIndex, model: dict[int, int]) -> None:
     keys, locs = index.live_items()
     assert dict(zip(keys.tolist(), locs.tolist(), strict=True)) == model
     assert index.count == len(model) and index.num_ids == len(model)
-    assert index.count <= index.capacity * hi.MAX_LOAD
-    # every held key is reachable from its home slot without crossing a free slot
-    cap = index.capacity
+    assert index.overflow_count <= index.overflow_capacity * hi.MAX_LOAD
+    # every static key is in its own static slot, and no ID is in both parts
+    skeys = hi.slot_keys(index.static)
+    sheld = torch.nonzero(skeys != EMPTY).flatten()
+    if index.static.shape[0]:
+        assert torch.equal(hi.static_positions(skeys[sheld], index.pilots, index.static.shape[0]), sheld)
+    assert bool((index.static[skeys == EMPTY, 2] == -1).all())
+    assert not bool(torch.isin(index.keys, skeys[sheld]).any())
+    # every held overflow key is reachable from its home slot without crossing a free slot
+    cap = index.overflow_capacity
     keys = index.keys  # computed from the slots' two words: once
     held = torch.nonzero(keys != EMPTY).flatten()
     homes = home_slots(keys[held], cap)
@@ -160,7 +167,13 @@ def test_capacity_for_is_a_multiple_of_16_at_load_up_to_max() -> None:
         assert cap % 16 == 0 and cap >= hi.MIN_CAPACITY and n <= cap * hi.MAX_LOAD
         assert cap == hi.MIN_CAPACITY or (cap - 16) * hi.MAX_LOAD < n  # the smallest such
     assert capacity_for(1_000_000) == 1_428_576  # 16.3 MiB of slots (was 2**21: 24 MiB)
-    assert hi.hash_index_bytes(1_000_000) == 12 * 1_428_576
+    # built in one go: a static part (1,063,830 slots at load 0.94, 200,000 pilots) and an
+    # empty overflow of MIN_CAPACITY slots, 13.2 bytes per ID; 17.1 without the compiled library
+    assert hi.static_shape(1_000_000) == (1_063_830, 200_000)
+    if hi.static_available():
+        assert hi.hash_index_bytes(1_000_000) == 12 * (1_063_830 + 16) + 2 * 200_000
+    else:
+        assert hi.hash_index_bytes(1_000_000) == 12 * 1_428_576
     with pytest.raises(ValueError, match="at most"):
         capacity_for(int(hi.MAX_CAPACITY * hi.MAX_LOAD) + 10)
 
@@ -308,8 +321,8 @@ def test_table_lookups_through_the_hash_index_on_both_backends(zipf_rows) -> Non
     ids = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(1)) * 7919 - 10**9
     table, _ = compress(rows, freqs, ratio=4, ids=ids)  # the index costs 12 B a slot: 8x leaves no room at 32 dims
     assert isinstance(table.index, HashIndex)
-    assert table.stats().index_bytes == 12 * table.index.capacity
-    assert table.index.capacity == capacity_for(ids.numel()) and table.index.capacity & (table.index.capacity - 1)
+    assert table.stats().index_bytes == table.index.nbytes == hi.hash_index_bytes(ids.numel())
+    assert table.index.has_static == hi.static_available()
     probe = torch.cat([ids[torch.randint(0, ids.numel(), (5000,))], torch.tensor([EMPTY, 3, -(10**12)])])
     fast = table.lookup(probe)
     table.backend = "torch"
@@ -343,7 +356,8 @@ def test_empty_keyed_table_is_hash_indexed_and_writes_in_place(tmp_path) -> None
 
 def test_an_8x_keyed_table_spends_its_budget_on_rows_not_index_padding() -> None:
     """compress(ids=keys, ratio=8) at 64 dims: the index is 12 B a slot at load > 0.6 (a
-    power-of-two capacity put 20,000 IDs at 0.61 but 30,000 at 0.46), so more rows keep codes."""
+    power-of-two capacity put 20,000 IDs at 0.61 but 30,000 at 0.46; the static part holds them at
+    0.94), so more rows keep codes."""
     g = torch.Generator().manual_seed(5)
     n = 30_000
     rows = torch.randn(n, 64, generator=g)
@@ -351,14 +365,14 @@ def test_an_8x_keyed_table_spends_its_budget_on_rows_not_index_padding() -> None
     ids = torch.randperm(n, generator=g) * 1_000_003 - 2**45
     table, _ = compress(rows, freqs, ratio=8, ids=ids)
     assert isinstance(table.index, HashIndex) and table.nbytes <= rows.numel() * 4 / 8
-    assert table.stats().index_bytes == 12 * table.index.capacity
-    assert table.index.load > 0.6 and table.index.capacity == capacity_for(n)
+    assert table.stats().index_bytes == table.index.nbytes == hi.hash_index_bytes(n)
+    assert table.index.load > (0.9 if hi.static_available() else 0.6)
     probe = ids[:2000]
     fast = table.lookup(probe)
     table.backend = "torch"
     slow = table.lookup(probe)
     assert torch.equal(fast.locators, slow.locators) and torch.allclose(fast.values, slow.values, atol=1e-6)
-    assert bool((fast.found | fast.pruned).all())
+    assert bool((fast.found if fast.pruned is None else fast.found | fast.pruned).all())
 
 
 def _home_share(index: HashIndex, keys: torch.Tensor, freqs: torch.Tensor) -> tuple[float, float]:
@@ -382,8 +396,8 @@ def test_a_frequency_ordered_build_puts_the_hot_ids_in_their_home_slots(impl: st
         freqs = zipf_frequencies(n, seed=4)
         keys = torch.randperm(n, generator=torch.Generator().manual_seed(4)) * 1_000_003 - 7 * n
         locs = torch.randperm(n, generator=torch.Generator().manual_seed(5)).to(torch.int32)
-        plain = HashIndex.build(keys, locs)
-        hot = HashIndex.build(keys, locs, frequencies=freqs)
+        plain = HashIndex.build(keys, locs, static=False)
+        hot = HashIndex.build(keys, locs, frequencies=freqs, static=False)
         assert hot.capacity == plain.capacity == capacity_for(n) and 0.69 < hot.load <= hi.MAX_LOAD
         check_invariants(hot, dict(zip(keys.tolist(), locs.tolist(), strict=True)))
         assert torch.equal(hot.resolve(keys), locs) and torch.equal(plain.resolve(keys), locs)
@@ -399,45 +413,53 @@ def test_a_frequency_ordered_build_puts_the_hot_ids_in_their_home_slots(impl: st
 
 
 def test_frequency_ordered_hash_lookups_equal_dense_lookups_of_the_same_rows(zipf_rows) -> None:  # type: ignore[no-untyped-def]
-    """The 8x table's own slabs behind a hot-first hash index of arbitrary int64 keys answer
-    exactly what the dense index answers for the same rows, through the compiled pipeline and
-    the torch reference; keys that are not held stay unknown."""
+    """The 8x table's own slabs behind a hash index of arbitrary int64 keys (open addressing
+    hot-first, and a static part) answer exactly what the dense index answers for the same rows,
+    through the compiled pipeline and the torch reference; keys that are not held stay unknown."""
     rows, freqs = zipf_rows
     dense, _ = compress(rows, freqs, ratio=8, candidates=[RowClass(32, b) for b in (16, 8, 4, 2, 1)] + [RowClass(0, 32)])
     n = rows.shape[0]
     keys = torch.randperm(n, generator=torch.Generator().manual_seed(6)) * 1_000_003 - 7 * n
     positions, locs = dense.index.live_items()
-    index = HashIndex.build(keys[positions], locs, frequencies=freqs[positions])
-    hashed = CompressedTable(dense.dim, dense.classes, dense.slabs, dense.used, index, dense.free, dense.rotation, dense.unknown)
     probe = torch.cat([sample_ids(freqs, 6000, seed=7), torch.randint(0, n, (3000,), generator=torch.Generator().manual_seed(8))])
     want = dense.lookup(probe)
-    for backend in ("compiled", "torch") if cpu_c.AVAILABLE else ("torch",):
-        hashed.backend = backend
-        got = hashed.lookup(keys[probe])
-        assert torch.equal(got.values, want.values) and torch.equal(got.locators, want.locators)
-        missing = hashed.lookup(torch.tensor([EMPTY, 12345, -(10**15)]))
-        assert missing.num_unknown == 3
+    for static in (False, True) if hi.static_available() else (False,):
+        index = HashIndex.build(keys[positions], locs, frequencies=freqs[positions], static=static)
+        assert index.has_static == static
+        hashed = CompressedTable(dense.dim, dense.classes, dense.slabs, dense.used, index, dense.free, dense.rotation, dense.unknown)
+        for backend in ("compiled", "torch") if cpu_c.AVAILABLE else ("torch",):
+            hashed.backend = backend
+            got = hashed.lookup(keys[probe])
+            assert torch.equal(got.values, want.values) and torch.equal(got.locators, want.locators)
+            missing = hashed.lookup(torch.tensor([EMPTY, 12345, -(10**15)]))
+            assert missing.num_unknown == 3
 
 
-def test_compress_builds_a_keyed_tables_hash_index_hottest_first(zipf_rows) -> None:  # type: ignore[no-untyped-def]
+def test_compress_builds_a_keyed_tables_hash_index_in_one_read_per_id(zipf_rows) -> None:  # type: ignore[no-untyped-def]
+    """compress() gives a keyed table a static part: every ID in its own static slot (one read,
+    hot or cold), the overflow empty; without the compiled library, open addressing hottest first."""
     rows, freqs = zipf_rows
     ids = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(2)) * 7919 - 10**9
     table, _ = compress(rows, freqs, ratio=4, ids=ids)
-    assert isinstance(table.index, HashIndex)
-    assert _home_share(table.index, ids, freqs)[1] > 0.9
-    hottest = ids[int(torch.argmax(freqs))]
-    assert int(home_slots(hottest.view(1), table.index.capacity)[0]) == int(torch.nonzero(table.index.keys == hottest).flatten()[0])
+    index = table.index
+    assert isinstance(index, HashIndex)
+    if hi.static_available():
+        assert index.overflow_count == 0 and index.count == ids.numel()
+        assert bool((hi._torch_static_find(index.static, index.pilots, ids) >= 0).all())
+    else:
+        assert _home_share(index, ids, freqs)[1] > 0.9
     with pytest.raises(ValueError, match="frequencies for"):
         HashIndex.build(ids, torch.zeros(ids.numel(), dtype=torch.int32), frequencies=freqs[:10])
 
 
 @pytest.mark.parametrize("impl", PATHS)
-def test_place_hot_first_relays_an_arrival_ordered_index_without_changing_it(impl: str) -> None:
-    """An index filled coldest first (the worst arrival order) and then laid out again by
-    frequency holds the same IDs at the same locators, at the same capacity, with the traffic's
-    IDs in their home slots."""
-    saved = cpu_c.HASH_OPS_AVAILABLE
+def test_rebuild_without_a_static_part_relays_an_arrival_ordered_index_hot_first(impl: str) -> None:
+    """Without the compiled static part: an index filled coldest first (the worst arrival order)
+    and then rebuilt by frequency holds the same IDs at the same locators, at the same capacity,
+    with the traffic's IDs in their home slots."""
+    saved, saved_static = cpu_c.HASH_OPS_AVAILABLE, cpu_c.STATIC_OPS_AVAILABLE
     cpu_c.HASH_OPS_AVAILABLE = saved and impl == "compiled"
+    cpu_c.STATIC_OPS_AVAILABLE = False
     try:
         n = 20_000
         freqs = zipf_frequencies(n, seed=8)
@@ -449,18 +471,119 @@ def test_place_hot_first_relays_an_arrival_ordered_index_without_changing_it(imp
             index.assign(keys[part], locs[part])
         capacity = index.capacity
         _, traffic_before = _home_share(index, keys, freqs)
-        index.place_hot_first(lambda ids: freqs[_positions(keys, ids)])
+        index.rebuild(lambda ids: freqs[_positions(keys, ids)])
         _, traffic_after = _home_share(index, keys, freqs)
-        assert index.capacity == capacity and index.count == n
+        assert index.capacity == capacity and index.count == n and not index.has_static
         check_invariants(index, dict(zip(keys.tolist(), locs.tolist(), strict=True)))
         assert traffic_before < 0.75 and traffic_after > 0.9
         with pytest.raises(ValueError, match="frequencies"):
-            index.place_hot_first(lambda ids: torch.ones(3))
+            index.rebuild(lambda ids: torch.ones(3))
     finally:
-        cpu_c.HASH_OPS_AVAILABLE = saved
+        cpu_c.HASH_OPS_AVAILABLE, cpu_c.STATIC_OPS_AVAILABLE = saved, saved_static
 
 
 def _positions(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Where each of ``ids`` sits in ``keys`` (all present)."""
     order = torch.argsort(keys)
     return order[torch.searchsorted(keys[order], ids)]
+
+
+# ---------------------------------------------------------------------------------- the static part
+
+STATIC = pytest.mark.skipif(not hi.static_available(), reason="the static part is built by the compiled library")
+
+
+@STATIC
+@pytest.mark.parametrize("impl", PATHS)
+@settings(max_examples=40, deadline=None)
+@given(
+    start=st.lists(st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1) | st.integers(-60, 60), min_size=1, max_size=300, unique=True),
+    batches=ops,
+)
+def test_a_static_part_matches_a_dict_model(impl: str, start: list[int], batches: list[tuple[bool, list[int]]]) -> None:
+    """Built with a static part over ``start``, then any upserts and deletes: IDs leave static
+    slots, new IDs take free static slots or the overflow, and the compiled and torch paths both
+    answer as a dict does (a static part built over the lot again, at the end, too)."""
+    index = HashIndex.build(torch.tensor(start), torch.arange(len(start), dtype=torch.int32))
+    assert index.has_static and index.overflow_count == 0
+    model = {k: i for i, k in enumerate(start)}
+    saved = cpu_c.HASH_OPS_AVAILABLE
+    cpu_c.HASH_OPS_AVAILABLE = saved and impl == "compiled"
+    try:
+        for step, (upsert, ids) in enumerate(batches):
+            t = torch.tensor(ids)
+            if upsert:
+                locs = torch.arange(len(ids), dtype=torch.int32) + 1000 * step
+                index.assign(t, locs)
+                for k, v in zip(ids, locs.tolist(), strict=True):
+                    model[k] = v
+            else:  # callers delete distinct IDs (CompressedTable.delete takes torch.unique)
+                ids = list(dict.fromkeys(ids))
+                assert index.delete(torch.tensor(ids)).tolist() == [model.get(k, -1) for k in ids]
+                for k in ids:
+                    model.pop(k, None)
+            check_invariants(index, model)
+            probe = torch.tensor(list(model) + [EMPTY, 61, -61])
+            assert index.resolve(probe).tolist() == [model.get(k, -1) for k in probe.tolist()]
+    finally:
+        cpu_c.HASH_OPS_AVAILABLE = saved
+    index.rebuild()
+    check_invariants(index, model)
+    assert index.overflow_count == 0 or len(model) < 2  # every ID placed again (one ID: no rebuild)
+
+
+@STATIC
+def test_rebuild_moves_a_streamed_index_into_a_static_part() -> None:
+    """An index filled by upserts (all in the overflow, which grew at load <= 0.7) rebuilt: every
+    ID in a static slot of its own, the overflow back to MIN_CAPACITY, the same locators, a
+    quarter fewer bytes, and the compiled lookup pipeline answers as the torch reference."""
+    n = 20_000
+    keys = torch.randperm(n, generator=torch.Generator().manual_seed(8)) * 999_983 + 5
+    locs = torch.arange(n, dtype=torch.int32)
+    index = HashIndex.empty()
+    for part in torch.chunk(torch.arange(n), 5):
+        index.assign(keys[part], locs[part])
+    before = index.nbytes
+    assert not index.has_static and before / n > 17
+    index.rebuild()
+    assert index.has_static and index.overflow_count == 0 and index.overflow_capacity == hi.MIN_CAPACITY
+    check_invariants(index, dict(zip(keys.tolist(), locs.tolist(), strict=True)))
+    assert index.nbytes / n < 13.5 and index.nbytes == 12 * (index.static.shape[0] + 16) + 2 * index.pilots.numel()
+    table = CompressedTable.empty(4, [RowClass(4, 32)], keyed=True)
+    table.put(keys, torch.randn(n, 4, generator=torch.Generator().manual_seed(1)), 0)
+    table.index.rebuild()  # type: ignore[attr-defined]
+    probe = torch.cat([keys[torch.randint(0, n, (3000,), generator=torch.Generator().manual_seed(2))], torch.tensor([EMPTY, 4, -7])])
+    fast = table.lookup(probe)
+    table.backend = "torch"
+    slow = table.lookup(probe)
+    assert torch.equal(fast.locators, slow.locators) and torch.equal(fast.values, slow.values) and fast.num_unknown == 3
+
+
+@STATIC
+def test_a_static_index_refuses_inconsistent_parts() -> None:
+    keys = torch.arange(500) * 7919 - 3
+    index = HashIndex.build(keys, torch.arange(500, dtype=torch.int32))
+    static, pilots, slots = index.static.clone(), index.pilots.clone(), index.slots.clone()
+    HashIndex(slots, static, pilots)  # as built: fine
+    with pytest.raises(ValueError, match="both its slots and its pilots"):
+        HashIndex(slots, static)
+    moved = pilots.clone()
+    moved[int(torch.nonzero(moved >= 0).flatten()[0])] += 1
+    with pytest.raises(ValueError, match="static slots"):
+        HashIndex(slots, static, moved)
+    twice = hi.new_slots(16)
+    hi._torch_upsert(twice, keys[:1], torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="both its static part and its overflow"):
+        HashIndex(twice, static, pilots)
+
+
+@STATIC
+def test_eviction_samples_draw_from_both_parts() -> None:
+    keys = torch.arange(4000) * 7919 - 3
+    index = HashIndex.build(keys, torch.arange(4000, dtype=torch.int32))
+    extra = torch.arange(3000) * 7919 + 10**12
+    index.assign(extra, torch.arange(3000, dtype=torch.int32))  # mostly into the overflow
+    assert index.overflow_count > 2000
+    drawn, locs = index.sample(2000, torch.Generator().manual_seed(3))
+    assert bool(torch.isin(drawn, keys).any()) and bool(torch.isin(drawn, extra).any())
+    assert torch.equal(index.resolve(drawn), locs)

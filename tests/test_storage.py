@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from compression import FORMAT_VERSION, CompressedTable, RowClass, TableFormatError, compress, load_table, read_manifest, save_table
 from compression import storage
+from compression.hash_index import static_available
 
 
 def test_round_trip_is_bit_exact(tmp_path: Path, mixed_table: CompressedTable) -> None:
@@ -105,7 +106,8 @@ def test_hash_indexed_tables_are_version_3_and_an_older_reader_refuses_them(tmp_
     table = CompressedTable.empty(4, [RowClass(4, 32)], keyed=True)
     table.put(torch.tensor([5, -(2**62)]), torch.randn(2, 4), 0)
     path = save_table(table, tmp_path / "h.safetensors")
-    assert read_manifest(path)["format_version"] == 3 == FORMAT_VERSION
+    assert not table.index.has_static  # type: ignore[attr-defined]  # filled by puts: no static part until a rebuild
+    assert read_manifest(path)["format_version"] == 3 < FORMAT_VERSION
     loaded, manifest = load_table(path)
     assert manifest["index"] == "hash" and torch.equal(loaded.lookup(torch.tensor([5, -(2**62), 6])).values, table.lookup(torch.tensor([5, -(2**62), 6])).values)
     assert torch.equal(loaded.index.slots, table.index.slots)  # type: ignore[attr-defined]
@@ -116,6 +118,39 @@ def test_hash_indexed_tables_are_version_3_and_an_older_reader_refuses_them(tmp_
     with pytest.raises(TableFormatError, match="format version 3 is newer than this embserve reads"):
         load_table(path)
     load_table(old_path)  # files without the new kind stay readable by it
+
+
+@pytest.mark.skipif(not static_available(), reason="the static part is built by the compiled library")
+def test_a_static_hash_index_is_version_4_round_trips_and_a_version_3_reader_refuses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed table whose index has a static part: written as format 4 with both parts, read
+    back equal (the same slots, the same answers, still writable), refused by a format-3 reader
+    (which would look for the IDs in the overflow slots alone), and its loader checks that the
+    static keys sit where the pilots put them."""
+    table = CompressedTable.empty(4, [RowClass(4, 32)], keyed=True)
+    ids = torch.arange(2000) * 1_000_003 - 2**40
+    table.put(ids, torch.randn(2000, 4), 0)
+    table.index.rebuild()  # type: ignore[attr-defined]  # what a re-decision does
+    table.delete(ids[:10])
+    table.put(torch.tensor([7, 8]), torch.randn(2, 4), 0)
+    assert table.index.has_static  # type: ignore[attr-defined]
+    path = save_table(table, tmp_path / "s.safetensors")
+    assert read_manifest(path)["format_version"] == 4 == FORMAT_VERSION
+    loaded, _ = load_table(path)
+    probe = torch.cat([ids, torch.tensor([7, 8, 9])])
+    assert torch.equal(loaded.lookup(probe).values, table.lookup(probe).values)
+    for name in ("index.slots", "index.static_slots", "index.pilots"):
+        assert torch.equal(loaded.state_tensors()[name], table.state_tensors()[name])
+    loaded.put(torch.tensor([9]), torch.ones(1, 4), 0)
+    assert bool(loaded.lookup(torch.tensor([9])).found.all())
+    monkeypatch.setattr(storage, "FORMAT_VERSION", 3)
+    with pytest.raises(TableFormatError, match="format version 4 is newer than this embserve reads"):
+        load_table(path)
+    monkeypatch.setattr(storage, "FORMAT_VERSION", 4)
+    tensors = {k: v.detach().clone().contiguous() for k, v in table.state_tensors().items()}
+    tensors["index.pilots"][0] ^= 1  # another pilot: the first bucket's IDs are no longer where it points
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={storage.MANIFEST_KEY: json.dumps(read_manifest(path))})
+    with pytest.raises(TableFormatError, match="static slots"):
+        load_table(tmp_path / "bad.safetensors")
 
 
 def format_2_hash_arrays(ids: list[int], locators: list[int], capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

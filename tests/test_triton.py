@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton", reason="triton is not installed (pip install triton; the test extra has it)")
 
 from compression import RowClass, build_table  # noqa: E402
-from compression.hash_index import slot_keys  # noqa: E402
+from compression.hash_index import slot_keys, static_available  # noqa: E402
 from compression.index import KeyedIndex, RunIndex  # noqa: E402
 from compression.kernels import select_path, triton_module  # noqa: E402
 from compression.layout import LOCATOR_CLASS_SHIFT, SUPPORTED_BITS  # noqa: E402
@@ -370,12 +370,16 @@ def test_a_lookup_sees_a_write_batch_whole() -> None:
     assert len(seen) > 1  # writes really did interleave with the lookups
 
 
-def test_hash_probe_of_a_real_index_at_a_capacity_not_a_power_of_two() -> None:
-    """The HashIndex itself (built, grown by puts, backward-shift deletes) at the capacity it
-    sized: a multiple of 16, here not a power of two; the kernel finds what the reference does."""
+def test_hash_probe_of_a_real_index_with_both_parts() -> None:
+    """The HashIndex itself (built with a static part where the compiled library makes one, then
+    puts into free static slots or the overflow, deletes from both) at the capacities it sized;
+    the kernel finds what the reference does."""
     table = make_table(8, [RowClass(8, 32), RowClass(8, 4)], 200, "hash", False, "zero", 3)
-    cap = table.index.capacity
-    assert cap % 16 == 0 and cap & (cap - 1)
+    assert table.index.has_static == static_available() and table.index.overflow_capacity % 16 == 0
+    if static_available():  # the static part really is what answers most of them
+        assert table.index.count - table.index.overflow_count > 150
+    else:
+        assert table.index.capacity & (table.index.capacity - 1)  # not a power of two
     ids = torch.cat([table.index.live_items()[0].cpu(), torch.tensor([1, 2, 3, INT64_MIN])]).to(DEVICE)
     want = reference(table, ids)
     out = torch.empty((ids.numel(), 8), device=DEVICE)

@@ -43,12 +43,31 @@ class _IndexC(ctypes.Structure):
         ("delta_locator", ctypes.c_void_p),
         ("n_delta", ctypes.c_int64),
         ("slots", ctypes.c_void_p),
+        ("mslots", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("pilots", ctypes.c_void_p),
+        ("nb", ctypes.c_int64),
+    ]
+
+
+class _HidxC(ctypes.Structure):
+    """Mirror of ``hidx_t`` in hashindex.c: a hash index's static part and overflow slots."""
+
+    _fields_ = [
+        ("pilots", ctypes.c_void_p),
+        ("nb", ctypes.c_int64),
+        ("mslots", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("slots", ctypes.c_void_p),
+        ("cap", ctypes.c_int64),
     ]
 
 
 # 3 was the format-2 hash layout (separate key / locator arrays), retired: a library built
-# before kind 4 rejects it instead of misreading the 12-byte slots
-INDEX_RESOLVED, INDEX_DENSE, INDEX_KEYED, INDEX_HASH = 0, 1, 2, 4
+# before kind 4 rejects it instead of misreading the 12-byte slots; 5 is a hash index with a
+# static part (a library built before it rejects kind 5, and cpu_c never hands it one: see
+# STATIC_OPS_AVAILABLE)
+INDEX_RESOLVED, INDEX_DENSE, INDEX_KEYED, INDEX_HASH, INDEX_STATIC_HASH = 0, 1, 2, 4, 5
 FENCE = 16  # must match decode.c; 16 keys = 2 cache lines per run, fence = N/16 keys
 _T = TypeVar("_T", bound="ctypes.Structure | ctypes.Array[Any]")
 
@@ -82,6 +101,15 @@ def hash_index(slots: torch.Tensor) -> _IndexC:
     """View of an open-addressing :class:`compression.hash_index.HashIndex`: its int32
     ``[cap, 3]`` slot array (12-byte slots, ``kernels/hashslot.h``), ``n`` = capacity."""
     return _addressed(_IndexC(kind=INDEX_HASH, n=slots.shape[0], slots=_ptr(slots)))
+
+
+def static_hash_index(static_slots: torch.Tensor, pilots: torch.Tensor, slots: torch.Tensor) -> _IndexC:
+    """View of a :class:`compression.hash_index.HashIndex` with a static part (``m`` > 0 slots,
+    uint16 pilots held as int16) and its overflow ``slots`` (``n`` = their capacity)."""
+    return _addressed(_IndexC(
+        kind=INDEX_STATIC_HASH, n=slots.shape[0], slots=_ptr(slots),
+        mslots=_ptr(static_slots), m=static_slots.shape[0], pilots=_ptr(pilots), nb=pilots.numel(),
+    ))
 
 
 def _load() -> ctypes.CDLL | None:
@@ -129,6 +157,15 @@ def _declare_hash_ops(lib: ctypes.CDLL) -> None:
     lib.embserve_hslot_delete.argtypes = [p, i64, p, i64, p]
     lib.embserve_hslot_rehash.restype = None
     lib.embserve_hslot_rehash.argtypes = [p, i64, p, i64]
+    if hasattr(lib, "embserve_mph_static_part"):
+        lib.embserve_mph_build.restype = i64
+        lib.embserve_mph_build.argtypes = [p, p, i64, p, i64, p, i64, p]
+        lib.embserve_hidx_find.restype = None
+        lib.embserve_hidx_find.argtypes = [p, p, i64, p]
+        lib.embserve_hidx_upsert.restype = None
+        lib.embserve_hidx_upsert.argtypes = [p, p, p, i64, p]
+        lib.embserve_hidx_delete.restype = None
+        lib.embserve_hidx_delete.argtypes = [p, p, i64, p, p]
 
 
 def _declare_encoder(lib: ctypes.CDLL) -> None:
@@ -156,6 +193,10 @@ def _declare_sketch_ops(lib: ctypes.CDLL) -> None:
 _LIB = _load()
 AVAILABLE = _LIB is not None
 HASH_OPS_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_hslot_upsert") and hasattr(_LIB, "embserve_hslot_any_capacity")
+# A library built before the static part (hashindex.c's embserve_mph_*, decode.c's kind 5) would
+# probe an index that has one through its overflow slots alone: such an index stays on the torch
+# path (writes and lookups) until the library is rebuilt, and builds make no static part.
+STATIC_OPS_AVAILABLE = HASH_OPS_AVAILABLE and hasattr(_LIB, "embserve_mph_static_part")
 # codecs.encode_rows takes the compiled encoder when this is set (tests switch it off to run the
 # torch path on the same machine)
 ENCODER_AVAILABLE = AVAILABLE and hasattr(_LIB, "embserve_encode_rows")
@@ -226,6 +267,54 @@ def hash_delete(slots: torch.Tensor, ids: torch.Tensor) -> tuple[int, torch.Tens
 def hash_rehash(old_slots: torch.Tensor, slots: torch.Tensor) -> None:
     assert _LIB is not None
     _LIB.embserve_hslot_rehash(old_slots.data_ptr(), old_slots.shape[0], slots.data_ptr(), slots.shape[0])
+
+
+# The static part's functions take the int32 [m, 3] static slots, the int16 [nb] pilots (uint16
+# bits) and the int32 [cap, 3] overflow slots of a HashIndex (contiguous, CPU).
+
+
+def static_build(ids: torch.Tensor, locs: torch.Tensor, static_slots: torch.Tensor, pilots: torch.Tensor) -> torch.Tensor:
+    """Fill the (all-free) ``static_slots`` and ``pilots`` with unique ``ids`` -> ``locs``;
+    returns a bool mask of the IDs that got a static slot (the rest belong in the overflow)."""
+    assert _LIB is not None
+    placed = torch.zeros(ids.numel(), dtype=torch.uint8)
+    got = _LIB.embserve_mph_build(ids.data_ptr(), locs.data_ptr(), ids.numel(), static_slots.data_ptr(), static_slots.shape[0],
+                                  pilots.data_ptr(), pilots.numel(), placed.data_ptr())
+    if got < 0:
+        raise MemoryError("building a hash index's static part ran out of memory")
+    return placed.bool()
+
+
+def _hidx(static_slots: torch.Tensor, pilots: torch.Tensor, slots: torch.Tensor) -> _HidxC:
+    return _HidxC(pilots=_ptr(pilots), nb=pilots.numel(), mslots=_ptr(static_slots), m=static_slots.shape[0],
+                  slots=slots.data_ptr(), cap=slots.shape[0])
+
+
+def hidx_find(static_slots: torch.Tensor, pilots: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Locators of ``ids`` (-1 = absent): the static slot, then the overflow."""
+    assert _LIB is not None
+    out = torch.empty(ids.numel(), dtype=torch.int32)
+    _LIB.embserve_hidx_find(ctypes.byref(_hidx(static_slots, pilots, slots)), ids.data_ptr(), ids.numel(), out.data_ptr())
+    return out
+
+
+def hidx_upsert(static_slots: torch.Tensor, pilots: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> tuple[int, int]:
+    """Upsert in place; returns the new keys (in the static part, in the overflow).  The caller
+    guarantees overflow room for every ID not yet held."""
+    assert _LIB is not None
+    added = (ctypes.c_int64 * 2)()
+    _LIB.embserve_hidx_upsert(ctypes.byref(_hidx(static_slots, pilots, slots)), ids.data_ptr(), locs.data_ptr(), ids.numel(), added)
+    return int(added[0]), int(added[1])
+
+
+def hidx_delete(static_slots: torch.Tensor, pilots: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """Delete in place; returns how many left (the static part, the overflow) and the locators
+    the IDs had (-1 = not held)."""
+    assert _LIB is not None
+    old = torch.empty(ids.numel(), dtype=torch.int32)
+    removed = (ctypes.c_int64 * 2)()
+    _LIB.embserve_hidx_delete(ctypes.byref(_hidx(static_slots, pilots, slots)), ids.data_ptr(), ids.numel(), old.data_ptr(), removed)
+    return int(removed[0]), int(removed[1]), old
 
 
 def class_array(

@@ -17,7 +17,8 @@
  *
  * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread).  Each chunk is a
  * software pipeline per ID (run_ids): iteration i locates ID i + 2*AHEAD (prefetches its index
- * entry: the dense locator, or the hash slot), resolves ID i + AHEAD (reads that entry, by now
+ * entry: the dense locator, or the hash slot; a static hash slot has one stage more, its pilot),
+ * resolves ID i + AHEAD (reads that entry, by now
  * in cache, and prefetches the row) and decodes ID i, so each ID's two dependent random loads
  * are in flight for AHEAD decodes each and misses are issued at an even rate.  Keyed (sorted)
  * indexes keep a pipeline over blocks of BLOCK IDs (run_keyed): their fence search walks a
@@ -332,7 +333,7 @@ static inline void decode_any(const uint8_t *restrict row, const row_class_t *c,
  * `fence[f] = keys[f * FENCE]` is a sparse copy small enough to stay in cache, so finding an ID
  * is a search of the fence (cached) and then of one run of FENCE keys (one burst of misses,
  * prefetched a block ahead).  An unsorted-insert delta part, also sorted, overrides the main part. */
-enum { INDEX_RESOLVED = 0, INDEX_DENSE = 1, INDEX_KEYED = 2, INDEX_HASH = 4 };
+enum { INDEX_RESOLVED = 0, INDEX_DENSE = 1, INDEX_KEYED = 2, INDEX_HASH = 4, INDEX_STATIC_HASH = 5 };
 #define FENCE 16
 
 typedef struct {
@@ -346,7 +347,11 @@ typedef struct {
     const int64_t *delta_keys;
     const int32_t *delta_locator;
     int64_t n_delta;
-    const uint8_t *slots; /* HASH: [n] 12-byte slots (hashslot.h) */
+    const uint8_t *slots; /* HASH, STATIC_HASH: [n] 12-byte slots (hashslot.h; the overflow of STATIC_HASH) */
+    const uint8_t *mslots;  /* STATIC_HASH: [m] 12-byte static slots */
+    int64_t m;
+    const uint16_t *pilots; /* STATIC_HASH: [nb] pilots */
+    int64_t nb;
 } index_t;
 
 /* number of elements of sorted a[0..n) that are <= key.  Branch-free (the compiler emits a
@@ -368,6 +373,34 @@ static inline int32_t find_in(const int64_t *keys, const int32_t *locator, int64
     return (pos >= 0 && keys[pos] == key) ? locator[pos] : -1;
 }
 
+/* STATIC_HASH runs one stage more than the others: PILOT_AHEAD IDs before its locate step, an
+ * ID is hashed (kept in a ring of PILOT_RING) and its bucket's pilot prefetched, so that locate
+ * finds the pilot in cache and its slot prefetch is not held up behind it.  Measured on the
+ * 8x table (raw C, interleaved; bench/results/keyed_probe_ab.md): reading the pilot in the
+ * locate step, uncached, cost up to 10% of keyed lookup speed; 8 IDs ahead did as well as 4 and
+ * 16.  The ring keeps the bucket beside the hash's low half, so locate neither hashes again nor
+ * recomputes the bucket (Zipf lookups, mostly in cache, are bound by such work). */
+#define PILOT_AHEAD 8
+#define PILOT_RING 16 /* a power of two > PILOT_AHEAD */
+
+static inline __attribute__((always_inline)) void hash_one(int64_t k, const int64_t *ids, const index_t *ix, uint64_t *hashed) {
+    const uint64_t h = hslot_mix((uint64_t)ids[k]);
+    const uint64_t b = (uint64_t)mph_bucket(h, ix->nb);
+    hashed[k % PILOT_RING] = (b << 32) | (uint32_t)h; /* the bucket and the hash's low half */
+    __builtin_prefetch(ix->pilots + b, 0, 3);
+}
+
+/* STATIC_HASH's locate, from hash_one's ring entry e: the ID's static slot (parked in loc_out;
+ * m < 2**31, so it fits an int32) and a prefetch of its bytes (a 12-byte slot straddles a line
+ * boundary for 2 slots in 16) */
+static inline __attribute__((always_inline)) void locate_static(int64_t i, uint64_t e, const index_t *ix, int32_t *loc_out) {
+    const int64_t s = mph_pos(e, mph_pilot_mix(ix->pilots[e >> 32]), ix->m);
+    loc_out[i] = (int32_t)s;
+    const uint8_t *slot = ix->mslots + HSLOT_BYTES * s;
+    __builtin_prefetch(slot, 0, 3);
+    __builtin_prefetch(slot + HSLOT_BYTES - 1, 0, 3);
+}
+
 /* The steps of one ID.  locate: start the slowest load (DENSE: the locator entry; HASH: the
  * home slot, parked in loc_out).  resolve: the locator (the entry or slot is in cache by now),
  * into loc_out, and a prefetch of its row.  KEYED locates a whole block at a time (below). */
@@ -383,6 +416,20 @@ static inline __attribute__((always_inline)) void locate_one(const int kind, int
         const uint8_t *slot = ix->slots + HSLOT_BYTES * s;
         __builtin_prefetch(slot, 0, 3);
         __builtin_prefetch(slot + 3 * HSLOT_BYTES - 1, 0, 3); /* through the 3rd slot: at most one more line */
+    } else if (kind == INDEX_STATIC_HASH) {
+        const uint64_t h = hslot_mix((uint64_t)ids[i]);
+        locate_static(i, ((uint64_t)mph_bucket(h, ix->nb) << 32) | (uint32_t)h, ix, loc_out);
+    }
+}
+
+/* the overflow's probe from slot s (HASH: the home slot) for key; -1 when absent */
+static inline int32_t probe_slots(const uint8_t *slots, int64_t cap, int64_t s, int64_t key) {
+    if (key == HSLOT_EMPTY) return -1;
+    for (;;) {
+        const int64_t k = hslot_key(slots, s);
+        if (k == key) return hslot_loc(slots, s);
+        if (k == HSLOT_EMPTY) return -1;
+        s = hslot_next(s, cap);
     }
 }
 
@@ -398,20 +445,15 @@ static inline __attribute__((always_inline)) void resolve_one(const int kind, in
            decode (0.93x), and a split resolve that finishes full windows AHEAD/2 later (0.87x-
            0.93x).  What it costs is the ~13% of keys past the window (a demand miss); hot keys
            avoid it by being inserted first (HashIndex.build's frequencies). */
-        const int64_t cap = ix->n;
-        int64_t s = loc_out[i];
-        loc = -1;
-        if (key != HSLOT_EMPTY) {
-            for (;;) {
-                const int64_t k = hslot_key(ix->slots, s);
-                if (k == key) {
-                    loc = hslot_loc(ix->slots, s);
-                    break;
-                }
-                if (k == HSLOT_EMPTY) break;
-                s = hslot_next(s, cap);
-            }
-        }
+        loc = probe_slots(ix->slots, ix->n, loc_out[i], key);
+    } else if (kind == INDEX_STATIC_HASH) {
+        /* one static slot; the overflow only for an ID that is not there (a free static slot
+           has locator -1, so a query of EMPTY itself ends here too) */
+        const int64_t s = loc_out[i];
+        if (hslot_key(ix->mslots, s) == key)
+            loc = hslot_loc(ix->mslots, s);
+        else
+            loc = probe_slots(ix->slots, ix->n, hslot_home(key, ix->n), key);
     } else if (kind == INDEX_KEYED) {
         const int64_t f = loc_out[i];
         loc = -1;
@@ -619,8 +661,16 @@ static inline __attribute__((always_inline)) int64_t run_ids(const int kind, int
     const int64_t warm = hi - lo < 2 * AHEAD ? hi : lo + 2 * AHEAD;
     for (int64_t k = lo; k < warm; k++) locate_one(kind, k, ids, ix, loc_out);
     for (int64_t k = lo; k < (hi - lo < AHEAD ? hi : lo + AHEAD); k++) resolve_one(kind, k, ids, ix, classes, loc_out);
+    uint64_t hashed[PILOT_RING]; /* STATIC_HASH: the hash of ID k in hashed[k % PILOT_RING] */
+    if (kind == INDEX_STATIC_HASH)
+        for (int64_t k = lo + 2 * AHEAD; k < lo + 2 * AHEAD + PILOT_AHEAD && k < hi; k++) hash_one(k, ids, ix, hashed);
     for (; i + 2 * AHEAD < hi; i++) {
-        locate_one(kind, i + 2 * AHEAD, ids, ix, loc_out);
+        if (kind == INDEX_STATIC_HASH) {
+            if (i + 2 * AHEAD + PILOT_AHEAD < hi) hash_one(i + 2 * AHEAD + PILOT_AHEAD, ids, ix, hashed);
+            locate_static(i + 2 * AHEAD, hashed[(i + 2 * AHEAD) % PILOT_RING], ix, loc_out);
+        } else {
+            locate_one(kind, i + 2 * AHEAD, ids, ix, loc_out);
+        }
         resolve_one(kind, i + AHEAD, ids, ix, classes, loc_out);
         unknown += decode_one(loc_out[i], classes, kinds, out + i * width, width);
     }
@@ -660,6 +710,7 @@ static int64_t run_range(int64_t lo, int64_t hi, const int64_t *ids, const index
     switch (ix->kind) {
     case INDEX_DENSE: return run_ids(INDEX_DENSE, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
     case INDEX_HASH: return run_ids(INDEX_HASH, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
+    case INDEX_STATIC_HASH: return run_ids(INDEX_STATIC_HASH, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
     case INDEX_KEYED: return run_keyed(lo, hi, ids, ix, classes, kinds, out, width, loc_out);
     default: return run_ids(INDEX_RESOLVED, lo, hi, ids, ix, classes, kinds, out, width, loc_out);
     }
@@ -787,8 +838,10 @@ int64_t embserve_pruned_mask(const int32_t *loc, int64_t n, const row_class_t *c
 int64_t embserve_lookup(const int64_t *ids, int64_t n, const index_t *index, const row_class_t *classes,
                         int32_t n_classes, float *out, int64_t width, int32_t *loc_out, int32_t threads) {
     if (!f16_ready) embserve_init();
-    if (n_classes != MAX_CLASSES || index->kind < INDEX_RESOLVED || index->kind > INDEX_HASH || index->kind == 3) return -1;
-    if (index->kind == INDEX_HASH && (index->n < 2 || index->n > ((int64_t)1 << 30))) /* any capacity (hashslot.h) */
+    if (n_classes != MAX_CLASSES || index->kind < INDEX_RESOLVED || index->kind > INDEX_STATIC_HASH || index->kind == 3) return -1;
+    if ((index->kind == INDEX_HASH || index->kind == INDEX_STATIC_HASH) && (index->n < 2 || index->n > ((int64_t)1 << 30)))
+        return -1; /* any capacity (hashslot.h) */
+    if (index->kind == INDEX_STATIC_HASH && (index->m < 1 || index->m > ((int64_t)1 << 31) - 1 || index->nb < 1 || !index->mslots || !index->pilots))
         return -1;
     int64_t chunks = threads > 1 ? threads : 1;
     if (chunks > 1 && n < chunks * 4 * BLOCK) chunks = 1;

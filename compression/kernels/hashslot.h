@@ -31,10 +31,6 @@
  * lookup speed (uniform / Zipf).  Homes at a bucket's start overflow for 18% of keys at 0.75, and
  * those misses cost more than the half line per key this layout prefetches beyond one.
  * Prefetching 5 or 6 slots instead of 3 (runs not recorded there): 1.00x-1.05x, within the noise.
- * A single-position static index beside these slots (PTHash-style pilots, one slot per ID; bench/
- * results/keyed_probe_ab.md): 1.17x this layout's uniform lookups, 0.91x its Zipf ones (the pilot
- * is one more line per ID, and hot IDs that sat in one cached line now need two), at 13.2 bytes
- * per ID against 17.1.
  *
  * Why fmix64 (MurmurHash3's 64-bit finalizer: xor-shift 33, multiply, xor-shift 33, multiply,
  * xor-shift 33) and not a single multiply (Fibonacci hashing, the format-2 hash): IDs in an
@@ -90,5 +86,43 @@ static inline void hslot_set(uint8_t *slots, int64_t s, int64_t key, int32_t loc
 }
 
 static inline void hslot_set_loc(uint8_t *slots, int64_t s, int32_t loc) { memcpy(slots + HSLOT_BYTES * s + 8, &loc, 4); }
+
+/* The static part (format 4): one slot per ID for the IDs held when it was last built, so that
+ * a lookup reads one slot instead of probing (compression/hash_index.py has the why and the
+ * measurements; the search that finds the pilots is embserve_mph_build in hashindex.c).
+ *
+ *   pilots   uint16 [nb]: one pilot per bucket of about 5 IDs
+ *   mslots   m slots of the 12-byte layout above (EMPTY = free), m ~ IDs / 0.94
+ *   h        = fmix64(uint64 key)
+ *   bucket   = ((h >> 32) * nb) >> 32                     (the hash's top half)
+ *   x        = ((uint32)h ^ (uint32)(pilot * 0x9e3779b1)) * 0x85ebca6b     (uint32 arithmetic)
+ *   pos      = (x * m) >> 32                                (from the hash's low half)
+ *
+ * A held ID sits in mslots[pos] or in the overflow slots (the open-addressing table above), never
+ * in both: a lookup reads its static slot and probes the overflow only when that slot holds
+ * another key or none.  The bucket and the position take different halves of the hash, so the
+ * IDs of one bucket land independently of each other.  A pilot xors the position's input (one
+ * multiply by an odd constant spreads consecutive pilots over its bits; fmix64 of the pilot, two
+ * multiplies more, measured no better and cost Zipf lookups 2%), and the multiply after the xor
+ * carries every bit of it into the top bits the position is taken from: without it, two IDs of
+ * a bucket whose hashes agree in those top bits would share a slot under every pilot (IDs 0, 1
+ * and -1 at m = 4 did). */
+#define MPH_PILOT_MULT 0x9e3779b1u
+#define MPH_POS_MULT 0x85ebca6bu
+
+static inline int64_t mph_bucket(uint64_t h, int64_t nb) { return (int64_t)(((h >> 32) * (uint64_t)nb) >> 32); }
+
+static inline uint32_t mph_pilot_mix(uint32_t pilot) { return pilot * MPH_PILOT_MULT; }
+
+static inline int64_t mph_pos(uint64_t h, uint32_t pilot_mixed, int64_t m) {
+    const uint32_t x = ((uint32_t)h ^ pilot_mixed) * MPH_POS_MULT;
+    return (int64_t)(((uint64_t)x * (uint64_t)m) >> 32);
+}
+
+/* the static slot of key (m > 0, nb > 0) */
+static inline int64_t mph_slot(const uint16_t *pilots, int64_t nb, int64_t m, int64_t key) {
+    const uint64_t h = hslot_mix((uint64_t)key);
+    return mph_pos(h, mph_pilot_mix(pilots[mph_bucket(h, nb)]), m);
+}
 
 #endif

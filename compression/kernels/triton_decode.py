@@ -17,7 +17,10 @@ What a program does with its IDs (byte layouts: :mod:`compression.layout`):
    = key ``INT64_MIN``; home slot = ``((fmix64(uint64(key)) >> 32) * cap) >> 32``, which for
    ``cap = 2**L`` is the older ``fmix64 >> (64 - L)``; linear probing ``slot + 1``, wrapping to 0
    at ``cap``, until the key or an empty slot; compression/hash_index.py).  The
-   key is read as two aligned 32-bit words: a slot is only 4-byte aligned.
+   key is read as two aligned 32-bit words: a slot is only 4-byte aligned.  ``STATIC_HASH`` the
+   same slots as the overflow of a static part: the ID's static slot first (``static int32[m,
+   3]``, uint16 pilots; position formula in compression/hash_index.py), the overflow only for
+   IDs not there.
 2. **Decode** (the table's classes are compile-time constants, so the dispatch is unrolled
    and a class absent from the tile costs one reduction).  fp32 / fp16 and rotated classes get
    a pass each; the unrotated int8/4/2/1 classes share one pass (``GENERIC``: per row the slab
@@ -64,7 +67,7 @@ from ..layout import MAX_CLASSES, RowClass, packed_code_bytes
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # index kinds (kernel constants)
-RESOLVED, DENSE, RUNS, SORTED, HASH = 0, 1, 2, 3, 4
+RESOLVED, DENSE, RUNS, SORTED, HASH, STATIC_HASH = 0, 1, 2, 3, 4, 5
 # unknown-ID policies
 UNK_CODES = {"zero": 0, "default": 1, "hashed": 2, "qr": 3, "binary_hash": 4}
 # output dtypes
@@ -132,6 +135,34 @@ def _probe_hash(slots, capacity, key, mask):
 
 
 @triton.jit
+def _probe_static(slots, capacity, static, pilots, packed, key, mask):
+    """A hash index with a static part (compression/hash_index.py): the ID's static slot, then
+    the overflow ``slots`` for the lanes whose static slot holds another key.  ``packed`` is
+    ``m | buckets << 32`` (static slots, pilots)."""
+    h = key.to(tl.uint64, bitcast=True)
+    h = h ^ (h >> 33)
+    h = h * 0xFF51AFD7ED558CCD
+    h = h ^ (h >> 33)
+    h = h * 0xC4CEB9FE1A85EC53
+    h = h ^ (h >> 33)
+    both = tl.zeros(key.shape, dtype=tl.int64) + packed
+    m = (both & 0x7FFFFFFF).to(tl.uint64)
+    buckets = (both >> 32).to(tl.uint64)
+    bucket = (((h >> 32) * buckets) >> 32).to(tl.int64)
+    pilot = (tl.load(pilots + bucket, mask=mask, other=0).to(tl.int32) & 0xFFFF).to(tl.uint32)
+    mixed = pilot * 0x9E3779B1  # uint32: wraps mod 2**32, as in C
+    x = ((h & 0xFFFFFFFF).to(tl.uint32) ^ mixed) * 0x85EBCA6B
+    pos = ((x.to(tl.uint64) * m) >> 32).to(tl.int64)
+    low = tl.load(static + 3 * pos, mask=mask, other=0)
+    high = tl.load(static + 3 * pos + 1, mask=mask, other=0)
+    k = (high.to(tl.int64) << 32) | (low.to(tl.uint32, bitcast=True).to(tl.int64))
+    hit = mask & (k == key)  # a query of INT64_MIN "hits" a free slot, whose locator is -1
+    loc = tl.load(static + 3 * pos + 2, mask=hit, other=-1)
+    rest = _probe_hash(slots, capacity, key, mask & ~hit)
+    return tl.where(hit, loc, rest)
+
+
+@triton.jit
 def _resolve(ids, mask, ia, ib, ic, idd, na, nb, INDEX: tl.constexpr):
     """int32 locator of each ID (``-1``: no row)."""
     if INDEX == 0:
@@ -150,8 +181,10 @@ def _resolve(ids, mask, ia, ib, ic, idd, na, nb, INDEX: tl.constexpr):
         main, _ = _find_sorted(ia, ib, na, ids, mask)
         delta, dhit = _find_sorted(ic, idd, nb, ids, mask)
         loc = tl.where(dhit, delta, main)
-    else:
+    elif INDEX == 4:
         loc = _probe_hash(ia, na, ids, mask)
+    else:
+        loc = _probe_static(ia, na, ib, ic, nb, ids, mask)
     return loc
 
 
@@ -467,6 +500,11 @@ def index_args(index: Any, device: torch.device) -> tuple[int, tuple[Any, ...]]:
             _arg(index.delta_keys, device, i64), _arg(index.delta_locator, device, i32),
             index.keys.numel(), index.delta_keys.numel(),
         )
+    if kind == "hash" and getattr(index, "has_static", False):
+        parts = index.parts  # one read: a static part and the overflow that go with it
+        capacity = HashIndexView(parts.slots).capacity
+        packed = parts.static.shape[0] | (parts.pilots.numel() << 32)
+        return STATIC_HASH, (_arg(parts.slots, device, i32), _arg(parts.static, device, i32), _arg(parts.pilots, device, torch.int16), _arg(None, device, i32), capacity, packed)
     if kind == "hash":
         capacity = HashIndexView(index.slots).capacity
         return HASH, (_arg(index.slots, device, i32), _arg(None, device, i32), _arg(None, device, i64), _arg(None, device, i32), capacity, 0)
