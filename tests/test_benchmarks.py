@@ -149,7 +149,7 @@ def test_keyed_bench_fast(tmp_path: Path) -> None:
     out = tmp_path / "keyed.md"
     _run(["bench/keyed.py", "--rows", "20000", "--rounds", "5", "--ids-per-round", "16384", "--loads", "0.5", "--out", str(out)])
     report = out.read_text()
-    assert "| dense (IDs 0..N-1) |" in report and "hash index at load 0.5" in report
+    assert "| dense (IDs 0..N-1) |" in report and "open addressing only, hot-first, load 0.5" in report
     assert "Target: keyed (hash index) >= 0.80x dense" in report and ".." in report
 
 
