@@ -380,7 +380,9 @@ static inline int32_t find_in(const int64_t *keys, const int32_t *locator, int64
  * locate step, uncached, cost up to 10% of keyed lookup speed; 8 IDs ahead did as well as 4 and
  * 16.  The ring keeps the bucket beside the hash's low half, so locate neither hashes again nor
  * recomputes the bucket (Zipf lookups, mostly in cache, are bound by such work). */
+#ifndef PILOT_AHEAD
 #define PILOT_AHEAD 8
+#endif
 #define PILOT_RING 16 /* a power of two > PILOT_AHEAD */
 
 static inline __attribute__((always_inline)) void hash_one(int64_t k, const int64_t *ids, const index_t *ix, uint64_t *hashed) {
