@@ -354,15 +354,18 @@ typedef struct {
     int64_t nb;
 } index_t;
 
-/* number of elements of sorted a[0..n) that are <= key.  Branch-free (the compiler emits a
- * conditional move): a lookup's key is random, so a branchy search mispredicts about half of its
- * steps, which costs more than the cache misses it has on the fence. */
+/* number of elements of sorted a[0..n) that are <= key.  Branch-free: a lookup's key is random,
+ * so a branchy search mispredicts about half of its steps, which costs more than the cache misses
+ * it has on the fence.  The step is a mask, not `cond ? base + half : base`: gcc turned that into
+ * a conditional move while the search sat in its own stage function, but into a branch once it
+ * was inlined into the per-kind pipeline, which halved sorted-index lookups (0.12x of dense
+ * against 0.25x; the mask, same run: 0.24x); keyed_locate_block's fence search likewise. */
 static inline int64_t count_le(const int64_t *a, int64_t n, int64_t key) {
     if (n <= 0) return 0;
     const int64_t *base = a;
     while (n > 1) {
         const int64_t half = n >> 1;
-        base = (base[half] <= key) ? base + half : base;
+        base += half & -(int64_t)(base[half] <= key);
         n -= half;
     }
     return (base - a) + (*base <= key);
@@ -492,7 +495,7 @@ static inline void keyed_locate_block(int64_t lo, int64_t hi, const int64_t *ids
     int64_t len = ix->n_fence;
     while (len > 1) {
         const int64_t half = len >> 1;
-        for (int64_t i = 0; i < m; i++) base[i] = (ix->fence[base[i] + half] <= ids[lo + i]) ? base[i] + half : base[i];
+        for (int64_t i = 0; i < m; i++) base[i] += half & -(int64_t)(ix->fence[base[i] + half] <= ids[lo + i]);
         len -= half;
     }
     for (int64_t i = lo; i < hi; i++) {
