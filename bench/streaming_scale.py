@@ -130,6 +130,7 @@ class Run:
     distinct: int = 0  # distinct ranks sent so far (kept as writes are acknowledged)
     sample_errors: int = 0
     lag_refusals: int = 0  # updates the server refused for apply lag (503 apply_lag), each re-sent
+    log_refusals: int = 0  # updates the log could not take in time (503 log_unavailable), each re-sent
 
 
 def main() -> None:
@@ -225,10 +226,15 @@ def main() -> None:
                     ids = ids_of(ranks)
                     body = encode_binary_updates(ids, vectors_of(ids, epoch[0]), np.zeros(0, dtype=np.int64))
                     resp = c.post(f"/v1/tables/{TABLE}/updates", content=body, headers={"Content-Type": BINARY})
-                    while resp.status_code == 503 and "apply_lag" in resp.text:
-                        # the server's back-pressure (EMBSERVE_MAX_APPLY_LAG_S): a writer waits as told
+                    while resp.status_code == 503 and ("apply_lag" in resp.text or "log_unavailable" in resp.text):
+                        # the server's back-pressure (EMBSERVE_MAX_APPLY_LAG_S), or a log that could
+                        # not take the write in time (SQLite's 30 s lock wait, e.g. behind a WAL
+                        # checkpoint of gigabytes): nothing was acknowledged, so a writer waits as told
                         with lock:
-                            run.lag_refusals += 1
+                            if "apply_lag" in resp.text:
+                                run.lag_refusals += 1
+                            else:
+                                run.log_refusals += 1
                         time.sleep(float(resp.headers.get("retry-after", "1")))
                         resp = c.post(f"/v1/tables/{TABLE}/updates", content=body, headers={"Content-Type": BINARY})
                     if resp.status_code != 200:
@@ -355,6 +361,7 @@ def main() -> None:
         f"| evicted IDs | {evicted:,.0f} |",
         f"| filtered upserts (below the admission count) | {filtered:,.0f} |",
         f"| updates refused for apply lag (503 apply_lag, re-sent after Retry-After) | {run.lag_refusals:,} |",
+        f"| updates the log could not take in time (503 log_unavailable, re-sent after Retry-After) | {run.log_refusals:,} |",
         f"| table bytes, largest of {len(run.samples)} samples | {max_bytes / 2**20:.1f} MiB of {budget / 2**20:.0f} MiB budget: {'within' if within else '**OVER**'} |",
         f"| table bytes at the end | {info['bytes'] / 2**20:.1f} MiB (index {info['index_bytes'] / 2**20:.1f}, rows {info['row_bytes'] / 2**20:.1f}, other {info['other_bytes'] / 2**20:.1f}) |",
         f"| samples that failed to connect (server busy) | {run.sample_errors} |",
