@@ -106,15 +106,22 @@ def _find_sorted(keys, locs, n, key, mask):
 
 
 @triton.jit
-def _probe_hash(slots, capacity, key, mask):
-    """Open addressing with linear probing (layout in the module docstring).  Every lane probes
-    until its key or an empty slot; at most ``cap`` probes, so a full table cannot loop."""
+def _fmix64(key):
+    """MurmurHash3's 64-bit finalizer of int64 keys, as uint64: the hash index's hash (its home
+    slot, its static part's bucket and slot; compression/hash_index.py)."""
     h = key.to(tl.uint64, bitcast=True)
     h = h ^ (h >> 33)
     h = h * 0xFF51AFD7ED558CCD
     h = h ^ (h >> 33)
     h = h * 0xC4CEB9FE1A85EC53
-    h = h ^ (h >> 33)
+    return h ^ (h >> 33)
+
+
+@triton.jit
+def _probe_hash(slots, capacity, key, mask):
+    """Open addressing with linear probing (layout in the module docstring).  Every lane probes
+    until its key or an empty slot; at most ``cap`` probes, so a full table cannot loop."""
+    h = _fmix64(key)
     cap = tl.zeros(key.shape, dtype=tl.int64) + capacity  # an int or a scalar (Triton makes 1 a constexpr)
     slot = (((h >> 32) * cap.to(tl.uint64)) >> 32).to(tl.int64)  # < 2**63: cap < 2**31
     empty_bits = 0x8000000000000000
@@ -139,12 +146,7 @@ def _probe_static(slots, capacity, static, pilots, packed, key, mask):
     """A hash index with a static part (compression/hash_index.py): the ID's static slot, then
     the overflow ``slots`` for the lanes whose static slot holds another key.  ``packed`` is
     ``m | buckets << 32`` (static slots, pilots)."""
-    h = key.to(tl.uint64, bitcast=True)
-    h = h ^ (h >> 33)
-    h = h * 0xFF51AFD7ED558CCD
-    h = h ^ (h >> 33)
-    h = h * 0xC4CEB9FE1A85EC53
-    h = h ^ (h >> 33)
+    h = _fmix64(key)
     both = tl.zeros(key.shape, dtype=tl.int64) + packed
     m = (both & 0x7FFFFFFF).to(tl.uint64)
     buckets = (both >> 32).to(tl.uint64)
