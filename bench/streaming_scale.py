@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument("--sketch-width", type=int, default=1 << 21)
     parser.add_argument("--budget-mib", type=float, default=160.0, help="byte budget of the table (all its counted bytes)")
     parser.add_argument("--batch", type=int, default=10_000, help="rows per update request")
+    parser.add_argument("--policy", default="none", help="the table's dimension policy (none: it never re-decides; knapsack, scall, ...: it "
+                        "re-decides every --segment-updates rows, and each re-decision rebuilds its hash index's static part)")
+    parser.add_argument("--segment-updates", type=int, default=5_000_000, help="rows between re-decisions with a --policy (EMBSERVE_SEGMENT_UPDATES)")
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--head", type=int, default=1000, help="hottest ranks checked at each checkpoint")
     parser.add_argument("--check-every", type=float, default=30.0)
@@ -168,6 +171,7 @@ def main() -> None:
         "EMBSERVE_PORT": str(port),
         "EMBSERVE_SNAPSHOT_INTERVAL_S": "60" if not args.fast else "3",
         "EMBSERVE_LOG_LEVEL": "warning",
+        "EMBSERVE_SEGMENT_UPDATES": str(args.segment_updates),
     }
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
@@ -187,6 +191,7 @@ def main() -> None:
         r = client.post("/v1/admin/tables", json={
             "name": TABLE, "dim": DIM, "classes": [f"d{DIM}b8"], "budget_bytes": budget, "max_ids": args.max_ids,
             "admit_min_count": args.admit_min_count, "count_half_life_rows": args.half_life_rows, "count_sketch_width": args.sketch_width,
+            "policy": {"name": args.policy},
         })
         assert r.status_code == 201, r.text
         started = time.monotonic()
@@ -346,7 +351,8 @@ def main() -> None:
         f"({'--fast' if args.fast else f'--seconds {args.seconds:.0f}'}{f' --distinct {args.distinct:,}' if args.distinct else ''}).  Real `embserve serve`, SQLite update log, snapshots every "
         f"{env['EMBSERVE_SNAPSHOT_INTERVAL_S']} s with log trimming.",
         f"Table: {DIM} dims, int8 rows (d{DIM}b8), hash index, max_ids {args.max_ids:,}, admission at {args.admit_min_count} upserts, "
-        f"counts halving every {args.half_life_rows:,} rows (sketch 4 x {args.sketch_width:,}), budget {budget / 2**20:.0f} MiB.",
+        f"counts halving every {args.half_life_rows:,} rows (sketch 4 x {args.sketch_width:,}), budget {budget / 2**20:.0f} MiB, "
+        f"policy {args.policy}" + (f" (re-decides every {args.segment_updates:,} rows, rebuilding the index's static part)." if args.policy != "none" else " (never re-decides)."),
         f"Stream: Zipf({args.zipf}) over {args.universe:,} ranks, {args.writers} writer threads, {args.batch:,} rows per binary update request.",
         "",
         "| measure | value |",
