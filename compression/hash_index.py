@@ -414,6 +414,13 @@ def _hottest_first(ids: torch.Tensor, locators: torch.Tensor, frequencies: torch
     return ids[order], locators[order]
 
 
+def _held_items(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys held in ``slots`` (either part's) and their locators, in slot order."""
+    keys = slot_keys(slots)
+    held = keys != EMPTY
+    return keys[held], slots[held, 2]
+
+
 class _Parts:
     """The arrays of one :class:`HashIndex` state, replaced as one object (a reader that takes
     ``index.parts`` once sees a static part and the overflow that go together)."""
@@ -600,11 +607,6 @@ class HashIndex:
             return cpu_c.hash_find(parts.slots, ids.contiguous())
         return _torch_two_find(parts.static, parts.pilots, parts.slots, ids)
 
-    def _overflow_items(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = slot_keys(self.slots)
-        held = keys != EMPTY
-        return keys[held], self.slots[held, 2]
-
     def _grow_for(self, extra: int, max_ids: int | None = None) -> None:
         """Rehash the overflow into a larger slot array when ``extra`` new IDs would pass MAX_LOAD
         (CHURN_LOAD with ``max_ids``): to ``capacity_for(max(count + extra, GROWTH * count))``
@@ -623,7 +625,7 @@ class HashIndex:
         if self._compiled():
             cpu_c.hash_rehash(self.slots, slots)
         else:
-            keys, locs = self._overflow_items()
+            keys, locs = _held_items(self.slots)
             _torch_upsert(slots, keys, locs)
         self.slots = slots
 
@@ -710,10 +712,9 @@ class HashIndex:
     def live_items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Held IDs and their locators: the static part's in slot order, then the overflow's."""
         parts = self.parts
-        skeys = slot_keys(parts.static)
-        sheld = skeys != EMPTY
-        okeys, olocs = self._overflow_items()
-        return torch.cat([skeys[sheld], okeys]), torch.cat([parts.static[sheld, 2], olocs])
+        skeys, slocs = _held_items(parts.static)
+        okeys, olocs = _held_items(parts.slots)
+        return torch.cat([skeys, okeys]), torch.cat([slocs, olocs])
 
     def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Held IDs (and locators) at ``count`` slots drawn uniformly over both parts with

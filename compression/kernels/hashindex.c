@@ -25,16 +25,22 @@
 /* marker: this library takes any capacity (multiply-high home, compare wrap; hashslot.h) */
 int embserve_hslot_any_capacity(void) { return 1; }
 
-/* slot holding key, or -1 */
-static inline int64_t find_slot(const uint8_t *slots, int64_t cap, int64_t key) {
-    if (key == HSLOT_EMPTY) return -1;
+/* where key's probe stops: the slot holding key, or else the first free slot from its home (the
+ * caller keeps the load below 1, so there is one) */
+static inline int64_t probe_stop(const uint8_t *slots, int64_t cap, int64_t key) {
     int64_t s = hslot_home(key, cap);
     for (;;) {
         const int64_t k = hslot_key(slots, s);
-        if (k == key) return s;
-        if (k == HSLOT_EMPTY) return -1;
+        if (k == key || k == HSLOT_EMPTY) return s;
         s = hslot_next(s, cap);
     }
+}
+
+/* slot holding key, or -1 */
+static inline int64_t find_slot(const uint8_t *slots, int64_t cap, int64_t key) {
+    if (key == HSLOT_EMPTY) return -1;
+    const int64_t s = probe_stop(slots, cap, key);
+    return hslot_key(slots, s) == key ? s : -1;
 }
 
 /* locators of ids (-1 = absent) */
@@ -50,18 +56,9 @@ void embserve_hslot_find(const uint8_t *slots, int64_t cap, const int64_t *ids, 
 int64_t embserve_hslot_upsert(uint8_t *slots, int64_t cap, const int64_t *ids, const int32_t *locs, int64_t n) {
     int64_t added = 0;
     for (int64_t i = 0; i < n; i++) {
-        const int64_t key = ids[i];
-        int64_t s = hslot_home(key, cap);
-        for (;;) {
-            const int64_t k = hslot_key(slots, s);
-            if (k == key) break;
-            if (k == HSLOT_EMPTY) {
-                added++;
-                break;
-            }
-            s = hslot_next(s, cap);
-        }
-        hslot_set(slots, s, key, locs[i]);
+        const int64_t s = probe_stop(slots, cap, ids[i]);
+        added += hslot_key(slots, s) == HSLOT_EMPTY;
+        hslot_set(slots, s, ids[i], locs[i]);
     }
     return added;
 }
@@ -216,11 +213,16 @@ typedef struct {
 
 static inline int64_t static_slot(const hidx_t *x, int64_t key) { return x->m ? mph_slot(x->pilots, x->nb, x->m, key) : -1; }
 
+/* whether key is held in its static slot s (-1: no static part) */
+static inline int static_holds(const hidx_t *x, int64_t s, int64_t key) {
+    return s >= 0 && key != HSLOT_EMPTY && hslot_key(x->mslots, s) == key;
+}
+
 /* locators of ids (-1 = absent): the static slot, then the overflow */
 void embserve_hidx_find(const hidx_t *x, const int64_t *ids, int64_t n, int32_t *out) {
     for (int64_t i = 0; i < n; i++) {
         const int64_t key = ids[i], s = static_slot(x, key);
-        if (s >= 0 && key != HSLOT_EMPTY && hslot_key(x->mslots, s) == key) {
+        if (static_holds(x, s, key)) {
             out[i] = hslot_loc(x->mslots, s);
             continue;
         }
@@ -237,18 +239,19 @@ void embserve_hidx_upsert(const hidx_t *x, const int64_t *ids, const int32_t *lo
     added[0] = added[1] = 0;
     for (int64_t i = 0; i < n; i++) {
         const int64_t key = ids[i], s = static_slot(x, key);
-        if (s >= 0 && hslot_key(x->mslots, s) == key) {
+        if (static_holds(x, s, key)) {
             hslot_set_loc(x->mslots, s, locs[i]);
             continue;
         }
-        const int64_t o = find_slot(x->slots, x->cap, key);
-        if (o >= 0) {
+        const int64_t o = probe_stop(x->slots, x->cap, key); /* one probe: the key's slot or its free one */
+        if (hslot_key(x->slots, o) == key) {
             hslot_set_loc(x->slots, o, locs[i]);
         } else if (s >= 0 && hslot_key(x->mslots, s) == HSLOT_EMPTY) {
             hslot_set(x->mslots, s, key, locs[i]);
             added[0]++;
         } else {
-            added[1] += embserve_hslot_upsert(x->slots, x->cap, &key, &locs[i], 1);
+            hslot_set(x->slots, o, key, locs[i]);
+            added[1]++;
         }
     }
 }
@@ -259,7 +262,7 @@ void embserve_hidx_delete(const hidx_t *x, const int64_t *ids, int64_t n, int32_
     removed[0] = removed[1] = 0;
     for (int64_t i = 0; i < n; i++) {
         const int64_t key = ids[i], s = static_slot(x, key);
-        if (s >= 0 && key != HSLOT_EMPTY && hslot_key(x->mslots, s) == key) {
+        if (static_holds(x, s, key)) {
             old_out[i] = hslot_loc(x->mslots, s);
             hslot_set(x->mslots, s, HSLOT_EMPTY, -1);
             removed[0]++;
