@@ -430,12 +430,8 @@ static inline __attribute__((always_inline)) void locate_one(const int kind, int
 /* the overflow's probe from slot s (HASH: the home slot) for key; -1 when absent */
 static inline int32_t probe_slots(const uint8_t *slots, int64_t cap, int64_t s, int64_t key) {
     if (key == HSLOT_EMPTY) return -1;
-    for (;;) {
-        const int64_t k = hslot_key(slots, s);
-        if (k == key) return hslot_loc(slots, s);
-        if (k == HSLOT_EMPTY) return -1;
-        s = hslot_next(s, cap);
-    }
+    s = hslot_stop(slots, cap, s, key);
+    return hslot_key(slots, s) == key ? hslot_loc(slots, s) : -1;
 }
 
 static inline __attribute__((always_inline)) void resolve_one(const int kind, int64_t i, const int64_t *ids, const index_t *ix,

@@ -25,21 +25,10 @@
 /* marker: this library takes any capacity (multiply-high home, compare wrap; hashslot.h) */
 int embserve_hslot_any_capacity(void) { return 1; }
 
-/* where key's probe stops: the slot holding key, or else the first free slot from its home (the
- * caller keeps the load below 1, so there is one) */
-static inline int64_t probe_stop(const uint8_t *slots, int64_t cap, int64_t key) {
-    int64_t s = hslot_home(key, cap);
-    for (;;) {
-        const int64_t k = hslot_key(slots, s);
-        if (k == key || k == HSLOT_EMPTY) return s;
-        s = hslot_next(s, cap);
-    }
-}
-
 /* slot holding key, or -1 */
 static inline int64_t find_slot(const uint8_t *slots, int64_t cap, int64_t key) {
     if (key == HSLOT_EMPTY) return -1;
-    const int64_t s = probe_stop(slots, cap, key);
+    const int64_t s = hslot_stop(slots, cap, hslot_home(key, cap), key);
     return hslot_key(slots, s) == key ? s : -1;
 }
 
@@ -56,7 +45,7 @@ void embserve_hslot_find(const uint8_t *slots, int64_t cap, const int64_t *ids, 
 int64_t embserve_hslot_upsert(uint8_t *slots, int64_t cap, const int64_t *ids, const int32_t *locs, int64_t n) {
     int64_t added = 0;
     for (int64_t i = 0; i < n; i++) {
-        const int64_t s = probe_stop(slots, cap, ids[i]);
+        const int64_t s = hslot_stop(slots, cap, hslot_home(ids[i], cap), ids[i]);
         added += hslot_key(slots, s) == HSLOT_EMPTY;
         hslot_set(slots, s, ids[i], locs[i]);
     }
@@ -243,7 +232,7 @@ void embserve_hidx_upsert(const hidx_t *x, const int64_t *ids, const int32_t *lo
             hslot_set_loc(x->mslots, s, locs[i]);
             continue;
         }
-        const int64_t o = probe_stop(x->slots, x->cap, key); /* one probe: the key's slot or its free one */
+        const int64_t o = hslot_stop(x->slots, x->cap, hslot_home(key, x->cap), key); /* one probe: the key's slot or its free one */
         if (hslot_key(x->slots, o) == key) {
             hslot_set_loc(x->slots, o, locs[i]);
         } else if (s >= 0 && hslot_key(x->mslots, s) == HSLOT_EMPTY) {

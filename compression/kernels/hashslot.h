@@ -85,6 +85,16 @@ static inline void hslot_set(uint8_t *slots, int64_t s, int64_t key, int32_t loc
     memcpy(slots + HSLOT_BYTES * s + 8, &loc, 4);
 }
 
+/* where a probe from slot s for key stops: the slot holding key, or else the first free slot
+ * (the load stays below 1, so there is one) */
+static inline int64_t hslot_stop(const uint8_t *slots, int64_t cap, int64_t s, int64_t key) {
+    for (;;) {
+        const int64_t k = hslot_key(slots, s);
+        if (k == key || k == HSLOT_EMPTY) return s;
+        s = hslot_next(s, cap);
+    }
+}
+
 static inline void hslot_set_loc(uint8_t *slots, int64_t s, int32_t loc) { memcpy(slots + HSLOT_BYTES * s + 8, &loc, 4); }
 
 /* The static part (format 4): one slot per ID for the IDs held when it was last built, so that
