@@ -386,12 +386,14 @@ static inline int32_t find_in(const int64_t *keys, const int32_t *locator, int64
 #ifndef PILOT_AHEAD
 #define PILOT_AHEAD 8
 #endif
-#define PILOT_RING 16 /* a power of two > PILOT_AHEAD */
+#define PILOT_RING 16 /* a power of two > PILOT_AHEAD; the ring is indexed by an unsigned ID
+                         * position, so k % PILOT_RING is one and: as a signed int64, gcc emitted
+                         * the sign fix-up of %, 8 instructions per ID (callgrind, 164 vs 172) */
 
 static inline __attribute__((always_inline)) void hash_one(int64_t k, const int64_t *ids, const index_t *ix, uint64_t *hashed) {
     const uint64_t h = hslot_mix((uint64_t)ids[k]);
     const uint64_t b = (uint64_t)mph_bucket(h, ix->nb);
-    hashed[k % PILOT_RING] = (b << 32) | (uint32_t)h; /* the bucket and the hash's low half */
+    hashed[(uint64_t)k % PILOT_RING] = (b << 32) | (uint32_t)h; /* the bucket and the hash's low half */
     __builtin_prefetch(ix->pilots + b, 0, 3);
 }
 
@@ -668,7 +670,7 @@ static inline __attribute__((always_inline)) int64_t run_ids(const int kind, int
     for (; i + 2 * AHEAD < hi; i++) {
         if (kind == INDEX_STATIC_HASH) {
             if (i + 2 * AHEAD + PILOT_AHEAD < hi) hash_one(i + 2 * AHEAD + PILOT_AHEAD, ids, ix, hashed);
-            locate_static(i + 2 * AHEAD, hashed[(i + 2 * AHEAD) % PILOT_RING], ix, loc_out);
+            locate_static(i + 2 * AHEAD, hashed[(uint64_t)(i + 2 * AHEAD) % PILOT_RING], ix, loc_out);
         } else {
             locate_one(kind, i + 2 * AHEAD, ids, ix, loc_out);
         }
