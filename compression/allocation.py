@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from . import codecs
+from . import codecs, memory
 from .hash_index import HashIndex, hash_index_bytes
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex, run_index_bytes
 from .kernels.cpu_c import FENCE
@@ -668,7 +668,7 @@ def build_table(
         members = torch.nonzero(row_class_of == c).flatten()
         if id_order is not None:
             members = members[torch.argsort(ids[members], stable=True)]  # type: ignore[index]
-        slabs.append(torch.empty((members.numel(), rc.row_bytes), dtype=torch.uint8))
+        slabs.append(memory.empty((members.numel(), rc.row_bytes), torch.uint8))
         chunks.extend((c, start, members[start : start + _ENCODE_CHUNK]) for start in range(0, members.numel(), _ENCODE_CHUNK))
         locator[members] = encode_locator(c, 0) + torch.arange(members.numel(), dtype=torch.int32)
         used.append(members.numel())

@@ -42,14 +42,11 @@ capacities read unchanged; code from before this change refuses a file with any 
 with its "capacity must be a power of two" error.  bench/results/keyed.md measured lookups at
 loads 0.6-0.9 as fast as at 0.48.
 
-Memory: on CPU, slot arrays of 2 MiB or more are mapped with ``MADV_HUGEPAGE`` (transparent
-huge pages, where the kernel allows them): a probe is a random access over the whole array and
-with 4 KiB pages most of them also miss the TLB.  A huge page needs a 2 MiB-aligned address, and
-the kernel aligns an anonymous mapping only when its length is a multiple of 2 MiB (powers of
-two were; ``12 * cap`` now rarely is: a 16.3 MiB array at 1M IDs started mid-page and had 14
-MiB in huge pages).  So the mapping has 2 MiB of address space to spare, the array starts at
-its first 2 MiB boundary and the advice covers the array's whole 2 MiB chunks: the untouched
-slack before it and after it is never faulted in, and the resident bytes stay ``12 * cap``
+Memory: on CPU, slot arrays of 2 MiB or more are mapped for transparent huge pages
+(:mod:`compression.memory`, as a table's slabs are): a probe is a random access over the whole
+array and with 4 KiB pages most of them also miss the TLB.  The array starts on a 2 MiB
+boundary of a slightly larger mapping (a 16.3 MiB array at 1M IDs, mapped as it came, started
+mid-page and had only 14 MiB in huge pages), and the resident bytes stay ``12 * cap``
 (:attr:`HashIndex.nbytes`, what the process holds) to within a 4 KiB page.
 
 Why this replaces the sorted :class:`compression.index.KeyedIndex` for new keyed tables: a
@@ -98,13 +95,13 @@ without crossing a free slot), though the slots it leaves may differ.
 from __future__ import annotations
 
 import math
-import mmap
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from . import memory
 from .kernels import cpu_c
 
 EMPTY = -(2**63)  # INT64_MIN: the key of a free slot
@@ -119,7 +116,6 @@ MAX_CAPACITY = 1 << 30  # slots fit the int32 the C pipeline parks them in
 MAX_LOAD = 0.7
 SLOT_BYTES = 12  # int64 key + int32 locator, packed
 SLOT_WORDS = 3  # int32 words per slot: key low, key high, locator
-HUGE_PAGE = 2 << 20  # slot arrays this large are mapped with MADV_HUGEPAGE on CPU
 _LOW31 = (1 << 31) - 1
 _LOW32 = (1 << 32) - 1
 CAPACITY_STEP = 16  # capacity_for rounds up to a multiple of this (any capacity is valid)
@@ -240,21 +236,9 @@ def _write(slots: torch.Tensor, at: torch.Tensor, keys: torch.Tensor, locs: torc
 
 def new_slots(capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """An all-free slot array.  On CPU, 2 MiB or more start on a 2 MiB boundary of a mapping
-    advised MADV_HUGEPAGE (module docstring); what is resident stays ``12 * capacity`` bytes,
-    so the index's byte count stays honest."""
-    device = torch.device(device)
-    nbytes = SLOT_BYTES * capacity
-    if device.type == "cpu" and nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS"):
-        buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        start = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE  # to the first 2 MiB boundary
-        try:  # only the whole 2 MiB chunks of the array: a huge page past its end would be resident slack
-            buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
-        except OSError:  # THP disabled or unsupported: ordinary pages, same layout
-            pass
-        # the tensor keeps buf alive; the slack before `start` and after the array is never touched
-        slots = torch.frombuffer(buf, dtype=torch.int32, count=SLOT_WORDS * capacity, offset=start).view(capacity, SLOT_WORDS)
-    else:
-        slots = torch.empty((capacity, SLOT_WORDS), dtype=torch.int32, device=device)
+    advised MADV_HUGEPAGE (:mod:`compression.memory`); what is resident stays ``12 * capacity``
+    bytes, so the index's byte count stays honest."""
+    slots = memory.empty((capacity, SLOT_WORDS), torch.int32, device)
     slots[:, 0] = 0
     slots[:, 1] = -(2**31)  # (0, -2**31) are the words of INT64_MIN
     slots[:, 2] = -1

@@ -88,6 +88,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import memory
 from .index import index_from_state
 from .layout import RowClass
 from .lifecycle import IdLifecycle
@@ -223,6 +224,8 @@ def load_table(path: str | os.PathLike[str], device: torch.device | str = "cpu")
         classes = [_class_of(c) for c in manifest["classes"]]
         used = [int(c["used"]) for c in manifest["classes"]]
         index = index_from_state(manifest["index"], tensors)
+        for k in range(len(classes)):  # onto huge pages one slab at a time: one slab's copy at most in flight
+            tensors[f"class.{k}.slab"] = memory.adopt(tensors[f"class.{k}.slab"])
         table = CompressedTable(
             dim=int(manifest["dim"]),
             classes=classes,

@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from . import codecs, pq
+from . import codecs, memory, pq
 from .hash_index import HashIndex
 from .index import DenseIndex, IdIndex, KeyedIndex, RunIndex
 from .kernels import Decoder, cpu_c
@@ -207,7 +207,9 @@ class CompressedTable:
                 raise ValueError(f"class {classes[c].label()}: {u} slots used of a {slab.shape[0]}-row slab")
         self.dim = dim
         self.classes = list(classes)
-        self.slabs = list(slabs)
+        # a slab of 2 MiB or more lives on huge pages (compression.memory: random row reads
+        # then rarely miss the TLB); one read from a file or built by torch ops is copied there once
+        self.slabs = [memory.adopt(slab) for slab in slabs]
         self.used = list(used)
         self.free = free if free is not None else [torch.empty(0, dtype=torch.int32, device=s.device) for s in slabs]
         self.index = index
@@ -431,7 +433,7 @@ class CompressedTable:
             if self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
                 # a table that evicts at max_ids never holds more rows: doubling must not overshoot it
                 capacity = min(capacity, max(start + fresh, self.lifecycle.config.max_ids))
-            grown = torch.empty((capacity, slab.shape[1]), dtype=torch.uint8, device=slab.device)
+            grown = memory.empty((capacity, slab.shape[1]), torch.uint8, slab.device)
             grown[:start] = slab[:start]
             self.slabs[c] = grown
             self.decoder.refresh(self.slabs)
@@ -528,7 +530,9 @@ class CompressedTable:
             for c in range(len(self.classes)):
                 members = torch.nonzero(cls == c).flatten()
                 order = members[torch.argsort(slots[members])]  # keep slab order: sequential copy
-                self.slabs[c] = self.slabs[c][slots[order]].contiguous()
+                kept = slots[order]
+                compacted = memory.empty((kept.numel(), self.slabs[c].shape[1]), torch.uint8, self.device)
+                self.slabs[c] = torch.index_select(self.slabs[c], 0, kept, out=compacted)
                 self.used[c] = int(order.numel())
                 self.free[c] = torch.empty(0, dtype=torch.int32, device=self.device)
                 new_locs[order] = (c << LOCATOR_CLASS_SHIFT) | torch.arange(order.numel(), dtype=torch.int32, device=self.device)
