@@ -338,6 +338,8 @@ def main() -> None:
         return float(m.group(1)) if m else 0.0
 
     evicted, filtered = counter("embserve_evicted_ids_total"), counter("embserve_updates_filtered_total")
+    redecisions = counter("embserve_resize_events_total")
+    share = env.get("EMBSERVE_REDECIDE_MAX_SHARE", "0.25 (default)")
     max_bytes = max(s[1] for s in run.samples)
     within = all(s[1] <= budget for s in run.samples)
     distinct = run.distinct
@@ -366,6 +368,7 @@ def main() -> None:
         f"| IDs held at the end | {info['ids']:,} (max_ids {args.max_ids:,}); index {info['index_slots']:,} slots |",
         f"| evicted IDs | {evicted:,.0f} |",
         f"| filtered upserts (below the admission count) | {filtered:,.0f} |",
+        f"| re-decisions by the policy | {redecisions:,.0f} (`EMBSERVE_REDECIDE_MAX_SHARE` {share}) |",
         f"| updates refused for apply lag (503 apply_lag, re-sent after Retry-After) | {run.lag_refusals:,} |",
         f"| updates the log could not take in time (503 log_unavailable, re-sent after Retry-After) | {run.log_refusals:,} |",
         f"| table bytes, largest of {len(run.samples)} samples | {max_bytes / 2**20:.1f} MiB of {budget / 2**20:.0f} MiB budget: {'within' if within else '**OVER**'} |",

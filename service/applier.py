@@ -356,6 +356,14 @@ class Applier:
             segment = hosted.updates_since_decision >= self.settings.segment_updates or (
                 hosted.updates_since_decision > 0 and now - hosted.last_decision_at >= self.settings.segment_seconds
             )
+            # A re-decision is O(held IDs) (compact, estimates, the policy, the index rebuild): a
+            # 1M-ID table takes seconds, so a stream that fills a segment faster than that would
+            # keep the applier re-deciding and never applying.  Segments therefore also wait for
+            # the last re-decision's time times (1 / share - 1): at most `redecide_max_share` of
+            # the applier's time.  An over-budget table does not wait (the budget comes first).
+            share = self.settings.redecide_max_share
+            paced = now - hosted.last_decision_at >= hosted.last_decision_seconds * (1.0 / share - 1.0)
+            segment = segment and paced
             if over or segment:
                 # one table's trouble is that table's: the round (and every other table) goes on
                 try:
@@ -370,6 +378,7 @@ class Applier:
         if hosted.policy is None or hosted.budget_bytes is None:
             raise ValueError(f"table {hosted.name!r} has no policy and budget")
         started = time.perf_counter()
+        started_monotonic = time.monotonic()
         table = hosted.table
         self._drain_lookups()  # the decision counts every lookup answered so far, not only the drained ones
         with table.lock:
@@ -405,6 +414,7 @@ class Applier:
                 table.index.rebuild(None if hosted.sketch is None else hosted.sketch.estimate)
         hosted.updates_since_decision = 0
         hosted.last_decision_at = time.monotonic()
+        hosted.last_decision_seconds = hosted.last_decision_at - started_monotonic
         hosted.dirty = True
         for label, rows in moved.items():
             self.metrics.rows_moved.labels(hosted.name, label).inc(rows)

@@ -68,6 +68,7 @@ class HostedTable:
     sketch: DecayedCountMinSketch | None = None
     updates_since_decision: int = 0
     last_decision_at: float = field(default_factory=time.monotonic)
+    last_decision_seconds: float = 0.0  # how long the last re-decision took (paces the next one)
     dirty: bool = False  # changed since the last snapshot
     # snapshots of this table run one at a time (service/tablefiles.py): two overlapping ones
     # could finish out of order and put an older file over a newer one the trim relied on

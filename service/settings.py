@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(300.0, gt=0, description="snapshot changed tables this often")
     segment_updates: int = Field(100_000, ge=1, description="re-decide classes after this many updated rows")
     segment_seconds: float = Field(60.0, gt=0, description="... or after this many seconds with updates")
+    redecide_max_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="at most this share of the applier's time goes to segment re-decisions: after one that took t seconds, "
+        "the next waits t * (1 / share - 1) (a re-decision of an over-budget table does not wait); 1 = no pacing",
+    )
     sketch_width: int = Field(1 << 20, ge=256, description="count-min sketch width per table (4 rows of float32)")
     frequency_half_life_s: float = Field(3600.0, gt=0, description="half-life of the decayed ID frequencies")
     # access control (service/security.py)
