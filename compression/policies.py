@@ -126,23 +126,36 @@ class KnapsackPolicy:
         return Decision(class_of, RankClassMap.from_ranked(freqs[order], class_of[order]))
 
 
-def apply_decision(table: CompressedTable, ids: torch.Tensor, decision: Decision) -> dict[str, int]:
+def apply_decision(table: CompressedTable, ids: torch.Tensor, decision: Decision, *, sole_writer: bool = False) -> dict[str, int]:
     """Move every row whose class changed (decode, re-encode in the new class; rows that grow are
     zero-padded until the trainer sends their new coordinates), then compact.  Runs under the
-    table's lock: lookups see the table before or after, never half-moved.  Returns rows moved
-    into each class, by label."""
+    table's lock: lookups see the table before or after, never half-moved.  ``sole_writer``
+    (nothing else writes the table meanwhile): the compaction after the moves copies each slab
+    outside the lock (:meth:`CompressedTable.compact`).  Returns rows moved into each class, by
+    label."""
     moved_into: dict[str, int] = {}
-    with table.lock:
+    target = decision.class_of
+
+    def rows_to_move() -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions in ``ids`` whose class changes, and their rows decoded (reads only)."""
         current = (table.index.resolve(ids.to(table.device)) >> LOCATOR_CLASS_SHIFT).cpu().to(torch.int64)
-        target = decision.class_of
         moving = torch.nonzero(current != target).flatten()
+        return moving, table.lookup(ids[moving]).values
+
+    if sole_writer:
+        moving, values = rows_to_move()  # nothing else writes: read beside the lookups
+    with table.lock:
+        if not sole_writer:
+            moving, values = rows_to_move()
         if moving.numel():
             move_ids = ids[moving]
-            values = table.lookup(move_ids).values
             table.put(move_ids, values, target[moving].to(table.device))
             counts = torch.bincount(target[moving], minlength=len(table.classes)).tolist()
             moved_into = {rc.label(): k for rc, k in zip(table.classes, counts, strict=True) if k}
-        table.compact()
+        if not sole_writer:
+            table.compact()
+    if sole_writer:
+        table.compact(sole_writer=True)
     return moved_into
 
 

@@ -1,0 +1,113 @@
+"""How long lookups wait while a served table re-decides its classes, one run.
+
+    python bench/redecide_stall.py                 # 1M keyed IDs x 64 -> bench/results/redecide_stall.md
+    python bench/redecide_stall.py --ids 100000 --out /tmp/r.md
+
+A re-decision (service/applier.py) reads every held ID, decides classes, moves the rows whose
+class changed, compacts the slabs and rebuilds the hash index: O(IDs), seconds at 1M.  A lookup
+of the same table in the meantime waits for whatever part of that holds the table's lock.  This
+runs the applier's own ``redecide`` (its thread not started) on a keyed table while another
+thread looks up batches of 4096 IDs back to back, and reports the lookups' latencies during the
+re-decision, for three budgets: one that moves no row, and two that move rows down a class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compression import CompressedTable, RowClass  # noqa: E402
+from compression.synthetic import zipf_frequencies  # noqa: E402
+from service.applier import Applier  # noqa: E402
+from service.metrics import ServiceMetrics  # noqa: E402
+from service.registry import TableRegistry, policy_from_config  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from service.updatelog.sqlite_log import SqliteUpdateLog  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ids", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--label", default="this tree", help="what the run measures (a revision), for the report")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "redecide_stall.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    n, d = args.ids, args.dim
+    tmp = Path(tempfile.mkdtemp())
+    settings = Settings(tables_dir=tmp / "tables", segment_updates=10**9, segment_seconds=3600, snapshot_interval_s=3600)
+    registry = TableRegistry(sketch_width=1 << 20)
+    table = CompressedTable.empty(d, [RowClass(d, 16), RowClass(d, 8), RowClass(d, 4), RowClass(d, 2)], keyed=True)
+    keys = torch.randperm(n, generator=torch.Generator().manual_seed(1)) * 7919 + 3
+    g = torch.Generator().manual_seed(3)
+    for start in range(0, n, 100_000):  # streamed in: the rows arrive in class int4
+        part = keys[start : start + 100_000]
+        table.put(part, torch.randn(part.numel(), d, generator=g), 2)
+    hosted = registry.add("t", table)
+    hosted.policy = policy_from_config({"name": "knapsack"})
+    applier = Applier(SqliteUpdateLog(tmp / "log.sqlite3"), registry, ServiceMetrics(registry), settings)
+    if hosted.sketch is not None:  # Zipf traffic: the policy has frequencies to go by
+        hosted.sketch.add(keys[torch.multinomial(zipf_frequencies(n), 200_000, replacement=True, generator=g)], 1.0)
+    rows = []
+    for label, fraction in (("budget 1.2x the table: no row moves", 1.2), ("budget 0.9x", 0.9), ("budget 0.85x", 0.85)):
+        hosted.budget_bytes = int(table.nbytes * fraction)
+        during: list[float] = []
+        window = [float("inf"), float("-inf")]
+        stop = threading.Event()
+
+        def looker() -> None:
+            gen = torch.Generator().manual_seed(2)
+            while not stop.is_set():
+                ids = keys[torch.randint(0, n, (4096,), generator=gen)]
+                started = time.perf_counter()
+                table.lookup(ids)
+                ended = time.perf_counter()
+                if ended > window[0] and started < window[1]:  # overlapped the re-decision
+                    during.append(ended - started)
+
+        thread = threading.Thread(target=looker)
+        thread.start()
+        time.sleep(0.3)  # the lookups are running (a bench, not a test: no ordering to prove)
+        window[0] = time.perf_counter()
+        result = applier.redecide(hosted)
+        window[1] = time.perf_counter()
+        time.sleep(0.3)
+        stop.set()
+        thread.join()
+        during.sort()
+        moved = sum(result["moved"].values())
+        rows.append(
+            f"| {label} | {window[1] - window[0]:.2f} s | {moved:,} | {len(during)} | {during[len(during) // 2] * 1e3:.1f} ms | "
+            f"{during[int(len(during) * 0.99)] * 1e3:.1f} ms | **{during[-1] * 1e3:.0f} ms** |"
+        )
+        print(rows[-1], flush=True)
+    lines = [
+        "# Lookups during a re-decision",
+        "",
+        f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.label}; {platform.processor() or platform.machine()}, "
+        f"2-core VM shared with other jobs, Python {platform.python_version()}, torch {torch.__version__}.",
+        f"Table: {n:,} keyed IDs x {d}, classes fp16/int8/int4/int2, streamed in as int4; policy knapsack; "
+        "the applier's `redecide` on this thread, batches of 4096 IDs looked up back to back on another.",
+        "",
+        "| re-decision | took | rows moved | lookups during it | p50 | p99 | longest |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

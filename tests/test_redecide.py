@@ -1,0 +1,164 @@
+"""Re-decisions in the applier: segment re-decisions are paced (after one that took t seconds the
+next waits t * (1/share - 1), so a fast stream into a large table keeps its applier applying: a
+re-decision is O(held IDs)), and lookups go on while one decides and rebuilds the index (only
+moving rows and swapping arrays holds them).  Driven on an applier whose thread is not started,
+with its clock read from the table's own record of the last re-decision (no sleeps)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compression import CompressedTable, RowClass
+from compression import memory as memory_module
+from compression.hash_index import HashIndex
+from service.applier import Applier
+from service.metrics import ServiceMetrics
+from service.registry import HostedTable, TableRegistry, policy_from_config
+from service.settings import Settings
+from service.updatelog.base import LogRecord
+from service.updatelog.entry import UpdateBatch
+from service.updatelog.sqlite_log import SqliteUpdateLog
+
+
+def _applier(tmp_path: Path, share: float) -> tuple[Applier, HostedTable, ServiceMetrics]:
+    settings = Settings(tables_dir=tmp_path / "tables", segment_updates=10, segment_seconds=3600, snapshot_interval_s=3600,
+                        redecide_max_share=share)
+    registry = TableRegistry()
+    table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=True)
+    ids = torch.arange(200)
+    table.put(ids, torch.randn(200, 8, generator=torch.Generator().manual_seed(1)), 0)
+    hosted = registry.add("t", table)
+    hosted.policy = policy_from_config({"name": "knapsack"})
+    hosted.budget_bytes = table.nbytes * 4  # fits: only segments trigger re-decisions
+    metrics = ServiceMetrics(registry)
+    return Applier(SqliteUpdateLog(tmp_path / "log.sqlite3"), registry, metrics, settings), hosted, metrics
+
+
+def _decisions(metrics: ServiceMetrics) -> float:
+    return metrics.resize_events.labels("t")._value.get()  # noqa: SLF001 - the counter's own value
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_a_full_segment_waits_for_its_share_after_a_long_redecision(tmp_path: Path, share: float) -> None:
+    applier, hosted, metrics = _applier(tmp_path, share)
+    hosted.updates_since_decision = 10  # a full segment
+    applier._maybe_redecide()  # noqa: SLF001 - the applier loop's own step
+    assert _decisions(metrics) == 1 and hosted.updates_since_decision == 0
+    # pretend that one took 10 s: the next segment has to wait 10 * (1/share - 1) s after it ended
+    wait = 10.0 * (1.0 / share - 1.0)
+    hosted.last_decision_seconds = 10.0
+    hosted.updates_since_decision = 10_000
+    hosted.last_decision_at -= wait - 1.0  # ended (wait - 1) s ago: still inside the wait
+    applier._maybe_redecide()  # noqa: SLF001
+    assert _decisions(metrics) == 1 and hosted.updates_since_decision == 10_000  # paced: rows wait for the next one
+    hosted.last_decision_at -= 2.0  # now (wait + 1) s ago
+    applier._maybe_redecide()  # noqa: SLF001
+    assert _decisions(metrics) == 2 and hosted.updates_since_decision == 0
+    assert 0.0 <= hosted.last_decision_seconds < 10.0  # the real duration replaced the pretend one
+
+
+def test_an_over_budget_table_is_not_paced(tmp_path: Path) -> None:
+    applier, hosted, metrics = _applier(tmp_path, 0.25)
+    hosted.last_decision_seconds = 100.0  # a long last re-decision, just now
+    hosted.updates_since_decision = 10
+    applier._maybe_redecide()  # noqa: SLF001
+    assert _decisions(metrics) == 0  # a segment waits ...
+    hosted.budget_bytes = hosted.table.nbytes - 1  # ... a table over its budget does not
+    applier._maybe_redecide()  # noqa: SLF001
+    assert _decisions(metrics) == 1
+
+
+def test_share_one_means_no_pacing(tmp_path: Path) -> None:
+    applier, hosted, metrics = _applier(tmp_path, 1.0)
+    hosted.last_decision_seconds = 100.0
+    hosted.updates_since_decision = 10
+    applier._maybe_redecide()  # noqa: SLF001
+    assert _decisions(metrics) == 1
+
+
+def test_the_share_must_be_in_0_1() -> None:
+    with pytest.raises(ValueError):
+        Settings(redecide_max_share=0)
+    with pytest.raises(ValueError):
+        Settings(redecide_max_share=1.5)
+
+
+def _lookup_from_another_thread(table: CompressedTable) -> bool:
+    """Whether a lookup on another thread finishes within 30 s while this thread waits (it
+    cannot while this thread holds the table's lock)."""
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (table.lookup(torch.arange(5)), done.set()), daemon=True)
+    worker.start()
+    return done.wait(30.0)
+
+
+def test_lookups_go_on_while_a_redecision_decides_and_rebuilds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    applier, hosted, metrics = _applier(tmp_path, 1.0)
+    table = hosted.table
+    seen: dict[str, bool] = {}
+    decide, rebuilt = hosted.policy.decide, HashIndex.rebuilt  # type: ignore[union-attr]
+
+    def deciding(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["decide"] = _lookup_from_another_thread(table)
+        return decide(*args, **kwargs)
+
+    def rebuilding(index, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["rebuild"] = _lookup_from_another_thread(table)
+        return rebuilt(index, *args, **kwargs)
+
+    monkeypatch.setattr(hosted.policy, "decide", deciding)
+    monkeypatch.setattr(HashIndex, "rebuilt", rebuilding)
+    before = table.lookup(torch.arange(200)).values
+    applier.redecide(hosted)
+    assert seen == {"decide": True, "rebuild": True}
+    assert _decisions(metrics) == 1
+    assert torch.allclose(table.lookup(torch.arange(200)).values, before, atol=0.05)  # same rows, at most re-quantized
+
+
+def test_the_applier_waits_for_a_redecision_on_another_thread(tmp_path: Path) -> None:
+    """An admin re-decision runs on a request thread, deciding without the table's lock: the
+    table's write lock keeps the applier's entries out until it is done (else IDs deleted
+    meanwhile could come back as moved rows)."""
+    applier, hosted, _ = _applier(tmp_path, 1.0)
+    batch = UpdateBatch("t", np.array([999], dtype=np.int64), np.ones((1, 8), dtype=np.float32), np.array([1], dtype=np.int64))
+    applied = threading.Event()
+    worker = threading.Thread(target=lambda: (applier._apply_one(LogRecord((1, 0), 0.0, batch)), applied.set()), daemon=True)  # noqa: SLF001
+    with hosted.write_lock:  # what redecide holds from start to end
+        worker.start()
+        assert not applied.wait(0.5)
+        assert not bool(hosted.table.lookup(torch.tensor([999])).found[0])
+    assert applied.wait(30.0)
+    found = hosted.table.lookup(torch.tensor([999, 1])).found
+    assert bool(found[0]) and not bool(found[1])
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_compacting_as_sole_writer_copies_slabs_beside_lookups_and_ends_the_same(keyed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    def table_with_holes() -> CompressedTable:
+        table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=keyed)
+        g = torch.Generator().manual_seed(7)
+        table.put(torch.arange(3000), torch.randn(3000, 8, generator=g), torch.randint(0, 2, (3000,), generator=g))
+        table.delete(torch.arange(0, 3000, 3))  # free slots in both classes
+        return table
+
+    plain, beside = table_with_holes(), table_with_holes()
+    plain.compact()
+    copies: list[bool] = []
+    empty = memory_module.empty
+
+    def watched(*args, **kwargs):  # type: ignore[no-untyped-def]
+        copies.append(_lookup_from_another_thread(beside))  # each new slab: allocated outside the lock
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(memory_module, "empty", watched)
+    given_back = beside.compact(sole_writer=True)
+    assert copies == [True, True] and given_back > 0
+    ids = torch.arange(3000)
+    a, b = plain.lookup(ids), beside.lookup(ids)
+    assert torch.equal(a.values, b.values) and torch.equal(a.found, b.found)
+    assert beside.nbytes == plain.nbytes and beside.used == plain.used == [s.shape[0] for s in beside.slabs]
