@@ -76,11 +76,13 @@ def main() -> None:
         thread.start()
         time.sleep(0.3)  # the lookups are running (a bench, not a test: no ordering to prove)
         window = (time.perf_counter(), 0.0)
-        result = applier.redecide(hosted)
-        window = (window[0], time.perf_counter())
-        time.sleep(0.3)
-        stop.set()
-        thread.join()
+        try:
+            result = applier.redecide(hosted)
+            window = (window[0], time.perf_counter())
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            thread.join()
         during = sorted(e - s for s, e in calls if e > window[0] and s < window[1])  # overlapped the re-decision
         moved = sum(result["moved"].values())
         rows.append(

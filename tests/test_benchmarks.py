@@ -154,6 +154,14 @@ def test_keyed_bench_fast(tmp_path: Path) -> None:
 
 
 @bench_smoke
+def test_redecide_stall_bench_fast(tmp_path: Path) -> None:
+    out = tmp_path / "stall.md"
+    _run(["bench/redecide_stall.py", "--ids", "20000", "--out", str(out)])
+    report = out.read_text()
+    assert "| budget 1.2x the table |" in report and "| budget 0.85x |" in report and "longest" in report
+
+
+@bench_smoke
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="the A/B compiles both builds with gcc")
 def test_hash_layout_ab_fast(tmp_path: Path) -> None:
     """Both builds (here both this tree: an A/A run) compile, fill their own slot arrays and
