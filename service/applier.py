@@ -378,7 +378,6 @@ class Applier:
         if hosted.policy is None or hosted.budget_bytes is None:
             raise ValueError(f"table {hosted.name!r} has no policy and budget")
         started = time.perf_counter()
-        started_monotonic = time.monotonic()
         table = hosted.table
         self._drain_lookups()  # the decision counts every lookup answered so far, not only the drained ones
         with hosted.write_lock:
@@ -422,7 +421,7 @@ class Applier:
                     table.index.take(rebuilt)
         hosted.updates_since_decision = 0
         hosted.last_decision_at = time.monotonic()
-        hosted.last_decision_seconds = hosted.last_decision_at - started_monotonic
+        hosted.last_decision_seconds = time.perf_counter() - started
         hosted.dirty = True
         for label, rows in moved.items():
             self.metrics.rows_moved.labels(hosted.name, label).inc(rows)
