@@ -130,32 +130,30 @@ def apply_decision(table: CompressedTable, ids: torch.Tensor, decision: Decision
     """Move every row whose class changed (decode, re-encode in the new class; rows that grow are
     zero-padded until the trainer sends their new coordinates), then compact.  Runs under the
     table's lock: lookups see the table before or after, never half-moved.  ``sole_writer``
-    (nothing else writes the table meanwhile): the compaction after the moves copies each slab
-    outside the lock (:meth:`CompressedTable.compact`).  Returns rows moved into each class, by
-    label."""
-    moved_into: dict[str, int] = {}
+    (nothing else writes the table meanwhile): the rows to move are decoded and re-encoded
+    outside the lock and written in one step under it (:meth:`CompressedTable.put`), and the
+    compaction copies each slab outside it (:meth:`CompressedTable.compact`).  Returns rows
+    moved into each class, by label."""
     target = decision.class_of
 
-    def rows_to_move() -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions in ``ids`` whose class changes, and their rows decoded (reads only)."""
+    def move() -> dict[str, int]:
         current = (table.index.resolve(ids.to(table.device)) >> LOCATOR_CLASS_SHIFT).cpu().to(torch.int64)
         moving = torch.nonzero(current != target).flatten()
-        return moving, table.lookup(ids[moving]).values
+        if not moving.numel():
+            return {}
+        move_ids = ids[moving]
+        # one put: lookups see every moved row in its old class or every one in its new
+        table.put(move_ids, table.lookup(move_ids).values, target[moving].to(table.device), sole_writer=sole_writer)
+        counts = torch.bincount(target[moving], minlength=len(table.classes)).tolist()
+        return {rc.label(): k for rc, k in zip(table.classes, counts, strict=True) if k}
 
-    if sole_writer:
-        moving, values = rows_to_move()  # nothing else writes: read beside the lookups
-    with table.lock:
-        if not sole_writer:
-            moving, values = rows_to_move()
-        if moving.numel():
-            move_ids = ids[moving]
-            table.put(move_ids, values, target[moving].to(table.device))
-            counts = torch.bincount(target[moving], minlength=len(table.classes)).tolist()
-            moved_into = {rc.label(): k for rc, k in zip(table.classes, counts, strict=True) if k}
-        if not sole_writer:
-            table.compact()
-    if sole_writer:
+    if sole_writer:  # nothing else writes: read, decode and encode beside the lookups
+        moved_into = move()
         table.compact(sole_writer=True)
+    else:
+        with table.lock:
+            moved_into = move()
+            table.compact()
     return moved_into
 
 

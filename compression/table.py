@@ -164,6 +164,18 @@ def _stack_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+@dataclass
+class _PutPlan:
+    """A put planned before it is written (CompressedTable._plan_put): the IDs' old locators
+    (on the device and downloaded), their old classes, and per target class (class, rows that
+    stay in it, rows new to it, their positions in the put, their encoded bytes)."""
+
+    old_dev: torch.Tensor
+    old: torch.Tensor
+    old_cls: torch.Tensor
+    per_class: list[tuple[int, int, int, torch.Tensor, torch.Tensor]]
+
+
 class CompressedTable:
     """``ids -> float32 [n, D]`` over rows stored in mixed (dim, bits) classes."""
 
@@ -459,7 +471,7 @@ class CompressedTable:
         """Class ``c`` keeps some but not all coordinates, so it stores rows in the rotated basis."""
         return self.rotation is not None and 0 < self.classes[c].dim < self.dim
 
-    def put(self, ids: torch.Tensor, rows: torch.Tensor, class_index: torch.Tensor | int) -> None:
+    def put(self, ids: torch.Tensor, rows: torch.Tensor, class_index: torch.Tensor | int, *, sole_writer: bool = False) -> None:
         """Upsert ``rows`` (float ``[n, D]``, original coordinates) for ``ids``, each into class
         ``class_index``.  A later duplicate ID in one call wins.
 
@@ -467,7 +479,12 @@ class CompressedTable:
         host from one download of the old locators; the device then gets, per class, one
         encode and one scatter of the whole batch into the slab, fed by non-blocking uploads.
         On a GPU that is one device sync per batch (plus the index's own), where planning with
-        device tensors cost several per class (every boolean mask and ``.tolist()`` waits)."""
+        device tensors cost several per class (every boolean mask and ``.tolist()`` waits).
+
+        ``sole_writer``: the caller guarantees that nothing else writes the table meanwhile (a
+        service re-decision moving rows), so the plan and the encoding are done outside
+        :attr:`lock`, with lookups going on; the lock is held for taking slots, the scatter and
+        the index update."""
         ids = ids.to(device="cpu", dtype=torch.int64).reshape(-1)
         if rows.shape != (ids.numel(), self.dim):
             raise ValueError(f"rows must be [{ids.numel()}, {self.dim}], got {list(rows.shape)}")
@@ -483,29 +500,45 @@ class CompressedTable:
         ids, target = ids[last], target[last]
         rows = _upload(rows[last.to(rows.device)].to(torch.float32), self.device)
         ids_dev = _upload(ids, self.device)
-        with self.lock:
-            old_dev = self.index.resolve(ids_dev)
-            old = old_dev.cpu()  # the one download the plan needs
-            old_cls = torch.where(old >= 0, old >> LOCATOR_CLASS_SHIFT, torch.full_like(old, -1))
-            new_loc = old_dev.clone()  # rows staying in their class keep their locator
-            for c in torch.unique(target).tolist():
-                stay = torch.nonzero((target == c) & (old_cls == c)).flatten()
-                fresh = torch.nonzero((target == c) & (old_cls != c)).flatten()
-                taken = self._take_slots(c, int(fresh.numel()))  # on the device, sized on the host
-                sel = _upload(torch.cat([stay, fresh]), self.device)
-                slots = torch.cat([(old_dev[sel[: stay.numel()]] & LOCATOR_SLOT_MASK).to(torch.int32), taken])
-                x = rows[sel] @ self.rotation_columns(self.classes[c].dim) if self.truncated(c) else rows[sel]
-                encoded = codecs.encode_rows(x, self.classes[c], codebook=self.codebooks[c])
-                if encoded.shape[1]:
-                    self.slabs[c].index_copy_(0, slots.to(torch.int64), encoded)  # one scatter per class
-                new_loc[sel[stay.numel() :]] = (c << LOCATOR_CLASS_SHIFT) | taken
-            moved = (old >= 0) & (old_cls != target)
-            self._release(old[moved])
-            if isinstance(self.index, HashIndex) and self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
-                # a table that evicts at max_ids never holds more: growth stops at capacity_for(max_ids, CHURN_LOAD)
-                self.index.assign(ids_dev, new_loc, max_ids=self.lifecycle.config.max_ids)
-            else:
-                self.index.assign(ids_dev, new_loc)
+        if sole_writer:
+            plan = self._plan_put(ids_dev, rows, target)
+            with self.lock:
+                self._commit_put(ids_dev, target, plan)
+        else:
+            with self.lock:
+                self._commit_put(ids_dev, target, self._plan_put(ids_dev, rows, target))
+
+    def _plan_put(self, ids_dev: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> _PutPlan:
+        """Where each row of a put goes and its encoded bytes (reads the table, writes nothing)."""
+        old_dev = self.index.resolve(ids_dev)
+        old = old_dev.cpu()  # the one download the plan needs
+        old_cls = torch.where(old >= 0, old >> LOCATOR_CLASS_SHIFT, torch.full_like(old, -1))
+        per_class = []
+        for c in torch.unique(target).tolist():
+            stay = torch.nonzero((target == c) & (old_cls == c)).flatten()
+            fresh = torch.nonzero((target == c) & (old_cls != c)).flatten()
+            sel = _upload(torch.cat([stay, fresh]), self.device)
+            x = rows[sel] @ self.rotation_columns(self.classes[c].dim) if self.truncated(c) else rows[sel]
+            encoded = codecs.encode_rows(x, self.classes[c], codebook=self.codebooks[c])
+            per_class.append((c, int(stay.numel()), int(fresh.numel()), sel, encoded))
+        return _PutPlan(old_dev, old, old_cls, per_class)
+
+    def _commit_put(self, ids_dev: torch.Tensor, target: torch.Tensor, plan: _PutPlan) -> None:
+        """Write a planned put (under the lock)."""
+        new_loc = plan.old_dev.clone()  # rows staying in their class keep their locator
+        for c, n_stay, n_fresh, sel, encoded in plan.per_class:
+            taken = self._take_slots(c, n_fresh)  # on the device, sized on the host
+            slots = torch.cat([(plan.old_dev[sel[:n_stay]] & LOCATOR_SLOT_MASK).to(torch.int32), taken])
+            if encoded.shape[1]:
+                self.slabs[c].index_copy_(0, slots.to(torch.int64), encoded)  # one scatter per class
+            new_loc[sel[n_stay:]] = (c << LOCATOR_CLASS_SHIFT) | taken
+        moved = (plan.old >= 0) & (plan.old_cls != target)
+        self._release(plan.old[moved])
+        if isinstance(self.index, HashIndex) and self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
+            # a table that evicts at max_ids never holds more: growth stops at capacity_for(max_ids, CHURN_LOAD)
+            self.index.assign(ids_dev, new_loc, max_ids=self.lifecycle.config.max_ids)
+        else:
+            self.index.assign(ids_dev, new_loc)
 
     def delete(self, ids: torch.Tensor) -> int:
         """Remove ``ids``; returns how many were present."""

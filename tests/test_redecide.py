@@ -15,6 +15,7 @@ import torch
 
 from compression import CompressedTable, RowClass
 from compression import memory as memory_module
+from compression import table as table_module
 from compression.hash_index import HashIndex
 from service.applier import Applier
 from service.metrics import ServiceMetrics
@@ -25,13 +26,13 @@ from service.updatelog.entry import UpdateBatch
 from service.updatelog.sqlite_log import SqliteUpdateLog
 
 
-def _applier(tmp_path: Path, share: float) -> tuple[Applier, HostedTable, ServiceMetrics]:
+def _applier(tmp_path: Path, share: float, start_class: int = 1) -> tuple[Applier, HostedTable, ServiceMetrics]:
     settings = Settings(tables_dir=tmp_path / "tables", segment_updates=10, segment_seconds=3600, snapshot_interval_s=3600,
                         redecide_max_share=share)
     registry = TableRegistry()
     table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=True)
     ids = torch.arange(200)
-    table.put(ids, torch.randn(200, 8, generator=torch.Generator().manual_seed(1)), 0)
+    table.put(ids, torch.randn(200, 8, generator=torch.Generator().manual_seed(1)), start_class)  # 1 = int8: the budget lets them move up
     hosted = registry.add("t", table)
     hosted.policy = policy_from_config({"name": "knapsack"})
     hosted.budget_bytes = table.nbytes * 4  # fits: only segments trigger re-decisions
@@ -63,14 +64,14 @@ def test_a_full_segment_waits_for_its_share_after_a_long_redecision(tmp_path: Pa
 
 
 def test_an_over_budget_table_is_not_paced(tmp_path: Path) -> None:
-    applier, hosted, metrics = _applier(tmp_path, 0.25)
+    applier, hosted, metrics = _applier(tmp_path, 0.25, start_class=0)  # fp32 rows: room to move down
     hosted.last_decision_seconds = 100.0  # a long last re-decision, just now
     hosted.updates_since_decision = 10
     applier._maybe_redecide()  # noqa: SLF001
     assert _decisions(metrics) == 0  # a segment waits ...
     hosted.budget_bytes = hosted.table.nbytes - 1  # ... a table over its budget does not
     applier._maybe_redecide()  # noqa: SLF001
-    assert _decisions(metrics) == 1
+    assert _decisions(metrics) == 1 and hosted.table.nbytes <= hosted.budget_bytes
 
 
 def test_share_one_means_no_pacing(tmp_path: Path) -> None:
@@ -98,8 +99,9 @@ def _lookup_from_another_thread(table: CompressedTable) -> bool:
 
 
 def test_lookups_go_on_while_a_redecision_decides_and_rebuilds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    applier, hosted, metrics = _applier(tmp_path, 1.0)
+    applier, hosted, metrics = _applier(tmp_path, 1.0, start_class=0)
     table = hosted.table
+    hosted.budget_bytes = int(table.nbytes * 0.7)  # fp32 rows: most have to move down to int8
     seen: dict[str, bool] = {}
     decide, rebuilt = hosted.policy.decide, HashIndex.rebuilt  # type: ignore[union-attr]
 
@@ -111,11 +113,19 @@ def test_lookups_go_on_while_a_redecision_decides_and_rebuilds(tmp_path: Path, m
         seen["rebuild"] = _lookup_from_another_thread(table)
         return rebuilt(index, *args, **kwargs)
 
+    encode = table_module.codecs.encode_rows
+
+    def encoding(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["encode"] = _lookup_from_another_thread(table)
+        return encode(*args, **kwargs)
+
     monkeypatch.setattr(hosted.policy, "decide", deciding)
     monkeypatch.setattr(HashIndex, "rebuilt", rebuilding)
+    monkeypatch.setattr(table_module.codecs, "encode_rows", encoding)
     before = table.lookup(torch.arange(200)).values
-    applier.redecide(hosted)
-    assert seen == {"decide": True, "rebuild": True}
+    result = applier.redecide(hosted)
+    assert result["moved"].get("d8b8", 0) > 100  # the moved rows were re-encoded beside the lookups
+    assert seen == {"decide": True, "rebuild": True, "encode": True}
     assert _decisions(metrics) == 1
     assert torch.allclose(table.lookup(torch.arange(200)).values, before, atol=0.05)  # same rows, at most re-quantized
 
