@@ -426,6 +426,7 @@ class Applier:
         for label, rows in moved.items():
             self.metrics.rows_moved.labels(hosted.name, label).inc(rows)
         self.metrics.resize_events.labels(hosted.name).inc()
+        self.metrics.redecision_seconds.labels(hosted.name).observe(hosted.last_decision_seconds)
         log.info("re-decided %s in %.2fs: moved %s, %d bytes (budget %d)", hosted.name, time.perf_counter() - started, moved, table.nbytes, hosted.budget_bytes)
         return {"moved": moved, "bytes": table.nbytes, "budget_bytes": hosted.budget_bytes}
 

@@ -237,6 +237,13 @@ class ServiceMetrics:
         )
         self.resize_events = Counter("embserve_resize_events_total", "Class re-decisions by the dimension policy", ["table"], registry=self.registry)
         self.rows_moved = Counter("embserve_rows_moved_total", "Rows moved into a row class by re-decisions", ["table", "row_class"], registry=self.registry)
+        self.redecision_seconds = Histogram(
+            "embserve_redecision_seconds",
+            "Wall time of a class re-decision (O(held IDs); segments are paced by EMBSERVE_REDECIDE_MAX_SHARE)",
+            ["table"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=self.registry,
+        )
         self.registry.register(TableCollector(tables))
         self._table_children: dict[str, tuple[Any, Any, Any]] = {}
         self._loop_table_children: dict[str, tuple[Any, Any, Any]] = {}

@@ -50,6 +50,8 @@ def test_a_full_segment_waits_for_its_share_after_a_long_redecision(tmp_path: Pa
     hosted.updates_since_decision = 10  # a full segment
     applier._maybe_redecide()  # noqa: SLF001 - the applier loop's own step
     assert _decisions(metrics) == 1 and hosted.updates_since_decision == 0
+    # its time is exported (Prometheus: a histogram per table) and is what the pacing uses
+    assert metrics.redecision_seconds.labels("t")._sum.get() == pytest.approx(hosted.last_decision_seconds)  # noqa: SLF001
     # pretend that one took 10 s: the next segment has to wait 10 * (1/share - 1) s after it ended
     wait = 10.0 * (1.0 / share - 1.0)
     hosted.last_decision_seconds = 10.0
