@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
-import mmap
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from interleave import Spread, ratio, run_rounds  # noqa: E402
 from lookup import machine  # noqa: E402
 
-from compression import candidate_classes, compress  # noqa: E402
+from compression import candidate_classes, compress, memory  # noqa: E402
 from compression.kernels import cpu_c  # noqa: E402
 from compression.synthetic import sample_ids, synthetic_table, zipf_frequencies  # noqa: E402
 
@@ -86,14 +85,9 @@ def build(name: str, rev: str | None, workdir: Path, extra: list[str]) -> ctypes
 
 
 def huge_buffer(nbytes: int) -> torch.Tensor:
-    """``nbytes`` uint8 starting on a 2 MiB boundary, advised MADV_HUGEPAGE (as new_slots does)."""
-    buf = mmap.mmap(-1, nbytes + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    start = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % (2 << 20)
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes // (2 << 20) * (2 << 20))
-    except (OSError, AttributeError):
-        pass
-    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start)
+    """``nbytes`` uint8 where the table's own slot arrays go (compression.memory: 2 MiB-aligned,
+    advised MADV_HUGEPAGE from 2 MiB up)."""
+    return memory.empty((nbytes,), torch.uint8)
 
 
 def huge_kib(t: torch.Tensor) -> int:

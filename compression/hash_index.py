@@ -634,6 +634,21 @@ class HashIndex:
             return
         new = int((self.resolve(ids) < 0).sum())  # room for all of them in the overflow: some may take static slots
         self._grow_for(new, max_ids)
+        self._upsert(ids, locators)
+
+    def repoint(self, ids: torch.Tensor, locators: torch.Tensor) -> None:
+        """Point held, distinct ``ids`` at new ``locators`` (>= 0) where they are: a compaction's
+        repointing, without :meth:`assign`'s dedup, delete and growth passes (a third of its time
+        at 1M IDs).  Raises if an ID was not held (it would have been inserted)."""
+        device = self.parts.slots.device
+        added = self._upsert(ids.to(device=device, dtype=torch.int64).reshape(-1).contiguous(),
+                             locators.to(device=device, dtype=torch.int32).reshape(-1).contiguous())
+        if added:
+            raise ValueError(f"repoint of {added} IDs the index did not hold")
+
+    def _upsert(self, ids: torch.Tensor, locators: torch.Tensor) -> int:
+        """Write distinct ``ids`` -> ``locators`` (>= 0) in place, the overflow having room for
+        any new ones; counts them and returns how many were new."""
         parts = self.parts
         if self._compiled() and parts.static.shape[0]:
             to_static, to_overflow = cpu_c.hidx_upsert(parts.static, parts.pilots, parts.slots, ids, locators)
@@ -643,22 +658,7 @@ class HashIndex:
             to_static, to_overflow = _torch_two_upsert(parts.static, parts.pilots, parts.slots, ids, locators)
         self.count += to_static + to_overflow
         self.overflow_count += to_overflow
-
-    def repoint(self, ids: torch.Tensor, locators: torch.Tensor) -> None:
-        """Point held, distinct ``ids`` at new ``locators`` (>= 0) where they are: a compaction's
-        repointing, without :meth:`assign`'s dedup, delete and growth passes (a third of its time
-        at 1M IDs).  Raises if an ID was not held (it would have been inserted)."""
-        parts = self.parts
-        ids = ids.to(device=parts.slots.device, dtype=torch.int64).reshape(-1).contiguous()
-        locators = locators.to(device=parts.slots.device, dtype=torch.int32).reshape(-1).contiguous()
-        if self._compiled() and parts.static.shape[0]:
-            added = sum(cpu_c.hidx_upsert(parts.static, parts.pilots, parts.slots, ids, locators))
-        elif self._compiled():
-            added = cpu_c.hash_upsert(parts.slots, ids, locators)
-        else:
-            added = sum(_torch_two_upsert(parts.static, parts.pilots, parts.slots, ids, locators))
-        if added:
-            raise ValueError(f"repoint of {added} IDs the index did not hold")
+        return to_static + to_overflow
 
     def delete(self, ids: torch.Tensor) -> torch.Tensor:
         """Remove ``ids`` (a static slot is freed; the overflow shifts back); returns the locators

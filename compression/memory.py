@@ -21,6 +21,7 @@ huge-page compaction stalls matter more than lookup speed.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
@@ -42,11 +43,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     """An uninitialized contiguous tensor; on CPU, 2 MiB or more starts on a 2 MiB boundary of
     a mapping advised ``MADV_HUGEPAGE`` (module docstring).  The tensor keeps the mapping alive."""
     device = torch.device(device)
-    count = 1
-    for s in shape:
-        count *= int(s)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    nbytes = count * itemsize
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
     if device.type != "cpu" or not _mappable(nbytes):
         return torch.empty(shape, dtype=dtype, device=device)
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

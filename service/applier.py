@@ -409,7 +409,8 @@ class Applier:
                 log.warning("table %s is over its budget of %d bytes: %s", hosted.name, hosted.budget_bytes, exc)
                 raise
             hosted.over_budget = None
-            # moves rows under table.lock, then compacts a slab at a time (copied beside, swapped under it)
+            # rows re-encoded beside the lookups and written under table.lock in one step, then
+            # compacted a slab at a time (copied beside, swapped under it)
             moved = apply_decision(table, ids, decision, sole_writer=True)
             hosted.rank_map = decision.rank_map
             if isinstance(table.index, HashIndex):
