@@ -62,7 +62,7 @@ from .wire import BINARY_REQUEST_TYPE, BINARY_RESPONSE_TYPE
 # uvicorn releases the byte-for-byte tests (tests/test_fasthttp.py) ran against: this class
 # subclasses uvicorn's protocol internals, so another release gets the plain ASGI path
 # (service/serving.py) until the tests are run on it and it is added here
-TESTED_UVICORN: tuple[str, ...] = ("0.54.",)
+TESTED_UVICORN: tuple[str, ...] = ("0.54.", "0.55.")
 
 _PATH = LookupFastPath.PATH.encode()
 # below this the head and the body are joined into one bytes (one copy of a small body); above
