@@ -715,9 +715,23 @@ class HashIndex:
         rebuilt.assign(ids.contiguous(), locs.contiguous())
         return rebuilt
 
+    def copy(self) -> HashIndex:
+        """This index with arrays of its own (the pilots, which no write changes, shared): what a
+        sole writer writes beside the lookups, reading this one, and then takes (:meth:`take`) in one
+        step under their lock (compression/table.py's staged puts and compaction)."""
+        parts = self.parts
+        device = parts.slots.device
+        slots, static = new_slots(parts.slots.shape[0], device), new_slots(parts.static.shape[0], device)
+        slots.copy_(parts.slots)
+        static.copy_(parts.static)
+        dup = HashIndex.__new__(HashIndex)  # the arrays are this index's, checked when it was made
+        dup.parts, dup.count, dup.overflow_count = _Parts(static, parts.pilots, slots), self.count, self.overflow_count
+        return dup
+
     def take(self, rebuilt: HashIndex | None) -> None:
-        """Serve ``rebuilt``'s arrays from now on (from :meth:`rebuilt` of this index, with no
-        write in between); readers take them at their next view (:meth:`c_view`)."""
+        """Serve ``rebuilt``'s arrays from now on (from :meth:`rebuilt` or :meth:`copy` of this
+        index, with no write to this one in between); readers take them at their next view
+        (:meth:`c_view`)."""
         if rebuilt is not None:
             self.parts, self.count, self.overflow_count = rebuilt.parts, rebuilt.count, rebuilt.overflow_count
 

@@ -88,6 +88,16 @@ class DenseIndex:
             self.locator = grown
         self.locator[ids] = locators.to(torch.int32)
 
+    def copy(self) -> "DenseIndex":
+        """This index with a locator array of its own: what a sole writer writes beside the
+        lookups and then takes (:meth:`take`) under their lock (compression/table.py)."""
+        return DenseIndex(self.locator.clone())
+
+    def take(self, other: "DenseIndex") -> None:
+        """Serve ``other``'s locators from now on (a :meth:`copy` of this index, with no write to
+        this one in between); readers take them at their next view (:meth:`c_view`)."""
+        self.locator = other.locator
+
     def live_items(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.nonzero(self.locator >= 0).flatten()
         return ids.to(torch.int64), self.locator[ids]

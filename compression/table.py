@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -174,6 +174,21 @@ class _PutPlan:
     old: torch.Tensor
     old_cls: torch.Tensor
     per_class: list[tuple[int, int, int, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _StagedPut:
+    """A put written beside the lookups by a sole writer (CompressedTable._stage_put), waiting to
+    be published under the lock: the slabs, counts and free lists it leaves (a grown slab is a
+    new tensor; fresh rows are already in their slots, which no locator points at yet), the
+    rewrites of rows that stay in their class (live rows: written under the lock), and a copy of
+    the index pointing every ID where it now lives."""
+
+    slabs: list[torch.Tensor]
+    used: list[int]
+    free: list[torch.Tensor]
+    stays: list[tuple[int, torch.Tensor, torch.Tensor]]
+    index: Any
 
 
 class CompressedTable:
@@ -431,36 +446,49 @@ class CompressedTable:
 
     def _take_slots(self, c: int, k: int) -> torch.Tensor:
         """Pop ``k`` free slots of class ``c``, growing its slab by doubling when needed."""
-        free = self.free[c]
-        reuse = min(k, free.numel())
-        taken = free[free.numel() - reuse :]
-        self.free[c] = free[: free.numel() - reuse].clone()
+        taken, grown = self._take_slots_from(c, k, self.slabs, self.used, self.free)
+        if grown:
+            self.decoder.refresh(self.slabs)
+        return taken
+
+    def _take_slots_from(self, c: int, k: int, slabs: list[torch.Tensor], used: list[int], free: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """:meth:`_take_slots` on the given slab, count and free lists (the table's own, or a
+        staged put's copies of them); also says whether the slab was replaced by a larger one."""
+        lst = free[c]
+        reuse = min(k, lst.numel())
+        taken = lst[lst.numel() - reuse :]
+        free[c] = lst[: lst.numel() - reuse].clone()
         fresh = k - reuse
-        start = self.used[c]
+        start = used[c]
         if start + fresh > MAX_SLOTS_PER_CLASS:
             raise ValueError(f"class {self.classes[c].label()} is full ({MAX_SLOTS_PER_CLASS} rows)")
-        slab = self.slabs[c]
-        if start + fresh > slab.shape[0]:
+        slab = slabs[c]
+        grow = start + fresh > slab.shape[0]
+        if grow:
             capacity = min(MAX_SLOTS_PER_CLASS, max(start + fresh, 2 * slab.shape[0], 16))
             if self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
                 # a table that evicts at max_ids never holds more rows: doubling must not overshoot it
                 capacity = min(capacity, max(start + fresh, self.lifecycle.config.max_ids))
             grown = memory.empty((capacity, slab.shape[1]), torch.uint8, slab.device)
             grown[:start] = slab[:start]
-            self.slabs[c] = grown
-            self.decoder.refresh(self.slabs)
-        self.used[c] = start + fresh
+            slabs[c] = grown
+        used[c] = start + fresh
         new = torch.arange(start, start + fresh, dtype=torch.int32, device=self.device)
-        return torch.cat([taken.to(torch.int32), new])
+        return torch.cat([taken.to(torch.int32), new]), grow
 
     def _release(self, locators: torch.Tensor) -> None:
+        self._release_into(locators, self.free)
+
+    @staticmethod
+    def _release_into(locators: torch.Tensor, free: list[torch.Tensor]) -> None:
+        """Append the slots of ``locators`` (``-1`` skipped) to the free lists ``free``."""
         locators = locators[locators >= 0]
         if locators.numel() == 0:
             return
         cls = locators >> LOCATOR_CLASS_SHIFT
         for c in torch.unique(cls).tolist():
             slots = (locators[cls == c] & LOCATOR_SLOT_MASK).to(torch.int32)
-            self.free[c] = torch.cat([self.free[c], _upload(slots, self.free[c].device)])
+            free[c] = torch.cat([free[c], _upload(slots, free[c].device)])
 
     def rotation_columns(self, k: int) -> torch.Tensor:
         """The first ``k`` columns of the rotation as fp32 ``[D, k]`` (what encoding multiplies by)."""
@@ -482,9 +510,12 @@ class CompressedTable:
         device tensors cost several per class (every boolean mask and ``.tolist()`` waits).
 
         ``sole_writer``: the caller guarantees that nothing else writes the table meanwhile (a
-        service re-decision moving rows), so the plan and the encoding are done outside
-        :attr:`lock`, with lookups going on; the lock is held for taking slots, the scatter and
-        the index update."""
+        service re-decision moving rows), so the plan, the encoding and (hash and dense indexes)
+        the writing are done outside :attr:`lock`, with lookups going on: new rows go into slots
+        no locator points at (a grown slab is a new tensor), the index is written in a copy, and
+        the lock is held only to publish them (swap the slabs and the index, rewrite rows that
+        stay in their class).  Lookups see every row of the put in its old place or every one in
+        its new."""
         ids = ids.to(device="cpu", dtype=torch.int64).reshape(-1)
         if rows.shape != (ids.numel(), self.dim):
             raise ValueError(f"rows must be [{ids.numel()}, {self.dim}], got {list(rows.shape)}")
@@ -502,8 +533,12 @@ class CompressedTable:
         ids_dev = _upload(ids, self.device)
         if sole_writer:
             plan = self._plan_put(ids_dev, rows, target)
+            staged = self._stage_put(ids_dev, target, plan) if self._index_copies() else None
             with self.lock:
-                self._commit_put(ids_dev, target, plan)
+                if staged is None:
+                    self._commit_put(ids_dev, target, plan)
+                else:
+                    self._publish(staged)
         else:
             with self.lock:
                 self._commit_put(ids_dev, target, self._plan_put(ids_dev, rows, target))
@@ -534,11 +569,51 @@ class CompressedTable:
             new_loc[sel[n_stay:]] = (c << LOCATOR_CLASS_SHIFT) | taken
         moved = (plan.old >= 0) & (plan.old_cls != target)
         self._release(plan.old[moved])
-        if isinstance(self.index, HashIndex) and self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
+        self._assign(self.index, ids_dev, new_loc)
+
+    def _index_copies(self) -> bool:
+        """Whether the index can be written in a copy and swapped in (hash and plain dense)."""
+        return isinstance(self.index, HashIndex) or type(self.index) is DenseIndex
+
+    def _assign(self, index: Any, ids: torch.Tensor, locators: torch.Tensor) -> None:
+        if isinstance(index, HashIndex) and self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
             # a table that evicts at max_ids never holds more: growth stops at capacity_for(max_ids, CHURN_LOAD)
-            self.index.assign(ids_dev, new_loc, max_ids=self.lifecycle.config.max_ids)
+            index.assign(ids, locators, max_ids=self.lifecycle.config.max_ids)
         else:
-            self.index.assign(ids_dev, new_loc)
+            index.assign(ids, locators)
+
+    def _stage_put(self, ids_dev: torch.Tensor, target: torch.Tensor, plan: _PutPlan) -> _StagedPut:
+        """Write a planned put beside the lookups (a sole writer, outside the lock): fresh rows
+        into slots no locator points at (free ones, or past ``used``, in a grown copy of the slab
+        when it must grow), the new locators into a copy of the index.  Rows that stay in their
+        class are live: they are kept for :meth:`_publish`."""
+        slabs, used, free = list(self.slabs), list(self.used), list(self.free)
+        new_loc = plan.old_dev.clone()
+        stays = []
+        for c, n_stay, n_fresh, sel, encoded in plan.per_class:
+            taken, _ = self._take_slots_from(c, n_fresh, slabs, used, free)
+            if encoded.shape[1]:
+                if n_stay:
+                    stays.append((c, (plan.old_dev[sel[:n_stay]] & LOCATOR_SLOT_MASK).to(torch.int64), encoded[:n_stay]))
+                slabs[c].index_copy_(0, taken.to(torch.int64), encoded[n_stay:])
+            new_loc[sel[n_stay:]] = (c << LOCATOR_CLASS_SHIFT) | taken
+        moved = (plan.old >= 0) & (plan.old_cls != target)
+        self._release_into(plan.old[moved], free)
+        index = self.index.copy()
+        self._assign(index, ids_dev, new_loc)
+        return _StagedPut(slabs, used, free, stays, index)
+
+    def _publish(self, staged: _StagedPut) -> None:
+        """Make a staged write the table's (under the lock; nothing was written since it was staged)."""
+        replaced = any(new is not old for new, old in zip(staged.slabs, self.slabs, strict=True))
+        self.slabs[:] = staged.slabs
+        self.used[:] = staged.used
+        self.free[:] = staged.free
+        for c, slots, encoded in staged.stays:
+            self.slabs[c].index_copy_(0, slots, encoded)
+        self.index.take(staged.index)
+        if replaced:
+            self.decoder.refresh(self.slabs)
 
     def delete(self, ids: torch.Tensor) -> int:
         """Remove ``ids``; returns how many were present."""
@@ -556,13 +631,14 @@ class CompressedTable:
         leave free slots behind, and slabs only grow; this is how memory returns to the budget.
 
         ``sole_writer``: the caller guarantees that nothing else writes the table meanwhile (the
-        service's re-decisions hold its write lock).  Each class's new slab is then copied
-        outside :attr:`lock`, with lookups going on, and only swapped in under it together with
-        its rows' new locators: lookups wait for one class's repointing at a time, not for the
-        copy of every slab (1M IDs: 0.3-0.5 s).  Without it the whole compaction holds the lock."""
-        # per class: an index repointed in place (hash, dense); a sorted or run index is rebuilt
-        # whole, so those compact under the lock throughout
-        if not (sole_writer and (isinstance(self.index, HashIndex) or type(self.index) is DenseIndex)):
+        service's re-decisions hold its write lock).  Each class's new slab is then copied, and
+        its rows repointed in a copy of the index, outside :attr:`lock`, with lookups going on;
+        the lock is held only to swap both in (1M IDs: the copies take 0.3-0.5 s, and the
+        repointing, under the lock until this change, held lookups up to 50-190 ms per class).
+        Without it the whole compaction holds the lock."""
+        # per class: an index written in a copy and swapped in (hash, dense); a sorted or run
+        # index is rebuilt whole, so those compact under the lock throughout
+        if not (sole_writer and self._index_copies()):
             with self.lock:
                 return self._compact(per_class=False)
         return self._compact(per_class=True)
@@ -580,36 +656,46 @@ class CompressedTable:
             compacted = memory.empty((kept.numel(), self.slabs[c].shape[1]), torch.uint8, self.device)
             torch.index_select(self.slabs[c], 0, kept, out=compacted)
             new_locs[order] = (c << LOCATOR_CLASS_SHIFT) | torch.arange(order.numel(), dtype=torch.int32, device=self.device)
+            repointed = None
+            if per_class and order.numel():
+                # this class's rows pointed into its new slab in a copy of the index, beside the
+                # lookups; swapped in with the slab, the others' rows still into theirs: a lookup
+                # between two swaps reads a consistent table
+                repointed = self.index.copy()
+                if isinstance(repointed, HashIndex):
+                    repointed.repoint(ids[order], new_locs[order])
+                else:
+                    repointed.locator[ids[order]] = new_locs[order]
             with self.lock:  # (held throughout unless per_class)
                 self.slabs[c] = compacted
                 self.used[c] = int(order.numel())
                 self.free[c] = torch.empty(0, dtype=torch.int32, device=self.device)
-                if per_class:
-                    # this class's rows point into its new slab now, the others' still into
-                    # theirs: a lookup between two swaps reads a consistent table
-                    self._repoint(ids[order], new_locs[order])
+                if repointed is not None:
+                    self.index.take(repointed)
                 self.decoder.refresh(self.slabs)
-        with self.lock:
-            if not isinstance(self.index, HashIndex):
-                self._repoint(ids, new_locs, whole=True)
-            elif not per_class:
-                self._repoint(ids, new_locs)
+        if per_class and not isinstance(self.index, HashIndex):
+            # a dense index already points every row into its new slab: rebuilt without the
+            # locator slack that doubling left past the highest ID, beside the lookups
+            trimmed = self._positional(ids, new_locs)
+            with self.lock:
+                self.index = trimmed
+        elif not per_class:
+            with self.lock:
+                if isinstance(self.index, HashIndex):
+                    self.index.repoint(ids, new_locs)  # the held keys, new slots: repointed in place
+                elif isinstance(self.index, KeyedIndex):
+                    self.index = KeyedIndex.build(ids, new_locs)
+                else:
+                    self.index = self._positional(ids, new_locs)
         return before - self.nbytes
 
-    def _repoint(self, ids: torch.Tensor, locs: torch.Tensor, whole: bool = False) -> None:
-        """Point ``ids`` at ``locs`` (under the lock).  ``whole``: they are every held ID, and a
-        positional index is rebuilt without the locator slack that doubling left past the highest."""
-        if isinstance(self.index, HashIndex):
-            self.index.repoint(ids, locs)  # the held keys, new slots: repointed in place
-        elif isinstance(self.index, KeyedIndex):
-            self.index = KeyedIndex.build(ids, locs)  # whole only (compact)
-        elif whole:
-            size = int(ids.max()) + 1 if ids.numel() else 0
-            locator = torch.full((size,), -1, dtype=torch.int32, device=self.device)
-            locator[ids] = locs
-            self.index = RunIndex.from_locator(locator) if isinstance(self.index, RunIndex) else DenseIndex(locator)
-        else:
-            self.index.locator[ids.to(torch.int64)] = locs  # type: ignore[union-attr] - a plain DenseIndex, per class
+    def _positional(self, ids: torch.Tensor, locs: torch.Tensor) -> IdIndex:
+        """A dense (or run) index like this table's of exactly ``ids`` -> ``locs`` (every held ID),
+        without the locator slack that doubling left past the highest."""
+        size = int(ids.max()) + 1 if ids.numel() else 0
+        locator = torch.full((size,), -1, dtype=torch.int32, device=self.device)
+        locator[ids] = locs
+        return RunIndex.from_locator(locator) if isinstance(self.index, RunIndex) else DenseIndex(locator)
 
     # ------------------------------------------------------------------ accounting
 

@@ -121,13 +121,35 @@ def test_lookups_go_on_while_a_redecision_decides_and_rebuilds(tmp_path: Path, m
         seen["encode"] = _lookup_from_another_thread(table)
         return encode(*args, **kwargs)
 
+    assign, repoint, empty = HashIndex.assign, HashIndex.repoint, memory_module.empty
+    writes: list[tuple[str, bool]] = []
+
+    def assigning(index, *args, **kwargs):  # type: ignore[no-untyped-def]
+        writes.append(("assign", _lookup_from_another_thread(table)))
+        return assign(index, *args, **kwargs)
+
+    def repointing(index, *args, **kwargs):  # type: ignore[no-untyped-def]
+        writes.append(("repoint", _lookup_from_another_thread(table)))
+        return repoint(index, *args, **kwargs)
+
+    def allocating(*args, **kwargs):  # type: ignore[no-untyped-def]
+        writes.append(("allocate", _lookup_from_another_thread(table)))
+        return empty(*args, **kwargs)
+
     monkeypatch.setattr(hosted.policy, "decide", deciding)
     monkeypatch.setattr(HashIndex, "rebuilt", rebuilding)
     monkeypatch.setattr(table_module.codecs, "encode_rows", encoding)
     before = table.lookup(torch.arange(200)).values
+    monkeypatch.setattr(HashIndex, "assign", assigning)
+    monkeypatch.setattr(HashIndex, "repoint", repointing)
+    monkeypatch.setattr(memory_module, "empty", allocating)
     result = applier.redecide(hosted)
     assert result["moved"].get("d8b8", 0) > 100  # the moved rows were re-encoded beside the lookups
     assert seen == {"decide": True, "rebuild": True, "encode": True}
+    # and written beside them: the index written in copies (the moved IDs' new locators, each
+    # compacted class's repointing), the grown and compacted slabs allocated, all outside the lock
+    assert {kind for kind, _ in writes} == {"assign", "repoint", "allocate"}
+    assert all(ok for _, ok in writes), writes
     assert _decisions(metrics) == 1
     assert torch.allclose(table.lookup(torch.arange(200)).values, before, atol=0.05)  # same rows, at most re-quantized
 
@@ -169,8 +191,61 @@ def test_compacting_as_sole_writer_copies_slabs_beside_lookups_and_ends_the_same
 
     monkeypatch.setattr(memory_module, "empty", watched)
     given_back = beside.compact(sole_writer=True)
-    assert copies == [True, True] and given_back > 0
+    # each class's new slab, and the index copy its rows are repointed in, allocated outside the lock
+    assert len(copies) >= 2 and all(copies) and given_back > 0
     ids = torch.arange(3000)
     a, b = plain.lookup(ids), beside.lookup(ids)
     assert torch.equal(a.values, b.values) and torch.equal(a.found, b.found)
     assert beside.nbytes == plain.nbytes and beside.used == plain.used == [s.shape[0] for s in beside.slabs]
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_a_sole_writers_put_leaves_what_a_put_under_the_lock_leaves(keyed: bool) -> None:
+    """put(sole_writer=True) writes new rows into slots no locator points at and the index in a
+    copy, then publishes both: the table it leaves equals a plain put's, for rows that move class
+    (into free slots and past a slab's end, growing it), rows rewritten in their own class, new
+    IDs and a duplicate in one call."""
+
+    def table_with_holes() -> CompressedTable:
+        table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=keyed)
+        g = torch.Generator().manual_seed(3)
+        table.put(torch.arange(400), torch.randn(400, 8, generator=g), torch.randint(0, 2, (400,), generator=g))
+        table.delete(torch.arange(0, 400, 5))  # free slots in both classes
+        return table
+
+    plain, staged = table_with_holes(), table_with_holes()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.cat([torch.arange(1, 400, 2), torch.arange(400, 700), torch.tensor([3])])  # held, new, a duplicate
+    rows = torch.randn(ids.numel(), 8, generator=g)
+    target = torch.randint(0, 2, (ids.numel(),), generator=g)
+    plain.put(ids, rows, target)
+    slabs_before = [s.shape[0] for s in staged.slabs]
+    staged.put(ids, rows, target, sole_writer=True)
+    assert any(s.shape[0] > b for s, b in zip(staged.slabs, slabs_before))  # a slab grew
+    every = torch.arange(800)
+    a, b = plain.lookup(every), staged.lookup(every)
+    assert torch.equal(a.values, b.values) and torch.equal(a.found, b.found) and torch.equal(a.locators, b.locators)
+    assert staged.used == plain.used and staged.nbytes == plain.nbytes
+    assert all(torch.equal(x, y) for x, y in zip(staged.free, plain.free))
+    assert staged.index.num_ids == plain.index.num_ids
+
+
+def test_a_sole_writers_put_writes_beside_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index write of a sole writer's put (HashIndex.assign on its copy) runs with lookups
+    going on; only the swap holds the lock."""
+    table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=True)
+    table.put(torch.arange(100), torch.randn(100, 8, generator=torch.Generator().manual_seed(5)), 1)
+    assign = HashIndex.assign
+    seen: list[bool] = []
+
+    def assigning(index, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(_lookup_from_another_thread(table))
+        return assign(index, *args, **kwargs)
+
+    monkeypatch.setattr(HashIndex, "assign", assigning)
+    held = table.index
+    table.put(torch.arange(50), torch.randn(50, 8), 0, sole_writer=True)
+    assert seen == [True]
+    assert table.index is held  # the same index object, its arrays swapped (HashIndex.take)
+    assert bool(table.lookup(torch.arange(100)).found.all())
+    assert (table.lookup(torch.arange(50)).locators >> 28).eq(0).all()
