@@ -155,16 +155,20 @@ def fsync_dir(path: Path) -> None:
 
 
 def capture_state(
-    table: CompressedTable, log_position: str | None = None, extra: dict[str, Any] | None = None
+    table: CompressedTable, log_position: str | None = None, extra: dict[str, Any] | None = None, *, writers_excluded: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A consistent copy of the table's tensors and its manifest, taken under the table's lock.
 
     Writers wait for the lock; the copy is what makes it safe to write the file after the lock is
-    released (``to("cpu")`` alone would hand back the live CPU tensors)."""
-    with table.lock:
-        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in table.state_tensors().items()}
-        manifest = manifest_of(table, log_position, extra)
-    return tensors, manifest
+    released (``to("cpu")`` alone would hand back the live CPU tensors).  ``writers_excluded``:
+    the caller holds what keeps every writer out (the service's per-table write lock), so the
+    copy needs no lock against lookups, which only read: they go on while it is taken (a 1M-ID
+    int8 table: 126 MiB, about 70 ms of copying that held every lookup of the table before)."""
+    if not writers_excluded:
+        with table.lock:
+            return capture_state(table, log_position, extra, writers_excluded=True)
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in table.state_tensors().items()}
+    return tensors, manifest_of(table, log_position, extra)
 
 
 def write_state(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: str | os.PathLike[str]) -> Path:

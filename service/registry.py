@@ -73,11 +73,12 @@ class HostedTable:
     # snapshots of this table run one at a time (service/tablefiles.py): two overlapping ones
     # could finish out of order and put an older file over a newer one the trim relied on
     snapshot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    # the table's writers, one at a time: the applier's log entries and re-decisions (which an
-    # admin request may run on its own thread).  Lookups never take it, only table.lock, which
-    # writers hold just while they change what lookups read; so a re-decision reads the table
-    # and decides (seconds at 1M IDs) with lookups going on, and takes table.lock to move rows
-    # and swap the rebuilt index.  Order: write_lock, then table.lock.
+    # the table's writers, one at a time: the applier's log entries, re-decisions (which an
+    # admin request may run on its own thread) and capacity changes.  Lookups never take it, only
+    # table.lock, which writers hold just while they change what lookups read; so a re-decision
+    # does its work (seconds at 1M IDs) with lookups going on and takes table.lock only to swap
+    # arrays, and a snapshot copies the table holding this lock alone (no writer can change it;
+    # lookups only read).  Order: snapshot_lock, write_lock, table.lock.
     write_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     dropped: bool = False  # set under snapshot_lock by a drop: later snapshots are no-ops
     over_budget: str | None = None  # why the policy cannot fit the rows in the budget; None = fits

@@ -54,14 +54,16 @@ def write_snapshot(hosted: HostedTable, folder: Path) -> Position | None:
     with hosted.snapshot_lock:
         if hosted.dropped:
             return None
-        with hosted.table.lock:
+        # every writer of the table (log entries, re-decisions, capacity changes) takes its write
+        # lock: holding it, the copy is consistent with the position, and lookups go on meanwhile
+        with hosted.write_lock:
             position = hosted.log_position
             if hosted.snapshot_position is not None and (position is None or position < hosted.snapshot_position):
                 # cannot happen while log positions only grow; refuse rather than move the file back
                 log.error("not writing %s at %s: its file already includes %s", hosted.name, format_position(position),
                           format_position(hosted.snapshot_position))
                 return hosted.snapshot_position
-            tensors, manifest = capture_state(hosted.table, format_position(position), hosted.extra())
+            tensors, manifest = capture_state(hosted.table, format_position(position), hosted.extra(), writers_excluded=True)
             hosted.dirty = False
         try:
             write_state(tensors, manifest, table_path(folder, hosted.name))

@@ -239,7 +239,7 @@ def set_capacity(body: SetCapacity, name: str = Path(..., pattern=TABLE_NAME_PAT
     table = hosted.table
     if table.index.kind != "hash":
         raise ApiError(422, "invalid_request", f"table {name!r} has a {table.index.kind} index; capacity and admission need a hash-indexed keyed table")
-    with table.lock:
+    with hosted.write_lock, table.lock:  # a writer: snapshots copy the table under the write lock alone
         base = table.lifecycle.config if table.lifecycle is not None else None
         try:
             cfg = lifecycle_config(base, body.max_ids, body.admit_min_count, body.count_half_life_rows, unlimited=body.unlimited)
@@ -248,7 +248,7 @@ def set_capacity(body: SetCapacity, name: str = Path(..., pattern=TABLE_NAME_PAT
         if cfg is not None:
             table.lifecycle = IdLifecycle(cfg) if table.lifecycle is None else table.lifecycle.reconfigured(cfg)
         hosted.dirty = True
-    # outside the table lock: a snapshot takes the snapshot lock, then the table lock (tablefiles.py);
+    # outside the table's locks: a snapshot takes the snapshot lock, then the write lock (tablefiles.py);
     # entries applied in between ran under the new settings and the snapshot includes them
     applier.snapshot(hosted)
     return {"lifecycle": None if table.lifecycle is None else table.lifecycle.config.as_dict(), "ids": table.index.num_ids}
