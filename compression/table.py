@@ -444,16 +444,10 @@ class CompressedTable:
 
     # ------------------------------------------------------------------ writes
 
-    def _take_slots(self, c: int, k: int) -> torch.Tensor:
-        """Pop ``k`` free slots of class ``c``, growing its slab by doubling when needed."""
-        taken, grown = self._take_slots_from(c, k, self.slabs, self.used, self.free)
-        if grown:
-            self.decoder.refresh(self.slabs)
-        return taken
-
-    def _take_slots_from(self, c: int, k: int, slabs: list[torch.Tensor], used: list[int], free: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
-        """:meth:`_take_slots` on the given slab, count and free lists (the table's own, or a
-        staged put's copies of them); also says whether the slab was replaced by a larger one."""
+    def _take_slots(self, c: int, k: int, slabs: list[torch.Tensor], used: list[int], free: list[torch.Tensor]) -> torch.Tensor:
+        """Pop ``k`` free slots of class ``c`` from ``free`` / ``used``, growing its slab by
+        doubling when needed (a new tensor in ``slabs``).  The lists are the table's own, or a
+        staged put's copies of them."""
         lst = free[c]
         reuse = min(k, lst.numel())
         taken = lst[lst.numel() - reuse :]
@@ -463,8 +457,7 @@ class CompressedTable:
         if start + fresh > MAX_SLOTS_PER_CLASS:
             raise ValueError(f"class {self.classes[c].label()} is full ({MAX_SLOTS_PER_CLASS} rows)")
         slab = slabs[c]
-        grow = start + fresh > slab.shape[0]
-        if grow:
+        if start + fresh > slab.shape[0]:
             capacity = min(MAX_SLOTS_PER_CLASS, max(start + fresh, 2 * slab.shape[0], 16))
             if self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
                 # a table that evicts at max_ids never holds more rows: doubling must not overshoot it
@@ -474,13 +467,10 @@ class CompressedTable:
             slabs[c] = grown
         used[c] = start + fresh
         new = torch.arange(start, start + fresh, dtype=torch.int32, device=self.device)
-        return torch.cat([taken.to(torch.int32), new]), grow
-
-    def _release(self, locators: torch.Tensor) -> None:
-        self._release_into(locators, self.free)
+        return torch.cat([taken.to(torch.int32), new])
 
     @staticmethod
-    def _release_into(locators: torch.Tensor, free: list[torch.Tensor]) -> None:
+    def _release(locators: torch.Tensor, free: list[torch.Tensor]) -> None:
         """Append the slots of ``locators`` (``-1`` skipped) to the free lists ``free``."""
         locators = locators[locators >= 0]
         if locators.numel() == 0:
@@ -558,17 +548,34 @@ class CompressedTable:
             per_class.append((c, int(stay.numel()), int(fresh.numel()), sel, encoded))
         return _PutPlan(old_dev, old, old_cls, per_class)
 
-    def _commit_put(self, ids_dev: torch.Tensor, target: torch.Tensor, plan: _PutPlan) -> None:
-        """Write a planned put (under the lock)."""
+    def _write_rows(self, target: torch.Tensor, plan: _PutPlan, slabs: list[torch.Tensor], used: list[int], free: list[torch.Tensor],
+                    stays: list[tuple[int, torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+        """The rows of a planned put into ``slabs``: rows new to a class into slots taken from
+        ``free`` / ``used`` (:meth:`_take_slots`), rows that stay in their class into their own
+        slots, or into ``stays`` when it is given (live rows, which a sole writer rewrites under
+        the lock); the moved rows' old slots go back to ``free``.  Returns the new locators."""
         new_loc = plan.old_dev.clone()  # rows staying in their class keep their locator
         for c, n_stay, n_fresh, sel, encoded in plan.per_class:
-            taken = self._take_slots(c, n_fresh)  # on the device, sized on the host
-            slots = torch.cat([(plan.old_dev[sel[:n_stay]] & LOCATOR_SLOT_MASK).to(torch.int32), taken])
+            taken = self._take_slots(c, n_fresh, slabs, used, free)  # on the device, sized on the host
             if encoded.shape[1]:
-                self.slabs[c].index_copy_(0, slots.to(torch.int64), encoded)  # one scatter per class
+                own = (plan.old_dev[sel[:n_stay]] & LOCATOR_SLOT_MASK).to(torch.int64)
+                if stays is None:
+                    slabs[c].index_copy_(0, torch.cat([own, taken.to(torch.int64)]), encoded)  # one scatter per class
+                else:
+                    if n_stay:
+                        stays.append((c, own, encoded[:n_stay]))
+                    slabs[c].index_copy_(0, taken.to(torch.int64), encoded[n_stay:])
             new_loc[sel[n_stay:]] = (c << LOCATOR_CLASS_SHIFT) | taken
         moved = (plan.old >= 0) & (plan.old_cls != target)
-        self._release(plan.old[moved])
+        self._release(plan.old[moved], free)
+        return new_loc
+
+    def _commit_put(self, ids_dev: torch.Tensor, target: torch.Tensor, plan: _PutPlan) -> None:
+        """Write a planned put (under the lock)."""
+        before = list(self.slabs)
+        new_loc = self._write_rows(target, plan, self.slabs, self.used, self.free, stays=None)
+        if any(new is not old for new, old in zip(self.slabs, before, strict=True)):
+            self.decoder.refresh(self.slabs)  # a slab grew
         self._assign(self.index, ids_dev, new_loc)
 
     def _index_copies(self) -> bool:
@@ -588,17 +595,8 @@ class CompressedTable:
         when it must grow), the new locators into a copy of the index.  Rows that stay in their
         class are live: they are kept for :meth:`_publish`."""
         slabs, used, free = list(self.slabs), list(self.used), list(self.free)
-        new_loc = plan.old_dev.clone()
-        stays = []
-        for c, n_stay, n_fresh, sel, encoded in plan.per_class:
-            taken, _ = self._take_slots_from(c, n_fresh, slabs, used, free)
-            if encoded.shape[1]:
-                if n_stay:
-                    stays.append((c, (plan.old_dev[sel[:n_stay]] & LOCATOR_SLOT_MASK).to(torch.int64), encoded[:n_stay]))
-                slabs[c].index_copy_(0, taken.to(torch.int64), encoded[n_stay:])
-            new_loc[sel[n_stay:]] = (c << LOCATOR_CLASS_SHIFT) | taken
-        moved = (plan.old >= 0) & (plan.old_cls != target)
-        self._release_into(plan.old[moved], free)
+        stays: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        new_loc = self._write_rows(target, plan, slabs, used, free, stays)
         index = self.index.copy()
         self._assign(index, ids_dev, new_loc)
         return _StagedPut(slabs, used, free, stays, index)
@@ -621,7 +619,7 @@ class CompressedTable:
         with self.lock:
             old = self.index.resolve(ids)
             present = old >= 0
-            self._release(old[present])
+            self._release(old[present], self.free)
             self.index.assign(ids[present], torch.full((int(present.sum()),), -1, dtype=torch.int32, device=self.device))
         return int(present.sum())
 
@@ -663,9 +661,9 @@ class CompressedTable:
                 # between two swaps reads a consistent table
                 repointed = self.index.copy()
                 if isinstance(repointed, HashIndex):
-                    repointed.repoint(ids[order], new_locs[order])
+                    repointed.repoint(ids[order], new_locs[order])  # held keys: no dedup or growth passes
                 else:
-                    repointed.locator[ids[order]] = new_locs[order]
+                    repointed.assign(ids[order], new_locs[order])
             with self.lock:  # (held throughout unless per_class)
                 self.slabs[c] = compacted
                 self.used[c] = int(order.numel())
