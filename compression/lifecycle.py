@@ -80,7 +80,11 @@ class LifecycleConfig:
 class GateResult:
     keep: torch.Tensor  # bool [n]: upserts (positions in the batch) that get a row
     filtered: int  # upserts refused by admission
-    evicted: int  # IDs evicted to make room
+    victims: torch.Tensor  # int64: held IDs (none of the batch's) to evict to make room
+
+    @property
+    def evicted(self) -> int:
+        return int(self.victims.numel())
 
 
 class IdLifecycle:
@@ -145,9 +149,11 @@ class IdLifecycle:
     # ------------------------------------------------------------------ the gate
 
     def gate(self, table: "CompressedTable", ids: torch.Tensor) -> GateResult:
-        """Count an upsert batch, decide which of its upserts get a row, and evict to make room
-        (the evicted IDs are deleted from ``table`` here).  Call under the table's lock, once per
-        log entry, in log order."""
+        """Count an upsert batch, decide which of its upserts get a row, and choose the IDs to
+        evict to make room (``victims``: the caller deletes them together with the batch's own
+        writes, so that lookups see the entry all or nothing).  Reads the table and writes only
+        these counts: call with the table's other writers held off (the service's write lock;
+        lookups may go on), once per log entry, in log order."""
         index = table.index
         if not isinstance(index, HashIndex):
             raise ValueError("admission and capacity need a hash-indexed keyed table")
@@ -163,7 +169,7 @@ class IdLifecycle:
             if refused.numel():
                 keep &= ~torch.isin(ids, refused)
                 new = new[~torch.isin(new, refused)]
-        evicted = 0
+        victims = torch.empty(0, dtype=torch.int64)
         if cfg.max_ids is not None and new.numel():
             if new.numel() > cfg.max_ids:  # one batch brings more new IDs than the table holds
                 order = torch.sort(self.estimate(new), descending=True, stable=True).indices
@@ -173,13 +179,11 @@ class IdLifecycle:
             over = index.num_ids + new.numel() - cfg.max_ids
             if over > 0:
                 victims = self._victims(index, over, uniq)
-                table.delete(victims)
-                evicted = int(victims.numel())
-                short = over - evicted  # the batch itself is (nearly) all the table holds
+                short = over - victims.numel()  # the batch itself is (nearly) all the table holds
                 if short > 0:
                     order = torch.sort(self.estimate(new), stable=True).indices
                     keep &= ~torch.isin(ids, new[order[:short]])
-        return GateResult(keep, int((~keep).sum()), evicted)
+        return GateResult(keep, int((~keep).sum()), victims)
 
     def _victims(self, index: HashIndex, count: int, batch: torch.Tensor) -> torch.Tensor:
         """``count`` held IDs outside ``batch`` with the lowest counts among a sample."""

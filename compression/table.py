@@ -165,11 +165,14 @@ def _stack_bytes(t: torch.Tensor) -> int:
 
 
 @dataclass
-class _PutPlan:
-    """A put planned before it is written (CompressedTable._plan_put): the IDs' old locators
-    (on the device and downloaded), their old classes, and per target class (class, rows that
-    stay in it, rows new to it, their positions in the put, their encoded bytes)."""
+class PutPlan:
+    """A put planned before it is written (CompressedTable.plan_put): its distinct IDs (on the
+    device) and their target classes, the IDs' old locators (on the device and downloaded),
+    their old classes, and per target class (class, rows that stay in it, rows new to it, their
+    positions in the put, their encoded bytes)."""
 
+    ids_dev: torch.Tensor
+    target: torch.Tensor
     old_dev: torch.Tensor
     old: torch.Tensor
     old_cls: torch.Tensor
@@ -506,6 +509,35 @@ class CompressedTable:
         the lock is held only to publish them (swap the slabs and the index, rewrite rows that
         stay in their class).  Lookups see every row of the put in its old place or every one in
         its new."""
+        if sole_writer:
+            plan = self.plan_put(ids, rows, class_index)
+            staged = self._stage_put(plan) if self._index_copies() else None
+            with self.lock:
+                if staged is None:
+                    self._commit_put(plan)
+                else:
+                    self._publish(staged)
+        else:
+            args = self._put_args(ids, rows, class_index)
+            with self.lock:
+                self._commit_put(self._plan_put(*args))
+
+    def plan_put(self, ids: torch.Tensor, rows: torch.Tensor, class_index: torch.Tensor | int) -> PutPlan:
+        """Everything of :meth:`put` that only reads the table: checks, duplicates, which rows go
+        where, and the encoding, done with lookups going on; :meth:`commit_put` writes it.  The
+        plan is valid while nothing else writes the table: the caller keeps other writers out
+        from here to the commit (the service's per-table write lock does), or holds :attr:`lock`."""
+        return self._plan_put(*self._put_args(ids, rows, class_index))
+
+    def commit_put(self, plan: PutPlan) -> None:
+        """Write a put planned by :meth:`plan_put` (under :attr:`lock`, which it takes: a caller
+        holding it may make more writes part of the same change for lookups)."""
+        with self.lock:
+            self._commit_put(plan)
+
+    def _put_args(self, ids: torch.Tensor, rows: torch.Tensor, class_index: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A put's checked arguments: its distinct IDs (the last occurrence wins) on the device,
+        their float32 rows on the device and their target classes."""
         ids = ids.to(device="cpu", dtype=torch.int64).reshape(-1)
         if rows.shape != (ids.numel(), self.dim):
             raise ValueError(f"rows must be [{ids.numel()}, {self.dim}], got {list(rows.shape)}")
@@ -520,20 +552,9 @@ class CompressedTable:
         last.scatter_reduce_(0, inverse, torch.arange(ids.numel()), reduce="amax")
         ids, target = ids[last], target[last]
         rows = _upload(rows[last.to(rows.device)].to(torch.float32), self.device)
-        ids_dev = _upload(ids, self.device)
-        if sole_writer:
-            plan = self._plan_put(ids_dev, rows, target)
-            staged = self._stage_put(ids_dev, target, plan) if self._index_copies() else None
-            with self.lock:
-                if staged is None:
-                    self._commit_put(ids_dev, target, plan)
-                else:
-                    self._publish(staged)
-        else:
-            with self.lock:
-                self._commit_put(ids_dev, target, self._plan_put(ids_dev, rows, target))
+        return _upload(ids, self.device), rows, target
 
-    def _plan_put(self, ids_dev: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> _PutPlan:
+    def _plan_put(self, ids_dev: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> PutPlan:
         """Where each row of a put goes and its encoded bytes (reads the table, writes nothing)."""
         old_dev = self.index.resolve(ids_dev)
         old = old_dev.cpu()  # the one download the plan needs
@@ -546,9 +567,9 @@ class CompressedTable:
             x = rows[sel] @ self.rotation_columns(self.classes[c].dim) if self.truncated(c) else rows[sel]
             encoded = codecs.encode_rows(x, self.classes[c], codebook=self.codebooks[c])
             per_class.append((c, int(stay.numel()), int(fresh.numel()), sel, encoded))
-        return _PutPlan(old_dev, old, old_cls, per_class)
+        return PutPlan(ids_dev, target, old_dev, old, old_cls, per_class)
 
-    def _write_rows(self, target: torch.Tensor, plan: _PutPlan, slabs: list[torch.Tensor], used: list[int], free: list[torch.Tensor],
+    def _write_rows(self, plan: PutPlan, slabs: list[torch.Tensor], used: list[int], free: list[torch.Tensor],
                     stays: list[tuple[int, torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
         """The rows of a planned put into ``slabs``: rows new to a class into slots taken from
         ``free`` / ``used`` (:meth:`_take_slots`), rows that stay in their class into their own
@@ -566,17 +587,17 @@ class CompressedTable:
                         stays.append((c, own, encoded[:n_stay]))
                     slabs[c].index_copy_(0, taken.to(torch.int64), encoded[n_stay:])
             new_loc[sel[n_stay:]] = (c << LOCATOR_CLASS_SHIFT) | taken
-        moved = (plan.old >= 0) & (plan.old_cls != target)
+        moved = (plan.old >= 0) & (plan.old_cls != plan.target)
         self._release(plan.old[moved], free)
         return new_loc
 
-    def _commit_put(self, ids_dev: torch.Tensor, target: torch.Tensor, plan: _PutPlan) -> None:
+    def _commit_put(self, plan: PutPlan) -> None:
         """Write a planned put (under the lock)."""
         before = list(self.slabs)
-        new_loc = self._write_rows(target, plan, self.slabs, self.used, self.free, stays=None)
+        new_loc = self._write_rows(plan, self.slabs, self.used, self.free, stays=None)
         if any(new is not old for new, old in zip(self.slabs, before, strict=True)):
             self.decoder.refresh(self.slabs)  # a slab grew
-        self._assign(self.index, ids_dev, new_loc)
+        self._assign(self.index, plan.ids_dev, new_loc)
 
     def _index_copies(self) -> bool:
         """Whether the index can be written in a copy and swapped in (hash and plain dense)."""
@@ -589,16 +610,16 @@ class CompressedTable:
         else:
             index.assign(ids, locators)
 
-    def _stage_put(self, ids_dev: torch.Tensor, target: torch.Tensor, plan: _PutPlan) -> _StagedPut:
+    def _stage_put(self, plan: PutPlan) -> _StagedPut:
         """Write a planned put beside the lookups (a sole writer, outside the lock): fresh rows
         into slots no locator points at (free ones, or past ``used``, in a grown copy of the slab
         when it must grow), the new locators into a copy of the index.  Rows that stay in their
         class are live: they are kept for :meth:`_publish`."""
         slabs, used, free = list(self.slabs), list(self.used), list(self.free)
         stays: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        new_loc = self._write_rows(target, plan, slabs, used, free, stays)
+        new_loc = self._write_rows(plan, slabs, used, free, stays)
         index = self.index.copy()
-        self._assign(index, ids_dev, new_loc)
+        self._assign(index, plan.ids_dev, new_loc)
         return _StagedPut(slabs, used, free, stays, index)
 
     def _publish(self, staged: _StagedPut) -> None:

@@ -40,6 +40,7 @@ def replay(entries: list[Entry], evicted: list[int] | None = None) -> Compressed
     for ids, vectors, deletes in entries:
         t_ids = torch.from_numpy(ids)
         gate = table.lifecycle.gate(table, t_ids)
+        table.delete(gate.victims)  # as the applier does, before the entry's rows
         if evicted is not None:
             evicted.append(gate.evicted)
         if bool(gate.keep.any()):

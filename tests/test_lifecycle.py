@@ -30,6 +30,7 @@ def _apply(table: CompressedTable, ids: torch.Tensor) -> tuple[int, int]:
     assert table.lifecycle is not None
     gate = table.lifecycle.gate(table, ids)
     kept = ids[gate.keep]
+    table.delete(gate.victims)  # as the applier does, before the entry's rows
     if kept.numel():
         table.put(kept, kept.to(torch.float32)[:, None].expand(-1, 4), 0)
     return gate.filtered, gate.evicted

@@ -2,7 +2,9 @@
 next waits t * (1/share - 1), so a fast stream into a large table keeps its applier applying: a
 re-decision is O(held IDs)), and lookups go on while one decides and rebuilds the index (only
 moving rows and swapping arrays holds them).  Driven on an applier whose thread is not started,
-with its clock read from the table's own record of the last re-decision (no sleeps)."""
+with its clock read from the table's own record of the last re-decision (no sleeps).  Log
+entries likewise: admission, eviction choice and encoding beside the lookups, the entry's writes
+in one hold of the table's lock."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from compression import CompressedTable, RowClass
 from compression import memory as memory_module
 from compression import table as table_module
 from compression.hash_index import HashIndex
+from compression.lifecycle import IdLifecycle, LifecycleConfig
 from service.applier import Applier
 from service.metrics import ServiceMetrics
 from service.registry import HostedTable, TableRegistry, policy_from_config
@@ -249,3 +252,49 @@ def test_a_sole_writers_put_writes_beside_lookups(monkeypatch: pytest.MonkeyPatc
     assert table.index is held  # the same index object, its arrays swapped (HashIndex.take)
     assert bool(table.lookup(torch.arange(100)).found.all())
     assert (table.lookup(torch.arange(50)).locators >> 28).eq(0).all()
+
+
+class _CountingLock:
+    """The table's lock, counting this thread's outermost holds (lookups on other threads pass
+    through uncounted)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.owner, self.depth, self.holds = inner, threading.get_ident(), 0, 0
+
+    def __enter__(self) -> "_CountingLock":
+        self.inner.__enter__()  # type: ignore[attr-defined]
+        if threading.get_ident() == self.owner:
+            self.depth += 1
+            self.holds += self.depth == 1
+        return self
+
+    def __exit__(self, *exc: object) -> object:
+        if threading.get_ident() == self.owner:
+            self.depth -= 1
+        return self.inner.__exit__(*exc)  # type: ignore[attr-defined]
+
+
+def test_a_log_entry_is_encoded_beside_lookups_and_written_in_one_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry that evicts (a full table) and upserts: its rows are encoded with lookups going
+    on, and its writes - the evictions, the rows, the deletes - take one hold of the table's lock,
+    so a lookup sees the entry all or nothing."""
+    applier, hosted, _ = _applier(tmp_path, 1.0)
+    table = hosted.table
+    table.lifecycle = IdLifecycle(LifecycleConfig(max_ids=200))  # it holds 200: new IDs evict
+    encode = table_module.codecs.encode_rows
+    seen: list[bool] = []
+
+    def encoding(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(_lookup_from_another_thread(table))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(table_module.codecs, "encode_rows", encoding)
+    counting = _CountingLock(table.lock)
+    table.lock = counting  # type: ignore[assignment] - the same with-statement protocol
+    new = np.arange(1000, 1010, dtype=np.int64)
+    batch = UpdateBatch("t", new, np.ones((10, 8), dtype=np.float32), np.array([5], dtype=np.int64))
+    applier._apply_one(LogRecord((1, 0), 0.0, batch))  # noqa: SLF001
+    assert seen and all(seen)
+    assert counting.holds == 1
+    found = table.lookup(torch.from_numpy(np.append(new, 5))).found
+    assert bool(found[:10].all()) and not bool(found[10]) and table.index.num_ids <= 200
