@@ -9,7 +9,8 @@ of the same table in the meantime waits for whatever part of that holds the tabl
 runs the applier's own ``redecide`` (its thread not started) on a keyed table while another
 thread looks up batches of 4096 IDs back to back, and reports the lookups' latencies during the
 re-decision, for three budgets: one that moves no row, and two that move rows down a class; then
-the same during a snapshot of the table (``Applier.snapshot``: its copy and the file write).  The
+the same while the applier applies 50 log entries of 10,000 rows (half of them new IDs), and
+during a snapshot of the table (``Applier.snapshot``: its copy and the file write).  The
 table's lock is wrapped (``HoldTimer``), so the report also gives the longest time the
 re-decision's thread held it and the calls that took it.
 """
@@ -27,6 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,6 +39,8 @@ from service.applier import Applier  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
 from service.registry import TableRegistry, policy_from_config  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.updatelog.base import LogRecord  # noqa: E402
+from service.updatelog.entry import UpdateBatch  # noqa: E402
 from service.updatelog.sqlite_log import SqliteUpdateLog  # noqa: E402
 
 
@@ -65,6 +69,9 @@ class HoldTimer:
         return self.inner.__exit__(*exc)
 
 
+ENTRIES, ENTRY_ROWS = 50, 10_000  # the log-entry case: bench/streaming_scale.py's request size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ids", type=int, default=1_000_000)
@@ -91,9 +98,19 @@ def main() -> None:
     if hosted.sketch is not None:  # Zipf traffic: the policy has frequencies to go by
         hosted.sketch.add(keys[torch.multinomial(zipf_frequencies(n), 200_000, replacement=True, generator=g)], 1.0)
     rows = []
-    cases = (("budget 1.2x the table", 1.2), ("budget 0.9x", 0.9), ("budget 0.85x", 0.85), ("snapshot (no re-decision)", None))
+    rng = np.random.default_rng(4)
+    entries = []
+    for k in range(ENTRIES):  # half held IDs (rows rewritten), half new ones
+        held = keys.numpy()[rng.integers(0, n, ENTRY_ROWS // 2)]
+        fresh = rng.integers(2**40, 2**41, ENTRY_ROWS - ENTRY_ROWS // 2)
+        entries.append(UpdateBatch("t", np.concatenate([held, fresh]).astype(np.int64),
+                                   rng.standard_normal((ENTRY_ROWS, d)).astype(np.float32), np.empty(0, dtype=np.int64)))
+    cases: tuple[tuple[str, float | str], ...] = (
+        ("budget 1.2x the table", 1.2), ("budget 0.9x", 0.9), ("budget 0.85x", 0.85),
+        (f"{ENTRIES} log entries of {ENTRY_ROWS:,} rows", "entries"), ("snapshot (no re-decision)", "snapshot"),
+    )
     for label, fraction in cases:
-        if fraction is not None:
+        if isinstance(fraction, float):
             hosted.budget_bytes = int(table.nbytes * fraction)
         hosted.dirty = True
         calls: list[tuple[float, float]] = []
@@ -113,9 +130,12 @@ def main() -> None:
         time.sleep(0.3)  # the lookups are running (a bench, not a test: no ordering to prove)
         window = (time.perf_counter(), 0.0)
         try:
-            if fraction is None:
+            result: dict[str, Any] = {"moved": {}}
+            if fraction == "snapshot":
                 applier.snapshot(hosted)  # the table's copy and its file write
-                result: dict[str, Any] = {"moved": {}}
+            elif fraction == "entries":
+                for k, batch in enumerate(entries):  # what the applier's thread does with each log entry
+                    applier._apply_one(LogRecord((1, k + 1), 0.0, batch))  # noqa: SLF001
             else:
                 result = applier.redecide(hosted)
             window = (window[0], time.perf_counter())
@@ -133,7 +153,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     lines = [
-        "# Lookups during a re-decision or a snapshot",
+        "# Lookups during a re-decision, log entries or a snapshot",
         "",
         f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.label}; {platform.processor() or platform.machine()}, "
         f"2-core VM shared with other jobs, Python {platform.python_version()}, torch {torch.__version__}.",
