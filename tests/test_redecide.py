@@ -174,16 +174,18 @@ def test_the_applier_waits_for_a_redecision_on_another_thread(tmp_path: Path) ->
     assert bool(found[0]) and not bool(found[1])
 
 
+def _table_with_holes(keyed: bool, n: int, every: int, seed: int) -> CompressedTable:
+    """IDs 0..n-1 in random classes (fp32, int8), every ``every``-th deleted: free slots in both."""
+    table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=keyed)
+    g = torch.Generator().manual_seed(seed)
+    table.put(torch.arange(n), torch.randn(n, 8, generator=g), torch.randint(0, 2, (n,), generator=g))
+    table.delete(torch.arange(0, n, every))
+    return table
+
+
 @pytest.mark.parametrize("keyed", [True, False])
 def test_compacting_as_sole_writer_copies_slabs_beside_lookups_and_ends_the_same(keyed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    def table_with_holes() -> CompressedTable:
-        table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=keyed)
-        g = torch.Generator().manual_seed(7)
-        table.put(torch.arange(3000), torch.randn(3000, 8, generator=g), torch.randint(0, 2, (3000,), generator=g))
-        table.delete(torch.arange(0, 3000, 3))  # free slots in both classes
-        return table
-
-    plain, beside = table_with_holes(), table_with_holes()
+    plain, beside = _table_with_holes(keyed, 3000, 3, seed=7), _table_with_holes(keyed, 3000, 3, seed=7)
     plain.compact()
     copies: list[bool] = []
     empty = memory_module.empty
@@ -208,15 +210,7 @@ def test_a_sole_writers_put_leaves_what_a_put_under_the_lock_leaves(keyed: bool)
     copy, then publishes both: the table it leaves equals a plain put's, for rows that move class
     (into free slots and past a slab's end, growing it), rows rewritten in their own class, new
     IDs and a duplicate in one call."""
-
-    def table_with_holes() -> CompressedTable:
-        table = CompressedTable.empty(8, [RowClass(8, 32), RowClass(8, 8)], keyed=keyed)
-        g = torch.Generator().manual_seed(3)
-        table.put(torch.arange(400), torch.randn(400, 8, generator=g), torch.randint(0, 2, (400,), generator=g))
-        table.delete(torch.arange(0, 400, 5))  # free slots in both classes
-        return table
-
-    plain, staged = table_with_holes(), table_with_holes()
+    plain, staged = _table_with_holes(keyed, 400, 5, seed=3), _table_with_holes(keyed, 400, 5, seed=3)
     g = torch.Generator().manual_seed(4)
     ids = torch.cat([torch.arange(1, 400, 2), torch.arange(400, 700), torch.tensor([3])])  # held, new, a duplicate
     rows = torch.randn(ids.numel(), 8, generator=g)
