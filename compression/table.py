@@ -652,8 +652,8 @@ class CompressedTable:
         ``sole_writer``: the caller guarantees that nothing else writes the table meanwhile (the
         service's re-decisions hold its write lock).  Each class's new slab is then copied, and
         its rows repointed in a copy of the index, outside :attr:`lock`, with lookups going on;
-        the lock is held only to swap both in (1M IDs: the copies take 0.3-0.5 s, and the
-        repointing, under the lock until this change, held lookups up to 50-190 ms per class).
+        the lock is held only to swap both in (1M IDs: the copies take 0.3-0.5 s, and
+        repointing a class's rows under the lock held lookups up to 50-190 ms).
         Without it the whole compaction holds the lock."""
         # per class: an index written in a copy and swapped in (hash, dense); a sorted or run
         # index is rebuilt whole, so those compact under the lock throughout
