@@ -42,6 +42,41 @@ def run_rounds(measures: dict[K, Callable[[], float]], rounds: int, on_round: Ca
     return out
 
 
+def run_alternating(steps: dict[K, Sequence[Callable[[], int]]], rounds: int, clock: Callable[[], float]) -> dict[K, list[float]]:
+    """Rates per round from methods alternated step by step: the finest interleaving, for a ratio
+    of two (or a few) methods that must hold in every round.
+
+    ``steps[k]`` is method ``k``'s pass cut into steps (one batch each, say); each step does its
+    work and returns how many items it did.  Round r runs step j of every method back to back
+    (the order rotated with j and r, so no method always goes first), timing each step by
+    ``clock``; a method's rate for the round is its items over its summed seconds.  Why: on a
+    shared machine the speed of everything drifts by tens of percent over seconds, and
+    ``run_rounds`` times a whole pass of each method in turn, so a round's ratio still spans that
+    drift (``bench/lookup.py`` saw keyed/dense 0.74..1.26 over 7 rounds of 64-batch passes);
+    here both sides of a ratio are timed within milliseconds of each other, step after step.
+    Every method must have the same number of steps."""
+    if rounds < 1:
+        raise ValueError("at least one round")
+    keys = list(steps)
+    counts = {len(steps[k]) for k in keys}
+    if len(counts) > 1:
+        raise ValueError("every method needs the same number of steps")
+    count = counts.pop() if counts else 0
+    out: dict[K, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        items = dict.fromkeys(keys, 0)
+        seconds = dict.fromkeys(keys, 0.0)
+        for j in range(count):
+            shift = (r + j) % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                started = clock()
+                items[k] += steps[k][j]()
+                seconds[k] += clock() - started
+        for k in keys:
+            out[k].append(items[k] / max(seconds[k], 1e-9))
+    return out
+
+
 @dataclass(frozen=True)
 class Spread:
     """The median of per-round values and their range."""

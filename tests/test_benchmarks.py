@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))  # appended: bench/service.py must not shadow the service package
 
-from interleave import Spread, ratio, run_rounds, target_line  # noqa: E402
+from interleave import Spread, ratio, run_alternating, run_rounds, target_line  # noqa: E402
 
 
 def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -40,6 +40,32 @@ def test_rounds_are_round_robin_with_a_rotating_start() -> None:
     out = run_rounds({"a": measure("a"), "b": measure("b"), "c": measure("c")}, 3)
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert [len(v) for v in out.values()] == [3, 3, 3]
+
+
+def test_alternating_runs_step_by_step_and_rates_each_round() -> None:
+    # a fake clock: every step of "a" takes 1 s, of "b" 2 s, and everything gets 0.1% slower
+    # after each step (drift within a round); the same-round ratio still comes out 2
+    now = [0.0]
+    calls: list[tuple[str, int]] = []
+    slowdown = [1.0]
+
+    def step(name: str, j: int, cost: float):  # type: ignore[no-untyped-def]
+        def run() -> int:
+            calls.append((name, j))
+            now[0] += cost * slowdown[0]
+            slowdown[0] *= 1.001
+            return 10
+
+        return run
+
+    out = run_alternating({"a": [step("a", j, 1.0) for j in range(3)], "b": [step("b", j, 2.0) for j in range(3)]}, 2, lambda: now[0])
+    assert calls[:6] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]  # order rotates with the step
+    assert calls[6:8] == [("b", 0), ("a", 0)]  # and with the round
+    assert [len(v) for v in out.values()] == [2, 2]
+    r = ratio(out["a"], out["b"])
+    assert 1.99 < r.lo <= r.hi < 2.01
+    with pytest.raises(ValueError):
+        run_alternating({"a": [step("a", 0, 1.0)], "b": []}, 1, lambda: now[0])
 
 
 def test_ratio_is_the_median_of_same_round_ratios() -> None:
@@ -78,6 +104,7 @@ def test_lookup_bench_fast(tmp_path: Path) -> None:
     assert "smoke mode" in report and "interleaved rounds" in report
     assert "## Targets (issue 13)" in report and "Per-call overhead at batch 1" in report
     assert "(" in report and ".." in report  # spreads are printed
+    assert "alternated batch by batch" in report and "hash-indexed int64 IDs / dense IDs, uniform >= 0.8x" in report
 
 
 @bench_smoke
