@@ -307,10 +307,9 @@ def main() -> None:
             per_round = run_alternating(steps, args.rounds, clock)
             alternating[dist] = (per_round["keyed"], per_round["dense"])
     overhead: dict[str, list[float]] = {}
-    mixed8 = dense8
-    if mixed8 is not None:
+    if dense8 is not None:
         one = torch.tensor([7], dtype=torch.int64)
-        calls = {"fp32 `F.embedding`": methods[0].lookup, "ours mixed precision 8x `lookup`": mixed8.lookup}
+        calls = {"fp32 `F.embedding`": methods[0].lookup, "ours mixed precision 8x `lookup`": dense8.lookup}
         for fn in calls.values():
             for _ in range(100):
                 fn(one)
