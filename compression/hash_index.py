@@ -598,10 +598,17 @@ class HashIndex:
         with ``max_ids`` (a table that evicts there, so never holds more) no larger than
         ``capacity_for(max_ids, CHURN_LOAD)`` unless this batch itself needs it, and sized at
         CHURN_LOAD on the way there."""
+        slots = self._grown_slots(extra, max_ids)
+        if slots is not None:
+            self.slots = slots
+
+    def _grown_slots(self, extra: int, max_ids: int | None) -> torch.Tensor | None:
+        """The overflow rehashed into the slot array :meth:`_grow_for` sizes, or None when
+        ``extra`` new IDs fit (reads this index only)."""
         need = self.overflow_count + extra
         load = MAX_LOAD if max_ids is None else CHURN_LOAD  # a table that will churn at max_ids: see CHURN_LOAD
         if need <= self.overflow_capacity * load:
-            return
+            return None
         target = max(need, math.ceil(GROWTH * self.overflow_count))
         if max_ids is not None:
             target = min(target, max(need, max_ids))
@@ -611,7 +618,19 @@ class HashIndex:
         else:
             keys, locs = _held_items(self.slots)
             _torch_upsert(slots, keys, locs)
-        self.slots = slots
+        return slots
+
+    def grown(self, extra: int, max_ids: int | None = None) -> HashIndex | None:
+        """This index with its overflow grown as :meth:`assign` of ``extra`` new IDs would grow it,
+        or None when they fit: a sole writer rehashes beside the lookups and takes (:meth:`take`)
+        the result under their lock, so that the assign then finds room.  The static part and the
+        pilots are shared: nothing writes this index between the two."""
+        slots = self._grown_slots(extra, max_ids)
+        if slots is None:
+            return None
+        dup = HashIndex.__new__(HashIndex)  # the arrays are this index's, checked when it was made
+        dup.parts, dup.count, dup.overflow_count = _Parts(self.parts.static, self.parts.pilots, slots), self.count, self.overflow_count
+        return dup
 
     def assign(self, ids: torch.Tensor, locators: torch.Tensor, max_ids: int | None = None) -> None:
         """Point ``ids`` at ``locators``; ``-1`` deletes.  A later duplicate wins.  In place: a

@@ -81,12 +81,20 @@ class DenseIndex:
             return
         if int(ids.min()) < 0:
             raise ValueError("a dense table takes only IDs >= 0")
-        need = int(ids.max()) + 1
-        if need > self.size:
-            grown = torch.full((max(need, 2 * self.size),), NO_ROW, dtype=torch.int32, device=self.locator.device)
-            grown[: self.size] = self.locator
-            self.locator = grown
+        grown = self.grown(int(ids.max()) + 1)
+        if grown is not None:
+            self.locator = grown.locator
         self.locator[ids] = locators.to(torch.int32)
+
+    def grown(self, need: int) -> "DenseIndex | None":
+        """This index with room for IDs below ``need``, doubling (what :meth:`assign` grows to), or
+        None when it has it: a sole writer grows beside the lookups and takes (:meth:`take`) the
+        result under their lock."""
+        if need <= self.size:
+            return None
+        locator = torch.full((max(need, 2 * self.size),), NO_ROW, dtype=torch.int32, device=self.locator.device)
+        locator[: self.size] = self.locator
+        return DenseIndex(locator)
 
     def copy(self) -> "DenseIndex":
         """This index with a locator array of its own: what a sole writer writes beside the

@@ -459,18 +459,62 @@ class CompressedTable:
         start = used[c]
         if start + fresh > MAX_SLOTS_PER_CLASS:
             raise ValueError(f"class {self.classes[c].label()} is full ({MAX_SLOTS_PER_CLASS} rows)")
-        slab = slabs[c]
-        if start + fresh > slab.shape[0]:
-            capacity = min(MAX_SLOTS_PER_CLASS, max(start + fresh, 2 * slab.shape[0], 16))
-            if self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
-                # a table that evicts at max_ids never holds more rows: doubling must not overshoot it
-                capacity = min(capacity, max(start + fresh, self.lifecycle.config.max_ids))
-            grown = memory.empty((capacity, slab.shape[1]), torch.uint8, slab.device)
-            grown[:start] = slab[:start]
-            slabs[c] = grown
+        if start + fresh > slabs[c].shape[0]:
+            slabs[c] = self._grown_slab(slabs[c], start, start + fresh)
         used[c] = start + fresh
         new = torch.arange(start, start + fresh, dtype=torch.int32, device=self.device)
         return torch.cat([taken.to(torch.int32), new])
+
+    def _max_ids(self) -> int | None:
+        """The ID count this table evicts at (its lifecycle's ``max_ids``), if any."""
+        return None if self.lifecycle is None else self.lifecycle.config.max_ids
+
+    def _grown_slab(self, slab: torch.Tensor, used: int, need: int) -> torch.Tensor:
+        """A copy of ``slab``'s first ``used`` rows in a slab of at least ``need`` rows: doubling,
+        and no more than ``max_ids`` rows where the table evicts there (it never holds more)."""
+        capacity = min(MAX_SLOTS_PER_CLASS, max(need, 2 * slab.shape[0], 16))
+        max_ids = self._max_ids()
+        if max_ids is not None:
+            capacity = min(capacity, max(need, max_ids))
+        grown = memory.empty((capacity, slab.shape[1]), torch.uint8, slab.device)
+        grown[:used] = slab[:used]
+        return grown
+
+    def reserve(self, plan: PutPlan, leaving: torch.Tensor | None = None) -> None:
+        """Grow now, beside the lookups, the slabs and the index that committing ``plan`` would
+        grow under :attr:`lock`, so that the commit's hold is the writes alone (a log entry that
+        doubled a 30 MiB slab held lookups ~12 ms, bench/redecide_stall.py).  Between
+        :meth:`plan_put` and :meth:`commit_put`, by the caller that keeps other writers out
+        (as for the plan); takes :attr:`lock` only to swap the grown arrays in.
+
+        ``leaving``: IDs the caller deletes before the commit (a log entry's evicted IDs), whose
+        rows free slots the commit takes first; counting them keeps a table at ``max_ids`` from
+        growing for rows it does not need.  What this cannot size exactly (index room freed by
+        ``leaving``) it leaves to the commit, which still grows whatever it must."""
+        held_leaving = torch.empty(0, dtype=torch.int32)
+        if leaving is not None and leaving.numel():
+            old = self.index.resolve(torch.unique(leaving.to(device=self.device, dtype=torch.int64).reshape(-1))).cpu()
+            held_leaving = old[old >= 0]
+        freed = torch.bincount((held_leaving >> LOCATOR_CLASS_SHIFT).to(torch.int64), minlength=len(self.classes)).tolist()
+        slabs: dict[int, torch.Tensor] = {}
+        for c, _, n_fresh, _, _ in plan.per_class:
+            need = self.used[c] + max(0, n_fresh - self.free[c].numel() - freed[c])
+            if need > self.slabs[c].shape[0]:
+                slabs[c] = self._grown_slab(self.slabs[c], self.used[c], need)
+        index: Any = None
+        if isinstance(self.index, HashIndex) and not held_leaving.numel():
+            index = self.index.grown(int((plan.old < 0).sum()), self._max_ids())
+        elif type(self.index) is DenseIndex and plan.ids_dev.numel():
+            index = self.index.grown(int(plan.ids_dev.max()) + 1)
+        if not slabs and index is None:
+            return
+        with self.lock:
+            for c, slab in slabs.items():
+                self.slabs[c] = slab
+            if index is not None:
+                self.index.take(index)
+            if slabs:
+                self.decoder.refresh(self.slabs)
 
     @staticmethod
     def _release(locators: torch.Tensor, free: list[torch.Tensor]) -> None:
@@ -604,9 +648,9 @@ class CompressedTable:
         return isinstance(self.index, HashIndex) or type(self.index) is DenseIndex
 
     def _assign(self, index: Any, ids: torch.Tensor, locators: torch.Tensor) -> None:
-        if isinstance(index, HashIndex) and self.lifecycle is not None and self.lifecycle.config.max_ids is not None:
+        if isinstance(index, HashIndex) and self._max_ids() is not None:
             # a table that evicts at max_ids never holds more: growth stops at capacity_for(max_ids, CHURN_LOAD)
-            index.assign(ids, locators, max_ids=self.lifecycle.config.max_ids)
+            index.assign(ids, locators, max_ids=self._max_ids())
         else:
             index.assign(ids, locators)
 

@@ -228,7 +228,8 @@ class Applier:
             # lookups never read, runs beside the lookups: admission and the choice of victims
             # (a function of the log alone, compression/lifecycle.py), the new rows' classes, and
             # the put's plan and encoding (a 10k-row int8 entry held lookups ~25 ms when all of it
-            # ran under table.lock, ~5 ms now).  One hold of table.lock then writes the entry:
+            # ran under table.lock, ~5 ms now), and the growth of a slab or index it fills (the
+            # copy; only the swap takes table.lock).  One hold of table.lock then writes the entry:
             # evictions, rows, deletes; lookups see it all or nothing.
             if ids.numel() and table.lifecycle is not None:
                 gate = table.lifecycle.gate(table, ids)
@@ -238,6 +239,8 @@ class Applier:
             else:
                 vectors = torch.from_numpy(batch.vectors.copy())
             plan = table.plan_put(ids, vectors, self._classes_for(hosted, ids, leaving=victims)) if ids.numel() else None
+            if plan is not None:
+                table.reserve(plan, leaving=victims)  # a slab or index that must grow: copied here, swapped in
             with table.lock:
                 if victims is not None and victims.numel():
                     table.delete(victims)

@@ -292,3 +292,49 @@ def test_a_log_entry_is_encoded_beside_lookups_and_written_in_one_hold(tmp_path:
     assert counting.holds == 1
     found = table.lookup(torch.from_numpy(np.append(new, 5))).found
     assert bool(found[:10].all()) and not bool(found[10]) and table.index.num_ids <= 200
+
+
+def test_a_log_entry_that_fills_the_table_grows_it_beside_lookups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry of new IDs that needs a bigger slab and a bigger hash overflow: both are copied
+    with lookups going on (CompressedTable.reserve), so the hold of the lock that writes the entry
+    allocates nothing, and every row lands."""
+    applier, hosted, _ = _applier(tmp_path, 1.0)
+    table = hosted.table
+    slab_rows, overflow = table.slabs[1].shape[0], table.index.overflow_capacity
+    empty = memory_module.empty  # slabs and hash slots are both allocated here
+    seen: list[bool] = []
+
+    def allocating(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(_lookup_from_another_thread(table))
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(memory_module, "empty", allocating)
+    new = np.arange(1000, 3000, dtype=np.int64)
+    vectors = np.random.default_rng(3).standard_normal((new.size, 8)).astype(np.float32)
+    applier._apply_one(LogRecord((1, 0), 0.0, UpdateBatch("t", new, vectors, np.empty(0, dtype=np.int64))))  # noqa: SLF001
+    assert table.slabs[1].shape[0] > slab_rows and table.index.overflow_capacity > overflow  # both grew
+    assert len(seen) >= 2 and all(seen)
+    got = table.lookup(torch.from_numpy(new))
+    assert bool(got.found.all())
+    assert torch.allclose(got.values, torch.from_numpy(vectors), atol=0.05 * float(np.abs(vectors).max()))
+
+
+def test_reserve_counts_the_rows_an_entry_evicts() -> None:
+    """A full slab: new rows that evicted IDs make room for do not grow it (a table at max_ids
+    would otherwise double past its budget), the same rows without evictions do, and the commit
+    after a reserve grows nothing more."""
+    table = CompressedTable.empty(8, [RowClass(8, 8)], keyed=True)
+    table.put(torch.arange(64), torch.randn(64, 8), 0)
+    table.compact()  # the slab holds exactly its 64 rows, no free slots
+    rows = table.slabs[0].shape[0]
+    plan = table.plan_put(torch.arange(100, 110), torch.randn(10, 8), 0)
+    table.reserve(plan, leaving=torch.arange(10))
+    assert table.slabs[0].shape[0] == rows
+    table.reserve(plan, leaving=torch.arange(5))  # 5 rows freed, 5 more needed: it grows
+    grown = table.slabs[0]
+    assert grown.shape[0] > rows
+    before = table.lookup(torch.arange(64)).values
+    table.commit_put(plan)
+    assert table.slabs[0] is grown  # the commit found the room
+    assert torch.equal(table.lookup(torch.arange(64)).values, before)
+    assert bool(table.lookup(torch.arange(100, 110)).found.all())
