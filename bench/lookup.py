@@ -50,6 +50,14 @@ class Method:
     rounds: dict[tuple[int, str], list[float]] = field(default_factory=dict)  # (batch, dist) -> lookups/s per round
     keys: torch.Tensor | None = None  # keyed table: the int64 ID of row i; streams are mapped before timing
 
+    def ids_for(self, positions: torch.Tensor) -> torch.Tensor:
+        """The IDs this method looks up for a batch of row positions (a keyed table's keys)."""
+        return positions if self.keys is None else self.keys[positions]
+
+    def steps(self, batches: list[torch.Tensor]) -> list[Callable[[], int]]:
+        """One alternating step per batch (its IDs mapped here, outside the timing)."""
+        return [batch_step(self.lookup, self.ids_for(ids)) for ids in batches]
+
 
 def machine() -> str:
     model = "unknown CPU"
@@ -306,7 +314,7 @@ def main() -> None:
     for key, batches in streams.items():
         measures = {}
         for m in methods:
-            mine = batches if m.keys is None else [m.keys[b] for b in batches]
+            mine = [m.ids_for(b) for b in batches]
             for ids in mine:  # warm-up pass, outside the rounds
                 m.lookup(ids)
             measures[m.name] = pass_rate(m.lookup, mine)
@@ -324,13 +332,10 @@ def main() -> None:
     for dist in ("uniform", "zipf"):
         batches = streams[(target_batch, dist)]
         alternated[dist] = run_alternating(
-            {m.name: [batch_step(m.lookup, ids if m.keys is None else m.keys[ids]) for ids in batches] for m in compared}, args.rounds, clock
+            {m.name: m.steps(batches) for m in compared}, args.rounds, clock
         )
-        if dense8 is not None and keyed8 is not None and keyed8.keys is not None:  # issue 11: the two alone
-            pair = run_alternating(
-                {"dense": [batch_step(dense8.lookup, ids) for ids in batches], "keyed": [batch_step(keyed8.lookup, keyed8.keys[ids]) for ids in batches]},
-                args.rounds, clock,
-            )
+        if dense8 is not None and keyed8 is not None:  # issue 11: the two alone
+            pair = run_alternating({"dense": dense8.steps(batches), "keyed": keyed8.steps(batches)}, args.rounds, clock)
             keyed_pair[dist] = (pair["keyed"], pair["dense"])
     overhead: dict[str, list[float]] = {}
     if dense8 is not None:
