@@ -9,7 +9,8 @@ of the same table in the meantime waits for whatever part of that holds the tabl
 runs the applier's own ``redecide`` (its thread not started) on a keyed table while another
 thread looks up batches of 4096 IDs back to back, and reports the lookups' latencies during the
 re-decision, for three budgets: one that moves no row, and two that move rows down a class; then
-the same while the applier applies 50 log entries of 10,000 rows (half of them new IDs), and
+the same while the applier applies 50 log entries of 10,000 rows (half of them new IDs), the
+same again with the table at its ``max_ids`` (each entry's new IDs evict as many held ones), and
 during a snapshot of the table (``Applier.snapshot``: its copy and the file write).  The
 table's lock is wrapped (``HoldTimer``), so the report also gives the longest time the
 re-decision's thread held it and the calls that took it.
@@ -34,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compression import CompressedTable, RowClass  # noqa: E402
+from compression.lifecycle import IdLifecycle, LifecycleConfig  # noqa: E402
 from compression.synthetic import zipf_frequencies  # noqa: E402
 from service.applier import Applier  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
@@ -99,19 +101,23 @@ def main() -> None:
         hosted.sketch.add(keys[torch.multinomial(zipf_frequencies(n), 200_000, replacement=True, generator=g)], 1.0)
     rows = []
     rng = np.random.default_rng(4)
-    entries = []
-    for k in range(ENTRIES):  # half held IDs (rows rewritten), half new ones
-        held = keys.numpy()[rng.integers(0, n, ENTRY_ROWS // 2)]
-        fresh = rng.integers(2**40, 2**41, ENTRY_ROWS - ENTRY_ROWS // 2)
-        entries.append(UpdateBatch("t", np.concatenate([held, fresh]).astype(np.int64),
-                                   rng.standard_normal((ENTRY_ROWS, d)).astype(np.float32), np.empty(0, dtype=np.int64)))
+    entries: dict[str, list[UpdateBatch]] = {"entries": [], "evicting": []}
+    for case, new_ids in (("entries", (2**40, 2**41)), ("evicting", (2**41, 2**42))):
+        for k in range(ENTRIES):  # half held IDs (rows rewritten), half new ones
+            held = keys.numpy()[rng.integers(0, n, ENTRY_ROWS // 2)]
+            fresh = rng.integers(*new_ids, ENTRY_ROWS - ENTRY_ROWS // 2)
+            entries[case].append(UpdateBatch("t", np.concatenate([held, fresh]).astype(np.int64),
+                                              rng.standard_normal((ENTRY_ROWS, d)).astype(np.float32), np.empty(0, dtype=np.int64)))
     cases: tuple[tuple[str, float | str], ...] = (
         ("budget 1.2x the table", 1.2), ("budget 0.9x", 0.9), ("budget 0.85x", 0.85),
-        (f"{ENTRIES} log entries of {ENTRY_ROWS:,} rows", "entries"), ("snapshot (no re-decision)", "snapshot"),
+        (f"{ENTRIES} log entries of {ENTRY_ROWS:,} rows", "entries"),
+        (f"the same at `max_ids` (each evicts {ENTRY_ROWS // 2:,})", "evicting"), ("snapshot (no re-decision)", "snapshot"),
     )
     for label, fraction in cases:
         if isinstance(fraction, float):
             hosted.budget_bytes = int(table.nbytes * fraction)
+        if fraction == "evicting":  # the table stops where it is: new IDs evict the coldest held ones
+            table.lifecycle = IdLifecycle(LifecycleConfig(max_ids=table.index.num_ids))
         hosted.dirty = True
         calls: list[tuple[float, float]] = []
         stop = threading.Event()
@@ -133,9 +139,10 @@ def main() -> None:
             result: dict[str, Any] = {"moved": {}}
             if fraction == "snapshot":
                 applier.snapshot(hosted)  # the table's copy and its file write
-            elif fraction == "entries":
-                for k, batch in enumerate(entries):  # what the applier's thread does with each log entry
-                    applier._apply_one(LogRecord((1, k + 1), 0.0, batch))  # noqa: SLF001
+            elif isinstance(fraction, str):
+                segment = 1 + list(entries).index(fraction)  # positions past the last case's: not skipped as applied
+                for k, batch in enumerate(entries[fraction]):  # what the applier's thread does with each log entry
+                    applier._apply_one(LogRecord((segment, k + 1), 0.0, batch))  # noqa: SLF001
             else:
                 result = applier.redecide(hosted)
             window = (window[0], time.perf_counter())

@@ -591,6 +591,18 @@ class HashIndex:
             return cpu_c.hash_find(parts.slots, ids.contiguous())
         return _torch_two_find(parts.static, parts.pilots, parts.slots, ids)
 
+    def overflow_held(self, ids: torch.Tensor) -> int:
+        """How many of the distinct ``ids`` this index holds in its overflow: the room deleting
+        them frees there for new IDs (a freed static slot is not counted: only a new ID whose
+        pilot lands on it can take it).  What lets a writer that evicts before it inserts size
+        the overflow's growth beside the lookups (CompressedTable.reserve)."""
+        parts = self.parts
+        ids = ids.to(device=parts.slots.device, dtype=torch.int64).reshape(-1)
+        if ids.numel() == 0:
+            return 0
+        held = self.resolve(ids) >= 0
+        return int((held & (_torch_static_find(parts.static, parts.pilots, ids) < 0)).sum())
+
     def _grow_for(self, extra: int, max_ids: int | None = None) -> None:
         """Rehash the overflow into a larger slot array when ``extra`` new IDs would pass MAX_LOAD
         (CHURN_LOAD with ``max_ids``): to ``capacity_for(max(count + extra, GROWTH * count))``

@@ -488,12 +488,15 @@ class CompressedTable:
         (as for the plan); takes :attr:`lock` only to swap the grown arrays in.
 
         ``leaving``: IDs the caller deletes before the commit (a log entry's evicted IDs), whose
-        rows free slots the commit takes first; counting them keeps a table at ``max_ids`` from
-        growing for rows it does not need.  What this cannot size exactly (index room freed by
-        ``leaving``) it leaves to the commit, which still grows whatever it must."""
+        rows free slots, and whose overflow entries free room, that the commit takes first:
+        counting them keeps a table at ``max_ids`` from growing for rows or index room it does
+        not need.  Sizing is conservative (an evicted ID's static slot is not counted as room);
+        should it still fall short, the commit grows whatever it must."""
         held_leaving = torch.empty(0, dtype=torch.int32)
+        gone = torch.empty(0, dtype=torch.int64)
         if leaving is not None and leaving.numel():
-            old = self.index.resolve(torch.unique(leaving.to(device=self.device, dtype=torch.int64).reshape(-1))).cpu()
+            gone = torch.unique(leaving.to(device=self.device, dtype=torch.int64).reshape(-1))
+            old = self.index.resolve(gone).cpu()
             held_leaving = old[old >= 0]
         freed = torch.bincount((held_leaving >> LOCATOR_CLASS_SHIFT).to(torch.int64), minlength=len(self.classes)).tolist()
         slabs: dict[int, torch.Tensor] = {}
@@ -502,8 +505,15 @@ class CompressedTable:
             if need > self.slabs[c].shape[0]:
                 slabs[c] = self._grown_slab(self.slabs[c], self.used[c], need)
         index: Any = None
-        if isinstance(self.index, HashIndex) and not held_leaving.numel():
-            index = self.index.grown(int((plan.old < 0).sum()), self._max_ids())
+        if isinstance(self.index, HashIndex):
+            # the IDs new at the commit (an ID that leaves and comes back in the same entry is
+            # new again), less the overflow room the leaving IDs free first
+            fresh = int((plan.old < 0).sum())
+            if held_leaving.numel():
+                back = plan.ids_dev[plan.old_dev >= 0]  # held now: new at the commit if they also leave (gone is sorted)
+                at = torch.searchsorted(gone, back).clamp_(max=gone.numel() - 1)
+                fresh += int((gone[at] == back).sum()) - self.index.overflow_held(gone)
+            index = self.index.grown(max(0, fresh), self._max_ids())
         elif type(self.index) is DenseIndex and plan.ids_dev.numel():
             index = self.index.grown(int(plan.ids_dev.max()) + 1)
         if not slabs and index is None:

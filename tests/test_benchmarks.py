@@ -185,7 +185,8 @@ def test_redecide_stall_bench_fast(tmp_path: Path) -> None:
     out = tmp_path / "stall.md"
     _run(["bench/redecide_stall.py", "--ids", "20000", "--out", str(out)])
     report = out.read_text()
-    for row in ("| budget 1.2x the table |", "| budget 0.85x |", "log entries of 10,000 rows |", "| snapshot (no re-decision) |"):
+    for row in ("| budget 1.2x the table |", "| budget 0.85x |", "log entries of 10,000 rows |", "at `max_ids` (each evicts 5,000) |",
+                "| snapshot (no re-decision) |"):
         assert row in report
     assert "longest hold of the table's lock" in report
 

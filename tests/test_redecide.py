@@ -18,7 +18,7 @@ import torch
 from compression import CompressedTable, RowClass
 from compression import memory as memory_module
 from compression import table as table_module
-from compression.hash_index import HashIndex
+from compression.hash_index import MAX_LOAD, HashIndex
 from compression.lifecycle import IdLifecycle, LifecycleConfig
 from service.applier import Applier
 from service.metrics import ServiceMetrics
@@ -285,11 +285,20 @@ def test_a_log_entry_is_encoded_beside_lookups_and_written_in_one_hold(tmp_path:
     monkeypatch.setattr(table_module.codecs, "encode_rows", encoding)
     counting = _CountingLock(table.lock)
     table.lock = counting  # type: ignore[assignment] - the same with-statement protocol
+    reserve = table.reserve
+    swaps: list[int] = []  # holds taken by reserve: a grown array swapped in, no row of the entry
+
+    def reserving(*args, **kwargs):  # type: ignore[no-untyped-def]
+        before = counting.holds
+        reserve(*args, **kwargs)
+        swaps.append(counting.holds - before)
+
+    monkeypatch.setattr(table, "reserve", reserving)
     new = np.arange(1000, 1010, dtype=np.int64)
     batch = UpdateBatch("t", new, np.ones((10, 8), dtype=np.float32), np.array([5], dtype=np.int64))
     applier._apply_one(LogRecord((1, 0), 0.0, batch))  # noqa: SLF001
     assert seen and all(seen)
-    assert counting.holds == 1
+    assert len(swaps) == 1 and counting.holds - swaps[0] == 1  # the entry's writes: one hold
     found = table.lookup(torch.from_numpy(np.append(new, 5))).found
     assert bool(found[:10].all()) and not bool(found[10]) and table.index.num_ids <= 200
 
@@ -338,3 +347,39 @@ def test_reserve_counts_the_rows_an_entry_evicts() -> None:
     assert table.slabs[0] is grown  # the commit found the room
     assert torch.equal(table.lookup(torch.arange(64)).values, before)
     assert bool(table.lookup(torch.arange(100, 110)).found.all())
+
+
+def test_reserve_counts_the_overflow_room_an_entry_evicts() -> None:
+    """A full hash overflow: new IDs that evicted overflow IDs make room for do not grow it, and
+    when they do not make enough, the overflow grows in the reserve, beside the lookups, so that
+    the commit rehashes nothing under the lock (before, any eviction left the growth to the
+    commit)."""
+    table = CompressedTable.empty(8, [RowClass(8, 8)], keyed=True)  # no static part: every ID in the overflow
+    table.put(torch.arange(64), torch.randn(64, 8), 0)
+    index = table.index
+    assert isinstance(index, HashIndex)
+    room = int(index.overflow_capacity * MAX_LOAD) - index.overflow_count
+    table.put(torch.arange(64, 64 + room), torch.randn(room, 8), 0)  # full to MAX_LOAD, not past it
+    slots = index.slots
+    held = 64 + room
+    plan = table.plan_put(torch.arange(1000, 1010), torch.randn(10, 8), 0)
+    assert index.overflow_held(torch.arange(5)) == 5 and index.overflow_held(torch.arange(held, held + 5)) == 0
+    table.reserve(plan, leaving=torch.arange(10))  # 10 leave, 10 come: the overflow has the room
+    assert index.slots is slots
+    table.reserve(plan, leaving=torch.arange(5))  # 5 leave, 10 come: it grows here
+    grown = index.slots
+    assert grown is not slots and grown.shape[0] > slots.shape[0]
+    with table.lock:
+        table.delete(torch.arange(5))
+        table.commit_put(plan)
+    assert index.slots is grown  # the commit found the room
+    assert bool(table.lookup(torch.arange(1000, 1010)).found.all())
+    assert bool(table.lookup(torch.arange(5, held)).found.all()) and not bool(table.lookup(torch.arange(5)).found.any())
+    # IDs that leave and come back in the same entry are new again at the commit: 10 leave (room
+    # for 10), 15 come (those 10 and 5 more), so the overflow must grow
+    room = int(index.overflow_capacity * MAX_LOAD) - index.overflow_count
+    table.put(torch.arange(2000, 2000 + room), torch.randn(room, 8), 0)
+    full = index.slots
+    plan = table.plan_put(torch.cat([torch.arange(10, 20), torch.arange(3000, 3005)]), torch.randn(15, 8), 0)
+    table.reserve(plan, leaving=torch.arange(10, 20))
+    assert index.slots is not full
