@@ -71,9 +71,10 @@ The build (``kernels/hashindex.c``, PTHash's / CHD's search) takes the buckets l
 gives each the first pilot that lands all its IDs on distinct free slots; an ID whose bucket no
 pilot in [0, 65536) can seat (none in 1M, in practice) goes to the overflow, which is the
 open-addressing slots above (``index.slots``).  An ID is held in its static slot or in the
-overflow, never both: a lookup reads the static slot (the pilot before it is an L2-sized array,
-prefetched a stage earlier in the C pipeline) and probes the overflow only when that slot holds
-another key.  Writes keep it so: an upsert repoints a held ID where it is, puts a new ID in its
+overflow, never both: a lookup reads the static slot (the pilot before it is an L2-sized array;
+the C decoder reads the pilots and computes the batch's slot positions in a first pass, then
+runs dense's pipeline over the slots: kernels/decode.c's static_positions) and probes the
+overflow only when that slot holds another key.  Writes keep it so: an upsert repoints a held ID where it is, puts a new ID in its
 static slot when that slot is free (an ID deleted there, or never used) and otherwise in the
 overflow; a delete frees a static slot (no shifting) or shifts the overflow back.  The overflow
 grows as before; ``rebuild`` merges it into a new static part.

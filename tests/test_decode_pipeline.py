@@ -20,7 +20,9 @@ from compression.kernels import COMPILED_AVAILABLE, cpu_c
 pytestmark = pytest.mark.skipif(not COMPILED_AVAILABLE, reason="compiled decoder not built")
 
 AHEAD = 16  # decode.c's pipeline distance: batches around 0..3 * AHEAD exercise warm-up, steady state and drain
-SIZES = [0, 1, AHEAD - 1, AHEAD, AHEAD + 1, 2 * AHEAD - 1, 2 * AHEAD, 2 * AHEAD + 1, 3 * AHEAD + 1, 257]
+PILOT_AHEAD = 24  # and the static hash slots' first pass: around it, its warm-up and drain
+SIZES = [0, 1, AHEAD - 1, AHEAD, AHEAD + 1, PILOT_AHEAD - 1, PILOT_AHEAD, PILOT_AHEAD + 1, 2 * AHEAD - 1, 2 * AHEAD, 2 * AHEAD + 1,
+         3 * AHEAD + 1, 257]
 
 
 def _table(d: int, index: str) -> tuple[CompressedTable, torch.Tensor]:
@@ -62,6 +64,24 @@ def test_every_batch_size_and_row_kind_matches_the_reference(index: str, d: int)
         fast, ref = _both_paths(table, _query(ids, n, seed=n))
         assert torch.equal(fast.values, ref.values), (index, d, n)
         assert torch.equal(fast.locators, ref.locators) and fast.num_unknown == ref.num_unknown, (index, d, n)
+
+
+def test_static_slots_with_an_overflow_match_the_reference() -> None:
+    """A hash index with a static part and an overflow beside it (new IDs upserted after the
+    build, some static IDs deleted): every batch size finds each ID in its part, on both paths."""
+    table, ids = _table(64, "hash")
+    gen = torch.Generator().manual_seed(5)
+    new = torch.randperm(10**6, generator=gen)[:500] * 11 + 10**8
+    table.put(new, torch.randn(500, 64, generator=gen), 2)
+    gone = ids[:300]
+    table.delete(gone)
+    assert table.index.has_static and table.index.overflow_count >= 400  # type: ignore[attr-defined]
+    held = torch.cat([ids[300:], new])
+    for n in SIZES:
+        query = torch.cat([_query(held, n, seed=n), gone[:n]])[torch.randperm(2 * n if n <= 300 else n + 300, generator=gen)]
+        fast, ref = _both_paths(table, query)
+        assert torch.equal(fast.values, ref.values) and torch.equal(fast.locators, ref.locators), n
+        assert fast.num_unknown == ref.num_unknown >= min(n, 300), n
 
 
 @pytest.mark.parametrize("index", ["dense", "hash", "sorted"])

@@ -17,7 +17,8 @@
  *
  * Work is split into chunks of consecutive IDs (OpenMP, one chunk per thread).  Each chunk is a
  * software pipeline per ID (run_ids): iteration i locates ID i + 2*AHEAD (prefetches its index
- * entry: the dense locator, or the hash slot; a static hash slot has one stage more, its pilot),
+ * entry: the dense locator, or the hash slot; a static hash slot's position comes from a first
+ * pass over the chunk, static_positions, that reads the pilots),
  * resolves ID i + AHEAD (reads that entry, by now
  * in cache, and prefetches the row) and decodes ID i, so each ID's two dependent random loads
  * are in flight for AHEAD decodes each and misses are issued at an even rate.  Keyed (sorted)
@@ -376,19 +377,25 @@ static inline int32_t find_in(const int64_t *keys, const int32_t *locator, int64
     return (pos >= 0 && keys[pos] == key) ? locator[pos] : -1;
 }
 
-/* STATIC_HASH runs one stage more than the others: PILOT_AHEAD IDs before its locate step, an
- * ID is hashed (kept in a ring of PILOT_RING) and its bucket's pilot prefetched, so that locate
- * finds the pilot in cache and its slot prefetch is not held up behind it.  Measured on the
- * 8x table (raw C, interleaved; bench/results/keyed_probe_ab.md): reading the pilot in the
- * locate step, uncached, cost up to 10% of keyed lookup speed; 8 IDs ahead did as well as 4 and
- * 16.  The ring keeps the bucket beside the hash's low half, so locate neither hashes again nor
- * recomputes the bucket (Zipf lookups, mostly in cache, are bound by such work). */
+/* STATIC_HASH: two passes.  The first (static_positions) computes every ID's static slot into
+ * loc_out: hash, bucket, pilot, position, with the pilot prefetched PILOT_AHEAD IDs before it is
+ * read (hash_one keeps the bucket beside the hash's low half in a ring of PILOT_RING, so the
+ * position step neither hashes again nor recomputes the bucket).  The second is the pipeline
+ * every index runs (run_ids), its locate step a prefetch of the slot at that position, as
+ * dense's is of its locator.  Measured on the 8x table (raw C, alternated batch by batch, 7
+ * rounds; bench/results/keyed_probe_ab.md, session 22): against one pipeline with the pilot as
+ * a third stage before locate, 1.16x-1.18x (1.13..1.21) uniform and 1.09x-1.11x (1.06..1.19)
+ * Zipf at PILOT_AHEAD 16-24, 1.04x-1.06x at 8.  The pilot reads (a 400 KiB array) no longer
+ * share the pipeline's fill buffers and registers with the slot and row misses, and the second
+ * pass is the loop dense runs.  Reading the pilot unprefetched cost up to 10% (session 18). */
 #ifndef PILOT_AHEAD
-#define PILOT_AHEAD 8
+#define PILOT_AHEAD 24
 #endif
-#define PILOT_RING 16 /* a power of two > PILOT_AHEAD; the ring is indexed by an unsigned ID
-                         * position, so k % PILOT_RING is one and: as a signed int64, gcc emitted
-                         * the sign fix-up of %, 8 instructions per ID (callgrind, 164 vs 172) */
+#ifndef PILOT_RING
+#define PILOT_RING 32 /* a power of two > PILOT_AHEAD; the ring is indexed by an unsigned ID
+                       * position, so k % PILOT_RING is one and: as a signed int64, gcc emitted
+                       * the sign fix-up of %, 8 instructions per ID (callgrind, 164 vs 172) */
+#endif
 
 static inline __attribute__((always_inline)) void hash_one(int64_t k, const int64_t *ids, const index_t *ix, uint64_t *hashed) {
     const uint64_t h = hslot_mix((uint64_t)ids[k]);
@@ -397,15 +404,17 @@ static inline __attribute__((always_inline)) void hash_one(int64_t k, const int6
     __builtin_prefetch(ix->pilots + b, 0, 3);
 }
 
-/* STATIC_HASH's locate, from hash_one's ring entry e: the ID's static slot (parked in loc_out;
- * m < 2**31, so it fits an int32) and a prefetch of its bytes (a 12-byte slot straddles a line
- * boundary for 2 slots in 16) */
-static inline __attribute__((always_inline)) void locate_static(int64_t i, uint64_t e, const index_t *ix, int32_t *loc_out) {
-    const int64_t s = mph_pos(e, mph_pilot_mix(ix->pilots[e >> 32]), ix->m);
-    loc_out[i] = (int32_t)s;
-    const uint8_t *slot = ix->mslots + HSLOT_BYTES * s;
-    __builtin_prefetch(slot, 0, 3);
-    __builtin_prefetch(slot + HSLOT_BYTES - 1, 0, 3);
+/* STATIC_HASH's first pass: the static slot of IDs lo..hi into loc_out (m < 2**31, so it fits
+ * an int32), where the second pass's locate and resolve steps find it */
+static inline __attribute__((always_inline)) void static_positions(int64_t lo, int64_t hi, const int64_t *ids, const index_t *ix,
+                                                                   int32_t *loc_out) {
+    uint64_t hashed[PILOT_RING]; /* the ring entry of ID k in hashed[k % PILOT_RING] */
+    for (int64_t k = lo; k < lo + PILOT_AHEAD && k < hi; k++) hash_one(k, ids, ix, hashed);
+    for (int64_t k = lo; k < hi; k++) {
+        if (k + PILOT_AHEAD < hi) hash_one(k + PILOT_AHEAD, ids, ix, hashed);
+        const uint64_t e = hashed[(uint64_t)k % PILOT_RING];
+        loc_out[k] = (int32_t)mph_pos(e, mph_pilot_mix(ix->pilots[e >> 32]), ix->m);
+    }
 }
 
 /* The steps of one ID.  locate: start the slowest load (DENSE: the locator entry; HASH: the
@@ -424,8 +433,11 @@ static inline __attribute__((always_inline)) void locate_one(const int kind, int
         __builtin_prefetch(slot, 0, 3);
         __builtin_prefetch(slot + 3 * HSLOT_BYTES - 1, 0, 3); /* through the 3rd slot: at most one more line */
     } else if (kind == INDEX_STATIC_HASH) {
-        const uint64_t h = hslot_mix((uint64_t)ids[i]);
-        locate_static(i, ((uint64_t)mph_bucket(h, ix->nb) << 32) | (uint32_t)h, ix, loc_out);
+        /* the static slot static_positions parked in loc_out (a 12-byte slot straddles a line
+           boundary for 2 slots in 16) */
+        const uint8_t *slot = ix->mslots + HSLOT_BYTES * (int64_t)loc_out[i];
+        __builtin_prefetch(slot, 0, 3);
+        __builtin_prefetch(slot + HSLOT_BYTES - 1, 0, 3);
     }
 }
 
@@ -661,19 +673,12 @@ static inline __attribute__((always_inline)) int64_t run_ids(const int kind, int
                                                              const index_t *ix, const row_class_t *classes, const uint8_t *kinds,
                                                              float *out, int64_t width, int32_t *loc_out) {
     int64_t unknown = 0, i = lo;
+    if (kind == INDEX_STATIC_HASH) static_positions(lo, hi, ids, ix, loc_out); /* its first pass */
     const int64_t warm = hi - lo < 2 * AHEAD ? hi : lo + 2 * AHEAD;
     for (int64_t k = lo; k < warm; k++) locate_one(kind, k, ids, ix, loc_out);
     for (int64_t k = lo; k < (hi - lo < AHEAD ? hi : lo + AHEAD); k++) resolve_one(kind, k, ids, ix, classes, loc_out);
-    uint64_t hashed[PILOT_RING]; /* STATIC_HASH: the hash of ID k in hashed[k % PILOT_RING] */
-    if (kind == INDEX_STATIC_HASH)
-        for (int64_t k = lo + 2 * AHEAD; k < lo + 2 * AHEAD + PILOT_AHEAD && k < hi; k++) hash_one(k, ids, ix, hashed);
     for (; i + 2 * AHEAD < hi; i++) {
-        if (kind == INDEX_STATIC_HASH) {
-            if (i + 2 * AHEAD + PILOT_AHEAD < hi) hash_one(i + 2 * AHEAD + PILOT_AHEAD, ids, ix, hashed);
-            locate_static(i + 2 * AHEAD, hashed[(uint64_t)(i + 2 * AHEAD) % PILOT_RING], ix, loc_out);
-        } else {
-            locate_one(kind, i + 2 * AHEAD, ids, ix, loc_out);
-        }
+        locate_one(kind, i + 2 * AHEAD, ids, ix, loc_out);
         resolve_one(kind, i + AHEAD, ids, ix, classes, loc_out);
         unknown += decode_one(loc_out[i], classes, kinds, out + i * width, width);
     }
