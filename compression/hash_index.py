@@ -74,8 +74,8 @@ open-addressing slots above (``index.slots``).  An ID is held in its static slot
 overflow, never both: a lookup reads the static slot (the pilot before it is an L2-sized array;
 the C decoder reads the pilots and computes the batch's slot positions in a first pass, then
 runs dense's pipeline over the slots: kernels/decode.c's static_positions) and probes the
-overflow only when that slot holds another key.  Writes keep it so: an upsert repoints a held ID where it is, puts a new ID in its
-static slot when that slot is free (an ID deleted there, or never used) and otherwise in the
+overflow only when that slot holds another key.  Writes keep it so: an upsert repoints a held
+ID where it is, puts a new ID in its static slot when that slot is free (an ID deleted there, or never used) and otherwise in the
 overflow; a delete frees a static slot (no shifting) or shifts the overflow back.  The overflow
 grows as before; ``rebuild`` merges it into a new static part.
 
@@ -592,17 +592,14 @@ class HashIndex:
             return cpu_c.hash_find(parts.slots, ids.contiguous())
         return _torch_two_find(parts.static, parts.pilots, parts.slots, ids)
 
-    def overflow_held(self, ids: torch.Tensor) -> int:
-        """How many of the distinct ``ids`` this index holds in its overflow: the room deleting
-        them frees there for new IDs (a freed static slot is not counted: only a new ID whose
-        pilot lands on it can take it).  What lets a writer that evicts before it inserts size
-        the overflow's growth beside the lookups (CompressedTable.reserve)."""
+    def static_held(self, ids: torch.Tensor) -> int:
+        """How many of the distinct ``ids`` sit in the static part; the rest of those held are in
+        the overflow, and deleting them frees room there for new IDs (a freed static slot takes
+        only a new ID whose pilot lands on it).  What lets a writer that evicts before it inserts
+        size the overflow's growth beside the lookups (CompressedTable.reserve)."""
         parts = self.parts
         ids = ids.to(device=parts.slots.device, dtype=torch.int64).reshape(-1)
-        if ids.numel() == 0:
-            return 0
-        held = self.resolve(ids) >= 0
-        return int((held & (_torch_static_find(parts.static, parts.pilots, ids) < 0)).sum())
+        return int((_torch_static_find(parts.static, parts.pilots, ids) >= 0).sum())
 
     def _grow_for(self, extra: int, max_ids: int | None = None) -> None:
         """Rehash the overflow into a larger slot array when ``extra`` new IDs would pass MAX_LOAD

@@ -512,7 +512,7 @@ class CompressedTable:
             if held_leaving.numel():
                 back = plan.ids_dev[plan.old_dev >= 0]  # held now: new at the commit if they also leave (gone is sorted)
                 at = torch.searchsorted(gone, back).clamp_(max=gone.numel() - 1)
-                fresh += int((gone[at] == back).sum()) - self.index.overflow_held(gone)
+                fresh += int((gone[at] == back).sum()) - (held_leaving.numel() - self.index.static_held(gone))
             index = self.index.grown(max(0, fresh), self._max_ids())
         elif type(self.index) is DenseIndex and plan.ids_dev.numel():
             index = self.index.grown(int(plan.ids_dev.max()) + 1)
