@@ -75,9 +75,10 @@ overflow, never both: a lookup reads the static slot (the pilot before it is an 
 the C decoder reads the pilots and computes the batch's slot positions in a first pass, then
 runs dense's pipeline over the slots: kernels/decode.c's static_positions) and probes the
 overflow only when that slot holds another key.  Writes keep it so: an upsert repoints a held
-ID where it is, puts a new ID in its static slot when that slot is free (an ID deleted there, or never used) and otherwise in the
-overflow; a delete frees a static slot (no shifting) or shifts the overflow back.  The overflow
-grows as before; ``rebuild`` merges it into a new static part.
+ID where it is, puts a new ID in its static slot when that slot is free (an ID deleted there,
+or never used) and otherwise in the overflow; a delete frees a static slot (no shifting) or
+shifts the overflow back.  The overflow grows as before; ``rebuild`` merges it into a new static
+part.
 
 Why (bench/results/keyed_probe_ab.md, the 8x table, raw C, interleaved): 13.2 bytes per ID
 instead of 17.1 (load 0.94 instead of 0.7; 0.4 of pilots), and one slot read per ID, so uniform

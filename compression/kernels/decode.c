@@ -384,8 +384,9 @@ static inline int32_t find_in(const int64_t *keys, const int32_t *locator, int64
  * every index runs (run_ids), its locate step a prefetch of the slot at that position, as
  * dense's is of its locator.  Measured on the 8x table (raw C, alternated batch by batch, 7
  * rounds; bench/results/keyed_probe_ab.md, session 22): against one pipeline with the pilot as
- * a third stage before locate, 1.16x-1.18x (1.13..1.21) uniform and 1.09x-1.11x (1.06..1.19)
- * Zipf at PILOT_AHEAD 16-24, 1.04x-1.06x at 8.  The pilot reads (a 400 KiB array) no longer
+ * a third stage before locate, 1.10x-1.18x uniform and 1.07x-1.11x Zipf at PILOT_AHEAD 16-32,
+ * 1.06x / 1.04x at 8; this build against that one, 1.12x (1.01..1.15) / 1.04x (0.99..1.09).
+ * The pilot reads (a 400 KiB array) no longer
  * share the pipeline's fill buffers and registers with the slot and row misses, and the second
  * pass is the loop dense runs.  Reading the pilot unprefetched cost up to 10% (session 18). */
 #ifndef PILOT_AHEAD
